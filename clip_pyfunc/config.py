@@ -1,0 +1,164 @@
+"""Frozen configuration dataclasses and the YAML reader that fills them at the edge.
+
+The dataclass defaults are the package defaults; `conf/clip_pyfunc.yaml` states the same
+values for operators to copy and edit (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from clip_pyfunc.errors import ModelLoadError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("default", "auto", "fp32", "bf16", "fp16", "int8")
+DEFAULT_CONF_PATH = os.path.join("conf", "clip_pyfunc.yaml")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """How a logged model runs where it is loaded; stored as the model's `model_config`.
+
+    Attributes:
+        device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+        precision: "default" (fp32 on CPU, fp16 on CUDA), "auto" (fastest native), "fp32",
+            "bf16", "fp16" (CUDA only) or "int8" (dynamic quantisation of linear layers, CPU).
+        batch_size: Rows per forward pass (micro-batch).
+        num_threads: torch intra-op threads; None keeps torch's default (the cores available).
+        truncate_text: Truncate text over the checkpoint's context length; False makes it an error.
+        fast_decode: Let JPEG decode at a reduced scale (draft mode) before the exact resize.
+        max_rows: Most rows one predict call accepts.
+        max_image_bytes: Most bytes of one encoded image (after base64 decoding).
+        max_image_pixels: Most pixels (width x height) of one image, checked before decoding.
+    """
+
+    device: str = "auto"
+    precision: str = "default"
+    batch_size: int = 32
+    num_threads: int | None = None
+    truncate_text: bool = True
+    fast_decode: bool = True
+    max_rows: int = 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 8192 * 8192
+
+    def __post_init__(self):
+        device = self.device
+        if not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ModelLoadError(f"device {device!r} is not one of {DEVICES} or 'cuda:N'")
+        if self.precision not in PRECISIONS:
+            raise ModelLoadError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        for name in ("batch_size", "max_rows", "max_image_bytes", "max_image_pixels"):
+            _require_positive_int(name, getattr(self, name))
+        if self.num_threads is not None:
+            _require_positive_int("num_threads", self.num_threads)
+        for name in ("truncate_text", "fast_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelLoadError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> RuntimeConfig:
+        """Build from a `model_config` dict, rejecting unknown keys by name."""
+        return _from_dict(cls, values or {}, "model_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the plain dict that is logged as the model's `model_config`."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Where the CLIP checkpoint comes from.
+
+    Attributes:
+        source: A Hugging Face hub id or a local directory in transformers CLIP format.
+        revision: A hub branch, tag or commit; None means the default branch.
+        cache_dir: The hub cache; None means the Hugging Face default (HF_HUB_CACHE / HF_HOME).
+    """
+
+    source: str = "openai/clip-vit-base-patch32"
+    revision: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryConfig:
+    """Where and under which names the models are registered.
+
+    Attributes:
+        text_name: Registered model name of the text model (dots pass through, as in Unity Catalog).
+        image_name: Registered model name of the image model.
+        alias: Alias pointed at the new versions.
+        experiment: MLflow experiment that holds the logging run.
+    """
+
+    text_name: str = "clip_text_embedding"
+    image_name: str = "clip_image_embedding"
+    alias: str = "champion"
+    experiment: str = "clip-pyfunc"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the CLI reads from conf/: one section per dataclass."""
+
+    model: ModelSource = field(default_factory=ModelSource)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+_SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig}
+
+
+def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Read a YAML settings file and apply overrides on top.
+
+    Args:
+        path: A YAML file; None reads `conf/clip_pyfunc.yaml` in the working directory when it
+            exists and the built-in defaults otherwise.
+        overrides: {section: {key: value}}; a None value leaves the file's value in place.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ModelLoadError: The file is missing or malformed, or a key or value is not allowed.
+    """
+    data: dict[str, Any] = {}
+    if path is None and os.path.exists(DEFAULT_CONF_PATH):
+        path = DEFAULT_CONF_PATH
+    if path is not None:
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ModelLoadError(f"could not read settings file {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"settings file {path} must hold a mapping of sections {sorted(_SECTIONS)}")
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ModelLoadError(f"unknown section(s) {sorted(unknown)} in {path}; allowed: {sorted(_SECTIONS)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = dict(data.get(name) or {})
+        values.update({k: v for k, v in ((overrides or {}).get(name) or {}).items() if v is not None})
+        sections[name] = _from_dict(cls, values, f"{path or 'settings'}: {name}")
+    return Settings(**sections)
+
+
+def _from_dict(cls, values: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ModelLoadError(f"unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(names)}")
+    return cls(**values)
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"{name} must be a positive integer, got {value!r}")

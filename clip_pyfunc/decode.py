@@ -1,0 +1,173 @@
+"""Stage 1, decode: the `input` column -> RGB images or strings, with per-row errors.
+
+Every function returns one entry per row: the decoded value, or an InvalidInput naming the
+row, so that one bad row never shifts or spoils the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+from clip_pyfunc.errors import InvalidInput, preview
+
+# Formats a user's photo or screenshot comes in; everything else PIL could open is refused,
+# which keeps rarely used (and rarely hardened) decoders off the request path.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone photos)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_URL_SAFE = bytes.maketrans(b"-_", b"+/")
+
+Decoded = Union["PIL.Image.Image", InvalidInput]  # noqa: F821
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageLimits:
+    """Limits applied to each image before and while decoding it."""
+
+    max_bytes: int
+    max_pixels: int
+
+
+def is_missing(value: object) -> bool:
+    """True for None and float NaN (what pandas puts in a column for a missing value)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def decode_texts(values: Iterable[object]) -> list[str | InvalidInput]:
+    """Check that every row is a string; return the strings or a per-row error."""
+    out: list[str | InvalidInput] = []
+    for row, value in enumerate(values):
+        if is_missing(value):
+            out.append(InvalidInput("input is null; send a string (an empty string is allowed)", row))
+        elif not isinstance(value, str):
+            out.append(InvalidInput(f"expected a string, got {type(value).__name__} {preview(value)}", row))
+        else:
+            out.append(value)
+    return out
+
+
+def decode_images(values: Iterable[object], limits: ImageLimits, draft_edge: int | None = None) -> list[Decoded]:
+    """Decode each row (base64 text or raw bytes) into an upright RGB PIL image.
+
+    Args:
+        values: The `input` column: base64 strings (optionally a `data:image/...;base64,` URL,
+            url-safe alphabet, embedded newlines) or raw bytes.
+        limits: Byte and pixel limits.
+        draft_edge: When set, JPEGs may decode at a reduced scale whose shorter edge stays at
+            least this many pixels (see `open_image`).
+
+    Returns:
+        One RGB image or InvalidInput per row.
+    """
+    out: list[Decoded] = []
+    for row, value in enumerate(values):
+        try:
+            out.append(open_image(image_bytes(value, limits.max_bytes), limits, draft_edge))
+        except InvalidInput as e:
+            out.append(InvalidInput(e.reason, row))
+    return out
+
+
+def image_bytes(value: object, max_bytes: int) -> bytes:
+    """Turn one cell into encoded image bytes.
+
+    Raises:
+        InvalidInput: Null, wrong type, invalid base64, empty, or over `max_bytes`.
+    """
+    if is_missing(value):
+        raise InvalidInput("input is null; send base64 image bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        data = _b64decode(value, max_bytes)
+    else:
+        raise InvalidInput(f"expected a base64 string or bytes, got {type(value).__name__} {preview(value)}")
+    if not data:
+        raise InvalidInput("input is empty; send base64 image bytes")
+    if len(data) > max_bytes:
+        raise InvalidInput(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes (max_image_bytes)")
+    return data
+
+
+def _b64decode(text: str, max_bytes: int) -> bytes:
+    body = text.strip()
+    if body.startswith("data:"):
+        header, sep, body = body.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise InvalidInput(f"data URL must be 'data:image/...;base64,<data>', got {preview(text)}")
+    body = "".join(body.split())
+    # 4 base64 characters carry 3 bytes: refuse oversize items before allocating them.
+    if len(body) // 4 * 3 > max_bytes + 3:
+        raise InvalidInput(
+            f"image is about {len(body) // 4 * 3} bytes, over the limit of {max_bytes} bytes (max_image_bytes)"
+        )
+    try:
+        raw = body.encode("ascii").translate(_URL_SAFE).rstrip(b"=")
+        raw += b"=" * (-len(raw) % 4)
+        return base64.b64decode(raw, validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError) as e:
+        raise InvalidInput(
+            f"invalid base64 ({e}): {preview(text)}; send standard or url-safe base64, optionally as a data URL"
+        ) from e
+
+
+def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
+    """Decode image bytes into an upright RGB image, transparency composited on white.
+
+    The pixel limit is checked from the header, before any pixel is decoded. With
+    `draft_edge`, a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale as long as its
+    shorter edge stays >= draft_edge; the checkpoint's own resize then runs on that.
+
+    Raises:
+        InvalidInput: Not an image of an allowed format, over the pixel limit, or corrupt.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        width, height = img.size
+        if width * height > limits.max_pixels:
+            raise InvalidInput(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{limits.max_pixels} pixels (max_image_pixels)"
+            )
+        if draft_edge and img.format in ("JPEG", "MPO"):
+            scale = max(1, min(width, height) // draft_edge)
+            if scale >= 2:
+                img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except UnidentifiedImageError as e:
+        raise InvalidInput(
+            f"bytes are not an image of an allowed format {IMAGE_FORMATS}: {preview(data)}"
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise InvalidInput(f"image is over the decoder's pixel limit ({e})") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise InvalidInput(f"image could not be decoded ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(img):
+    """Return an 8-bit RGB image: 16-bit gray scaled down, alpha composited on white."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES:
+        import numpy as np
+
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = img.convert("L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img.load()
+    return img

@@ -1,0 +1,50 @@
+"""The package's exceptions: what the caller sent versus what the operator configured."""
+
+from __future__ import annotations
+
+_PREVIEW_CHARS = 40
+
+
+def preview(value: object, limit: int = _PREVIEW_CHARS) -> str:
+    """Return a short, printable copy of a bad value for an error message."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value[: limit // 2])
+        text = f"b'{raw.hex()}'" + ("..." if len(value) > limit // 2 else "")
+        return f"{text} ({len(value)} bytes)"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+class ClipPyfuncError(Exception):
+    """Base class of every error clip-pyfunc raises on purpose."""
+
+
+class InvalidInput(ClipPyfuncError):
+    """What the caller sent cannot be embedded.
+
+    Attributes:
+        row: The index of the offending row, or None when the error is not about one row.
+        reason: What was wrong, without the row prefix.
+    """
+
+    def __init__(self, reason: str, row: int | None = None):
+        self.row = row
+        self.reason = reason
+        super().__init__(reason if row is None else f"row {row}: {reason}")
+
+
+class ModelLoadError(ClipPyfuncError):
+    """What the operator configured (checkpoint, device, precision, settings) cannot be loaded."""
+
+
+def combine_row_errors(errors: list[InvalidInput], limit: int = 5) -> InvalidInput:
+    """Fold several per-row errors into one, naming the first few rows."""
+    shown = "; ".join(str(e) for e in errors[:limit])
+    more = f"; and {len(errors) - limit} more bad rows" if len(errors) > limit else ""
+    rows = len(errors)
+    head = "1 bad row" if rows == 1 else f"{rows} bad rows"
+    combined = InvalidInput(f"{head}: {shown}{more}")
+    combined.row = errors[0].row
+    return combined

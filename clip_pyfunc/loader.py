@@ -1,0 +1,222 @@
+"""The shared CLIP loader: the pyfunc base class both embedding models subclass.
+
+`load_context` turns the logged artifacts into a ready tower once: it reads the tower
+directory, picks the device and precision, sets threads, and puts the tower in eval mode.
+`predict` is stateless: it validates the `input` column, runs the subclass's stages in
+micro-batches and turns domain errors into MLflow's invalid-parameter errors (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import mlflow.pyfunc
+
+from clip_pyfunc.config import RuntimeConfig
+from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors, preview
+
+INPUT_COLUMN = "input"
+_TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+
+
+class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
+    """Base pyfunc model for one CLIP tower. Subclasses set `tower` and implement the stages.
+
+    Subclasses implement:
+        `_load_tower(path)`: load weights and pre-processing from the artifact directory.
+        `_embed_valid(values, params)`: decode, preprocess and encode rows, returning
+            (embeddings tensor for the good rows, their positions, list of InvalidInput).
+    """
+
+    tower: str = ""
+    params_schema: dict[str, Any] = {"normalize": True}
+
+    def load_context(self, context) -> None:
+        """Load the tower once: artifacts, device, precision, threads, eval mode."""
+        import torch
+
+        self.config = RuntimeConfig.from_dict(getattr(context, "model_config", None))
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        path = context.artifacts[self.tower]
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"artifact {self.tower!r} is not a directory: {path}")
+        self.runtime = pick_runtime(self.config)
+        self.model = self._load_tower(path)
+
+    def _load_weights(self, model_cls, path: str):
+        """Load a tower class from safetensors onto the chosen device and precision."""
+        import torch
+
+        from clip_pyfunc.checkpoint import quiet_transformers
+
+        with quiet_transformers():
+            model = model_cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        model.eval().requires_grad_(False)
+        return apply_precision(model, self.runtime)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        """Embed the `input` column.
+
+        Args:
+            context: MLflow's context (unused; everything was loaded in load_context).
+            model_input: DataFrame with a string column `input` (a list or Series also works).
+            params: `normalize` (bool, default True); the text model also takes `truncate`.
+
+        Returns:
+            float32 numpy array (n, dim).
+
+        Raises:
+            MlflowException: INVALID_PARAMETER_VALUE naming the bad rows or argument.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            values = input_values(model_input, self.config.max_rows)
+            opts = self.read_params(params)
+            vectors, errors = self.embed_rows(values, stop_on_error=True, **opts)
+            if errors:
+                raise combine_row_errors(errors)
+        except InvalidInput as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from e
+        return vectors
+
+    def embed_rows(self, values: Sequence[object], *, normalize: bool = True, stop_on_error: bool = False, **opts):
+        """Embed rows, keeping going past bad ones.
+
+        Args:
+            values: One cell per row (see the subclass for what a cell holds).
+            normalize: L2-normalise each vector.
+            stop_on_error: Skip forward passes once a row has failed (its caller will refuse
+                the whole batch); every row is still checked so all bad rows are named.
+            **opts: Per-call options the subclass declares in `params_schema`.
+
+        Returns:
+            (float32 array (n, dim) with NaN rows where a row failed, list of InvalidInput).
+        """
+        import numpy as np
+
+        from clip_pyfunc.postprocess import finish
+
+        dim = self.embedding_dim
+        out = np.full((len(values), dim), np.nan, dtype=np.float32)
+        errors: list[InvalidInput] = []
+        for positions, embeddings, bad in self._embed_valid(values, stop_on_error=stop_on_error, **opts):
+            errors.extend(bad)
+            if embeddings is not None and len(positions):
+                out[positions] = finish(embeddings, normalize)
+        errors.sort(key=lambda e: e.row)
+        return out, errors
+
+    def read_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
+        """Validate predict-time params against `params_schema`; unknown names are an error."""
+        params = dict(params or {})
+        unknown = set(params) - set(self.params_schema)
+        if unknown:
+            raise InvalidInput(f"unknown params {sorted(unknown)}; allowed: {sorted(self.params_schema)}")
+        return {name: as_bool(name, params.get(name, default)) for name, default in self.params_schema.items()}
+
+    @property
+    def embedding_dim(self) -> int:
+        """Output dimension (the checkpoint's projection_dim)."""
+        return int(self.model.config.projection_dim)
+
+    def _load_tower(self, path: str):
+        raise NotImplementedError
+
+    def _embed_valid(self, values, *, stop_on_error: bool, **opts):
+        raise NotImplementedError
+
+
+def input_values(model_input, max_rows: int) -> list[object]:
+    """Return the `input` column as a list, checking its presence and the row limit."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN not in model_input.columns:
+            raise InvalidInput(
+                f"expected a column {INPUT_COLUMN!r}, got columns {[str(c) for c in model_input.columns]}"
+            )
+        values = model_input[INPUT_COLUMN].tolist()
+    elif isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, (list, tuple)):
+        values = list(model_input)
+    else:
+        raise InvalidInput(
+            f"expected a DataFrame with a column {INPUT_COLUMN!r}, got {type(model_input).__name__}"
+        )
+    if len(values) > max_rows:
+        raise InvalidInput(f"{len(values)} rows, over the limit of {max_rows} rows per call (max_rows)")
+    return values
+
+
+def as_bool(name: str, value: object) -> bool:
+    """Accept a bool (or 'true'/'false' text, as query strings send) for param `name`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise InvalidInput(f"param {name!r} must be true or false, got {preview(value)}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    words = set(flags.split())
+    return "avx512_bf16" in words or "amx_bf16" in words
+
+
+def pick_runtime(config: RuntimeConfig):
+    """Resolve device and precision from the config and the hardware found now.
+
+    Raises:
+        ModelLoadError: CUDA asked for but absent, or a precision the device cannot run.
+    """
+    import torch
+
+    from clip_pyfunc.encode import Runtime
+
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {config.device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+    else:
+        device = torch.device(config.device)
+    cuda = device.type == "cuda"
+    precision = config.precision
+    if precision == "default":
+        precision = "fp16" if cuda else "fp32"
+    elif precision == "auto":
+        if cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ModelLoadError("precision 'fp16' needs a CUDA device; on CPU choose 'fp32', 'bf16', 'int8' or 'auto'")
+    if precision == "int8" and cuda:
+        raise ModelLoadError("precision 'int8' (dynamic quantisation) runs on CPU only; on CUDA choose 'fp16' or 'bf16'")
+    input_dtype = torch.float16 if precision == "fp16" else torch.float32
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    return Runtime(
+        device=device, precision=precision, input_dtype=input_dtype,
+        autocast_dtype=autocast, batch_size=config.batch_size,
+    )
+
+
+def apply_precision(model, runtime):
+    """Move a tower to its device and precision (fp16 weights, int8 dynamic quantisation)."""
+    import torch
+
+    if runtime.precision == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if runtime.precision == "fp16":
+        model = model.half()
+    return model.to(runtime.device)

@@ -1,0 +1,1 @@
+"""Models-from-code entry files: MLflow executes one of these to build the pyfunc model."""

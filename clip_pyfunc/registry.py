@@ -1,0 +1,163 @@
+"""Log both towers as models-from-code pyfunc models and register them under an alias.
+
+The tracking and registry URI is MLflow's own: MLFLOW_TRACKING_URI when set, else
+MLflow's default (`sqlite:///mlflow.db` in the working directory).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import io
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from clip_pyfunc.checkpoint import ResolvedCheckpoint, export_tower, read_clip_config, resolve_checkpoint
+from clip_pyfunc.config import RegistryConfig, RuntimeConfig, Settings
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# What the served model needs, pinned to what logged it (MLflow's own convention). No pyspark,
+# no pytest: the serving container builds from exactly this list plus the shipped code.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
+                      "pillow", "numpy", "pandas")
+TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
+
+
+def model_signature():
+    """The pinned signature: `input` string column in, an array of floats out, `normalize` param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "input")]),
+        outputs=Schema([ColSpec(Array(DataType.float))]),
+        params=ParamSchema([ParamSpec("normalize", DataType.boolean, True)]),
+    )
+
+
+def input_example(tower: str):
+    """A small request the logged model answers: a caption, or a 16x16 PNG in base64."""
+    import pandas as pd
+
+    if tower == "text":
+        return pd.DataFrame({"input": ["a photo of a cat"]})
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buf, format="PNG")
+    return pd.DataFrame({"input": [base64.b64encode(buf.getvalue()).decode("ascii")]})
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of the model's runtime dependencies as installed now (local build tags dropped)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+
+
+def _entry_file(tower: str) -> str:
+    return os.path.join(PACKAGE_DIR, "model_code", f"{tower}.py")
+
+
+def _copy_package(target: str) -> str:
+    """Copy the clip_pyfunc package (no caches) so it ships with the model as `code_paths`."""
+    dest = os.path.join(target, "clip_pyfunc")
+    shutil.copytree(PACKAGE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def log_tower(
+    checkpoint: ResolvedCheckpoint, tower: str, runtime: RuntimeConfig, workdir: str,
+    registered_name: str | None = None,
+):
+    """Log one tower as a pyfunc model in the active run; register it when a name is given.
+
+    Returns:
+        mlflow's ModelInfo.
+    """
+    import mlflow
+
+    artifact = export_tower(checkpoint, tower, os.path.join(workdir, f"{tower}_tower"))
+    code_dir = os.path.join(workdir, "code")
+    package = os.path.join(code_dir, "clip_pyfunc")
+    if not os.path.isdir(package):
+        _copy_package(code_dir)
+    dim = read_clip_config(checkpoint.path)["projection_dim"]
+    return mlflow.pyfunc.log_model(
+        name=f"clip_{tower}_embedding",
+        python_model=_entry_file(tower),
+        artifacts={tower: artifact},
+        code_paths=[package],
+        signature=model_signature(),
+        input_example=input_example(tower),
+        pip_requirements=pip_requirements(),
+        model_config=runtime.to_dict(),
+        registered_model_name=registered_name,
+        metadata={TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: dim,
+                  TAG_RANDOM: checkpoint.random_init or ""},
+    )
+
+
+def register_models(settings: Settings) -> dict[str, Any]:
+    """Log the text and image models in one run, register both, point the alias at them.
+
+    Args:
+        settings: Checkpoint source, registry names and alias, runtime config.
+
+    Returns:
+        A JSON-ready summary: names, versions, `models:/name@alias` URIs, dimension,
+        checkpoint and revision, and whether the weights are random.
+
+    Raises:
+        ModelLoadError: The checkpoint cannot be found or read.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    checkpoint = resolve_checkpoint(settings.model.source, settings.model.revision, settings.model.cache_dir)
+    dim = int(read_clip_config(checkpoint.path)["projection_dim"])
+    reg: RegistryConfig = settings.registry
+    mlflow.set_experiment(reg.experiment)
+    client = MlflowClient()
+    models = {}
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir, mlflow.start_run(
+        run_name=f"register {checkpoint.source}"
+    ) as run:
+        mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision, "embedding_dim": dim})
+        for tower, name in (("text", reg.text_name), ("image", reg.image_name)):
+            info = log_tower(checkpoint, tower, settings.runtime, workdir, registered_name=name)
+            version = str(info.registered_model_version)
+            tags = {TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: str(dim)}
+            if checkpoint.random_init:
+                tags[TAG_RANDOM] = checkpoint.random_init
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, value)
+            client.update_model_version(name, version, description=_description(tower, checkpoint, dim))
+            client.set_registered_model_alias(name, reg.alias, version)
+            models[tower] = {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}",
+                             "model_uri": info.model_uri}
+    summary = {
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "registry_uri": mlflow.get_registry_uri(),
+        "run_id": run.info.run_id,
+        "checkpoint": checkpoint.source,
+        "revision": checkpoint.revision,
+        "embedding_dim": dim,
+        "alias": reg.alias,
+        "models": models,
+    }
+    if checkpoint.random_init:
+        summary["random_init"] = checkpoint.random_init
+        summary["warning"] = "random weights: vectors are meaningless stand-ins, not CLIP embeddings"
+    return summary
+
+
+def _description(tower: str, checkpoint: ResolvedCheckpoint, dim: int) -> str:
+    what = "text (string)" if tower == "text" else "image (base64 string or raw bytes)"
+    random = f" RANDOM WEIGHTS ({checkpoint.random_init}): vectors are meaningless." if checkpoint.random_init else ""
+    return (
+        f"CLIP {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: DataFrame column "
+        f"'input' of {what}. Output: float32 [{dim}], L2-normalised (param normalize=false for raw). "
+        f"Text and image vectors of this checkpoint share one space.{random}"
+    )

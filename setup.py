@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="clip-pyfunc",
+    version="0.1.0",
+    description="Any CLIP checkpoint as two MLflow pyfunc embedding models (text and image) in one space.",
+    packages=find_packages(include=["clip_pyfunc", "clip_pyfunc.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch: install `torch==2.13.0` first (a local CPU build here); this range accepts it.
+        "torch>=2.1,<3",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "huggingface-hub>=0.30",
+        "mlflow>=3.1,<4",
+        "pillow>=10",
+        "numpy>=1.26",
+        "pandas>=2",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "spark": ["pyspark>=4.0,<5", "pyarrow>=15"],
+        "test": [
+            "pytest>=8",
+            "pyspark>=4.0,<5",
+            "pyarrow>=15",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6",
+            "uvicorn>=0.30",
+            "requests>=2.31",
+            "uv>=0.5",
+        ],
+        "bench": ["matplotlib>=3.8", "psutil>=5.9"],
+    },
+    entry_points={"console_scripts": ["clip-pyfunc=clip_pyfunc.cli:main"]},
+)
