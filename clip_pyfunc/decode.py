@@ -146,7 +146,7 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
             f"bytes are not an image of an allowed format {IMAGE_FORMATS}: {preview(data)}"
         ) from e
     except Image.DecompressionBombError as e:
-        raise InvalidInput(f"image is over the decoder's pixel limit ({e})") from e
+        raise InvalidInput(f"image is over the limit of {limits.max_pixels} pixels (max_image_pixels): {e}") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise InvalidInput(f"image could not be decoded ({type(e).__name__}: {e})") from e
 

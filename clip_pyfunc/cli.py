@@ -1,0 +1,113 @@
+"""`clip-pyfunc` command line: a thin edge over the package's functions.
+
+Settings come from conf/clip_pyfunc.yaml (or --conf FILE); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from clip_pyfunc.errors import ClipPyfuncError
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--model", help="hub id or local directory of a transformers CLIP checkpoint")
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--cache-dir", help="Hugging Face hub cache directory")
+    p.add_argument("--text-name", help="registered name of the text model")
+    p.add_argument("--image-name", help="registered name of the image model")
+    p.add_argument("--alias", help="alias to point at the new versions")
+    p.add_argument("--experiment", help="MLflow experiment for the logging run")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", help="default | auto | fp32 | bf16 | fp16 | int8")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass")
+    p.add_argument("--num-threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-truncate-text", dest="truncate_text", action="store_false", default=None,
+                   help="refuse text over the context length instead of truncating it")
+
+
+def _settings(args: argparse.Namespace):
+    from clip_pyfunc.config import load_settings
+
+    return load_settings(args.conf, {
+        "model": {"source": args.model, "revision": args.revision, "cache_dir": args.cache_dir},
+        "registry": {"text_name": args.text_name, "image_name": args.image_name, "alias": args.alias,
+                     "experiment": args.experiment},
+        "runtime": {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+                    "num_threads": args.num_threads, "truncate_text": args.truncate_text},
+    })
+
+
+def cmd_register(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.registry import register_models
+
+    return register_models(_settings(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """Register, then embed the sample texts and images through the registered models."""
+    import mlflow
+    import pandas as pd
+
+    from clip_pyfunc.samples import SAMPLE_TEXTS, sample_images_b64
+
+    summary = cmd_register(args)
+    text = mlflow.pyfunc.load_model(summary["models"]["text"]["uri"])
+    image = mlflow.pyfunc.load_model(summary["models"]["image"]["uri"])
+    t = text.predict(pd.DataFrame({"input": list(SAMPLE_TEXTS)}))
+    i = image.predict(pd.DataFrame({"input": sample_images_b64()}))
+    summary["demo"] = {
+        "texts": list(SAMPLE_TEXTS),
+        "images": ["red square (JPEG)", "blue circle (JPEG)"],
+        "text_vectors": list(t.shape),
+        "image_vectors": list(i.shape),
+        "dtype": str(t.dtype),
+        "cosine_text_x_image": [[round(float(x), 4) for x in row] for row in t @ i.T],
+    }
+    return summary
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.random_checkpoint import save_random_checkpoint
+
+    path = save_random_checkpoint(args.path, args.arch, seed=args.seed)
+    return {"path": path, "arch": args.arch,
+            "warning": "random weights: a stand-in with real shapes, its vectors are meaningless"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clip_pyfunc.random_checkpoint import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(prog="clip-pyfunc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("register", help="log and register the text and image models, move the alias")
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_register)
+    p = sub.add_parser("demo", help="register, then embed sample texts and images through the registry")
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
+    p.add_argument("path", help="directory to write")
+    p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_random_checkpoint)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; print the result as JSON on stdout, errors as one line on stderr."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except ClipPyfuncError as e:
+        print(f"clip-pyfunc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny random CLIP saved in HF format and a registry holding its two models.
+
+Nothing here touches the network: the checkpoint is built locally in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from clip_pyfunc.config import load_settings
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    from clip_pyfunc.random_checkpoint import save_random_checkpoint
+
+    return save_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-clip"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """A sqlite registry in a temp dir, set for the whole session (artifacts beside it)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    # Create the experiment up front so its artifacts land in the temp dir, not the checkout.
+    mlflow.create_experiment(load_settings().registry.experiment, artifact_location=str(root / "artifacts"))
+    return uri
+
+
+@pytest.fixture(scope="session")
+def registered(tiny_checkpoint, tracking_uri) -> dict:
+    from clip_pyfunc.registry import register_models
+
+    return register_models(load_settings(None, {"model": {"source": tiny_checkpoint}}))
+
+
+@pytest.fixture(scope="session")
+def text_model(registered):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(registered["models"]["text"]["uri"])
+
+
+@pytest.fixture(scope="session")
+def image_model(registered):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(registered["models"]["image"]["uri"])
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint):
+    """transformers' own full CLIPModel, tokenizer and PIL image processor on the same weights."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    return {
+        "model": CLIPModel.from_pretrained(tiny_checkpoint).eval(),
+        "tokenizer": AutoTokenizer.from_pretrained(tiny_checkpoint),
+        "processor": CLIPImageProcessorPil.from_pretrained(tiny_checkpoint),
+    }
+
+
+def photo(width: int, height: int, seed: int = 0):
+    """A smooth, photo-like RGB image (gradients, shapes, mild noise): JPEG-friendly content."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([
+        127 + 100 * np.sin(x / max(width, 1) * 6 + seed),
+        127 + 100 * np.cos(y / max(height, 1) * 5),
+        127 + 80 * np.sin((x + y) / max(width + height, 1) * 9),
+    ], axis=-1)
+    base += rng.normal(0, 6, base.shape)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, max(width - 1, 1)), rng.integers(0, max(height - 1, 1))
+        r = int(rng.integers(1, max(2, min(width, height) // 4)))
+        draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img.filter(ImageFilter.GaussianBlur(1))
+
+
+def encode(img, fmt: str = "PNG", **save_args) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_args)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

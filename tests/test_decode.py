@@ -1,0 +1,180 @@
+"""Every input the issue lists: what must work, what must fail cleanly (decode stage and model)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from conftest import b64, encode, photo
+from clip_pyfunc.decode import ImageLimits, decode_images, decode_texts, image_bytes, open_image
+from clip_pyfunc.errors import InvalidInput
+
+LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_pixels=8192 * 8192)
+
+
+def _rgba_on_white():
+    img = Image.new("RGBA", (20, 10), (255, 0, 0, 0))  # fully transparent red
+    img.paste((0, 0, 255, 255), (0, 0, 10, 10))  # opaque blue left half
+    return img
+
+
+def _palette_with_alpha():
+    img = Image.new("P", (10, 10), 0)
+    img.putpalette([0, 255, 0] + [255, 0, 0] * 255)
+    img.paste(1, (5, 0, 10, 10))
+    img.info["transparency"] = 0  # index 0 (green) is transparent
+    return img
+
+
+def _gif_two_frames() -> bytes:
+    frames = [Image.new("P", (8, 8), 0), Image.new("P", (8, 8), 1)]
+    for f in frames:
+        f.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def _sixteen_bit_png() -> bytes:
+    arr = np.array([[0, 32896, 65535, 65535]], dtype=np.uint16)
+    return encode(Image.fromarray(arr), "PNG")
+
+
+CASES = {
+    "jpeg": lambda: encode(photo(64, 48), "JPEG"),
+    "png": lambda: encode(photo(64, 48), "PNG"),
+    "webp": lambda: encode(photo(64, 48), "WEBP"),
+    "gif": _gif_two_frames,
+    "bmp": lambda: encode(photo(64, 48), "BMP"),
+    "tiff": lambda: encode(photo(64, 48), "TIFF"),
+    "rgba": lambda: encode(_rgba_on_white(), "PNG"),
+    "palette_alpha": lambda: encode(_palette_with_alpha(), "PNG"),
+    "grayscale": lambda: encode(photo(64, 48).convert("L"), "PNG"),
+    "cmyk_jpeg": lambda: encode(photo(64, 48).convert("CMYK"), "JPEG"),
+    "cmyk_tiff": lambda: encode(photo(64, 48).convert("CMYK"), "TIFF"),
+    "png16": _sixteen_bit_png,
+    "one_pixel": lambda: encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_format_decodes_to_rgb(name):
+    img = open_image(CASES[name](), LIMITS)
+    assert img.mode == "RGB" and img.size[0] >= 1
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_format_embeds_through_model(image_model, name):
+    v = image_model.predict(pd.DataFrame({"input": [b64(CASES[name]())]}))
+    assert v.shape == (1, 32) and np.isfinite(v).all()
+
+
+def test_transparency_is_composited_on_white():
+    rgba = np.asarray(open_image(CASES["rgba"](), LIMITS))
+    assert tuple(rgba[5, 2]) == (0, 0, 255) and tuple(rgba[5, 15]) == (255, 255, 255)
+    pal = np.asarray(open_image(CASES["palette_alpha"](), LIMITS))
+    assert tuple(pal[5, 2]) == (255, 255, 255) and tuple(pal[5, 7]) == (255, 0, 0)
+
+
+def test_gif_uses_first_frame():
+    assert tuple(np.asarray(open_image(_gif_two_frames(), LIMITS))[0, 0]) == (255, 0, 0)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    px = np.asarray(open_image(_sixteen_bit_png(), LIMITS))[0, :, 0]
+    assert list(px) == [0, 128, 255, 255]
+
+
+def test_cmyk_becomes_rgb_colours():
+    img = Image.new("RGB", (8, 8), (200, 30, 30))
+    got = np.asarray(open_image(encode(img.convert("CMYK"), "TIFF"), LIMITS))[4, 4]
+    assert np.abs(got.astype(int) - [200, 30, 30]).max() <= 3
+
+
+def test_exif_rotated_photo_is_upright():
+    # Upright view: landscape 60x40, red top half, blue bottom half. Stored sideways: the
+    # pixels turned 90 degrees counter-clockwise, tagged orientation 6 ("turn 90 CW to view").
+    upright = Image.new("RGB", (60, 40), (220, 0, 0))
+    upright.paste((0, 0, 220), (0, 20, 60, 40))
+    stored = upright.rotate(90, expand=True)
+    assert stored.size == (40, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    got = open_image(encode(stored, "JPEG", quality=95, exif=exif.tobytes()), LIMITS)
+    assert got.size == (60, 40)
+    arr = np.asarray(got).astype(int)
+    assert arr[5, 30, 0] > 180 and arr[5, 30, 2] < 50  # top is red
+    assert arr[35, 30, 2] > 180 and arr[35, 30, 0] < 50  # bottom is blue
+
+
+def test_large_photo_decodes_within_limits():
+    data = encode(photo(6000, 4000), "JPEG", quality=85)
+    img = open_image(data, LIMITS, draft_edge=224)
+    assert img.mode == "RGB" and min(img.size) >= 224  # draft keeps enough pixels for the exact resize
+    assert open_image(data, LIMITS).size == (6000, 4000)
+
+
+@pytest.mark.parametrize("variant", ["plain", "data_url", "url_safe", "newlines", "unpadded"])
+def test_base64_variants(variant):
+    data = encode(photo(17, 13), "PNG") + b"\xfb\xff"  # trailing bytes force '+'/'/' in the alphabet
+    text = base64.b64encode(data).decode()
+    assert "+" in text or "/" in text
+    text = {
+        "plain": text,
+        "data_url": "data:image/png;base64," + text,
+        "url_safe": base64.urlsafe_b64encode(data).decode(),
+        "newlines": "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n",
+        "unpadded": text.rstrip("="),
+    }[variant]
+    assert image_bytes(text, LIMITS.max_bytes) == data
+
+
+def test_texts_work_and_nulls_fail():
+    out = decode_texts(["", "ünï ✓", None, float("nan"), 3])
+    assert out[:2] == ["", "ünï ✓"]
+    assert [type(o) for o in out[2:]] == [InvalidInput] * 3
+    assert [o.row for o in out[2:]] == [2, 3, 4]
+    assert "expected a string, got int" in str(out[4])
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("@@not base64@@", "invalid base64"),
+    ("data:image/png,abcd", "data URL must be"),
+    (b64(b"GIF89a but truncated"), "not an image of an allowed format"),
+    (b64(b"plain text, not an image at all"), "not an image of an allowed format"),
+    (b64(encode(Image.new("RGB", (8, 8)), "PPM")), "not an image of an allowed format"),
+    (b64(encode(photo(64, 64), "JPEG")[:300]), "image could not be decoded"),
+    ("", "input is empty"),
+    (None, "input is null"),
+    (float("nan"), "input is null"),
+    (12, "expected a base64 string or bytes, got int"),
+])
+def test_bad_images_fail_cleanly(value, reason):
+    [out] = decode_images([value], LIMITS)
+    assert isinstance(out, InvalidInput) and out.row == 0
+    assert reason in str(out), str(out)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    # A 20000 x 20000 PNG of zeros is about 1 MB on disk and 400 MP once decoded.
+    big = encode(Image.new("L", (20000, 20000)), "PNG", optimize=True)
+    [out] = decode_images([big], ImageLimits(max_bytes=len(big) + 1, max_pixels=8192 * 8192))
+    assert isinstance(out, InvalidInput) and "over the limit of 67108864 pixels" in str(out)
+    assert "400000000 pixels" in str(out)
+    [out] = decode_images([encode(Image.new("L", (300, 200)), "PNG")], ImageLimits(max_bytes=10**6, max_pixels=50000))
+    assert "image is 300x200 = 60000 pixels, over the limit of 50000 pixels (max_image_pixels)" in str(out)
+
+
+def test_byte_limit_refuses_before_decoding_base64():
+    text = "A" * 4000
+    with pytest.raises(InvalidInput, match="about 3000 bytes, over the limit of 1000 bytes"):
+        image_bytes(text, 1000)
+
+
+def test_bad_row_via_model_names_row(image_model):
+    frame = pd.DataFrame({"input": [b64(CASES["png"]()), b64(b"nope")]})
+    with pytest.raises(MlflowException, match=r"1 bad row: row 1: bytes are not an image"):
+        image_model.predict(frame)

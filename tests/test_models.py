@@ -1,0 +1,209 @@
+"""The two pyfunc models loaded back from the registry by alias: parity, contract, artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from conftest import b64, encode, photo
+from clip_pyfunc.decode import ImageLimits, open_image
+from clip_pyfunc.registry import model_signature
+
+TEXTS = ["a photo of a cat", "", "ünïcödé ✓ 日本語のテキスト", "the cat is on the mat " * 30, "x"]
+
+
+def _ref_text(reference, texts):
+    tok = reference["tokenizer"](texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        f = reference["model"].get_text_features(**tok).pooler_output
+    return (f / f.norm(dim=-1, keepdim=True)).numpy()
+
+
+def _ref_image(reference, images):
+    px = reference["processor"](images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        f = reference["model"].get_image_features(pixel_values=px).pooler_output
+    return (f / f.norm(dim=-1, keepdim=True)).numpy()
+
+
+def test_text_parity_with_transformers(text_model, reference):
+    got = text_model.predict(pd.DataFrame({"input": TEXTS}))
+    want = _ref_text(reference, TEXTS)
+    assert got.dtype == np.float32 and got.shape == (len(TEXTS), 32)
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_image_parity_with_transformers(registered, reference):
+    # fast_decode off: the exact reference preprocessing, to 1e-5 (the draft path has its own test).
+    model = mlflow.pyfunc.load_model(registered["models"]["image"]["uri"], model_config={"fast_decode": False})
+    imgs = [photo(640, 480, 1), photo(300, 500, 2), photo(33, 32, 3), photo(1, 1, 4)]
+    payload = [encode(imgs[0], "JPEG", quality=90), encode(imgs[1], "PNG"), encode(imgs[2], "WEBP"),
+               encode(imgs[3], "BMP")]
+    got = model.predict(pd.DataFrame({"input": [b64(p) for p in payload]}))
+    limits = ImageLimits(max_bytes=10**8, max_pixels=10**8)
+    want = _ref_image(reference, [open_image(p, limits) for p in payload])
+    assert got.dtype == np.float32 and got.shape == (4, 32)
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_text_and_image_share_one_space(text_model, image_model, reference):
+    t = text_model.predict(pd.DataFrame({"input": ["a cat"]}))
+    i = image_model.predict(pd.DataFrame({"input": [b64(encode(photo(64, 64), "PNG"))]}))
+    with torch.no_grad():
+        ref = reference["model"](**reference["tokenizer"](["a cat"], return_tensors="pt"),
+                                 pixel_values=reference["processor"]([photo(64, 64)], return_tensors="pt")["pixel_values"])
+    cos = float((ref.logits_per_text / reference["model"].logit_scale.exp()).item())
+    assert abs(float(t[0] @ i[0]) - cos) <= 1e-5
+
+
+def test_normalize_param(text_model):
+    raw = text_model.predict(pd.DataFrame({"input": ["a cat", "a dog"]}), params={"normalize": False})
+    unit = text_model.predict(pd.DataFrame({"input": ["a cat", "a dog"]}))
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), unit, atol=1e-6)
+
+
+def test_unknown_param_is_refused(text_model):
+    with pytest.raises(MlflowException) as e:
+        text_model.unwrap_python_model().predict(None, pd.DataFrame({"input": ["a"]}), params={"nrmalize": True})
+    assert "nrmalize" in str(e.value) and "normalize" in str(e.value)
+
+
+def test_signature_is_pinned(registered):
+    info = mlflow.models.get_model_info(registered["models"]["image"]["uri"])
+    assert info.signature.to_dict() == model_signature().to_dict()
+    assert json.loads(info.signature.to_dict()["inputs"]) == [{"type": "string", "name": "input", "required": True}]
+    assert json.loads(info.signature.to_dict()["outputs"]) == [
+        {"type": "array", "items": {"type": "float"}, "required": True}]
+    assert json.loads(info.signature.to_dict()["params"]) == [
+        {"name": "normalize", "default": True, "shape": None, "type": "boolean"}]
+
+
+def _model_dir(uri: str) -> str:
+    return mlflow.artifacts.download_artifacts(uri)
+
+
+@pytest.mark.parametrize("tower,own,other", [("text", "text_", "vision_"), ("image", "vision_", "text_")])
+def test_artifact_holds_only_its_tower(registered, tiny_checkpoint, tower, own, other):
+    from safetensors import safe_open
+
+    root = _model_dir(registered["models"][tower]["uri"])
+    weights = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".safetensors")]
+    assert len(weights) == 1
+    with safe_open(weights[0], "pt") as f:
+        keys = list(f.keys())
+        tower_params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                           else int(np.prod(f.get_slice(k).get_shape())) for k in keys)
+    assert keys and all(k.startswith((own, own.replace("vision_", "visual_"))) for k in keys)
+    assert not any(k.startswith(other) or k.startswith("logit_scale") for k in keys)
+    # Size check against the tower itself (in the tiny model the token embedding dominates the text tower).
+    from transformers import CLIPModel
+
+    full = CLIPModel.from_pretrained(tiny_checkpoint)
+    prefixes = ("text_model.", "text_projection.") if tower == "text" else ("vision_model.", "visual_projection.")
+    expected = sum(p.numel() for n, p in full.named_parameters() if n.startswith(prefixes))
+    assert tower_params == expected
+    assert abs(os.path.getsize(weights[0]) - 4 * expected) < 64 * 1024
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_logged_model_has_no_pickle(registered, tower):
+    root = _model_dir(registered["models"][tower]["uri"])
+    with open(os.path.join(root, "MLmodel")) as f:
+        mlmodel = f.read()
+    assert "model_code_path" in mlmodel and "python_model.pkl" not in mlmodel
+    for d, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(d, name)
+            assert not name.endswith((".pkl", ".pickle", ".bin", ".pt", ".pth", ".joblib")), path
+            with open(path, "rb") as f:
+                head = f.read(2)
+            assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), path
+            if zipfile.is_zipfile(path):
+                assert not any(n.endswith(".pkl") for n in zipfile.ZipFile(path).namelist()), path
+
+
+def test_requirements_are_explicit(registered):
+    root = _model_dir(registered["models"]["text"]["uri"])
+    reqs = open(os.path.join(root, "requirements.txt")).read()
+    assert "torch==" in reqs and "transformers==" in reqs and "mlflow==" in reqs
+    assert "pyspark" not in reqs and "pytest" not in reqs
+    assert os.path.isdir(os.path.join(root, "code", "clip_pyfunc"))
+
+
+def test_bad_rows_are_named_and_are_400s(image_model):
+    good = b64(encode(photo(40, 30), "PNG"))
+    frame = pd.DataFrame({"input": [good, "not base64!!", b64(b"hello, not an image"), None, float("nan")]})
+    with pytest.raises(MlflowException) as e:
+        image_model.predict(frame)
+    msg = str(e.value)
+    assert e.value.get_http_status_code() == 400
+    for row in (1, 2, 3, 4):
+        assert f"row {row}:" in msg
+    assert "row 0" not in msg
+    assert "invalid base64" in msg and "not an image" in msg and "null" in msg
+
+
+def test_one_bad_row_leaves_the_others_right(image_model):
+    imgs = [b64(encode(photo(50 + i, 40, i), "PNG")) for i in range(5)]
+    alone = image_model.predict(pd.DataFrame({"input": imgs}))
+    mixed = imgs[:2] + ["%%%"] + imgs[2:]
+    vectors, errors = image_model.unwrap_python_model().embed_rows(mixed)
+    assert [e.row for e in errors] == [2]
+    assert np.isnan(vectors[2]).all()
+    np.testing.assert_allclose(np.delete(vectors, 2, axis=0), alone, atol=1e-6)
+
+
+def test_text_nulls_and_types_are_refused(text_model):
+    with pytest.raises(MlflowException, match=r"row 1: input is null"):
+        text_model.predict(pd.DataFrame({"input": ["ok", None]}))
+
+
+def test_text_over_context_length(registered, text_model):
+    long = "word " * 200
+    v = text_model.predict(pd.DataFrame({"input": [long]}))
+    assert v.shape == (1, 32)
+    strict = mlflow.pyfunc.load_model(registered["models"]["text"]["uri"], model_config={"truncate_text": False})
+    with pytest.raises(MlflowException, match=r"row 1: text is \d+ tokens, over the model's context length of 77"):
+        strict.predict(pd.DataFrame({"input": ["short", long]}))
+    np.testing.assert_allclose(strict.predict(pd.DataFrame({"input": ["short"]})),
+                               text_model.predict(pd.DataFrame({"input": ["short"]})), atol=1e-6)
+
+
+def test_limits_come_from_model_config(registered):
+    uri = registered["models"]["image"]["uri"]
+    small = mlflow.pyfunc.load_model(uri, model_config={"max_image_pixels": 1000, "max_image_bytes": 5000,
+                                                        "max_rows": 2})
+    with pytest.raises(MlflowException, match=r"row 0: image is 40x40 = 1600 pixels, over the limit of 1000"):
+        small.predict(pd.DataFrame({"input": [b64(encode(photo(40, 40), "PNG"))]}))
+    with pytest.raises(MlflowException, match=r"row 0: image is (about )?\d+ bytes, over the limit of 5000"):
+        small.predict(pd.DataFrame({"input": [b64(encode(photo(30, 30), "BMP") + b"\0" * 6000)]}))
+    with pytest.raises(MlflowException, match=r"3 rows, over the limit of 2 rows per call \(max_rows\)"):
+        small.predict(pd.DataFrame({"input": ["a", "b", "c"]}))
+
+
+def test_bad_model_config_is_a_clear_error(registered):
+    from clip_pyfunc.errors import ModelLoadError
+
+    # (MLflow itself drops keys the logged model_config does not have, with a warning naming the allowed ones.)
+    with pytest.raises(ModelLoadError, match=r"batch_size must be a positive integer, got 0"):
+        mlflow.pyfunc.load_model(registered["models"]["text"]["uri"], model_config={"batch_size": 0})
+    with pytest.raises(ModelLoadError, match=r"precision 'fp16' needs a CUDA device"):
+        mlflow.pyfunc.load_model(registered["models"]["text"]["uri"],
+                                 model_config={"device": "cpu", "precision": "fp16"})
+
+
+def test_raw_bytes_column_works(image_model):
+    data = encode(photo(64, 48), "JPEG")
+    a = image_model.predict(pd.DataFrame({"input": [data]}))
+    b = image_model.predict(pd.DataFrame({"input": [b64(data)]}))
+    np.testing.assert_allclose(a, b, atol=1e-6)
