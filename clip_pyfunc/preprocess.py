@@ -3,8 +3,8 @@
 Nothing here is hard-coded: sizes, crop, mean, std and resampling come from the saved
 preprocessor_config.json, the context length from the text config. The image path
 reproduces transformers' CLIPImageProcessor (resize shortest edge, center crop, rescale,
-normalise) but resizes only the crop window, so a 12 MP photo never becomes a full-size
-intermediate.
+normalise) with the same arithmetic, and resamples only the crop window for extreme aspect
+ratios, whose full resize would be huge.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from clip_pyfunc.errors import InvalidInput, ModelLoadError
 
 _SUPPORTED_STEPS = {"do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
                     "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb"}
-_IGNORED_KEYS = {"image_processor_type", "processor_class", "feature_extractor_type", "default_to_square"}
+# Resized images up to this many crops in area are resized whole (exactly as transformers does).
+_MAX_FULL_RESIZE = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,8 +107,8 @@ def _size_dict(value, *, default_to_square: bool) -> dict:
 def resize_and_crop(img, spec: ImageSpec):
     """Resize (shortest edge or fixed size) and center crop one RGB image, as CLIPImageProcessor does.
 
-    Only the crop window is resampled: PIL's `box` keeps the filter's support and scale of
-    the full resize, so the pixels equal a full resize followed by a crop.
+    Pixels equal the processor's (full resize, then crop), except for aspect ratios past 8:1,
+    where only the crop window is resampled.
     """
     width, height = img.size
     if spec.shortest_edge:
@@ -126,6 +127,11 @@ def resize_and_crop(img, spec: ImageSpec):
         raise InvalidInput(f"image resizes to {new_w}x{new_h}, smaller than the crop {crop_w}x{crop_h}")
     if (new_w, new_h) == (width, height):
         return img.crop((left, top, left + crop_w, top + crop_h))
+    if new_w * new_h <= _MAX_FULL_RESIZE * crop_w * crop_h:
+        # The reference's own order, bit for bit: resize everything, then crop.
+        return img.resize((new_w, new_h), spec.resample).crop((left, top, left + crop_w, top + crop_h))
+    # Very elongated images (a 6000x1 strip would resize to 224 x 1.3 M): resample only the crop
+    # window. PIL keeps the full resize's scale and filter support, so pixels match to within 2 levels.
     sx, sy = width / new_w, height / new_h
     box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
     return img.resize((crop_w, crop_h), spec.resample, box=box)

@@ -1,0 +1,53 @@
+"""Package hygiene: cheap import, conf/ equal to the defaults, clear config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from clip_pyfunc.config import DEFAULT_CONF_PATH, RuntimeConfig, Settings, load_settings
+from clip_pyfunc.errors import ModelLoadError
+
+
+def test_import_does_not_load_heavy_libraries():
+    code = ("import sys, clip_pyfunc, clip_pyfunc.config, clip_pyfunc.decode, clip_pyfunc.errors; "
+            "print(sorted(m for m in ('torch', 'transformers', 'pyspark', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_conf_file_states_the_defaults():
+    with open(DEFAULT_CONF_PATH) as f:
+        data = yaml.safe_load(f)
+    assert {k: data[k] for k in ("model", "registry", "runtime")} == dataclasses.asdict(Settings())
+
+
+def test_flags_override_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("runtime:\n  batch_size: 8\nregistry:\n  alias: prod\n")
+    s = load_settings(str(path), {"runtime": {"batch_size": 4, "device": None}})
+    assert s.runtime.batch_size == 4 and s.registry.alias == "prod" and s.runtime.device == "auto"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("runtime:\n  batchsize: 8\n", r"unknown key\(s\) \['batchsize'\].*allowed: \["),
+    ("serving:\n  x: 1\n", r"unknown section\(s\) \['serving'\]"),
+    ("runtime:\n  precision: fp64\n", r"precision 'fp64' is not one of"),
+    ("runtime:\n  device: tpu\n", r"device 'tpu' is not one of"),
+    ("runtime:\n  max_rows: -1\n", r"max_rows must be a positive integer, got -1"),
+    ("- a list\n", r"must hold a mapping"),
+])
+def test_bad_settings_name_the_key(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ModelLoadError, match=match):
+        load_settings(str(path))
+
+
+def test_runtime_config_round_trips():
+    cfg = RuntimeConfig(batch_size=3, precision="int8")
+    assert RuntimeConfig.from_dict(cfg.to_dict()) == cfg
