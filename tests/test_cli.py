@@ -38,3 +38,16 @@ def test_random_checkpoint_and_bad_model_exit_2(tmp_path):
     conf.write_text("runtime:\n  precision: fp64\n")
     bad = _run(["register", "--conf", str(conf), "--model", str(tmp_path / "ck")], tmp_path)
     assert bad.returncode == 2 and "precision 'fp64'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_mlproject_main_entry_point(tmp_path, tiny_checkpoint):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run(
+        ["mlflow", "run", root, "-e", "main", "--env-manager", "local", "-P", f"model={tiny_checkpoint}",
+         "-P", "alias=staging", "--experiment-name", "clip-pyfunc"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/proj.db"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"uri": "models:/clip_text_embedding@staging"' in out.stdout

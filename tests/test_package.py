@@ -51,3 +51,12 @@ def test_bad_settings_name_the_key(tmp_path, text, match):
 def test_runtime_config_round_trips():
     cfg = RuntimeConfig(batch_size=3, precision="int8")
     assert RuntimeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_ci_runs_the_readme_test_command():
+    with open("README.md") as f:
+        readme = f.read()
+    commands = [block.split("```")[0].strip() for block in readme.split("```bash\n")[1:3]]
+    assert len(commands) == 2 and "python -m pytest" in commands[1]
+    with open(".ci/run") as f:
+        assert commands[1] in f.read()

@@ -1,0 +1,38 @@
+"""The logged model loads where only its logged requirements and shipped code exist.
+
+`mlflow models predict --env-manager uv` builds a fresh virtual environment from the model's
+requirements.txt alone (clip_pyfunc is not installed there: it comes from the model's code/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.models import convert_input_example_to_serving_input
+
+from conftest import b64, encode, photo
+
+
+@pytest.mark.slow
+@pytest.mark.env
+def test_image_model_predicts_in_env_built_from_model_alone(tmp_path, registered, image_model):
+    frame = pd.DataFrame({"input": [b64(encode(photo(64, 48, s), "JPEG")) for s in range(3)]})
+    (tmp_path / "in.json").write_text(convert_input_example_to_serving_input(frame))
+    env = dict(os.environ)
+    if os.path.isdir("/opt/wheels"):  # uv ignores pip's find-links; without it torch resolves to the CUDA build
+        env["UV_FIND_LINKS"] = "/opt/wheels"
+    out = subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", registered["models"]["image"]["uri"],
+         "--env-manager", "uv", "-i", str(tmp_path / "in.json"), "--content-type", "json",
+         "-o", str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=1500, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"], dtype=np.float32)
+    np.testing.assert_allclose(got, image_model.predict(frame), atol=1e-6)

@@ -1,0 +1,27 @@
+"""The notebooks run top to bottom on the tiny checkpoint, calling the package."""
+
+from __future__ import annotations
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+
+
+def _execute(name: str, cwd) -> nbformat.NotebookNode:
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+@pytest.mark.slow
+def test_register_then_embed_notebooks(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("CLIP_MODEL", tiny_checkpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/nb.db")
+    registered = _execute("01_register_models.ipynb", tmp_path)
+    assert "models:/clip_image_embedding@champion" in str(registered.cells[2].outputs)
+    embedded = _execute("02_embed_texts_and_images.ipynb", tmp_path)
+    assert "(2, 32)" in str(embedded.cells[3].outputs) and "float32" in str(embedded.cells[3].outputs)

@@ -1,0 +1,54 @@
+"""Write the notebooks in notebooks/ from the cell sources below (keeps them reviewable as code).
+
+Run `python tools/make_notebooks.py` after editing; the tests execute the written notebooks.
+"""
+
+import os
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "notebooks")
+SETUP = '''import os
+
+# A hub id, or a local directory in transformers CLIP format. Where the hub cannot be reached,
+# make a stand-in first: `clip-pyfunc random-checkpoint ./clip-local` (random weights!).
+MODEL = os.environ.get("CLIP_MODEL", "openai/clip-vit-base-patch32")
+# The registry: MLFLOW_TRACKING_URI when set, else MLflow's default sqlite:///mlflow.db here.'''
+
+NOTEBOOKS = {
+    "01_register_models.ipynb": [
+        new_markdown_cell("# Register the CLIP embedding models\n\nLogs the text and image towers of one CLIP "
+                          "checkpoint as two MLflow pyfunc models, registers them as `clip_text_embedding` and "
+                          "`clip_image_embedding`, and points the alias `champion` at the new versions."),
+        new_code_cell(SETUP),
+        new_code_cell("from clip_pyfunc.config import load_settings\nfrom clip_pyfunc.registry import register_models\n\n"
+                      "summary = register_models(load_settings(None, {\"model\": {\"source\": MODEL}}))\nsummary"),
+        new_markdown_cell("The summary's `uri` fields (`models:/name@champion`) are what the serving endpoint, "
+                          "the Spark job and the next notebook load."),
+    ],
+    "02_embed_texts_and_images.ipynb": [
+        new_markdown_cell("# Embed texts and images with the registered models\n\nLoads both models from the "
+                          "registry by alias with `mlflow.pyfunc.load_model` and embeds a few captions and images. "
+                          "Text and image vectors share one space: their dot product is CLIP's cosine similarity."),
+        new_code_cell(SETUP),
+        new_code_cell("import mlflow\nimport pandas as pd\n\n"
+                      "text_model = mlflow.pyfunc.load_model(\"models:/clip_text_embedding@champion\")\n"
+                      "image_model = mlflow.pyfunc.load_model(\"models:/clip_image_embedding@champion\")"),
+        new_code_cell("from clip_pyfunc.samples import SAMPLE_TEXTS, sample_images_b64\n\n"
+                      "texts = pd.DataFrame({\"input\": list(SAMPLE_TEXTS)})\n"
+                      "images = pd.DataFrame({\"input\": sample_images_b64()})  # base64 JPEGs\n"
+                      "text_vectors = text_model.predict(texts)\nimage_vectors = image_model.predict(images)\n"
+                      "text_vectors.shape, image_vectors.shape, text_vectors.dtype"),
+        new_code_cell("similarity = pd.DataFrame(text_vectors @ image_vectors.T, index=list(SAMPLE_TEXTS),\n"
+                      "                          columns=[\"red square\", \"blue circle\"])\nsimilarity"),
+        new_markdown_cell("With real CLIP weights each caption scores highest on its own picture; a random "
+                          "stand-in checkpoint gives meaningless numbers of the same shape."),
+    ],
+}
+
+if __name__ == "__main__":
+    for name, cells in NOTEBOOKS.items():
+        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                "language": "python"}})
+        nbformat.write(nb, os.path.join(HERE, name))
