@@ -31,6 +31,7 @@ setup(
             "uvicorn>=0.30",
             "requests>=2.31",
             "uv>=0.5",
+            "psutil>=5.9",
         ],
         "bench": ["matplotlib>=3.8", "psutil>=5.9"],
     },

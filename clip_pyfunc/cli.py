@@ -78,6 +78,16 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> dict:
             "warning": "random weights: a stand-in with real shapes, its vectors are meaningless"}
 
 
+def cmd_serve(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.config import load_settings
+    from clip_pyfunc.serve import serve
+
+    settings = load_settings(args.conf, {"serve": {"host": args.host, "port": args.port, "workers": args.workers,
+                                                   "timeout": args.timeout, "env_manager": args.env_manager}})
+    serve(args.model_uri, settings.serve)  # does not return
+    return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pyfunc.random_checkpoint import ARCHITECTURES
 
@@ -89,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="register, then embed sample texts and images through the registry")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--model-uri", "-m", required=True, help="models:/name@alias, models:/name/1, runs:/..., a path")
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", "-p", type=int, help="port (default 5001)")
+    p.add_argument("--workers", "-w", type=int, help="uvicorn workers")
+    p.add_argument("--timeout", "-t", type=int, help="seconds per request before a 504")
+    p.add_argument("--env-manager", help="local (default) | uv | virtualenv | conda")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
     p.add_argument("path", help="directory to write")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))

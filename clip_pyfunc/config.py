@@ -15,6 +15,7 @@ from clip_pyfunc.errors import ModelLoadError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("default", "auto", "fp32", "bf16", "fp16", "int8")
+ENV_MANAGERS = ("local", "uv", "virtualenv", "conda")
 DEFAULT_CONF_PATH = os.path.join("conf", "clip_pyfunc.yaml")
 
 
@@ -102,15 +103,41 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """How `clip-pyfunc serve` runs `mlflow models serve`.
+
+    Attributes:
+        host: Interface to bind (127.0.0.1 local only, 0.0.0.0 all).
+        port: TCP port.
+        workers: uvicorn worker processes (each loads its own copy of the model).
+        timeout: Seconds a request may take before the server answers 504.
+        env_manager: "local" (this environment) or "uv"/"virtualenv"/"conda" (built from the model).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 5001
+    workers: int = 1
+    timeout: int = 60
+    env_manager: str = "local"
+
+    def __post_init__(self):
+        for name in ("port", "workers", "timeout"):
+            _require_positive_int(name, getattr(self, name))
+        if self.env_manager not in ENV_MANAGERS:
+            raise ModelLoadError(f"env_manager {self.env_manager!r} is not one of {ENV_MANAGERS}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the CLI reads from conf/: one section per dataclass."""
 
     model: ModelSource = field(default_factory=ModelSource)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
-_SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig}
+_SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig, "serve": ServeConfig}
 
 
 def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:

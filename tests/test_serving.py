@@ -1,0 +1,246 @@
+"""REST serving against real `mlflow models serve` subprocesses on loopback.
+
+The image server runs `clip-pyfunc serve`, the text server plain `mlflow models serve`; both
+load the models from the registry by alias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from conftest import b64, encode, free_port, photo
+from clip_pyfunc.config import RuntimeConfig, ServeConfig, load_settings
+from clip_pyfunc.registry import register_models
+from clip_pyfunc.serve import serve_command
+
+pytestmark = [pytest.mark.serving]
+LIMITS = {"max_rows": 16, "max_image_bytes": 300_000, "max_image_pixels": 1_000_000}
+
+
+@pytest.fixture(scope="module")
+def served_models(tiny_checkpoint, tracking_uri):
+    """Register models with small limits (as operators set them in conf/) for the servers."""
+    settings = load_settings(None, {"model": {"source": tiny_checkpoint},
+                                    "registry": {"text_name": "serve_text", "image_name": "serve_image"},
+                                    "runtime": LIMITS})
+    return register_models(settings)
+
+
+def _start(cmd, log_path):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
+                            env=dict(os.environ), start_new_session=True)
+    return proc
+
+
+def _wait_ready(url, proc, log_path, seconds=180):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited: " + open(log_path).read()[-3000:])
+        try:
+            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server not ready: " + open(log_path).read()[-3000:])
+
+
+def _stop(proc):
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def image_server(served_models, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("srv") / "image.log"
+    proc = _start(["clip-pyfunc", "serve", "--model-uri", served_models["models"]["image"]["uri"],
+                   "--port", str(port), "--timeout", "30"], log)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, proc, log)
+    yield {"url": url, "proc": proc}
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def text_server(served_models, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("srv") / "text.log"
+    proc = _start([sys.executable, "-m", "mlflow", "models", "serve", "-m", served_models["models"]["text"]["uri"],
+                   "--env-manager", "local", "-p", str(port)], log)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, proc, log)
+    yield {"url": url, "proc": proc}
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def local_image(served_models):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(served_models["models"]["image"]["uri"])
+
+
+def _invoke(url, body, **kw):
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"},
+                         timeout=60, **kw)
+
+
+IMAGES = [b64(encode(photo(80, 60, s), "JPEG")) for s in range(3)]
+
+
+@pytest.mark.parametrize("form", ["dataframe_records", "dataframe_split", "inputs", "instances"])
+def test_payload_forms_equal_local_predict(image_server, local_image, form):
+    body = {
+        "dataframe_records": {"dataframe_records": [{"input": x} for x in IMAGES]},
+        "dataframe_split": {"dataframe_split": {"columns": ["input"], "data": [[x] for x in IMAGES]}},
+        "inputs": {"inputs": {"input": IMAGES}},
+        "instances": {"instances": [{"input": x} for x in IMAGES]},
+    }[form]
+    r = _invoke(image_server["url"], body)
+    assert r.status_code == 200, r.text[:500]
+    got = np.asarray(r.json()["predictions"], dtype=np.float32)
+    want = local_image.predict(pd.DataFrame({"input": IMAGES}))
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-6
+
+
+def test_params_block(image_server, local_image):
+    r = _invoke(image_server["url"], {"dataframe_records": [{"input": IMAGES[0]}], "params": {"normalize": False}})
+    assert r.status_code == 200, r.text[:500]
+    want = local_image.predict(pd.DataFrame({"input": IMAGES[:1]}), params={"normalize": False})
+    assert np.abs(np.asarray(r.json()["predictions"]) - want).max() <= 1e-6
+    assert abs(np.linalg.norm(want) - 1.0) > 1e-3
+
+
+def test_plain_mlflow_models_serve_text(text_server, served_models):
+    import mlflow
+
+    texts = ["a photo of a cat", "", "ünïcödé ✓"]
+    r = _invoke(text_server["url"], {"dataframe_records": [{"input": t} for t in texts]})
+    assert r.status_code == 200, r.text[:500]
+    local = mlflow.pyfunc.load_model(served_models["models"]["text"]["uri"]).predict(pd.DataFrame({"input": texts}))
+    assert np.abs(np.asarray(r.json()["predictions"]) - local).max() <= 1e-6
+
+
+def _big_blank_png():
+    return b64(encode(Image.new("L", (1200, 1000)), "PNG"))  # 1.2 MP > 1 MP limit, tiny on the wire
+
+
+BAD = {
+    "invalid_base64": ({"dataframe_records": [{"input": IMAGES[0]}, {"input": "%%% not base64"}]},
+                       ["row 1", "invalid base64"]),
+    "not_an_image": ({"dataframe_records": [{"input": b64(b"just some text")}]}, ["row 0", "not an image"]),
+    "over_pixels": ({"dataframe_records": [{"input": _big_blank_png()}]},
+                    ["row 0", "1200x1000 = 1200000 pixels, over the limit of 1000000"]),
+    "over_bytes": ({"dataframe_records": [{"input": b64(os.urandom(400_000))}]},
+                   ["row 0", "over the limit of 300000 bytes"]),
+    "null_input": ({"dataframe_records": [{"input": IMAGES[0]}, {"input": None}]}, ["row 1", "null"]),
+    "wrong_column": ({"dataframe_records": [{"image": IMAGES[0]}]}, ["input"]),
+    "too_many_rows": ({"dataframe_records": [{"input": IMAGES[0]}] * 17}, ["17 rows, over the limit of 16"]),
+    # (MLflow drops params the signature does not declare, with a warning; a wrong type is refused.)
+    "bad_param_type": ({"dataframe_records": [{"input": IMAGES[0]}], "params": {"normalize": "maybe"}},
+                       ["normalize"]),
+    "malformed_json": ('{"dataframe_records": [{"input": ', ["valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_requests_are_4xx_with_actionable_message(image_server, case):
+    body, needles = BAD[case]
+    r = _invoke(image_server["url"], body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    err = r.json()
+    assert err["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+    for needle in needles:
+        assert needle in err["message"], err["message"][:500]
+    assert "Traceback" not in r.text and "stack_trace" not in err
+    ok = _invoke(image_server["url"], {"dataframe_records": [{"input": IMAGES[0]}]})
+    assert ok.status_code == 200
+
+
+def test_health_endpoints(image_server):
+    import mlflow
+
+    for path in ("/ping", "/health"):
+        assert requests.get(image_server["url"] + path, timeout=5).status_code == 200
+    r = requests.get(image_server["url"] + "/version", timeout=5)
+    assert r.status_code == 200 and mlflow.__version__ in r.text
+
+
+def test_serve_command_passes_settings_through():
+    cmd = serve_command("models:/m@a", ServeConfig(host="0.0.0.0", port=8080, workers=3, timeout=7))
+    assert cmd[1:5] == ["-m", "mlflow", "models", "serve"]
+    joined = " ".join(cmd)
+    for part in ("--model-uri models:/m@a", "--host 0.0.0.0", "--port 8080", "--workers 3", "--timeout 7",
+                 "--env-manager local"):
+        assert part in joined
+
+
+def _tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+def test_load_mixed_good_and_bad_requests(image_server, local_image):
+    """4 clients for ~12 s: every good request its right vector, every bad one a 4xx, no 5xx, flat RSS."""
+    url, proc = image_server["url"], image_server["proc"]
+    good = [b64(encode(photo(70 + s, 50, s), "JPEG")) for s in range(4)]
+    want = local_image.predict(pd.DataFrame({"input": good}))
+    bad = [b64(b"not an image"), "%%%", None]
+    for _ in range(20):  # warm up allocator pools before the baseline
+        _invoke(url, {"dataframe_records": [{"input": g} for g in good]})
+    rss_before = _tree_rss_mb(proc.pid)
+    results, lock = [], threading.Lock()
+
+    def client(seed: int):
+        rng = np.random.default_rng(seed)
+        deadline = time.time() + 12
+        with requests.Session() as s:
+            for i in range(400):  # bounded in count and time
+                if time.time() > deadline:
+                    break
+                if rng.random() < 0.3:
+                    body, expect = {"dataframe_records": [{"input": bad[i % 3]}]}, None
+                else:
+                    k = int(rng.integers(0, 4))
+                    body, expect = {"dataframe_records": [{"input": good[k]}]}, k
+                r = s.post(f"{url}/invocations", data=json.dumps(body),
+                           headers={"Content-Type": "application/json"}, timeout=60)
+                with lock:
+                    results.append((expect, r.status_code, r.json()))
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    rss_after = _tree_rss_mb(proc.pid)
+    print(f"load: {len(results)} requests, server RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after")
+    assert len(results) > 40
+    for expect, status, payload in results:
+        if expect is None:
+            assert 400 <= status < 500, (status, payload)
+        else:
+            assert status == 200, payload
+            assert np.abs(np.asarray(payload["predictions"][0]) - want[expect]).max() <= 1e-6
+    assert rss_after - rss_before < 100, (rss_before, rss_after)
