@@ -88,6 +88,12 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     return {}
 
 
+def cmd_bench_serving(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import serving
+
+    return serving.run(args.model_uri, requests_n=args.requests, seconds=args.seconds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pyfunc.random_checkpoint import ARCHITECTURES
 
@@ -108,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", "-t", type=int, help="seconds per request before a 504")
     p.add_argument("--env-manager", help="local (default) | uv | virtualenv | conda")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("bench-serving", help="served vs in-process latency and throughput (one run)")
+    p.add_argument("--model-uri", "-m", required=True)
+    p.add_argument("--requests", type=int, default=40, help="timed single-image requests per side")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds per throughput measurement")
+    p.set_defaults(func=cmd_bench_serving)
     p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
     p.add_argument("path", help="directory to write")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))

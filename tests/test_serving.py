@@ -244,3 +244,15 @@ def test_load_mixed_good_and_bad_requests(image_server, local_image):
             assert status == 200, payload
             assert np.abs(np.asarray(payload["predictions"][0]) - want[expect]).max() <= 1e-6
     assert rss_after - rss_before < 100, (rss_before, rss_after)
+
+
+def test_query_endpoint_notebook(image_server, monkeypatch, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("CLIP_ENDPOINT", image_server["url"])
+    path = os.path.join(os.path.dirname(__file__), "..", "notebooks", "03_query_endpoint.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert "(2, 32)" in str(nb.cells[2].outputs)
+    assert "400" in str(nb.cells[3].outputs) and "row 0" in str(nb.cells[3].outputs)

@@ -45,6 +45,21 @@ NOTEBOOKS = {
         new_markdown_cell("With real CLIP weights each caption scores highest on its own picture; a random "
                           "stand-in checkpoint gives meaningless numbers of the same shape."),
     ],
+    "03_query_endpoint.ipynb": [
+        new_markdown_cell("# Query a running embedding endpoint\n\nStart one first, e.g. "
+                          "`clip-pyfunc serve --model-uri models:/clip_image_embedding@champion --port 5001`. "
+                          "The request and response are MLflow's scoring protocol, the same on a managed "
+                          "serving endpoint (add its URL and an `Authorization: Bearer` header there)."),
+        new_code_cell('import os\n\nENDPOINT = os.environ.get("CLIP_ENDPOINT", "http://127.0.0.1:5001")'),
+        new_code_cell("import numpy as np\nimport requests\n\nfrom clip_pyfunc.samples import sample_images_b64\n\n"
+                      "payload = {\"dataframe_records\": [{\"input\": b} for b in sample_images_b64()]}\n"
+                      "response = requests.post(f\"{ENDPOINT}/invocations\", json=payload, timeout=60)\n"
+                      "response.raise_for_status()\n"
+                      "vectors = np.asarray(response.json()[\"predictions\"], dtype=np.float32)\n"
+                      "vectors.shape, np.linalg.norm(vectors, axis=1)"),
+        new_code_cell("bad = requests.post(f\"{ENDPOINT}/invocations\", json={\"dataframe_records\": [{\"input\": \"not base64!\"}]},\n"
+                      "                    timeout=60)\nbad.status_code, bad.json()[\"message\"]"),
+    ],
 }
 
 if __name__ == "__main__":
