@@ -94,6 +94,19 @@ def cmd_bench_serving(args: argparse.Namespace) -> dict:
     return serving.run(args.model_uri, requests_n=args.requests, seconds=args.seconds)
 
 
+def cmd_embed_table(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.spark import run_job, spark_session
+
+    overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}
+    spark = spark_session(args.master, batch_rows=args.arrow_batch_rows)
+    try:
+        return run_job(spark, model_uri=args.model_uri, source=args.input, output=args.output, id_col=args.id_col,
+                       input_col=args.input_col, input_format=args.input_format,
+                       fail_on_error=args.fail_on_error, model_config=overrides)
+    finally:
+        spark.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pyfunc.random_checkpoint import ARCHITECTURES
 
@@ -119,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=40, help="timed single-image requests per side")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per throughput measurement")
     p.set_defaults(func=cmd_bench_serving)
+    p = sub.add_parser("embed-table", help="embed a table (parquet, image directory or table) with Spark")
+    p.add_argument("--model-uri", "-m", required=True, help="e.g. models:/clip_image_embedding@champion")
+    p.add_argument("--input", required=True, help="parquet path, directory of image files, or table name")
+    p.add_argument("--input-format", default="auto", choices=["auto", "parquet", "images", "table"])
+    p.add_argument("--input-col", help="column to embed (image directories: content)")
+    p.add_argument("--id-col", help="key column kept in the output (image directories: path)")
+    p.add_argument("--output", required=True, help="parquet path, or a table name (saveAsTable)")
+    p.add_argument("--master", help="Spark master URL (default local[*]; spark-submit's when submitted)")
+    p.add_argument("--fail-on-error", action="store_true", help="any bad row fails the job; nothing is written")
+    p.add_argument("--precision", help="override the model's precision (fp32, bf16, int8, auto, ...)")
+    p.add_argument("--batch-size", type=int, help="override the model's forward batch size")
+    p.add_argument("--arrow-batch-rows", type=int, default=64, help="rows per Arrow batch sent to Python")
+    p.set_defaults(func=cmd_embed_table)
     p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
     p.add_argument("path", help="directory to write")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))
@@ -132,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except ClipPyfuncError as e:
+    except ClipPyfuncError as e:  # what the user sent or configured: one line, exit 2
         print(f"clip-pyfunc {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -1,0 +1,277 @@
+"""Batch-embed Spark tables with a registered model: reader -> embed (pyfunc in a pandas UDF) -> writer.
+
+The registered pyfunc model runs inside `mapInPandas`: loaded at most once per Python worker
+process (cached in this module, counted with an accumulator), fed Arrow batches of a bounded
+number of rows, with torch threads set so that concurrent workers x threads <= cores. Every
+input row gives exactly one output row: the id columns, the embedding, or a null embedding
+and an `error` saying what was wrong with that row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from clip_pyfunc.errors import ClipPyfuncError, InvalidInput
+
+EMBEDDING_COL, ERROR_COL = "embedding", "error"
+INPUT_FORMATS = ("auto", "parquet", "images", "table")
+_WORKER_MODELS: dict[str, object] = {}  # per Python worker process: config key -> loaded model
+
+
+class EmbedJobError(ClipPyfuncError):
+    """The batch job refused to publish its output (bad rows with --fail-on-error, bad arguments)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobCounts:
+    """What a finished job reports."""
+
+    rows: int
+    embedded: int
+    failed: int
+    model_loads: int
+    seconds: float
+
+
+def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batch_rows: int = 64,
+                  conf: dict[str, str] | None = None):
+    """Get or create the session; `master` None keeps spark-submit's, else local[*].
+
+    Arrow batches are capped at `batch_rows` rows (Spark's default is 10,000, which for
+    images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir).
+    """
+    import sys
+
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if master or not SparkConf().contains("spark.master"):
+        builder = builder.master(master or "local[*]")
+    spark = (builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
+             .config("spark.python.worker.reuse", "true")
+             .config("spark.ui.showConsoleProgress", "true"))
+    for k, v in (conf or {}).items():
+        spark = spark.config(k, v)
+    spark = spark.getOrCreate()
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
+    return spark
+
+
+def worker_threads(spark) -> int:
+    """torch threads per Python worker so that concurrent tasks x threads <= cores per executor."""
+    conf = spark.sparkContext.getConf()
+    master = conf.get("spark.master", "local[*]")
+    task_cpus = int(conf.get("spark.task.cpus", "1"))
+    if master.startswith("local"):
+        slots = spark.sparkContext.defaultParallelism
+        return max(1, (os.cpu_count() or 1) // max(1, slots))
+    return max(1, task_cpus)
+
+
+def resolve_model_uri(model_uri: str) -> str:
+    """Pin an alias to its current version on the driver, so every worker loads the same one."""
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        from mlflow import MlflowClient
+
+        name, alias = model_uri[len("models:/"):].rsplit("@", 1)
+        version = MlflowClient().get_model_version_by_alias(name, alias).version
+        return f"models:/{name}/{version}"
+    return model_uri
+
+
+def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: bool = True,
+                    model_config: dict | None = None, threads: int | None = None):
+    """Add `embedding` (array<float>) and `error` (string) columns computed by a registered model.
+
+    Args:
+        df: Spark DataFrame with `input_col` (text, base64 strings or binary image bytes).
+        model_uri: A pyfunc model URI, e.g. models:/clip_image_embedding@champion.
+        input_col: Column to embed; it is dropped from the result (other columns pass through).
+        normalize: L2-normalise the vectors.
+        model_config: Overrides of the logged model_config (precision, batch_size, limits...).
+        threads: torch threads per worker; None derives it from the session (see worker_threads).
+
+    Returns:
+        (DataFrame, accumulator of model loads). One output row per input row.
+
+    Raises:
+        EmbedJobError: `input_col` is missing.
+    """
+    import mlflow
+    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+
+    if input_col not in df.columns:
+        raise EmbedJobError(f"input column {input_col!r} not in the table; columns: {df.columns}")
+    spark = df.sparkSession
+    uri = resolve_model_uri(model_uri)
+    config = dict(model_config or {})
+    config.setdefault("num_threads", threads or worker_threads(spark))
+    tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    loads = spark.sparkContext.accumulator(0)
+    keep = [f for f in df.schema.fields if f.name != input_col]
+    schema = StructType(keep + [StructField(EMBEDDING_COL, ArrayType(FloatType()), True),
+                                StructField(ERROR_COL, StringType(), True)])
+    key = json.dumps([uri, config, tracking_uri], sort_keys=True)
+
+    def embed_batches(batches):
+        model = _worker_model(key, uri, config, tracking_uri, registry_uri, loads)
+        for pdf in batches:
+            yield _embed_pandas(model, pdf, input_col, normalize)
+
+    return df.mapInPandas(embed_batches, schema=schema), loads
+
+
+def _worker_model(key: str, uri: str, config: dict, tracking_uri: str, registry_uri: str, loads):
+    """The model for `key` in this Python worker, loaded on first use only.
+
+    A module-level function, so the closure above refers to it by import and every task in
+    a reused worker sees the same cache (a closure's own globals would be pickled per task).
+    """
+    import mlflow
+
+    model = _WORKER_MODELS.get(key)
+    if model is None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri)
+        model = mlflow.pyfunc.load_model(uri, model_config=config).unwrap_python_model()
+        _WORKER_MODELS[key] = model
+        loads.add(1)
+    return model
+
+
+def _embed_pandas(model, pdf, input_col: str, normalize: bool):
+    """Embed one pandas batch; bad rows get a null embedding and their reason."""
+    values = pdf[input_col].tolist()
+    try:
+        vectors, errors = model.embed_rows(values, normalize=normalize)
+    except InvalidInput as e:  # a whole-batch problem (should not happen per row): mark every row
+        vectors, errors = None, [InvalidInput(e.reason, row) for row in range(len(values))]
+    reasons = {e.row: e.reason for e in errors}
+    out = pdf.drop(columns=[input_col])
+    out[EMBEDDING_COL] = [None if row in reasons else vectors[row] for row in range(len(values))]
+    out[ERROR_COL] = [reasons.get(row) for row in range(len(values))]
+    return out
+
+
+def read_input(spark, source: str, fmt: str = "auto", id_col: str | None = None, input_col: str | None = None):
+    """Read a parquet path, a directory of image files (binaryFile) or a table.
+
+    Returns:
+        (DataFrame, id column, input column). A directory of images gives `path` and `content`.
+    """
+    if fmt not in INPUT_FORMATS:
+        raise EmbedJobError(f"input format {fmt!r} is not one of {INPUT_FORMATS}")
+    if fmt == "auto":
+        if source.endswith(".parquet") or (os.path.isdir(source) and any(
+                f.endswith(".parquet") for f in os.listdir(source))):
+            fmt = "parquet"
+        elif os.path.isdir(source):
+            fmt = "images"
+        elif os.path.exists(source):
+            raise EmbedJobError(f"{source} is a file; --input takes a parquet path, an image directory or a table")
+        else:
+            fmt = "table"
+    if fmt == "images":
+        df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(source)
+        return df.select("path", "content"), id_col or "path", input_col or "content"
+    df = spark.read.parquet(source) if fmt == "parquet" else spark.table(source)
+    if not id_col or not input_col:
+        raise EmbedJobError("--id-col and --input-col are required for parquet and table inputs")
+    for col in (id_col, input_col):
+        if col not in df.columns:
+            raise EmbedJobError(f"column {col!r} not in {source}; columns: {df.columns}")
+    return df.select(id_col, input_col), id_col, input_col
+
+
+def run_job(spark, *, model_uri: str, source: str, output: str, id_col: str | None = None,
+            input_col: str | None = None, input_format: str = "auto", fail_on_error: bool = False,
+            normalize: bool = True, model_config: dict | None = None) -> dict:
+    """Embed a table and publish the result only when the job succeeded.
+
+    The output is written to a staging location first, counted, then swapped in for the
+    previous output (a re-run replaces it; a failed run leaves the old output untouched and
+    no partial output behind).
+
+    Returns:
+        A JSON-ready report: rows, embedded, failed, model loads, seconds, rows/s, output.
+
+    Raises:
+        EmbedJobError: Bad arguments, or bad rows with `fail_on_error`.
+    """
+    from pyspark.sql import functions as F
+
+    start = time.perf_counter()
+    df, id_col, input_col = read_input(spark, source, input_format, id_col, input_col)
+    embedded, loads = embed_dataframe(df, model_uri, input_col=input_col, normalize=normalize,
+                                      model_config=model_config)
+    is_table = not _looks_like_path(output)
+    staging = f"{output}__staging_{uuid.uuid4().hex[:8]}" if is_table else f"{output}.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        if is_table:
+            embedded.write.mode("error").saveAsTable(staging)
+            written = spark.table(staging)
+        else:
+            embedded.write.mode("error").parquet(staging)
+            written = spark.read.parquet(staging)
+        row = written.agg(F.count(F.lit(1)).alias("rows"), F.count(ERROR_COL).alias("failed")).first()
+        counts = JobCounts(rows=row["rows"], embedded=row["rows"] - row["failed"], failed=row["failed"],
+                           model_loads=loads.value, seconds=round(time.perf_counter() - start, 2))
+        if fail_on_error and counts.failed:
+            examples = [f"{r[id_col]}: {r[ERROR_COL]}" for r in written.where(F.col(ERROR_COL).isNotNull())
+                        .select(id_col, ERROR_COL).limit(5).collect()]
+            raise EmbedJobError(f"{counts.failed} of {counts.rows} rows failed (--fail-on-error); "
+                                f"nothing was written. First: {examples}")
+        _publish(spark, staging, output, is_table)
+    finally:
+        _drop(spark, staging, is_table)
+    report = dict(counts.__dict__, output=output, model_uri=model_uri,
+                  rows_per_s=round(counts.rows / counts.seconds, 2) if counts.seconds else None)
+    print(f"clip-pyfunc embed-table: {counts.rows} rows, {counts.embedded} embedded, {counts.failed} failed, "
+          f"model loaded {counts.model_loads}x, {counts.seconds}s", flush=True)
+    return report
+
+
+def _looks_like_path(output: str) -> bool:
+    return "/" in output or output.endswith(".parquet") or "://" in output
+
+
+def _publish(spark, staging: str, output: str, is_table: bool) -> None:
+    if is_table:
+        spark.sql(f"DROP TABLE IF EXISTS {output}")
+        spark.sql(f"ALTER TABLE {staging} RENAME TO {output}")
+        return
+    fs, path = _hadoop_fs(spark, output)
+    jvm = spark.sparkContext._jvm
+    if fs.exists(path):
+        fs.delete(path, True)
+    if not fs.rename(jvm.org.apache.hadoop.fs.Path(staging), path):
+        raise EmbedJobError(f"could not move {staging} to {output}")
+
+
+def _drop(spark, staging: str, is_table: bool) -> None:
+    if is_table:
+        spark.sql(f"DROP TABLE IF EXISTS {staging}")
+        return
+    fs, path = _hadoop_fs(spark, staging)
+    if fs.exists(path):
+        fs.delete(path, True)
+
+
+def _hadoop_fs(spark, location: str):
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(location)
+    return path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), path
+
+
+if __name__ == "__main__":  # spark-submit clip_pyfunc/spark.py --model-uri ... (same flags as embed-table)
+    import sys
+
+    from clip_pyfunc.cli import main
+
+    sys.exit(main(["embed-table", *sys.argv[1:]]))

@@ -1,0 +1,165 @@
+"""Batch embedding on real local Spark (local[2]) with the registered tiny models."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import b64, encode, photo
+from clip_pyfunc.spark import EmbedJobError, embed_dataframe, run_job, spark_session, worker_threads
+
+pytestmark = [pytest.mark.spark]
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    session = spark_session("local[2]", batch_rows=8,
+                            conf={"spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse")),
+                                  "spark.sql.shuffle.partitions": "4"})
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def _varied_images(n: int = 50):
+    fmts = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+    out = []
+    for i in range(n):
+        img = photo(20 + 7 * i, 15 + 5 * (i % 9), seed=i)
+        if i % 5 == 1:
+            img = img.convert("L")
+        out.append(encode(img, fmts[i % len(fmts)]))
+    return out
+
+
+BAD_ROWS = {7: "%%% not base64", 19: b64(b"definitely not an image"), 33: None, 44: ""}
+
+
+@pytest.fixture(scope="module")
+def image_table(tmp_path_factory):
+    images = [b64(x) for x in _varied_images()]
+    for row, value in BAD_ROWS.items():
+        images[row] = value
+    path = str(tmp_path_factory.mktemp("tables") / "products.parquet")
+    pd.DataFrame({"product_id": [f"p{i:03d}" for i in range(len(images))], "image_b64": images}).to_parquet(path)
+    return path, images
+
+
+def _read(spark, path):
+    return spark.read.parquet(path).toPandas().sort_values(spark.read.parquet(path).columns[0]).reset_index(drop=True)
+
+
+def test_parquet_table_equals_local_predict_with_error_rows(spark, image_table, image_model, registered, tmp_path):
+    path, images = image_table
+    out_path = str(tmp_path / "emb.parquet")
+    report = run_job(spark, model_uri=registered["models"]["image"]["uri"], source=path, output=out_path,
+                     id_col="product_id", input_col="image_b64")
+    assert (report["rows"], report["embedded"], report["failed"]) == (50, 46, 4)
+    out = _read(spark, out_path)
+    assert list(out.columns) == ["product_id", "embedding", "error"]
+    assert list(out["product_id"]) == [f"p{i:03d}" for i in range(50)]  # one row per input, keyed
+    good = [i for i in range(50) if i not in BAD_ROWS]
+    want = image_model.predict(pd.DataFrame({"input": [images[i] for i in good]}))
+    got = np.stack([np.asarray(out["embedding"][i], dtype=np.float32) for i in good])
+    assert np.abs(got - want).max() <= 1e-6
+    for row in BAD_ROWS:
+        assert out["embedding"][row] is None and isinstance(out["error"][row], str)
+    assert "invalid base64" in out["error"][7] and "not an image" in out["error"][19]
+    assert "null" in out["error"][33] and "empty" in out["error"][44]
+    assert out["error"][good].isna().all()
+
+
+def test_model_loads_once_per_worker_not_per_task(spark, image_table, registered):
+    path, _ = image_table
+    df = spark.read.parquet(path).repartition(8)  # 8 tasks on 2 worker slots
+    embedded, loads = embed_dataframe(df, registered["models"]["image"]["uri"], input_col="image_b64")
+    assert embedded.count() == 50
+    assert embedded.rdd.getNumPartitions() == 8
+    assert 1 <= loads.value <= 2, loads.value
+    assert worker_threads(spark) == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_image_directory_via_binary_file(spark, registered, image_model, tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    raw = _varied_images(6)
+    for i, data in enumerate(raw):
+        (folder / ("sub" if i % 2 else "") / f"img{i}.bin").write_bytes(data)
+    (folder / "notes.txt").write_text("not an image")
+    report = run_job(spark, model_uri=registered["models"]["image"]["uri"], source=str(folder),
+                     output=str(tmp_path / "dir.parquet"))
+    assert (report["rows"], report["failed"]) == (7, 1)
+    out = spark.read.parquet(str(tmp_path / "dir.parquet")).toPandas().set_index("path")
+    for i, data in enumerate(raw):
+        key = next(p for p in out.index if p.endswith(f"/img{i}.bin"))
+        want = image_model.predict(pd.DataFrame({"input": [data]}))[0]
+        assert np.abs(np.asarray(out.loc[key, "embedding"]) - want).max() <= 1e-6
+    assert "not an image" in out.loc[next(p for p in out.index if p.endswith("notes.txt")), "error"]
+
+
+def test_text_table_and_table_output(spark, registered, text_model, tmp_path):
+    texts = ["a red bicycle", "", "ünïcödé ✓", None, "a very long caption " * 40]
+    spark.createDataFrame(pd.DataFrame({"id": range(5), "caption": texts})).write.parquet(str(tmp_path / "t.parquet"))
+    report = run_job(spark, model_uri=registered["models"]["text"]["uri"], source=str(tmp_path / "t.parquet"),
+                     output="caption_embeddings", id_col="id", input_col="caption")
+    assert (report["rows"], report["failed"]) == (5, 1)
+    out = spark.table("caption_embeddings").toPandas().sort_values("id").reset_index(drop=True)
+    good = [0, 1, 2, 4]
+    want = text_model.predict(pd.DataFrame({"input": [texts[i] for i in good]}))
+    assert np.abs(np.stack([out["embedding"][i] for i in good]) - want).max() <= 1e-6
+    assert "null" in out["error"][3]
+    assert not [t for t in spark.catalog.listTables() if "staging" in t.name]
+
+
+def test_rerun_replaces_and_failed_run_leaves_old_output(spark, image_table, registered, tmp_path):
+    path, _ = image_table
+    out_path = str(tmp_path / "emb.parquet")
+    kw = dict(model_uri=registered["models"]["image"]["uri"], source=path, output=out_path,
+              id_col="product_id", input_col="image_b64")
+    run_job(spark, **kw)
+    run_job(spark, **kw)
+    assert spark.read.parquet(out_path).count() == 50  # replaced, not appended
+    before = sorted(os.listdir(out_path))
+    with pytest.raises(EmbedJobError, match=r"4 of 50 rows failed \(--fail-on-error\); nothing was written"):
+        run_job(spark, fail_on_error=True, **kw)
+    assert sorted(os.listdir(out_path)) == before
+    assert not glob.glob(out_path + ".staging-*")
+    fresh = str(tmp_path / "never.parquet")
+    with pytest.raises(EmbedJobError):
+        run_job(spark, fail_on_error=True, **dict(kw, output=fresh))
+    assert not os.path.exists(fresh) and not glob.glob(fresh + ".staging-*")
+
+
+def test_bad_arguments_are_named(spark, image_table, registered, tmp_path):
+    path, _ = image_table
+    with pytest.raises(EmbedJobError, match=r"column 'pic' not in"):
+        run_job(spark, model_uri=registered["models"]["image"]["uri"], source=path, output=str(tmp_path / "o"),
+                id_col="product_id", input_col="pic")
+
+
+@pytest.mark.slow
+def test_cli_embed_table(image_table, registered, tmp_path):
+    path, _ = image_table
+    out = subprocess.run(
+        ["clip-pyfunc", "embed-table", "--model-uri", registered["models"]["image"]["uri"], "--input", path,
+         "--input-col", "image_b64", "--id-col", "product_id", "--output", str(tmp_path / "cli.parquet"),
+         "--master", "local[2]"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert (report["rows"], report["embedded"], report["failed"]) == (50, 46, 4)
+    fail = subprocess.run(
+        ["clip-pyfunc", "embed-table", "--model-uri", registered["models"]["image"]["uri"], "--input", path,
+         "--input-col", "image_b64", "--id-col", "product_id", "--output", str(tmp_path / "cli2.parquet"),
+         "--master", "local[2]", "--fail-on-error"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert fail.returncode == 2 and "rows failed (--fail-on-error)" in fail.stderr
