@@ -107,6 +107,12 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
         spark.stop()
 
 
+def cmd_bench_spark(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import spark
+
+    return spark.run(args.model_uri, rows=args.rows, master=args.master)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pyfunc.random_checkpoint import ARCHITECTURES
 
@@ -145,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="override the model's forward batch size")
     p.add_argument("--arrow-batch-rows", type=int, default=64, help="rows per Arrow batch sent to Python")
     p.set_defaults(func=cmd_embed_table)
+    p = sub.add_parser("bench-spark", help="Spark job rows/s vs in-process predict (one run)")
+    p.add_argument("--model-uri", "-m", required=True)
+    p.add_argument("--rows", type=int, default=128)
+    p.add_argument("--master", default="local[2]")
+    p.set_defaults(func=cmd_bench_spark)
     p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
     p.add_argument("path", help="directory to write")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))

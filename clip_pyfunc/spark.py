@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,8 +45,6 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
     Arrow batches are capped at `batch_rows` rows (Spark's default is 10,000, which for
     images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir).
     """
-    import sys
-
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
@@ -109,6 +108,9 @@ def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: 
     if input_col not in df.columns:
         raise EmbedJobError(f"input column {input_col!r} not in the table; columns: {df.columns}")
     spark = df.sparkSession
+    slots = spark.sparkContext.defaultParallelism
+    if df.rdd.getNumPartitions() < slots:  # a small file is one partition: spread it over every slot
+        df = df.repartition(slots)
     uri = resolve_model_uri(model_uri)
     config = dict(model_config or {})
     config.setdefault("num_threads", threads or worker_threads(spark))
@@ -233,7 +235,7 @@ def run_job(spark, *, model_uri: str, source: str, output: str, id_col: str | No
     report = dict(counts.__dict__, output=output, model_uri=model_uri,
                   rows_per_s=round(counts.rows / counts.seconds, 2) if counts.seconds else None)
     print(f"clip-pyfunc embed-table: {counts.rows} rows, {counts.embedded} embedded, {counts.failed} failed, "
-          f"model loaded {counts.model_loads}x, {counts.seconds}s", flush=True)
+          f"model loaded {counts.model_loads}x, {counts.seconds}s", file=sys.stderr, flush=True)
     return report
 
 

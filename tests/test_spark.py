@@ -163,3 +163,16 @@ def test_cli_embed_table(image_table, registered, tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert fail.returncode == 2 and "rows failed (--fail-on-error)" in fail.stderr
+
+
+@pytest.mark.slow
+def test_spark_notebook(registered, tiny_checkpoint, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("CLIP_WORKDIR", str(tmp_path))
+    path = os.path.join(os.path.dirname(__file__), "..", "notebooks", "04_batch_embed_with_spark.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert "'rows': 8" in str(nb.cells[3].outputs) and "'failed': 2" in str(nb.cells[3].outputs)
+    assert "score" in str(nb.cells[5].outputs)
