@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from clip_pyfunc.errors import ClipPyfuncError
+from clip_pyfunc.errors import ClipPyfuncError, ModelLoadError
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
@@ -113,6 +113,17 @@ def cmd_bench_spark(args: argparse.Namespace) -> dict:
     return spark.run(args.model_uri, rows=args.rows, master=args.master)
 
 
+def cmd_bench(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import bench
+
+    if bool(args.model) == bool(args.random_init):
+        raise ModelLoadError("pass exactly one of --model (hub id or directory) and --random-init NAME")
+    result = bench.run(args.model, args.random_init, out_dir=args.out,
+                       batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions))
+    print(bench.table(result), file=sys.stderr)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pyfunc.random_checkpoint import ARCHITECTURES
 
@@ -156,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--master", default="local[2]")
     p.set_defaults(func=cmd_bench_spark)
+    p = sub.add_parser("bench", help="end-to-end vs raw forward vs naive baseline; writes JSON and a PNG plot")
+    p.add_argument("--model", help="hub id or local directory")
+    p.add_argument("--random-init", choices=sorted(ARCHITECTURES), help="random weights with real shapes")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
     p.add_argument("path", help="directory to write")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))

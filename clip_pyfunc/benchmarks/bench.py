@@ -1,0 +1,261 @@
+"""`clip-pyfunc bench`: end-to-end predict vs the raw forward vs a hand-written baseline.
+
+Everything runs in one process on one set of weights, so the ratios are what counts:
+end-to-end / raw forward (how much of the budget is not the model) and end-to-end / naive
+(what a user gains over CLIPProcessor + CLIPModel on full-size photos, text padded to 77).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from clip_pyfunc.benchmarks.common import b64, machine_info, photo_jpeg
+
+IMAGE_WORKLOADS = {"jpeg_640x480": (640, 480), "jpeg_2mp": (1632, 1224), "jpeg_12mp": (4000, 3000),
+                   "png_screenshot": (1440, 900)}
+SHORT_QUERIES = ["a red bicycle", "two dogs playing in snow", "a bowl of ramen", "modern glass office tower",
+                 "a cat on a sofa", "vintage film camera", "sunset over the ocean", "a child flying a kite"]
+LONG_CAPTION = ("a wide photograph of a busy street market in the late afternoon with stalls of fresh fruit, "
+                "hanging lanterns, people carrying bags and a cyclist passing in front of an old stone church")
+PRECISION_COSINE = {"fp32": 1.0, "bf16": 0.999, "fp16": 0.999, "int8": 0.99}
+
+
+def _screenshot(width: int, height: int, seed: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (245, 245, 248))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 0, width, 60), fill=(40, 60, 120))
+    for i in range(30):
+        y = 90 + i * 26
+        d.text((40 + seed * 3, y), f"Row {i}: settings value {seed * 31 + i} lorem ipsum dolor", fill=(20, 20, 20))
+        d.rectangle((width - 300, y, width - 300 + (i * 37 + seed) % 250, y + 14), fill=(90, 160, 90))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images(name: str, n: int) -> list[str]:
+    w, h = IMAGE_WORKLOADS[name]
+    distinct = [(_screenshot(w, h, s) if name.startswith("png") else photo_jpeg(w, h, seed=s)) for s in range(min(n, 4))]
+    return [b64(distinct[i % len(distinct)]) for i in range(n)]
+
+
+def _rate(fn, rows: int, min_seconds: float = 1.0, max_calls: int = 5) -> float:
+    """rows/s of fn() (which processes `rows` rows), after one warm-up call."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while calls < max_calls and (calls == 0 or time.perf_counter() - start < min_seconds):
+        fn()
+        calls += 1
+    return rows * calls / (time.perf_counter() - start)
+
+
+def _peak_rss_subprocess(code: str) -> float:
+    """Peak RSS (MiB) of a fresh interpreter running `code` (ru_maxrss of the child)."""
+    wrapped = code + "\nimport resource; print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, check=True)
+    return round(float(out.stdout.split("RSS")[-1]), 1)
+
+
+def run(model: str | None = None, random_init: str | None = None, out_dir: str = "bench-out",
+        batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8")) -> dict:
+    """Run every measurement; write bench.json and bench.png to `out_dir`; return the results."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from clip_pyfunc.checkpoint import resolve_checkpoint
+    from clip_pyfunc.config import load_settings
+    from clip_pyfunc.decode import decode_images
+    from clip_pyfunc.encode import encode_pixels, encode_token_ids
+    from clip_pyfunc.postprocess import finish
+    from clip_pyfunc.preprocess import images_to_array, pad_ids, tokenize
+    from clip_pyfunc.random_checkpoint import save_random_checkpoint
+    from clip_pyfunc.registry import register_models
+
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="clip-bench-")
+    if random_init:
+        path = save_random_checkpoint(os.path.join(tmp, random_init), random_init)
+    else:
+        path = resolve_checkpoint(model).path
+    uri = f"sqlite:///{tmp}/bench.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("clip-pyfunc", artifact_location=os.path.join(tmp, "artifacts"))
+    summary = register_models(load_settings(None, {"model": {"source": path}}))
+    image_uri, text_uri = summary["models"]["image"]["uri"], summary["models"]["text"]["uri"]
+    result = {"benchmark": "bench", "checkpoint": model or f"random-init {random_init}",
+              "random_weights": bool(random_init), "machine": machine_info(), "batch_sizes": list(batch_sizes)}
+    if random_init:
+        result["note"] = "randomly initialised weights with real shapes: same compute, meaningless vectors"
+
+    # Load time of the registered image model, in a fresh interpreter, after imports.
+    load_code = ("import time, mlflow, torch, transformers, clip_pyfunc.image_model\n"
+                 f"t = time.perf_counter(); mlflow.pyfunc.load_model({image_uri!r})\n"
+                 "print('LOAD', time.perf_counter() - t)")
+    loads = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", load_code], capture_output=True, text=True, check=True,
+                             env=dict(os.environ))
+        loads.append(float(out.stdout.split("LOAD")[-1]))
+    result["load_seconds_image_model"] = round(min(loads), 2)
+
+    # Memory: each tower alone vs the full CLIPModel (peak RSS of fresh processes).
+    base = "import torch, transformers, mlflow, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
+    result["peak_rss_mib"] = {
+        "imports_only": _peak_rss_subprocess(base),
+        "image_model": _peak_rss_subprocess(base + f"mlflow.pyfunc.load_model({image_uri!r})"),
+        "text_model": _peak_rss_subprocess(base + f"mlflow.pyfunc.load_model({text_uri!r})"),
+        "full_clipmodel": _peak_rss_subprocess(base + f"transformers.CLIPModel.from_pretrained({path!r})"),
+    }
+
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    full = CLIPModel.from_pretrained(path).eval()
+    processor = CLIPImageProcessorPil.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_model = mlflow.pyfunc.load_model(image_uri)
+    text_model = mlflow.pyfunc.load_model(text_uri)
+    ip, tp = image_model.unwrap_python_model(), text_model.unwrap_python_model()
+
+    def naive_images(values):
+        from PIL import Image
+
+        imgs = [Image.open(io.BytesIO(__import__("base64").b64decode(v))).convert("RGB") for v in values]
+        with torch.inference_mode():
+            f = full.get_image_features(**processor(imgs, return_tensors="pt")).pooler_output
+        return (f / f.norm(dim=-1, keepdim=True)).numpy()
+
+    images = {}
+    for name in IMAGE_WORKLOADS:
+        rows = {}
+        for bs in batch_sizes:
+            values = _images(name, bs)
+            frame = pd.DataFrame({"input": values})
+            pixels = images_to_array(decode_images(values, ip.limits, ip.draft_edge), ip.image_spec)
+            e2e = _rate(lambda: image_model.predict(frame), bs)
+            raw = _rate(lambda: encode_pixels(ip.model, pixels, ip.runtime), bs)
+            naive = _rate(lambda: naive_images(values), bs, max_calls=2)
+            rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2),
+                             "naive_per_s": round(naive, 2), "e2e_over_raw": round(e2e / raw, 3),
+                             "e2e_over_naive": round(e2e / naive, 3)}
+        values = _images(name, batch_sizes[-1])
+        stages = _image_stages(ip, values, decode_images, images_to_array, encode_pixels, finish)
+        ours = image_model.predict(pd.DataFrame({"input": values}))
+        cos = float(np.min(np.sum(ours * naive_images(values), axis=1)))
+        images[name] = {"by_batch": rows, "stage_seconds_per_image": stages, "min_cosine_to_reference": round(cos, 6)}
+    result["images"] = images
+
+    texts = {}
+    for name, pool in (("short_queries", SHORT_QUERIES), ("long_captions", [LONG_CAPTION])):
+        rows = {}
+        for bs in batch_sizes:
+            batch = [pool[i % len(pool)] + ("" if len(pool) > 1 else f" {i}") for i in range(bs)]
+            frame = pd.DataFrame({"input": batch})
+            ids = tokenize(tp.tokenizer, batch, tp.text_spec)
+            e2e = _rate(lambda: text_model.predict(frame), bs)
+            raw = _rate(lambda: encode_token_ids(tp.model, ids, tp.text_spec.pad_id, tp.runtime), bs)
+
+            def naive():
+                enc = tokenizer(batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+                with torch.inference_mode():
+                    f = full.get_text_features(**enc).pooler_output
+                return f / f.norm(dim=-1, keepdim=True)
+
+            nv = _rate(naive, bs)
+            rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2), "naive_per_s": round(nv, 2),
+                             "e2e_over_raw": round(e2e / raw, 3), "e2e_over_naive": round(e2e / nv, 3),
+                             "tokens_padded_to": int(pad_ids(ids, 0)[0].shape[1])}
+        texts[name] = {"by_batch": rows}
+    result["texts"] = texts
+
+    # Precisions: end-to-end on 2 MP JPEGs at the largest batch, cosine to fp32 on the same rows.
+    values = _images("jpeg_2mp", batch_sizes[-1])
+    frame = pd.DataFrame({"input": values})
+    ref = image_model.predict(frame)
+    fp32_rate = None
+    prec = {}
+    for p in precisions:
+        try:
+            m = mlflow.pyfunc.load_model(image_uri, model_config={"precision": p})
+        except Exception as e:  # noqa: BLE001 - report an unsupported precision, keep benchmarking
+            prec[p] = {"error": str(e)}
+            continue
+        rate = _rate(lambda: m.predict(frame), len(values))
+        fp32_rate = fp32_rate or (rate if p == "fp32" else None)
+        cos = float(np.min(np.sum(m.predict(frame) * ref, axis=1)))
+        prec[p] = {"e2e_per_s": round(rate, 2), "min_cosine_to_fp32": round(cos, 6)}
+    for p, row in prec.items():
+        if fp32_rate and "e2e_per_s" in row:
+            row["speedup_over_fp32"] = round(row["e2e_per_s"] / fp32_rate, 3)
+    result["precisions_jpeg_2mp"] = prec
+    if not result["machine"]["native_bf16"]:
+        result["precisions_note"] = "bf16 is not native on this CPU (no AVX512_BF16/AMX): it is emulated and slow"
+
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _plot(result, os.path.join(out_dir, "bench.png"))
+    return result
+
+
+def _image_stages(ip, values, decode_images, images_to_array, encode_pixels, finish) -> dict:
+    """Seconds per image of each stage, run the way predict runs them."""
+    t0 = time.perf_counter()
+    decoded = decode_images(values, ip.limits, ip.draft_edge)
+    t1 = time.perf_counter()
+    pixels = images_to_array(decoded, ip.image_spec)
+    t2 = time.perf_counter()
+    emb = encode_pixels(ip.model, pixels, ip.runtime)
+    t3 = time.perf_counter()
+    finish(emb, True)
+    t4 = time.perf_counter()
+    n = len(values)
+    return {k: round(v / n, 5) for k, v in
+            (("decode", t1 - t0), ("preprocess", t2 - t1), ("forward", t3 - t2), ("postprocess", t4 - t3))}
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bs = str(result["batch_sizes"][-1])
+    names = list(result["images"]) + list(result["texts"])
+    rows = [result["images"].get(n, result["texts"].get(n))["by_batch"][bs] for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (key, label) in enumerate((("raw_forward_per_s", "raw forward"), ("e2e_per_s", "end-to-end predict"),
+                                      ("naive_per_s", "naive baseline"))):
+        ax.bar([j + (i - 1) * 0.27 for j in x], [r[key] for r in rows], width=0.27, label=label)
+    ax.set_xticks(list(x), names, rotation=15)
+    ax.set_ylabel(f"rows/s at batch {bs}")
+    title = f"clip-pyfunc bench: {result['checkpoint']} on {result['machine']['cpu']} ({result['machine']['cores']} cores)"
+    ax.set_title(title + (" - random weights" if result["random_weights"] else ""), fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """A plain-text table of the headline ratios."""
+    lines = [f"{'workload':<16} {'batch':>5} {'e2e/s':>8} {'raw/s':>8} {'naive/s':>8} {'e2e/raw':>8} {'e2e/naive':>9}"]
+    for group in ("images", "texts"):
+        for name, data in result[group].items():
+            for bs, r in data["by_batch"].items():
+                lines.append(f"{name:<16} {bs:>5} {r['e2e_per_s']:>8} {r['raw_forward_per_s']:>8} "
+                             f"{r['naive_per_s']:>8} {r['e2e_over_raw']:>8} {r['e2e_over_naive']:>9}")
+    for p, r in result["precisions_jpeg_2mp"].items():
+        lines.append(f"precision {p:<6} " + (f"{r['e2e_per_s']} img/s, x{r.get('speedup_over_fp32')} vs fp32, "
+                                             f"min cosine {r['min_cosine_to_fp32']}" if "e2e_per_s" in r else r["error"]))
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The fast path stays close to the reference: draft JPEG decode, precisions, no padding to 77."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import b64, encode, photo
+from clip_pyfunc.config import RuntimeConfig
+from clip_pyfunc.loader import cpu_has_native_bf16, pick_runtime
+
+PRECISION_COSINE = {"bf16": 0.999, "int8": 0.99}
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return pd.DataFrame({"input": [b64(encode(photo(w, h, s), "JPEG", quality=90))
+                                   for s, (w, h) in enumerate([(640, 480), (1632, 1224), (480, 640), (2000, 1500)])]})
+
+
+def test_draft_decode_stays_within_cosine_of_reference(registered, image_model, photos):
+    exact = mlflow.pyfunc.load_model(registered["models"]["image"]["uri"], model_config={"fast_decode": False})
+    fast, ref = image_model.predict(photos), exact.predict(photos)
+    cos = np.sum(fast * ref, axis=1)
+    assert cos.min() >= 0.999, cos
+    assert not np.allclose(fast, ref, atol=1e-6)  # the draft path really ran
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISION_COSINE))
+def test_precision_within_its_cosine_of_fp32(registered, image_model, text_model, photos, precision):
+    texts = pd.DataFrame({"input": ["a photo of a cat", "a red bicycle on a bridge", ""]})
+    for uri, frame, ref_model in ((registered["models"]["image"]["uri"], photos, image_model),
+                                  (registered["models"]["text"]["uri"], texts, text_model)):
+        model = mlflow.pyfunc.load_model(uri, model_config={"precision": precision})
+        assert model.unwrap_python_model().runtime.precision == precision
+        cos = np.sum(model.predict(frame) * ref_model.predict(frame), axis=1)
+        assert cos.min() >= PRECISION_COSINE[precision], (precision, cos)
+
+
+def test_auto_precision_follows_the_hardware():
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert pick_runtime(RuntimeConfig(device="cpu", precision="auto")).precision == expected
+    assert pick_runtime(RuntimeConfig(device="cpu")).precision == "fp32"
+
+
+def test_int8_on_cuda_and_cuda_without_gpu_are_errors():
+    from clip_pyfunc.errors import ModelLoadError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="torch sees no CUDA device"):
+            pick_runtime(RuntimeConfig(device="cuda"))
+    else:
+        with pytest.raises(ModelLoadError, match="runs on CPU only"):
+            pick_runtime(RuntimeConfig(device="cuda", precision="int8"))
+
+
+def test_text_is_padded_to_the_batch_longest_not_77(registered):
+    model = mlflow.pyfunc.load_model(registered["models"]["text"]["uri"], model_config={"batch_size": 4})
+    tower = model.unwrap_python_model().model
+    widths = []
+    hook = tower.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        mixed = ["a cat"] * 4 + ["a long caption about a busy market street"] * 4  # ~45 tiny-BPE tokens
+        grouped = model.predict(pd.DataFrame({"input": mixed}))
+    finally:
+        hook.remove()
+    assert max(widths) < 77 and min(widths) <= 5, widths  # short queries grouped together, padded short
+    one_by_one = np.concatenate([model.predict(pd.DataFrame({"input": [t]})) for t in mixed])
+    assert np.abs(grouped - one_by_one).max() <= 1e-5  # grouping changes nothing in the vectors
+
+
+@pytest.mark.slow
+def test_bench_cli_on_tiny_random_model(tmp_path):
+    import json
+    import subprocess
+
+    out = subprocess.run(["clip-pyfunc", "bench", "--random-init", "tiny", "--out", str(tmp_path),
+                          "--batch-sizes", "1", "4"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["random_weights"] and "meaningless" in result["note"]
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert set(result["images"]) == {"jpeg_640x480", "jpeg_2mp", "jpeg_12mp", "png_screenshot"}
+    for group in ("images", "texts"):
+        for data in result[group].values():
+            assert set(data["by_batch"]) == {"1", "4"}
+            assert all(r["e2e_over_raw"] > 0 for r in data["by_batch"].values())
+    assert result["texts"]["short_queries"]["by_batch"]["4"]["tokens_padded_to"] < 77
+    assert {"image_model", "text_model", "full_clipmodel"} <= set(result["peak_rss_mib"])
+    assert "e2e/raw" in out.stderr
