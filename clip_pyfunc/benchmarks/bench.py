@@ -57,11 +57,16 @@ def _rate(fn, rows: int, min_seconds: float = 1.0, max_calls: int = 5) -> float:
     return rows * calls / (time.perf_counter() - start)
 
 
-def _peak_rss_subprocess(code: str) -> float:
-    """Peak RSS (MiB) of a fresh interpreter running `code` (ru_maxrss of the child)."""
-    wrapped = code + "\nimport resource; print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, check=True)
-    return round(float(out.stdout.split("RSS")[-1]), 1)
+_RSS = ("def _rss():\n    import gc; gc.collect()\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024\n")
+
+
+def _rss_subprocess(imports: str, load: str) -> dict:
+    """Resident MiB of a fresh interpreter after `imports`, then after `load` (and the difference)."""
+    code = f"{_RSS}{imports}\nbase = _rss()\nkeep = {load}\nprint('RSS', base, _rss())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=dict(os.environ))
+    base, loaded = (float(x) for x in out.stdout.split("RSS")[-1].split())
+    return {"after_imports": round(base, 1), "after_load": round(loaded, 1), "model": round(loaded - base, 1)}
 
 
 def run(model: str | None = None, random_init: str | None = None, out_dir: str = "bench-out",
@@ -110,12 +115,11 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     result["load_seconds_image_model"] = round(min(loads), 2)
 
     # Memory: each tower alone vs the full CLIPModel (peak RSS of fresh processes).
-    base = "import torch, transformers, mlflow, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
-    result["peak_rss_mib"] = {
-        "imports_only": _peak_rss_subprocess(base),
-        "image_model": _peak_rss_subprocess(base + f"mlflow.pyfunc.load_model({image_uri!r})"),
-        "text_model": _peak_rss_subprocess(base + f"mlflow.pyfunc.load_model({text_uri!r})"),
-        "full_clipmodel": _peak_rss_subprocess(base + f"transformers.CLIPModel.from_pretrained({path!r})"),
+    base = "import torch, transformers, mlflow, clip_pyfunc.image_model, clip_pyfunc.text_model"
+    result["rss_mib"] = {
+        "image_model": _rss_subprocess(base, f"mlflow.pyfunc.load_model({image_uri!r})"),
+        "text_model": _rss_subprocess(base, f"mlflow.pyfunc.load_model({text_uri!r})"),
+        "full_clipmodel": _rss_subprocess(base, f"transformers.CLIPModel.from_pretrained({path!r})"),
     }
 
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
