@@ -69,6 +69,24 @@ def _rss_subprocess(imports: str, load: str) -> dict:
     return {"after_imports": round(base, 1), "after_load": round(loaded, 1), "model": round(loaded - base, 1)}
 
 
+def memory(image_uri: str, text_uri: str, checkpoint: str) -> dict:
+    """Resident memory of each model after loading and one forward (weights load lazily, so a
+    forward is what makes them resident), vs the full CLIPModel doing both forwards."""
+    base = ("import torch, transformers, mlflow, pandas as pd, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
+            "from clip_pyfunc.registry import input_example")
+    full = (f"(m := transformers.CLIPModel.from_pretrained({checkpoint!r}).eval(), "
+            "m.get_text_features(input_ids=torch.tensor([[1, 2]])), "
+            "m.get_image_features(pixel_values=torch.zeros(1, 3, m.config.vision_config.image_size, "
+            "m.config.vision_config.image_size)))")
+    return {
+        "image_model": _rss_subprocess(base, f"(m := mlflow.pyfunc.load_model({image_uri!r}), "
+                                             "m.predict(input_example('image')))"),
+        "text_model": _rss_subprocess(base, f"(m := mlflow.pyfunc.load_model({text_uri!r}), "
+                                            "m.predict(input_example('text')))"),
+        "full_clipmodel": _rss_subprocess(base, full),
+    }
+
+
 def run(model: str | None = None, random_init: str | None = None, out_dir: str = "bench-out",
         batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8")) -> dict:
     """Run every measurement; write bench.json and bench.png to `out_dir`; return the results."""
@@ -115,12 +133,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     result["load_seconds_image_model"] = round(min(loads), 2)
 
     # Memory: each tower alone vs the full CLIPModel (peak RSS of fresh processes).
-    base = "import torch, transformers, mlflow, clip_pyfunc.image_model, clip_pyfunc.text_model"
-    result["rss_mib"] = {
-        "image_model": _rss_subprocess(base, f"mlflow.pyfunc.load_model({image_uri!r})"),
-        "text_model": _rss_subprocess(base, f"mlflow.pyfunc.load_model({text_uri!r})"),
-        "full_clipmodel": _rss_subprocess(base, f"transformers.CLIPModel.from_pretrained({path!r})"),
-    }
+    result["rss_mib"] = memory(image_uri, text_uri, path)
 
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
