@@ -79,7 +79,9 @@ def test_parquet_table_equals_local_predict_with_error_rows(spark, image_table, 
 def test_model_loads_once_per_worker_not_per_task(spark, image_table, registered):
     path, _ = image_table
     df = spark.read.parquet(path).repartition(8)  # 8 tasks on 2 worker slots
-    embedded, loads = embed_dataframe(df, registered["models"]["image"]["uri"], input_col="image_b64")
+    # A model_config no other test uses: a fresh cache key, so the workers must load it here.
+    embedded, loads = embed_dataframe(df, registered["models"]["image"]["uri"], input_col="image_b64",
+                                      model_config={"batch_size": 7})
     assert embedded.count() == 50
     assert embedded.rdd.getNumPartitions() == 8
     assert 1 <= loads.value <= 2, loads.value
