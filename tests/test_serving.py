@@ -20,7 +20,7 @@ import requests
 from PIL import Image
 
 from conftest import b64, encode, free_port, photo
-from clip_pyfunc.config import RuntimeConfig, ServeConfig, load_settings
+from clip_pyfunc.config import ServeConfig, load_settings
 from clip_pyfunc.registry import register_models
 from clip_pyfunc.serve import serve_command
 

@@ -10,7 +10,6 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from conftest import b64, encode, photo
 from clip_pyfunc.spark import EmbedJobError, embed_dataframe, run_job, spark_session, worker_threads

@@ -23,7 +23,6 @@ SHORT_QUERIES = ["a red bicycle", "two dogs playing in snow", "a bowl of ramen",
                  "a cat on a sofa", "vintage film camera", "sunset over the ocean", "a child flying a kite"]
 LONG_CAPTION = ("a wide photograph of a busy street market in the late afternoon with stalls of fresh fruit, "
                 "hanging lanterns, people carrying bags and a cyclist passing in front of an old stone church")
-PRECISION_COSINE = {"fp32": 1.0, "bf16": 0.999, "fp16": 0.999, "int8": 0.99}
 
 
 def _screenshot(width: int, height: int, seed: int) -> bytes:
@@ -211,7 +210,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         fp32_rate = fp32_rate or (rate if p == "fp32" else None)
         cos = float(np.min(np.sum(m.predict(frame) * ref, axis=1)))
         prec[p] = {"e2e_per_s": round(rate, 2), "min_cosine_to_fp32": round(cos, 6)}
-    for p, row in prec.items():
+    for row in prec.values():
         if fp32_rate and "e2e_per_s" in row:
             row["speedup_over_fp32"] = round(row["e2e_per_s"] / fp32_rate, 3)
     result["precisions_jpeg_2mp"] = prec
