@@ -56,6 +56,10 @@ def _rate(fn, rows: int, min_seconds: float = 1.0, max_calls: int = 5) -> float:
     return rows * calls / (time.perf_counter() - start)
 
 
+# What a process that serves or embeds has imported before it loads a model (transformers'
+# CLIP modelling code alone takes about 2.5 s to import here).
+_IMPORTS = ("import torch, mlflow, transformers, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
+            "from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection")
 _RSS = ("def _rss():\n    import gc; gc.collect()\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024\n")
 
@@ -71,8 +75,7 @@ def _rss_subprocess(imports: str, load: str) -> dict:
 def memory(image_uri: str, text_uri: str, checkpoint: str) -> dict:
     """Resident memory of each model after loading and one forward (weights load lazily, so a
     forward is what makes them resident), vs the full CLIPModel doing both forwards."""
-    base = ("import torch, transformers, mlflow, pandas as pd, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
-            "from clip_pyfunc.registry import input_example")
+    base = _IMPORTS + "\nimport pandas as pd\nfrom clip_pyfunc.registry import input_example"
     full = (f"(m := transformers.CLIPModel.from_pretrained({checkpoint!r}).eval(), "
             "m.get_text_features(input_ids=torch.tensor([[1, 2]])), "
             "m.get_image_features(pixel_values=torch.zeros(1, 3, m.config.vision_config.image_size, "
@@ -121,7 +124,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         result["note"] = "randomly initialised weights with real shapes: same compute, meaningless vectors"
 
     # Load time of the registered image model, in a fresh interpreter, after imports.
-    load_code = ("import time, mlflow, torch, transformers, clip_pyfunc.image_model\n"
+    load_code = (f"import time\n{_IMPORTS}\n"
                  f"t = time.perf_counter(); mlflow.pyfunc.load_model({image_uri!r})\n"
                  "print('LOAD', time.perf_counter() - t)")
     loads = []
