@@ -56,7 +56,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         except InvalidInput as e:
             return e
 
-    def _embed_valid(self, values, *, stop_on_error: bool, **opts):
+    def _embed_valid(self, values, *, stop_on_error: bool):
         """Yield (positions, embeddings, errors) per micro-batch: decode, preprocess, encode."""
         size = self.runtime.batch_size
         failed = False

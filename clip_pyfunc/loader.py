@@ -25,8 +25,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
     Subclasses implement:
         `_load_tower(path)`: load weights and pre-processing from the artifact directory.
-        `_embed_valid(values, params)`: decode, preprocess and encode rows, returning
-            (embeddings tensor for the good rows, their positions, list of InvalidInput).
+        `_embed_valid(values, stop_on_error=...)`: decode, preprocess and encode rows,
+            yielding (positions of good rows, their embeddings tensor, list of InvalidInput).
     """
 
     tower: str = ""
@@ -62,7 +62,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's context (unused; everything was loaded in load_context).
             model_input: DataFrame with a string column `input` (a list or Series also works).
-            params: `normalize` (bool, default True); the text model also takes `truncate`.
+            params: `normalize` (bool, default True).
 
         Returns:
             float32 numpy array (n, dim).
@@ -74,15 +74,15 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         try:
             values = input_values(model_input, self.config.max_rows)
-            opts = self.read_params(params)
-            vectors, errors = self.embed_rows(values, stop_on_error=True, **opts)
+            normalize = self.read_params(params)["normalize"]
+            vectors, errors = self.embed_rows(values, normalize=normalize, stop_on_error=True)
             if errors:
                 raise combine_row_errors(errors)
         except InvalidInput as e:
             raise MlflowException.invalid_parameter_value(str(e)) from e
         return vectors
 
-    def embed_rows(self, values: Sequence[object], *, normalize: bool = True, stop_on_error: bool = False, **opts):
+    def embed_rows(self, values: Sequence[object], *, normalize: bool = True, stop_on_error: bool = False):
         """Embed rows, keeping going past bad ones.
 
         Args:
@@ -90,7 +90,6 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
             normalize: L2-normalise each vector.
             stop_on_error: Skip forward passes once a row has failed (its caller will refuse
                 the whole batch); every row is still checked so all bad rows are named.
-            **opts: Per-call options the subclass declares in `params_schema`.
 
         Returns:
             (float32 array (n, dim) with NaN rows where a row failed, list of InvalidInput).
@@ -102,7 +101,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         dim = self.embedding_dim
         out = np.full((len(values), dim), np.nan, dtype=np.float32)
         errors: list[InvalidInput] = []
-        for positions, embeddings, bad in self._embed_valid(values, stop_on_error=stop_on_error, **opts):
+        for positions, embeddings, bad in self._embed_valid(values, stop_on_error=stop_on_error):
             errors.extend(bad)
             if embeddings is not None and len(positions):
                 out[positions] = finish(embeddings, normalize)
@@ -125,7 +124,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
     def _load_tower(self, path: str):
         raise NotImplementedError
 
-    def _embed_valid(self, values, *, stop_on_error: bool, **opts):
+    def _embed_valid(self, values, *, stop_on_error: bool):
         raise NotImplementedError
 
 

@@ -33,7 +33,7 @@ class ClipTextEmbedding(ClipEmbeddingModel):
         )
         return model
 
-    def _embed_valid(self, values, *, stop_on_error: bool, **opts):
+    def _embed_valid(self, values, *, stop_on_error: bool):
         """Yield (positions, embeddings, errors): first all row errors, then length-grouped batches."""
         texts = decode_texts(values)
         positions = [row for row, t in enumerate(texts) if isinstance(t, str)]

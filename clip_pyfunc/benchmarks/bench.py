@@ -46,14 +46,20 @@ def _images(name: str, n: int) -> list[str]:
     return [b64(distinct[i % len(distinct)]) for i in range(n)]
 
 
-def _rate(fn, rows: int, min_seconds: float = 1.0, max_calls: int = 5) -> float:
-    """rows/s of fn() (which processes `rows` rows), after one warm-up call."""
-    fn()
-    calls, start = 0, time.perf_counter()
-    while calls < max_calls and (calls == 0 or time.perf_counter() - start < min_seconds):
+def _rates(fns: dict, rows: int, rounds: int = 3) -> dict:
+    """rows/s of each fn() (each processes `rows` rows): one warm-up each, then `rounds` rounds
+    calling every fn once in turn (so machine drift hits all alike); the median call counts."""
+    import statistics
+
+    for fn in fns.values():
         fn()
-        calls += 1
-    return rows * calls / (time.perf_counter() - start)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: rows / statistics.median(ts) for name, ts in times.items()}
 
 
 # What a process that serves or embeds has imported before it loads a model (transformers'
@@ -161,9 +167,10 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             values = _images(name, bs)
             frame = pd.DataFrame({"input": values})
             pixels = images_to_array(decode_images(values, ip.limits, ip.draft_edge), ip.image_spec)
-            e2e = _rate(lambda: image_model.predict(frame), bs)
-            raw = _rate(lambda: encode_pixels(ip.model, pixels, ip.runtime), bs)
-            naive = _rate(lambda: naive_images(values), bs, max_calls=2)
+            r = _rates({"e2e": lambda: image_model.predict(frame),
+                        "raw": lambda: encode_pixels(ip.model, pixels, ip.runtime),
+                        "naive": lambda: naive_images(values)}, bs, rounds=5 if bs < 32 else 3)
+            e2e, raw, naive = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2),
                              "naive_per_s": round(naive, 2), "e2e_over_raw": round(e2e / raw, 3),
                              "e2e_over_naive": round(e2e / naive, 3)}
@@ -181,8 +188,6 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             batch = [pool[i % len(pool)] + ("" if len(pool) > 1 else f" {i}") for i in range(bs)]
             frame = pd.DataFrame({"input": batch})
             ids = tokenize(tp.tokenizer, batch, tp.text_spec)
-            e2e = _rate(lambda: text_model.predict(frame), bs)
-            raw = _rate(lambda: encode_token_ids(tp.model, ids, tp.text_spec.pad_id, tp.runtime), bs)
 
             def naive():
                 enc = tokenizer(batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
@@ -190,7 +195,10 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
                     f = full.get_text_features(**enc).pooler_output
                 return f / f.norm(dim=-1, keepdim=True)
 
-            nv = _rate(naive, bs)
+            r = _rates({"e2e": lambda: text_model.predict(frame),
+                        "raw": lambda: encode_token_ids(tp.model, ids, tp.text_spec.pad_id, tp.runtime),
+                        "naive": naive}, bs, rounds=5)
+            e2e, raw, nv = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2), "naive_per_s": round(nv, 2),
                              "e2e_over_raw": round(e2e / raw, 3), "e2e_over_naive": round(e2e / nv, 3),
                              "tokens_padded_to": int(pad_ids(ids, 0)[0].shape[1])}
@@ -201,21 +209,18 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     values = _images("jpeg_2mp", batch_sizes[-1])
     frame = pd.DataFrame({"input": values})
     ref = image_model.predict(frame)
-    fp32_rate = None
-    prec = {}
+    prec, loaded = {}, {}
     for p in precisions:
         try:
-            m = mlflow.pyfunc.load_model(image_uri, model_config={"precision": p})
+            loaded[p] = mlflow.pyfunc.load_model(image_uri, model_config={"precision": p})
         except Exception as e:  # noqa: BLE001 - report an unsupported precision, keep benchmarking
             prec[p] = {"error": str(e)}
-            continue
-        rate = _rate(lambda: m.predict(frame), len(values))
-        fp32_rate = fp32_rate or (rate if p == "fp32" else None)
+    rates = _rates({p: (lambda m=m: m.predict(frame)) for p, m in loaded.items()}, len(values))
+    for p, m in loaded.items():
         cos = float(np.min(np.sum(m.predict(frame) * ref, axis=1)))
-        prec[p] = {"e2e_per_s": round(rate, 2), "min_cosine_to_fp32": round(cos, 6)}
-    for row in prec.values():
-        if fp32_rate and "e2e_per_s" in row:
-            row["speedup_over_fp32"] = round(row["e2e_per_s"] / fp32_rate, 3)
+        prec[p] = {"e2e_per_s": round(rates[p], 2), "min_cosine_to_fp32": round(cos, 6)}
+        if "fp32" in rates:
+            prec[p]["speedup_over_fp32"] = round(rates[p] / rates["fp32"], 3)
     result["precisions_jpeg_2mp"] = prec
     if not result["machine"]["native_bf16"]:
         result["precisions_note"] = "bf16 is not native on this CPU (no AVX512_BF16/AMX): it is emulated and slow"
@@ -227,7 +232,8 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
 
 
 def _image_stages(ip, values, decode_images, images_to_array, encode_pixels, finish) -> dict:
-    """Seconds per image of each stage, run the way predict runs them."""
+    """Seconds per image of each stage, each stage run alone on one thread (predict runs
+    decode and preprocess of a batch's rows on torch's thread count)."""
     t0 = time.perf_counter()
     decoded = decode_images(values, ip.limits, ip.draft_edge)
     t1 = time.perf_counter()
