@@ -110,7 +110,7 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
 def cmd_bench_spark(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import spark
 
-    return spark.run(args.model_uri, rows=args.rows, master=args.master)
+    return spark.run(args.model_uri, rows=args.rows, master=args.master, tasks=args.tasks)
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-uri", "-m", required=True)
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--master", default="local[2]")
+    p.add_argument("--tasks", type=int, default=8, help="tasks for the per-task reload comparison")
     p.set_defaults(func=cmd_bench_spark)
     p = sub.add_parser("bench", help="end-to-end vs raw forward vs naive baseline; writes JSON and a PNG plot")
     p.add_argument("--model", help="hub id or local directory")
