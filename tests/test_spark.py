@@ -177,3 +177,18 @@ def test_spark_notebook(registered, tiny_checkpoint, tmp_path, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert "'rows': 8" in str(nb.cells[3].outputs) and "'failed': 2" in str(nb.cells[3].outputs)
     assert "score" in str(nb.cells[5].outputs)
+
+
+@pytest.mark.slow
+def test_spark_submit_of_the_same_job(image_table, registered, tmp_path):
+    path, _ = image_table
+    job = os.path.join(os.path.dirname(__file__), "..", "clip_pyfunc", "spark.py")
+    out = subprocess.run(
+        ["spark-submit", "--master", "local[2]", job, "--model-uri", registered["models"]["image"]["uri"],
+         "--input", path, "--input-col", "image_b64", "--id-col", "product_id",
+         "--output", str(tmp_path / "submitted.parquet")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert (report["rows"], report["embedded"], report["failed"]) == (50, 46, 4)
