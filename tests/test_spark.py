@@ -192,3 +192,19 @@ def test_spark_submit_of_the_same_job(image_table, registered, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert (report["rows"], report["embedded"], report["failed"]) == (50, 46, 4)
+
+
+@pytest.mark.slow
+def test_mlproject_embed_table_entry_point(image_table, registered, tmp_path):
+    path, _ = image_table
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run(
+        ["mlflow", "run", root, "-e", "embed_table", "--env-manager", "local", "--experiment-name", "clip-pyfunc",
+         "-P", f"model_uri={registered['models']['image']['uri']}", "-P", f"input={path}",
+         "-P", f"output={tmp_path / 'project.parquet'}", "-P", "input_col=image_b64", "-P", "id_col=product_id",
+         "-P", "master=local[2]"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"},  # set by earlier runs
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"failed": 4' in out.stdout
