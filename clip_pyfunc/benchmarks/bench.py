@@ -46,7 +46,7 @@ def _images(name: str, n: int) -> list[str]:
     return [b64(distinct[i % len(distinct)]) for i in range(n)]
 
 
-def _rates(fns: dict, rows: int, rounds: int = 3) -> dict:
+def _rates(fns: dict, rows: int, rounds: int = 5) -> dict:
     """rows/s of each fn() (each processes `rows` rows): one warm-up each, then `rounds` rounds
     calling every fn once in turn (so machine drift hits all alike); the median call counts."""
     import statistics
@@ -169,7 +169,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             pixels = images_to_array(decode_images(values, ip.limits, ip.draft_edge), ip.image_spec)
             r = _rates({"e2e": lambda: image_model.predict(frame),
                         "raw": lambda: encode_pixels(ip.model, pixels, ip.runtime),
-                        "naive": lambda: naive_images(values)}, bs, rounds=5 if bs < 32 else 3)
+                        "naive": lambda: naive_images(values)}, bs, rounds=5)
             e2e, raw, naive = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2),
                              "naive_per_s": round(naive, 2), "e2e_over_raw": round(e2e / raw, 3),
