@@ -65,11 +65,17 @@ def decode_images(values: Iterable[object], limits: ImageLimits, draft_edge: int
     """
     out: list[Decoded] = []
     for row, value in enumerate(values):
-        try:
-            out.append(open_image(image_bytes(value, limits.max_bytes), limits, draft_edge))
-        except InvalidInput as e:
-            out.append(InvalidInput(e.reason, row))
+        item = decode_image(value, limits, draft_edge)
+        out.append(InvalidInput(item.reason, row) if isinstance(item, InvalidInput) else item)
     return out
+
+
+def decode_image(value: object, limits: ImageLimits, draft_edge: int | None = None) -> Decoded:
+    """Decode one cell into an upright RGB image, or return (not raise) its InvalidInput, without a row."""
+    try:
+        return open_image(image_bytes(value, limits.max_bytes), limits, draft_edge)
+    except InvalidInput as e:
+        return e
 
 
 def image_bytes(value: object, max_bytes: int) -> bytes:

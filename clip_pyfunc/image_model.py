@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clip_pyfunc.decode import ImageLimits, image_bytes, open_image
+from clip_pyfunc.decode import ImageLimits, decode_image
 from clip_pyfunc.encode import encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.loader import ClipEmbeddingModel
@@ -50,8 +50,10 @@ class ClipImageEmbedding(ClipEmbeddingModel):
 
     def _prepare(self, value):
         """Decode, upright, resize and crop one row; an InvalidInput (without row) if it is bad."""
+        img = decode_image(value, self.limits, self.draft_edge)
+        if isinstance(img, InvalidInput):
+            return img
         try:
-            img = open_image(image_bytes(value, self.limits.max_bytes), self.limits, self.draft_edge)
             return resize_and_crop(img, self.image_spec, self.reducing_gap)
         except InvalidInput as e:
             return e
