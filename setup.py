@@ -15,6 +15,7 @@ setup(
         "huggingface-hub>=0.30",
         "mlflow>=3.1,<4",
         "pillow>=10",
+        "pybase64>=1.3",
         "numpy>=1.26",
         "pandas>=2",
         "pyyaml>=6",

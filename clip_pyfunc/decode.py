@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Union
 
+import pybase64
+
 from clip_pyfunc.errors import InvalidInput, preview
 
 # Formats a user's photo or screenshot comes in; everything else PIL could open is refused,
@@ -105,6 +107,12 @@ def _b64decode(text: str, max_bytes: int) -> bytes:
         header, sep, body = body.partition(",")
         if not sep or not header.endswith(";base64"):
             raise InvalidInput(f"data URL must be 'data:image/...;base64,<data>', got {preview(text)}")
+    if len(body) // 4 * 3 <= max_bytes + 3:
+        try:
+            # Plain padded base64, the usual case: one SIMD pass (binascii takes ~4 ms on 12 MP).
+            return pybase64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            pass  # whitespace, url-safe alphabet, no padding, or not base64: the careful path
     body = "".join(body.split())
     # 4 base64 characters carry 3 bytes: refuse oversize items before allocating them.
     if len(body) // 4 * 3 > max_bytes + 3:

@@ -6,7 +6,7 @@ from clip_pyfunc.decode import ImageLimits, decode_image
 from clip_pyfunc.encode import encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.loader import ClipEmbeddingModel
-from clip_pyfunc.preprocess import crops_to_array, read_image_spec, resize_and_crop
+from clip_pyfunc.preprocess import crop_to_array, read_image_spec, resize_and_crop
 
 # With fast_decode, large non-JPEG images are first shrunk by an integer box filter while
 # staying >= this many times the target size (PIL's reducing_gap; 3 is close to exact).
@@ -49,28 +49,31 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clip-decode")
 
     def _prepare(self, value):
-        """Decode, upright, resize and crop one row; an InvalidInput (without row) if it is bad."""
+        """Decode, upright, resize, crop and normalise one row into (3, H, W) float32; an
+        InvalidInput (without row) if it is bad."""
         img = decode_image(value, self.limits, self.draft_edge)
         if isinstance(img, InvalidInput):
             return img
         try:
-            return resize_and_crop(img, self.image_spec, self.reducing_gap)
+            return crop_to_array(resize_and_crop(img, self.image_spec, self.reducing_gap), self.image_spec)
         except InvalidInput as e:
             return e
 
     def _embed_valid(self, values, *, stop_on_error: bool):
         """Yield (positions, embeddings, errors) per micro-batch: decode, preprocess, encode."""
+        import numpy as np
+
         size = self.runtime.batch_size
         failed = False
         for start in range(0, len(values), size):
             chunk = values[start : start + size]
-            crops = list(self._pool.map(self._prepare, chunk)) if self._pool and len(chunk) > 1 else [
+            rows = list(self._pool.map(self._prepare, chunk)) if self._pool and len(chunk) > 1 else [
                 self._prepare(v) for v in chunk]
-            errors = [InvalidInput(c.reason, start + j) for j, c in enumerate(crops) if isinstance(c, InvalidInput)]
+            errors = [InvalidInput(r.reason, start + j) for j, r in enumerate(rows) if isinstance(r, InvalidInput)]
             failed = failed or bool(errors)
-            positions = [start + j for j, c in enumerate(crops) if not isinstance(c, InvalidInput)]
+            positions = [start + j for j, r in enumerate(rows) if not isinstance(r, InvalidInput)]
             if not positions or (stop_on_error and failed):
                 yield [], None, errors
                 continue
-            pixels = crops_to_array([crops[p - start] for p in positions], self.image_spec)
+            pixels = np.stack([rows[p - start] for p in positions])
             yield positions, encode_pixels(self.model, pixels, self.runtime), errors

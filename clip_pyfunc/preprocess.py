@@ -9,6 +9,7 @@ ratios, whose full resize would be huge.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -153,16 +154,43 @@ def crops_to_array(crops: Sequence, spec: ImageSpec):
 
     out_h, out_w = spec.output_hw
     batch = np.empty((len(crops), 3, out_h, out_w), dtype=np.float32)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1) if spec.mean else None
-    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1) if spec.std else None
     for i, crop in enumerate(crops):
-        pixels = np.asarray(crop).transpose(2, 0, 1)
-        if pixels.shape[1:] != (out_h, out_w):
-            raise InvalidInput(f"image preprocessed to {pixels.shape[1:]}, expected {(out_h, out_w)}")
-        # Same arithmetic as transformers: rescale in float64, cast, then normalise in float32.
-        x = (pixels.astype(np.float64) * spec.rescale).astype(np.float32) if spec.rescale else pixels.astype(np.float32)
-        batch[i] = (x - mean) / std if mean is not None else x
+        batch[i] = crop_to_array(crop, spec)
     return batch
+
+
+def crop_to_array(crop, spec: ImageSpec):
+    """Rescale and normalise one resized and cropped RGB image into (3, H, W) float32.
+
+    Raises:
+        InvalidInput: The crop is not the size the tower expects.
+    """
+    import numpy as np
+
+    pixels = np.asarray(crop)
+    out_h, out_w = spec.output_hw
+    if pixels.shape != (out_h, out_w, 3):
+        raise InvalidInput(f"image preprocessed to {pixels.shape[:2]}, expected {(out_h, out_w)}")
+    table = _value_table(spec)
+    out = np.empty((3, out_h, out_w), dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], pixels[:, :, c], out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _value_table(spec: ImageSpec):
+    """Each channel's float32 output for each of the 256 byte values: a lookup per pixel then
+    gives the processor's own arithmetic (rescale in float64, cast, normalise in float32) exactly."""
+    import numpy as np
+
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256))
+    x = (levels.astype(np.float64) * spec.rescale).astype(np.float32) if spec.rescale else levels.astype(np.float32)
+    if spec.mean is not None:
+        mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1)
+        std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1)
+        x = (x - mean) / std
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # What the served model needs, pinned to what logged it (MLflow's own convention). No pyspark,
 # no pytest: the serving container builds from exactly this list plus the shipped code.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
-                      "pillow", "numpy", "pandas")
+                      "pillow", "pybase64", "numpy", "pandas")
 TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import photo
 from clip_pyfunc.errors import ModelLoadError
-from clip_pyfunc.preprocess import (ImageSpec, TextSpec, images_to_array, pad_ids, read_image_spec,
+from clip_pyfunc.preprocess import (ImageSpec, TextSpec, crops_to_array, images_to_array, pad_ids, read_image_spec,
                                     resize_and_crop, tokenize)
 
 
@@ -43,6 +43,24 @@ def test_pixels_match_transformers_processor(tiny_checkpoint):
     got = images_to_array(imgs, read_image_spec(tiny_checkpoint))
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_every_byte_value_normalises_exactly_as_transformers(tiny_checkpoint):
+    """Normalisation is a per-channel lookup table: all 256 levels of each channel must give
+    the processor's own float32 values, bit for bit."""
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    spec = read_image_spec(tiny_checkpoint)
+    h, w = spec.output_hw
+    levels = np.arange(h * w * 3) % 256
+    rng = np.random.default_rng(0)
+    pixels = np.stack([rng.permutation(levels[: h * w]), levels[h * w: 2 * h * w], levels[: h * w][::-1]], axis=-1)
+    img = Image.fromarray(pixels.reshape(h, w, 3).astype(np.uint8), "RGB")
+    assert len(np.unique(np.asarray(img)[:, :, 1])) == min(256, h * w)
+    want = CLIPImageProcessorPil.from_pretrained(tiny_checkpoint)([img], return_tensors="np")["pixel_values"]
+    got = crops_to_array([img], spec)
+    assert np.array_equal(got, want)
 
 
 def test_fixed_size_processor_config(tmp_path):
