@@ -20,8 +20,8 @@ class ClipImageEmbedding(ClipEmbeddingModel):
     with newlines) or raw bytes (Spark's binaryFile `content`).
     Output: float32 (n, dim), L2-normalised unless `params={"normalize": False}`.
     Images are decoded one micro-batch at a time, so memory stays bounded by the batch size;
-    within a batch, rows are decoded and resized on as many threads as torch uses (PIL
-    releases the GIL there), so decoding keeps pace with the forward.
+    within a batch, rows are base64-decoded, decoded, resized and normalised on as many threads
+    as torch uses (pybase64, PIL and numpy release the GIL there), so the forward stays the floor.
     """
 
     tower = "image"
