@@ -6,7 +6,9 @@ Settings come from conf/clip_pyfunc.yaml (or --conf FILE); flags override them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from clip_pyfunc.errors import ClipPyfuncError, ModelLoadError
@@ -183,11 +185,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to stdout while the command runs to stderr instead.
+
+    MLflow writes "View run ... at: http://..." to stdout with an HTTP tracking server, and
+    subprocesses (the Spark JVM, environment builders) inherit file descriptor 1, so both
+    `sys.stdout` and the descriptor itself are pointed at stderr; only the JSON result is
+    written to the real stdout afterwards.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; print the result as JSON on stdout, errors as one line on stderr."""
+    """Run the CLI; print the result as JSON on stdout (and nothing else there), errors on stderr."""
     args = build_parser().parse_args(argv)
     try:
-        result = args.func(args)
+        if args.command == "serve":  # hands the process over to `mlflow models serve`; prints no JSON
+            args.func(args)
+            return 0
+        with stdout_to_stderr():
+            result = args.func(args)
     except ClipPyfuncError as e:  # what the user sent or configured: one line, exit 2
         print(f"clip-pyfunc {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -61,7 +61,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         Args:
             context: MLflow's context (unused; everything was loaded in load_context).
-            model_input: DataFrame with a string column `input` (a list or Series also works).
+            model_input: DataFrame with a column `input`, a single-column DataFrame, a list,
+                a Series or a 1-D array of cells (see `input_values`).
             params: `normalize` (bool, default True).
 
         Returns:
@@ -129,22 +130,52 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
 
 def input_values(model_input, max_rows: int) -> list[object]:
-    """Return the `input` column as a list, checking its presence and the row limit."""
+    """Return the rows to embed as a list, checking the shape of the request and the row limit.
+
+    The logged models declare no input schema (see `registry.model_signature`), so MLflow
+    hands over what the caller sent, in any of the shapes users send:
+
+    - a DataFrame with a column `input` (other columns are ignored), or with exactly one
+      column of any name (what `spark_udf` passes for a positional column);
+    - a list, tuple, pandas Series or 1-D numpy array of cells (`predict(["a cat"])`);
+    - a dict {"input": cells} (served `inputs` and `instances` payloads parse to this);
+    - a single string or bytes value, taken as one row.
+
+    Raises:
+        InvalidInput: A DataFrame with several columns and none named `input`, an unsupported
+            type, or more rows than `max_rows`.
+    """
+    import numpy as np
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
-        if INPUT_COLUMN not in model_input.columns:
+        columns = list(model_input.columns)
+        if INPUT_COLUMN in columns:
+            values = model_input[INPUT_COLUMN].tolist()
+        elif len(columns) == 1:
+            values = model_input.iloc[:, 0].tolist()
+        else:
             raise InvalidInput(
-                f"expected a column {INPUT_COLUMN!r}, got columns {[str(c) for c in model_input.columns]}"
+                f"expected a column {INPUT_COLUMN!r} (or a single column), got columns {[str(c) for c in columns]}"
             )
-        values = model_input[INPUT_COLUMN].tolist()
+    elif isinstance(model_input, dict):
+        keys = list(model_input)
+        if INPUT_COLUMN not in keys and len(keys) != 1:
+            raise InvalidInput(f"expected the key {INPUT_COLUMN!r} (or a single key), got keys {[str(k) for k in keys]}")
+        return input_values(model_input[INPUT_COLUMN if INPUT_COLUMN in keys else keys[0]], max_rows)
+    elif isinstance(model_input, (str, bytes)):
+        values = [model_input]
+    elif isinstance(model_input, np.ndarray) and (model_input.ndim == 1 or model_input.shape[1:] == (1,)):
+        values = model_input.reshape(-1).tolist()
     elif isinstance(model_input, pd.Series):
         values = model_input.tolist()
     elif isinstance(model_input, (list, tuple)):
         values = list(model_input)
     else:
+        shape = f" of shape {model_input.shape}" if isinstance(model_input, np.ndarray) else ""
         raise InvalidInput(
-            f"expected a DataFrame with a column {INPUT_COLUMN!r}, got {type(model_input).__name__}"
+            f"expected a DataFrame with a column {INPUT_COLUMN!r}, a list, a Series or a 1-D array, "
+            f"got {type(model_input).__name__}{shape}"
         )
     if len(values) > max_rows:
         raise InvalidInput(f"{len(values)} rows, over the limit of {max_rows} rows per call (max_rows)")

@@ -25,14 +25,31 @@ MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetens
 TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
 
 
+# The request contract, written where MLflow shows it (model metadata, version description),
+# because the signature itself carries no input schema (see `model_signature`).
+INPUT_CONTRACT = (
+    "a DataFrame with a column 'input' (or exactly one column of any name), a list, a pandas "
+    "Series or a 1-D array"
+)
+
+
 def model_signature():
-    """The pinned signature: `input` string column in, an array of floats out, `normalize` param."""
+    """The pinned signature: an array of floats out and the `normalize` param; no input schema.
+
+    MLflow enforces an input schema before our code runs, and no schema accepts every shape
+    users send: a named `input` column refuses `predict(["a cat"])` and Series, and an unnamed
+    column makes MLflow pass on only the first column of a wider DataFrame, so a frame whose
+    first column is an id would be embedded silently. Without an input schema MLflow passes the
+    request through untouched and `loader.input_values` reads every shape, naming the columns
+    of a frame it cannot read. Output and params are still declared and enforced (Unity
+    Catalog needs the output schema), and the input contract is in the metadata and description.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "input")]),
+        inputs=None,
         outputs=Schema([ColSpec(Array(DataType.float))]),
         params=ParamSchema([ParamSpec("normalize", DataType.boolean, True)]),
     )
@@ -95,7 +112,7 @@ def log_tower(
         model_config=runtime.to_dict(),
         registered_model_name=registered_name,
         metadata={TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: dim,
-                  TAG_RANDOM: checkpoint.random_init or ""},
+                  TAG_RANDOM: checkpoint.random_init or "", "input": INPUT_CONTRACT},
     )
 
 
@@ -157,7 +174,7 @@ def _description(tower: str, checkpoint: ResolvedCheckpoint, dim: int) -> str:
     what = "text (string)" if tower == "text" else "image (base64 string or raw bytes)"
     random = f" RANDOM WEIGHTS ({checkpoint.random_init}): vectors are meaningless." if checkpoint.random_init else ""
     return (
-        f"CLIP {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: DataFrame column "
-        f"'input' of {what}. Output: float32 [{dim}], L2-normalised (param normalize=false for raw). "
+        f"CLIP {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, "
+        f"of {what}. Output: float32 [{dim}], L2-normalised (param normalize=false for raw). "
         f"Text and image vectors of this checkpoint share one space.{random}"
     )

@@ -47,7 +47,10 @@ def test_mlproject_main_entry_point(tmp_path, tiny_checkpoint):
         ["mlflow", "run", root, "-e", "main", "--env-manager", "local", "-P", f"model={tiny_checkpoint}",
          "-P", "alias=staging", "--experiment-name", "clip-pyfunc"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/proj.db"),
+        # (mlflow.set_experiment in earlier tests exports MLFLOW_EXPERIMENT_ID, which `mlflow run` refuses
+        # beside --experiment-name.)
+        env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"},
+             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/proj.db"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"uri": "models:/clip_text_embedding@staging"' in out.stdout

@@ -81,11 +81,67 @@ def test_unknown_param_is_refused(text_model):
 def test_signature_is_pinned(registered):
     info = mlflow.models.get_model_info(registered["models"]["image"]["uri"])
     assert info.signature.to_dict() == model_signature().to_dict()
-    assert json.loads(info.signature.to_dict()["inputs"]) == [{"type": "string", "name": "input", "required": True}]
+    # No input schema on purpose (registry.model_signature): MLflow passes every request shape through.
+    assert info.signature.to_dict()["inputs"] is None
     assert json.loads(info.signature.to_dict()["outputs"]) == [
         {"type": "array", "items": {"type": "float"}, "required": True}]
     assert json.loads(info.signature.to_dict()["params"]) == [
         {"name": "normalize", "default": True, "shape": None, "type": "boolean"}]
+    # The input contract is still written down where MLflow shows it.
+    assert "'input'" in info.metadata["input"]
+    mv = mlflow.MlflowClient().get_model_version_by_alias(registered["models"]["image"]["name"], "champion")
+    assert "column 'input'" in mv.description and "a list" in mv.description
+
+
+def test_guide_calls_verbatim(registered):
+    """The Databricks serving guide's calls, as users copy them (the list form failed before)."""
+    image_b64 = b64(encode(photo(64, 48, 3), "JPEG"))
+    model = mlflow.pyfunc.load_model(registered["models"]["text"]["uri"])
+    image_model = mlflow.pyfunc.load_model(registered["models"]["image"]["uri"])
+    embeddings = model.predict(["Sample text", "Another text"])
+    embedding = image_model.predict([image_b64])          # "Pass as list"
+    assert embeddings.shape == (2, 32) and embeddings.dtype == np.float32
+    assert embedding.shape == (1, 32) and embedding.dtype == np.float32
+    np.testing.assert_array_equal(embeddings, model.predict(pd.DataFrame({"input": ["Sample text", "Another text"]})))
+    np.testing.assert_array_equal(embedding, image_model.predict(pd.DataFrame({"input": [image_b64]})))
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_every_request_shape_gives_the_same_vectors(registered, tower, text_model, image_model):
+    model = text_model if tower == "text" else image_model
+    cells = (["a red bicycle", "", "ünï"] if tower == "text"
+             else [b64(encode(photo(50 + 9 * s, 40, s), "JPEG")) for s in range(3)])
+    want = model.predict(pd.DataFrame({"input": cells}))
+    shapes = {
+        "list": list(cells),
+        "tuple": tuple(cells),
+        "series": pd.Series(cells),
+        "named series": pd.Series(cells, name="caption"),
+        "renamed column": pd.DataFrame({"image_base64": cells}),
+        "spark positional column": pd.DataFrame({"0": cells}),
+        "extra columns": pd.DataFrame({"id": ["x1", "x2", "x3"], "input": cells}),
+        "1-d array": np.asarray(cells, dtype=object),
+        "column array": np.asarray(cells, dtype=object).reshape(-1, 1),
+        "dict": {"input": cells},
+    }
+    for name, value in shapes.items():
+        got = model.predict(value)
+        assert got.dtype == np.float32, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    # One row alone pads (text) or batches (image) differently: equal to float rounding.
+    np.testing.assert_allclose(model.predict(cells[0]), want[:1], atol=1e-6)
+
+
+def test_wide_frame_without_input_column_is_refused_naming_the_columns(text_model):
+    with pytest.raises(MlflowException) as e:
+        text_model.predict(pd.DataFrame({"id": ["a"], "caption": ["a cat"]}))
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "'input'" in str(e.value) and "['id', 'caption']" in str(e.value)
+    for bad, words in [({"a": ["x"], "b": ["y"]}, "['a', 'b']"), (np.zeros((2, 3)), "shape (2, 3)"),
+                       (42, "got int")]:
+        with pytest.raises(MlflowException) as e:
+            text_model.predict(bad)
+        assert words in str(e.value) and e.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def _model_dir(uri: str) -> str:

@@ -107,14 +107,22 @@ def _invoke(url, body, **kw):
 IMAGES = [b64(encode(photo(80, 60, s), "JPEG")) for s in range(3)]
 
 
-@pytest.mark.parametrize("form", ["dataframe_records", "dataframe_split", "inputs", "instances"])
+PAYLOADS = {
+    "dataframe_records": {"dataframe_records": [{"input": x} for x in IMAGES]},
+    "dataframe_split": {"dataframe_split": {"columns": ["input"], "data": [[x] for x in IMAGES]}},
+    "inputs": {"inputs": {"input": IMAGES}},
+    "instances": {"instances": [{"input": x} for x in IMAGES]},
+    # The same four with plain lists and other column names, as the guides send them.
+    "inputs list": {"inputs": IMAGES},
+    "instances list": {"instances": IMAGES},
+    "dataframe_split renamed": {"dataframe_split": {"columns": ["image_base64"], "data": [[x] for x in IMAGES]}},
+    "dataframe_records extra column": {"dataframe_records": [{"id": i, "input": x} for i, x in enumerate(IMAGES)]},
+}
+
+
+@pytest.mark.parametrize("form", sorted(PAYLOADS))
 def test_payload_forms_equal_local_predict(image_server, local_image, form):
-    body = {
-        "dataframe_records": {"dataframe_records": [{"input": x} for x in IMAGES]},
-        "dataframe_split": {"dataframe_split": {"columns": ["input"], "data": [[x] for x in IMAGES]}},
-        "inputs": {"inputs": {"input": IMAGES}},
-        "instances": {"instances": [{"input": x} for x in IMAGES]},
-    }[form]
+    body = PAYLOADS[form]
     r = _invoke(image_server["url"], body)
     assert r.status_code == 200, r.text[:500]
     got = np.asarray(r.json()["predictions"], dtype=np.float32)
@@ -138,6 +146,9 @@ def test_plain_mlflow_models_serve_text(text_server, served_models):
     assert r.status_code == 200, r.text[:500]
     local = mlflow.pyfunc.load_model(served_models["models"]["text"]["uri"]).predict(pd.DataFrame({"input": texts}))
     assert np.abs(np.asarray(r.json()["predictions"]) - local).max() <= 1e-6
+    plain = _invoke(text_server["url"], {"inputs": texts})  # the guide's list form
+    assert plain.status_code == 200, plain.text[:500]
+    assert np.abs(np.asarray(plain.json()["predictions"]) - local).max() <= 1e-6
 
 
 def _big_blank_png():
@@ -153,7 +164,8 @@ BAD = {
     "over_bytes": ({"dataframe_records": [{"input": b64(os.urandom(400_000))}]},
                    ["row 0", "over the limit of 300000 bytes"]),
     "null_input": ({"dataframe_records": [{"input": IMAGES[0]}, {"input": None}]}, ["row 1", "null"]),
-    "wrong_column": ({"dataframe_records": [{"image": IMAGES[0]}]}, ["input"]),
+    "wide_frame_without_input": ({"dataframe_records": [{"image": IMAGES[0], "id": 1}]},
+                                 ["expected a column 'input'", "['image', 'id']"]),
     "too_many_rows": ({"dataframe_records": [{"input": IMAGES[0]}] * 17}, ["17 rows, over the limit of 16"]),
     # (MLflow drops params the signature does not declare, with a warning; a wrong type is refused.)
     "bad_param_type": ({"dataframe_records": [{"input": IMAGES[0]}], "params": {"normalize": "maybe"}},

@@ -75,6 +75,26 @@ def test_parquet_table_equals_local_predict_with_error_rows(spark, image_table, 
     assert out["error"][good].isna().all()
 
 
+def test_stock_spark_udf_with_a_positional_column(spark, image_table, image_model, text_model, registered):
+    """MLflow's own spark_udf, as the guides call it: a positional column of another name."""
+    import mlflow
+    from pyspark.sql.functions import col
+
+    path, images = image_table
+    good = [i for i in range(len(images)) if i not in BAD_ROWS]
+    df = (spark.read.parquet(path).withColumnRenamed("image_b64", "image_base64")
+          .where(~col("product_id").isin([f"p{i:03d}" for i in BAD_ROWS])))
+    udf = mlflow.pyfunc.spark_udf(spark, registered["models"]["image"]["uri"], env_manager="local")
+    out = df.withColumn("embedding", udf(col("image_base64"))).toPandas().sort_values("product_id")
+    want = image_model.predict([images[i] for i in good])
+    assert np.abs(np.stack(out["embedding"].to_list()) - want).max() <= 1e-6
+    texts = ["a red bicycle", "", "ünï"]
+    text_udf = mlflow.pyfunc.spark_udf(spark, registered["models"]["text"]["uri"], env_manager="local")
+    got = spark.createDataFrame(pd.DataFrame({"k": range(3), "caption": texts})).select(
+        "k", text_udf("caption").alias("e")).toPandas().sort_values("k")
+    assert np.abs(np.stack(got["e"].to_list()) - text_model.predict(texts)).max() <= 1e-6
+
+
 def test_model_loads_once_per_worker_not_per_task(spark, image_table, registered):
     path, _ = image_table
     df = spark.read.parquet(path).repartition(8)  # 8 tasks on 2 worker slots
