@@ -19,6 +19,9 @@ setup(
         "numpy>=1.26",
         "pandas>=2",
         "pyyaml>=6",
+        # SigLIP's tokenizer is SentencePiece-only (with protobuf); logged in every model's requirements.
+        "sentencepiece>=0.2",
+        "protobuf>=4",
     ],
     extras_require={
         "spark": ["pyspark>=4.0,<5", "pyarrow>=15"],

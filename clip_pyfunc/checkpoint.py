@@ -1,4 +1,5 @@
-"""Find a CLIP checkpoint (hub id or local directory) and split it into per-tower artifacts.
+"""Find a dual-encoder checkpoint (hub id or local directory), describe it once, and split it
+into per-tower artifacts that load back into the family's own model class.
 
 This is the only module that reaches the network: the hub download, with the hub cache,
 a revision and HF_HUB_OFFLINE honoured by huggingface_hub itself.
@@ -7,18 +8,19 @@ a revision and HF_HUB_OFFLINE honoured by huggingface_hub itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.random_checkpoint import RANDOM_INIT_KEY
 
-_HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
+_HUB_FILES = ["*.json", "*.txt", "*.safetensors", "*.model"]  # *.model: SentencePiece vocabularies
 _HUB_FALLBACK_WEIGHTS = ["pytorch_model.bin"]
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
 TOWERS = ("text", "image")
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "clip_pyfunc.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,25 +62,25 @@ def resolve_checkpoint(source: str, revision: str | None = None, cache_dir: str 
     else:
         path = _download(source, revision, cache_dir)
         resolved_revision = os.path.basename(os.path.normpath(path))
-    config = read_clip_config(path)
+    config = read_config(path)
     return ResolvedCheckpoint(
         path=path, source=source, revision=resolved_revision, random_init=config.get(RANDOM_INIT_KEY)
     )
 
 
-def read_clip_config(path: str) -> dict:
-    """Read and check the checkpoint's config.json (a CLIPModel config)."""
+def read_config(path: str) -> dict:
+    """Read the checkpoint's config.json and check that its `model_type` is a supported family."""
+    from clip_pyfunc.families import family_for
+
     config_path = os.path.join(path, "config.json")
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path} is not a transformers checkpoint: cannot read config.json ({e})") from e
-    if config.get("model_type") != "clip":
-        raise ModelLoadError(
-            f"{path} holds a {config.get('model_type')!r} model; clip-pyfunc needs a transformers CLIP "
-            "checkpoint (model_type 'clip': OpenAI, LAION/OpenCLIP or MetaCLIP exports)"
-        )
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path} must hold a JSON object")
+    family_for(config.get("model_type"), where=path)
     return config
 
 
@@ -121,41 +123,178 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
-def export_tower(checkpoint: ResolvedCheckpoint, tower: str, target: str) -> str:
-    """Write one tower (weights in safetensors, plus its tokenizer or image processor) to `target`.
+@dataclass(frozen=True, kw_only=True)
+class CheckpointInfo:
+    """What a checkpoint is, read once at registration and stored in each tower artifact.
 
-    The text artifact holds only `text_model.*` and `text_projection`; the image artifact only
-    `vision_model.*` and `visual_projection`. Weights are saved in fp32, the reference precision.
+    Attributes:
+        family: The family's model_type (see clip_pyfunc.families).
+        embedding_dim: Length of the vectors, as the full model class computes them.
+        scoring: "softmax" over labels or per-label "sigmoid".
+        scale: Multiplier of cosine similarities in scores (exp(logit_scale), 1/temperature).
+        bias: Added to scaled similarities (SigLIP's logit_bias; 0 otherwise).
+        context_length: Most text tokens (special tokens included); longer text is truncated.
+        pad_to: Pad every text to this many tokens, or None to pad to the longest row.
+        lowercase: Lowercase text before tokenising.
+        attention_mask: Pass an attention mask to the text tower.
+        image_inputs: "pixels" or "naflex".
+        max_num_patches: NaFlex only: the patch budget images are resized to fit.
+    """
 
-    Args:
-        checkpoint: The resolved checkpoint.
-        tower: "text" or "image".
-        target: Directory to create.
+    family: str
+    embedding_dim: int
+    scoring: str
+    scale: float
+    bias: float
+    context_length: int
+    pad_to: int | None
+    lowercase: bool
+    attention_mask: bool
+    image_inputs: str = "pixels"
+    max_num_patches: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, artifact_dir: str) -> CheckpointInfo:
+        """Read the `clip_pyfunc.json` an artifact carries.
+
+        Raises:
+            ModelLoadError: Missing or malformed.
+        """
+        path = os.path.join(artifact_dir, INFO_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls(**json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"cannot read the checkpoint description {path}: {e}") from e
+
+
+def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[CheckpointInfo, dict[str, str]]:
+    """Load the checkpoint once with its family's full model class and write one artifact per tower.
+
+    Each artifact holds the full config.json, `model.safetensors` with only the weights its
+    tower needs (the encoder, the projection or head the family keeps at the top level, and
+    the scoring scalars) under the full model's own names, its tokenizer or image processor,
+    and `clip_pyfunc.json` (the CheckpointInfo). Weights are saved in fp32, the reference
+    precision. Because the full model class is what loads the checkpoint, shapes follow it
+    whatever the sub-configs say.
 
     Returns:
-        `target`.
+        (the checkpoint's description, {"text": dir, "image": dir}).
 
     Raises:
-        ModelLoadError: The checkpoint lacks the tower's files or weights.
+        ModelLoadError: The checkpoint lacks files or weights, or its towers disagree on the dimension.
     """
     import torch
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    if tower not in TOWERS:
-        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
-    model_cls = CLIPTextModelWithProjection if tower == "text" else CLIPVisionModelWithProjection
-    os.makedirs(target, exist_ok=True)
+    from clip_pyfunc.families import family_for
+
+    family = family_for(read_config(checkpoint.path).get("model_type"), where=checkpoint.source)
     try:
         with quiet_transformers():
-            model = model_cls.from_pretrained(checkpoint.path, dtype=torch.float32)
-            model.save_pretrained(target, safe_serialization=True)
-            if tower == "text":
-                AutoTokenizer.from_pretrained(checkpoint.path).save_pretrained(target)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not read the {tower} tower of {checkpoint.source}: {e}") from e
-    if tower == "image":
-        src = os.path.join(checkpoint.path, PREPROCESSOR_CONFIG)
-        if not os.path.exists(src):
-            raise ModelLoadError(f"{checkpoint.source} has no {PREPROCESSOR_CONFIG}; the image model needs it")
-        shutil.copyfile(src, os.path.join(target, PREPROCESSOR_CONFIG))
-    return target
+            model = getattr(transformers, family.model_class).from_pretrained(checkpoint.path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+            image_processor = AutoImageProcessor.from_pretrained(checkpoint.path, backend="pil")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load {checkpoint.source} as a {family.model_class}: {e}") from e
+    model.eval()
+    info = describe(model, family, tokenizer, image_processor)
+    scalars = [name for name, p in model.named_parameters(recurse=False)]
+    state = model.state_dict()
+    dirs = {}
+    for tower in TOWERS:
+        target = os.path.join(workdir, f"{tower}_tower")
+        os.makedirs(target, exist_ok=True)
+        keep = set(family.children(tower))
+        tensors = {k: v.contiguous() for k, v in state.items() if k.split(".")[0] in keep or k in scalars}
+        if not any(k.split(".")[0] in keep for k in tensors):
+            raise ModelLoadError(f"{checkpoint.source} has no weights for the {tower} tower ({sorted(keep)})")
+        save_file(tensors, os.path.join(target, WEIGHTS_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(target)
+        (tokenizer if tower == "text" else image_processor).save_pretrained(target)
+        with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump(info.to_dict(), f, indent=2)
+        dirs[tower] = target
+    return info, dirs
+
+
+def describe(model, family, tokenizer, image_processor) -> CheckpointInfo:
+    """Describe a loaded full model: dimension (from one forward per tower), scoring, text rules."""
+    import torch
+    from PIL import Image
+
+    scalars = {name: float(p.detach().reshape(-1)[0]) for name, p in model.named_parameters(recurse=False)
+               if p.numel() == 1}
+    text_cfg = model.config.text_config
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    context = int(text_cfg.max_position_embeddings) - family.position_offset
+    if isinstance(tok_max, int) and 0 < tok_max < context:
+        context = tok_max  # the tokenizer's own limit (e.g. 64 for ALIGN's BERT) is the reference's
+    lowercase = bool(family.lowercase(tokenizer))
+    attention_mask = "attention_mask" in getattr(tokenizer, "model_input_names", ["attention_mask"])
+    with torch.inference_mode():
+        ids = tokenizer(["a photo"], return_tensors="pt")
+        text_kwargs = {"input_ids": ids["input_ids"]}
+        if attention_mask:
+            text_kwargs["attention_mask"] = ids["attention_mask"]
+        text_dim = features(model.get_text_features(**text_kwargs)).shape[-1]
+        pixels = image_processor(images=[Image.new("RGB", (64, 48), (120, 30, 200))], return_tensors="pt")
+        image_dim = features(model.get_image_features(**dict(pixels))).shape[-1]
+    if text_dim != image_dim:
+        raise ModelLoadError(f"text vectors have {text_dim} dimensions but image vectors {image_dim}; not one space")
+    return CheckpointInfo(
+        family=family.model_type, embedding_dim=int(text_dim), scoring=family.scoring,
+        scale=float(family.scale(scalars)), bias=float(family.bias(scalars)),
+        context_length=context, pad_to=int(text_cfg.max_position_embeddings) if family.pad_to_max_length else None,
+        lowercase=lowercase, attention_mask=attention_mask, image_inputs=family.image_inputs,
+        max_num_patches=getattr(image_processor, "max_num_patches", None) if family.image_inputs == "naflex" else None,
+    )
+
+
+def features(output):
+    """The vectors of a get_*_features call: `.pooler_output` in transformers 5, the tensor before."""
+    return getattr(output, "pooler_output", output)
+
+
+def load_tower(artifact_dir: str, tower: str):
+    """Build the family's full model class holding only one tower, with the artifact's weights.
+
+    The other tower is never materialised: the class is built without weight initialisation
+    (untouched memory), the other tower's submodules are dropped, and the saved weights are
+    assigned strictly, so every remaining parameter comes from the artifact. Its
+    get_text_features / get_image_features are then the family's own code.
+
+    Raises:
+        ModelLoadError: The config is not a supported family, or weights are missing or extra.
+    """
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+    from transformers.initialization import no_init_weights
+
+    from clip_pyfunc.families import family_for
+
+    config = transformers.AutoConfig.from_pretrained(artifact_dir)
+    family = family_for(config.model_type, where=artifact_dir)
+    with quiet_transformers(), no_init_weights():
+        model = getattr(transformers, family.model_class)(config)
+    keep = family.children(tower)
+    for name, _ in list(model.named_children()):
+        if name not in keep:
+            delattr(model, name)
+    try:
+        state = load_file(os.path.join(artifact_dir, WEIGHTS_FILE))
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the {tower} weights in {artifact_dir}: {e}") from e
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"the {tower} artifact in {artifact_dir} does not match its {family.model_class}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(torch.float32).eval().requires_grad_(False)

@@ -41,27 +41,45 @@ class Runtime:
 
 
 def encode_pixels(model, pixels, runtime: Runtime):
-    """Run the vision tower on a float32 array (n, 3, H, W); return projected embeddings (n, dim) fp32."""
+    """Run the image tower on a float32 array (n, 3, H, W); return its vectors (n, dim) fp32."""
     import torch
+
+    from clip_pyfunc.checkpoint import features
 
     batch = torch.from_numpy(pixels).to(runtime.device, runtime.input_dtype, non_blocking=True)
     with runtime.forward_context():
-        return model(pixel_values=batch).image_embeds.float()
+        return features(model.get_image_features(pixel_values=batch)).float()
 
 
-def encode_token_ids(model, ids: Sequence[Sequence[int]], pad_id: int, runtime: Runtime):
-    """Run the text tower on id lists, padded to the longest row of the batch; return (n, dim) fp32."""
+def encode_patches(model, patches, mask, shapes, runtime: Runtime):
+    """Run a NaFlex image tower on patch sequences (n, P, D) with their mask (n, P) and grid
+    shapes (n, 2); return its vectors (n, dim) fp32."""
     import torch
 
+    from clip_pyfunc.checkpoint import features
+
+    with runtime.forward_context():
+        out = model.get_image_features(
+            pixel_values=torch.from_numpy(patches).to(runtime.device, runtime.input_dtype),
+            pixel_attention_mask=torch.from_numpy(mask).to(runtime.device),
+            spatial_shapes=torch.from_numpy(shapes).to(runtime.device),
+        )
+        return features(out).float()
+
+
+def encode_token_ids(model, ids: Sequence[Sequence[int]], spec, runtime: Runtime):
+    """Run the text tower on id lists padded as the TextSpec says; return its vectors (n, dim) fp32."""
+    import torch
+
+    from clip_pyfunc.checkpoint import features
     from clip_pyfunc.preprocess import pad_ids
 
-    input_ids, mask = pad_ids(ids, pad_id)
+    input_ids, mask = pad_ids(ids, spec.pad_id, spec.pad_to)
+    kwargs = {"input_ids": torch.from_numpy(input_ids).to(runtime.device)}
+    if spec.attention_mask:
+        kwargs["attention_mask"] = torch.from_numpy(mask).to(runtime.device)
     with runtime.forward_context():
-        out = model(
-            input_ids=torch.from_numpy(input_ids).to(runtime.device),
-            attention_mask=torch.from_numpy(mask).to(runtime.device),
-        )
-        return out.text_embeds.float()
+        return features(model.get_text_features(**kwargs)).float()
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -1,12 +1,12 @@
-"""The image embedding pyfunc model: base64 (or raw) image bytes -> CLIP image vectors."""
+"""The image embedding pyfunc model: base64 (or raw) image bytes -> image vectors of any supported family."""
 
 from __future__ import annotations
 
 from clip_pyfunc.decode import ImageLimits, decode_image
-from clip_pyfunc.encode import encode_pixels
+from clip_pyfunc.encode import encode_patches, encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.loader import ClipEmbeddingModel
-from clip_pyfunc.preprocess import crop_to_array, read_image_spec, resize_and_crop
+from clip_pyfunc.preprocess import crop_to_array, image_to_patches, read_image_spec, resize_and_crop, resize_for_patches
 
 # With fast_decode, large non-JPEG images are first shrunk by an integer box filter while
 # staying >= this many times the target size (PIL's reducing_gap; 3 is close to exact).
@@ -14,7 +14,7 @@ _REDUCING_GAP = 3.0
 
 
 class ClipImageEmbedding(ClipEmbeddingModel):
-    """CLIP vision tower as a pyfunc model.
+    """A dual encoder's image tower as a pyfunc model (fixed-size pixels, or NaFlex patches).
 
     Input: DataFrame with a column `input` of base64 strings (plain, url-safe, data URL,
     with newlines) or raw bytes (Spark's binaryFile `content`).
@@ -27,14 +27,12 @@ class ClipImageEmbedding(ClipEmbeddingModel):
     tower = "image"
 
     def _load_tower(self, path: str):
-        from transformers import CLIPVisionModelWithProjection
-
         self.image_spec = read_image_spec(path)
         self.limits = ImageLimits(max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
         fast = self.config.fast_decode
         self.draft_edge = self.image_spec.draft_edge if fast else None
         self.reducing_gap = _REDUCING_GAP if fast else None
-        model = self._load_weights(CLIPVisionModelWithProjection, path)
+        model = self._load_weights(path)
         self._pool = self._decode_pool()
         return model
 
@@ -55,6 +53,8 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         if isinstance(img, InvalidInput):
             return img
         try:
+            if self.image_spec.naflex:
+                return image_to_patches(resize_for_patches(img, self.image_spec, self.reducing_gap), self.image_spec)
             return crop_to_array(resize_and_crop(img, self.image_spec, self.reducing_gap), self.image_spec)
         except InvalidInput as e:
             return e
@@ -75,5 +75,10 @@ class ClipImageEmbedding(ClipEmbeddingModel):
             if not positions or (stop_on_error and failed):
                 yield [], None, errors
                 continue
-            pixels = np.stack([rows[p - start] for p in positions])
-            yield positions, encode_pixels(self.model, pixels, self.runtime), errors
+            good = [rows[p - start] for p in positions]
+            if self.image_spec.naflex:
+                patches, masks, shapes = zip(*good)
+                yield positions, encode_patches(self.model, np.stack(patches), np.stack(masks),
+                                                np.asarray(shapes, dtype=np.int64), self.runtime), errors
+            else:
+                yield positions, encode_pixels(self.model, np.stack(good), self.runtime), errors

@@ -21,7 +21,7 @@ _TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 
 class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
-    """Base pyfunc model for one CLIP tower. Subclasses set `tower` and implement the stages.
+    """Base pyfunc model for one tower of a dual encoder (any family in clip_pyfunc.families). Subclasses set `tower` and implement the stages.
 
     Subclasses implement:
         `_load_tower(path)`: load weights and pre-processing from the artifact directory.
@@ -45,16 +45,12 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         self.runtime = pick_runtime(self.config)
         self.model = self._load_tower(path)
 
-    def _load_weights(self, model_cls, path: str):
-        """Load a tower class from safetensors onto the chosen device and precision."""
-        import torch
+    def _load_weights(self, path: str):
+        """Read the artifact's description and its tower, on the chosen device and precision."""
+        from clip_pyfunc.checkpoint import CheckpointInfo, load_tower
 
-        from clip_pyfunc.checkpoint import quiet_transformers
-
-        with quiet_transformers():
-            model = model_cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        model.eval().requires_grad_(False)
-        return apply_precision(model, self.runtime)
+        self.info = CheckpointInfo.read(path)
+        return apply_precision(load_tower(path, self.tower), self.runtime)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """Embed the `input` column.
@@ -119,8 +115,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
     @property
     def embedding_dim(self) -> int:
-        """Output dimension (the checkpoint's projection_dim)."""
-        return int(self.model.config.projection_dim)
+        """Output dimension, as the family's full model computes it (recorded at registration)."""
+        return self.info.embedding_dim
 
     def _load_tower(self, path: str):
         raise NotImplementedError

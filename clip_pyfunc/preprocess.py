@@ -1,9 +1,10 @@
 """Stage 2, preprocess: images -> pixel arrays and strings -> token ids, from the checkpoint's configs.
 
-Nothing here is hard-coded: sizes, crop, mean, std and resampling come from the saved
-preprocessor_config.json, the context length from the text config. The image path
-reproduces transformers' CLIPImageProcessor (resize shortest edge, center crop, rescale,
-normalise) with the same arithmetic, and resamples only the crop window for extreme aspect
+Nothing here is hard-coded: sizes, crop, mean, std and resampling come from the saved image
+processor (with its class's defaults), the text rules from the checkpoint's description. The
+image path reproduces transformers' CLIP, SigLIP, Chinese-CLIP, EfficientNet (ALIGN) and
+SigLIP 2 NaFlex image processors (resize, center crop, rescale, offset, normalise, patches)
+with the same arithmetic, and resamples only the crop window for extreme aspect
 ratios, whose full resize would be huge.
 """
 
@@ -17,24 +18,30 @@ from typing import Sequence
 
 from clip_pyfunc.errors import InvalidInput, ModelLoadError
 
-_SUPPORTED_STEPS = {"do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
-                    "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb"}
+# Image processors whose steps this module reproduces (transformers' class names, either backend).
+SUPPORTED_PROCESSORS = ("CLIPImageProcessor", "SiglipImageProcessor", "ChineseCLIPImageProcessor",
+                        "EfficientNetImageProcessor", "Siglip2ImageProcessor")
+_SUPPORTED_STEPS = {"do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"}
 # Resized images up to this many crops in area are resized whole (exactly as transformers does).
 _MAX_FULL_RESIZE = 8
 
 
 @dataclass(frozen=True, kw_only=True)
 class ImageSpec:
-    """The image preprocessing a checkpoint declares (transformers CLIPImageProcessor terms).
+    """The image preprocessing a checkpoint declares (transformers image-processor terms).
 
     Attributes:
         shortest_edge: Resize so the shorter edge is this long (aspect kept); None with `resize_hw`.
         resize_hw: Resize to exactly (height, width) instead; None with `shortest_edge`.
         crop_hw: Center crop to (height, width); None for no crop.
-        resample: PIL resampling filter number (3 = bicubic).
-        rescale: Multiplier from 0..255 to 0..1; None for no rescale.
+        resample: PIL resampling filter number (3 = bicubic, 2 = bilinear).
+        rescale: Multiplier from 0..255 (1/255 to 0..1; ALIGN's 1/127.5); None for no rescale.
+        offset: Subtracted after rescaling (1.0 for ALIGN's rescale_offset, to [-1, 1]).
         mean: Per-channel mean; None for no normalisation.
         std: Per-channel std.
+        top_std: A second division by std (EfficientNet's include_top); None for none.
+        patch_size: NaFlex only: images become sequences of patch_size x patch_size patches.
+        max_num_patches: NaFlex only: resize (aspect kept) to at most this many patches.
     """
 
     shortest_edge: int | None
@@ -42,12 +49,21 @@ class ImageSpec:
     crop_hw: tuple[int, int] | None
     resample: int
     rescale: float | None
+    offset: float = 0.0
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
+    top_std: tuple[float, float, float] | None = None
+    patch_size: int | None = None
+    max_num_patches: int | None = None
+
+    @property
+    def naflex(self) -> bool:
+        """Variable-size patch sequences instead of one fixed-size tensor."""
+        return self.patch_size is not None
 
     @property
     def output_hw(self) -> tuple[int, int]:
-        """(height, width) of the tensor the vision tower receives."""
+        """(height, width) of the tensor the vision tower receives (fixed-size families)."""
         if self.crop_hw:
             return self.crop_hw
         if self.resize_hw:
@@ -57,52 +73,61 @@ class ImageSpec:
     @property
     def draft_edge(self) -> int:
         """Shortest edge a reduced-scale decode must keep so the exact resize still downsamples."""
+        if self.naflex:
+            return self.patch_size * int(self.max_num_patches ** 0.5)
         return self.shortest_edge or min(self.resize_hw or self.output_hw)
 
 
 def read_image_spec(artifact_dir: str) -> ImageSpec:
-    """Read preprocessor_config.json from an image artifact.
+    """Read the image processor an artifact (or checkpoint) carries, with its class's defaults.
+
+    transformers loads it (PIL backend), so settings the file leaves out take the values of
+    the family's own processor class (SigLIP does not crop, ALIGN rescales to [-1, 1]).
 
     Raises:
-        ModelLoadError: The file is missing, or declares a step clip-pyfunc does not implement.
+        ModelLoadError: Missing, of a class this module does not reproduce, or asking for a
+            step it does not implement.
     """
-    path = os.path.join(artifact_dir, "preprocessor_config.json")
+    from transformers import AutoImageProcessor
+
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read image preprocessing config {path}: {e}") from e
-    unknown = {k for k, v in cfg.items() if v and k.startswith("do_") and k not in _SUPPORTED_STEPS}
+        ip = AutoImageProcessor.from_pretrained(artifact_dir, backend="pil")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read the image processor config in {artifact_dir}: {e}") from e
+    name = type(ip).__name__.removesuffix("Pil").removesuffix("Fast")
+    if name not in SUPPORTED_PROCESSORS:
+        raise ModelLoadError(f"{artifact_dir}: image processor {name} is not supported; supported: {SUPPORTED_PROCESSORS}")
+    unknown = {k for k, v in vars(ip).items() if k.startswith("do_") and v and k not in _SUPPORTED_STEPS}
     if unknown:
-        raise ModelLoadError(f"{path} asks for steps {sorted(unknown)}; supported: {sorted(_SUPPORTED_STEPS)}")
-    if not cfg.get("do_convert_rgb", True):
-        raise ModelLoadError(f"{path} sets do_convert_rgb false; clip-pyfunc always feeds RGB")
-    size = _size_dict(cfg.get("size"), default_to_square=cfg.get("default_to_square", False))
-    crop = _size_dict(cfg.get("crop_size"), default_to_square=True)
-    do_resize = cfg.get("do_resize", True)
+        raise ModelLoadError(f"{artifact_dir} asks for steps {sorted(unknown)}; supported: {sorted(_SUPPORTED_STEPS)}")
+    if ip.do_convert_rgb is False:
+        raise ModelLoadError(f"{artifact_dir} sets do_convert_rgb false; clip-pyfunc always feeds RGB")
+    do_normalize = bool(ip.do_normalize)
+    common = dict(
+        resample=int(ip.resample),
+        rescale=float(ip.rescale_factor) if ip.do_rescale else None,
+        offset=1.0 if ip.do_rescale and getattr(ip, "rescale_offset", False) else 0.0,
+        mean=tuple(ip.image_mean) if do_normalize else None,
+        std=tuple(ip.image_std) if do_normalize else None,
+        top_std=tuple(ip.image_std) if getattr(ip, "include_top", False) else None,
+    )
+    if name == "Siglip2ImageProcessor":
+        return ImageSpec(shortest_edge=None, resize_hw=None, crop_hw=None, patch_size=int(ip.patch_size),
+                         max_num_patches=int(ip.max_num_patches), **common)
+    size, crop = ip.size, ip.crop_size
+    do_resize = bool(ip.do_resize)
     spec = ImageSpec(
-        shortest_edge=size.get("shortest_edge") if do_resize else None,
-        resize_hw=(size["height"], size["width"]) if do_resize and "height" in size else None,
-        crop_hw=(crop["height"], crop["width"]) if cfg.get("do_center_crop", True) else None,
-        resample=int(cfg.get("resample", 3)),
-        rescale=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None,
-        mean=tuple(cfg["image_mean"]) if cfg.get("do_normalize", True) else None,
-        std=tuple(cfg["image_std"]) if cfg.get("do_normalize", True) else None,
+        shortest_edge=size.shortest_edge if do_resize and size.shortest_edge else None,
+        resize_hw=(size.height, size.width) if do_resize and size.height and not size.shortest_edge else None,
+        crop_hw=(crop.height, crop.width) if ip.do_center_crop and crop is not None else None,
+        **common,
     )
     if do_resize and spec.shortest_edge is None and spec.resize_hw is None:
-        raise ModelLoadError(f"{path}: size {cfg.get('size')!r} needs 'shortest_edge' or 'height' and 'width'")
+        raise ModelLoadError(f"{artifact_dir}: size {size!r} needs 'shortest_edge' or 'height' and 'width'")
     if spec.crop_hw and spec.shortest_edge and max(spec.crop_hw) > spec.shortest_edge:
-        raise ModelLoadError(f"{path}: crop {spec.crop_hw} is larger than the resized shortest edge")
+        raise ModelLoadError(f"{artifact_dir}: crop {spec.crop_hw} is larger than the resized shortest edge")
     spec.output_hw  # noqa: B018 - validates that the output size is fixed
     return spec
-
-
-def _size_dict(value, *, default_to_square: bool) -> dict:
-    if value is None:
-        return {}
-    if isinstance(value, int):
-        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
-    return dict(value)
 
 
 def resize_and_crop(img, spec: ImageSpec, reducing_gap: float | None = None):
@@ -186,29 +211,91 @@ def _value_table(spec: ImageSpec):
 
     levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256))
     x = (levels.astype(np.float64) * spec.rescale).astype(np.float32) if spec.rescale else levels.astype(np.float32)
+    if spec.offset:
+        x = x - np.float32(spec.offset)
     if spec.mean is not None:
         mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1)
         std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1)
         x = (x - mean) / std
+    if spec.top_std is not None:
+        x = x / np.asarray(spec.top_std, dtype=np.float32).reshape(3, 1)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def naflex_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
+    """(width, height) a NaFlex image is resized to: aspect kept, sides multiples of the patch
+    size, at most max_num_patches patches (transformers' own search, so sizes match exactly)."""
+    from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+
+    h, w = get_image_size_for_max_num_patches(height, width, spec.patch_size, spec.max_num_patches)
+    return w, h
+
+
+def resize_for_patches(img, spec: ImageSpec, reducing_gap: float | None = None):
+    """Resize one RGB image to its NaFlex size (see naflex_size)."""
+    size = naflex_size(*img.size, spec)
+    return img if size == img.size else img.resize(size, spec.resample, reducing_gap=reducing_gap)
+
+
+def image_to_patches(img, spec: ImageSpec):
+    """Rescale and normalise a resized RGB image and cut it into a padded patch sequence.
+
+    Returns:
+        (patches (max_num_patches, p*p*3) float32, mask (max_num_patches,) int32, (rows, cols)),
+        with patches row-major and channels last inside each patch, as Siglip2ImageProcessor.
+    """
+    import numpy as np
+
+    pixels = np.asarray(img)
+    h, w = pixels.shape[:2]
+    p = spec.patch_size
+    if h % p or w % p or (h // p) * (w // p) > spec.max_num_patches:
+        raise InvalidInput(f"image preprocessed to {(h, w)}, not a grid of at most {spec.max_num_patches} patches")
+    table = _value_table(spec)
+    values = np.empty((h, w, 3), dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], pixels[:, :, c], out=values[:, :, c])
+    rows, cols = h // p, w // p
+    grid = values.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
+    patches = np.zeros((spec.max_num_patches, p * p * 3), dtype=np.float32)
+    patches[: rows * cols] = grid
+    mask = np.zeros(spec.max_num_patches, dtype=np.int32)
+    mask[: rows * cols] = 1
+    return patches, mask, (rows, cols)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TextSpec:
-    """Tokenisation limits of a text artifact."""
+    """How a text artifact's rows become token ids (from its CheckpointInfo and tokenizer).
+
+    Attributes:
+        max_length: Most tokens, special tokens included; longer rows are truncated or refused.
+        pad_id: Id that fills padded positions.
+        truncate: Truncate over-long rows (False refuses them, naming the row).
+        pad_to: Pad every row to this width (families that pool the last position), or None
+            to pad each micro-batch to its longest row.
+        lowercase: Lowercase rows before tokenising.
+        attention_mask: Feed the tower an attention mask.
+    """
 
     max_length: int
     pad_id: int
     truncate: bool
+    pad_to: int | None = None
+    lowercase: bool = False
+    attention_mask: bool = True
 
 
 def tokenize(tokenizer, texts: Sequence[str], spec: TextSpec) -> list[list[int] | InvalidInput]:
-    """Tokenise each row to ids with BOS/EOS, truncated to the context length (or an error).
+    """Tokenise each row to ids with the tokenizer's special tokens, truncated to the context length
+    (or an error).
 
-    Truncation keeps BOS, the first `max_length - 2` tokens and EOS, exactly as the
-    tokenizer's own `truncation=True, max_length=...` does.
+    Truncation keeps the leading special tokens, the first tokens of the text and the final
+    special token (EOS / [SEP] / </s>), exactly as the tokenizer's own `truncation=True,
+    max_length=...` does.
     """
-    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False, padding=False)["input_ids"]
+    rows = [t.lower() for t in texts] if spec.lowercase else list(texts)
+    encoded = tokenizer(rows, add_special_tokens=True, truncation=False, padding=False)["input_ids"]
     out: list[list[int] | InvalidInput] = []
     for row, ids in enumerate(encoded):
         if len(ids) <= spec.max_length:
@@ -223,11 +310,11 @@ def tokenize(tokenizer, texts: Sequence[str], spec: TextSpec) -> list[list[int] 
     return out
 
 
-def pad_ids(rows: Sequence[Sequence[int]], pad_id: int):
-    """Pad id lists to the longest row: (input_ids, attention_mask) int64 arrays."""
+def pad_ids(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
+    """Pad id lists on the right to `width` (default: the longest row): (input_ids, attention_mask) int64."""
     import numpy as np
 
-    width = max(len(r) for r in rows)
+    width = max([len(r) for r in rows] + [width or 0])
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):

@@ -14,15 +14,17 @@ import shutil
 import tempfile
 from typing import Any
 
-from clip_pyfunc.checkpoint import ResolvedCheckpoint, export_tower, read_clip_config, resolve_checkpoint
+from clip_pyfunc.checkpoint import CheckpointInfo, ResolvedCheckpoint, export_towers, resolve_checkpoint
 from clip_pyfunc.config import RegistryConfig, RuntimeConfig, Settings
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # What the served model needs, pinned to what logged it (MLflow's own convention). No pyspark,
 # no pytest: the serving container builds from exactly this list plus the shipped code.
+# sentencepiece and protobuf: SigLIP's tokenizer is SentencePiece-only and needs both to load.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
-                      "pillow", "pybase64", "numpy", "pandas")
+                      "pillow", "pybase64", "numpy", "pandas", "sentencepiece", "protobuf")
 TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
+TAG_FAMILY, TAG_SCORING, TAG_SCALE, TAG_BIAS = "family", "scoring", "score_scale", "score_bias"
 
 
 # The request contract, written where MLflow shows it (model metadata, version description),
@@ -84,23 +86,35 @@ def _copy_package(target: str) -> str:
     return dest
 
 
+def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> dict[str, str]:
+    """What both models and their registry versions record: source, dimension, family and scoring.
+
+    The scoring constants are what the zero-shot classifier and `evaluate` use: softmax over
+    labels of scale*cos (CLIP-like; scale = exp(logit_scale), or 1/temperature for ALIGN), or
+    an independent sigmoid(scale*cos + bias) per label (SigLIP).
+    """
+    tags = {TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: str(info.embedding_dim),
+            TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale), TAG_BIAS: repr(info.bias)}
+    if checkpoint.random_init:
+        tags[TAG_RANDOM] = checkpoint.random_init
+    return tags
+
+
 def log_tower(
-    checkpoint: ResolvedCheckpoint, tower: str, runtime: RuntimeConfig, workdir: str,
-    registered_name: str | None = None,
+    checkpoint: ResolvedCheckpoint, info: CheckpointInfo, tower: str, artifact: str, runtime: RuntimeConfig,
+    workdir: str, registered_name: str | None = None,
 ):
-    """Log one tower as a pyfunc model in the active run; register it when a name is given.
+    """Log one exported tower as a pyfunc model in the active run; register it when a name is given.
 
     Returns:
         mlflow's ModelInfo.
     """
     import mlflow
 
-    artifact = export_tower(checkpoint, tower, os.path.join(workdir, f"{tower}_tower"))
     code_dir = os.path.join(workdir, "code")
     package = os.path.join(code_dir, "clip_pyfunc")
     if not os.path.isdir(package):
         _copy_package(code_dir)
-    dim = read_clip_config(checkpoint.path)["projection_dim"]
     return mlflow.pyfunc.log_model(
         name=f"clip_{tower}_embedding",
         python_model=_entry_file(tower),
@@ -111,8 +125,7 @@ def log_tower(
         pip_requirements=pip_requirements(),
         model_config=runtime.to_dict(),
         registered_model_name=registered_name,
-        metadata={TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: dim,
-                  TAG_RANDOM: checkpoint.random_init or "", "input": INPUT_CONTRACT},
+        metadata={**model_metadata(checkpoint, info), "input": INPUT_CONTRACT},
     )
 
 
@@ -123,58 +136,60 @@ def register_models(settings: Settings) -> dict[str, Any]:
         settings: Checkpoint source, registry names and alias, runtime config.
 
     Returns:
-        A JSON-ready summary: names, versions, `models:/name@alias` URIs, dimension,
-        checkpoint and revision, and whether the weights are random.
+        A JSON-ready summary: names, versions, `models:/name@alias` URIs, dimension, family,
+        scoring, checkpoint and revision, and whether the weights are random.
 
     Raises:
-        ModelLoadError: The checkpoint cannot be found or read.
+        ModelLoadError: The checkpoint cannot be found or read, or is not a supported family.
     """
     import mlflow
     from mlflow import MlflowClient
 
     checkpoint = resolve_checkpoint(settings.model.source, settings.model.revision, settings.model.cache_dir)
-    dim = int(read_clip_config(checkpoint.path)["projection_dim"])
     reg: RegistryConfig = settings.registry
     mlflow.set_experiment(reg.experiment)
     client = MlflowClient()
     models = {}
-    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir, mlflow.start_run(
-        run_name=f"register {checkpoint.source}"
-    ) as run:
-        mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision, "embedding_dim": dim})
-        for tower, name in (("text", reg.text_name), ("image", reg.image_name)):
-            info = log_tower(checkpoint, tower, settings.runtime, workdir, registered_name=name)
-            version = str(info.registered_model_version)
-            tags = {TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: str(dim)}
-            if checkpoint.random_init:
-                tags[TAG_RANDOM] = checkpoint.random_init
-            for key, value in tags.items():
-                client.set_model_version_tag(name, version, key, value)
-            client.update_model_version(name, version, description=_description(tower, checkpoint, dim))
-            client.set_registered_model_alias(name, reg.alias, version)
-            models[tower] = {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}",
-                             "model_uri": info.model_uri}
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
+        info, artifacts = export_towers(checkpoint, workdir)
+        tags = model_metadata(checkpoint, info)
+        with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
+            mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
+                               "embedding_dim": info.embedding_dim, "family": info.family})
+            for tower, name in (("text", reg.text_name), ("image", reg.image_name)):
+                model_info = log_tower(checkpoint, info, tower, artifacts[tower], settings.runtime, workdir,
+                                       registered_name=name)
+                version = str(model_info.registered_model_version)
+                for key, value in tags.items():
+                    client.set_model_version_tag(name, version, key, value)
+                client.update_model_version(name, version, description=_description(tower, checkpoint, info))
+                client.set_registered_model_alias(name, reg.alias, version)
+                models[tower] = {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}",
+                                 "model_uri": model_info.model_uri}
     summary = {
         "tracking_uri": mlflow.get_tracking_uri(),
         "registry_uri": mlflow.get_registry_uri(),
         "run_id": run.info.run_id,
         "checkpoint": checkpoint.source,
         "revision": checkpoint.revision,
-        "embedding_dim": dim,
+        "family": info.family,
+        "embedding_dim": info.embedding_dim,
+        "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
         "alias": reg.alias,
         "models": models,
     }
     if checkpoint.random_init:
         summary["random_init"] = checkpoint.random_init
-        summary["warning"] = "random weights: vectors are meaningless stand-ins, not CLIP embeddings"
+        summary["warning"] = "random weights: vectors are meaningless stand-ins, not real embeddings"
     return summary
 
 
-def _description(tower: str, checkpoint: ResolvedCheckpoint, dim: int) -> str:
+def _description(tower: str, checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> str:
+    dim = info.embedding_dim
     what = "text (string)" if tower == "text" else "image (base64 string or raw bytes)"
     random = f" RANDOM WEIGHTS ({checkpoint.random_init}): vectors are meaningless." if checkpoint.random_init else ""
     return (
-        f"CLIP {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, "
+        f"{info.family} {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, "
         f"of {what}. Output: float32 [{dim}], L2-normalised (param normalize=false for raw). "
         f"Text and image vectors of this checkpoint share one space.{random}"
     )

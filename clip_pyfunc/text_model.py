@@ -1,4 +1,4 @@
-"""The text embedding pyfunc model: strings -> CLIP text vectors."""
+"""The text embedding pyfunc model: strings -> text vectors of any supported family."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from clip_pyfunc.preprocess import TextSpec, tokenize
 
 
 class ClipTextEmbedding(ClipEmbeddingModel):
-    """CLIP text tower as a pyfunc model.
+    """A dual encoder's text tower as a pyfunc model (padding, lowercasing and mask per family).
 
     Input: DataFrame with a string column `input` (empty and non-ASCII text allowed).
     Output: float32 (n, dim), L2-normalised unless `params={"normalize": False}`.
@@ -21,15 +21,18 @@ class ClipTextEmbedding(ClipEmbeddingModel):
     tower = "text"
 
     def _load_tower(self, path: str):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import AutoTokenizer
 
-        model = self._load_weights(CLIPTextModelWithProjection, path)
+        model = self._load_weights(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         pad_id = self.tokenizer.pad_token_id
         self.text_spec = TextSpec(
-            max_length=int(model.config.max_position_embeddings),
+            max_length=self.info.context_length,
             pad_id=self.tokenizer.eos_token_id if pad_id is None else pad_id,
             truncate=self.config.truncate_text,
+            pad_to=self.info.pad_to,
+            lowercase=self.info.lowercase,
+            attention_mask=self.info.attention_mask,
         )
         return model
 
@@ -50,4 +53,4 @@ class ClipTextEmbedding(ClipEmbeddingModel):
             return
         for batch in length_sorted_batches([len(item) for _, item in good], self.runtime.batch_size):
             rows = [good[i][0] for i in batch]
-            yield rows, encode_token_ids(self.model, [good[i][1] for i in batch], self.text_spec.pad_id, self.runtime), []
+            yield rows, encode_token_ids(self.model, [good[i][1] for i in batch], self.text_spec, self.runtime), []

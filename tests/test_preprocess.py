@@ -64,7 +64,8 @@ def test_every_byte_value_normalises_exactly_as_transformers(tiny_checkpoint):
 
 
 def test_fixed_size_processor_config(tmp_path):
-    cfg = {"do_resize": True, "size": {"height": 40, "width": 50}, "do_center_crop": False,
+    cfg = {"image_processor_type": "CLIPImageProcessor",
+           "do_resize": True, "size": {"height": 40, "width": 50}, "do_center_crop": False,
            "image_mean": [0, 0, 0], "image_std": [1, 1, 1], "resample": 2}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     spec = read_image_spec(str(tmp_path))
@@ -73,8 +74,15 @@ def test_fixed_size_processor_config(tmp_path):
 
 
 def test_unsupported_processor_step_is_named(tmp_path):
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_pad": True, "size": {"shortest_edge": 8}}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "do_pad": True, "size": {"shortest_edge": 8}}))
     with pytest.raises(ModelLoadError, match=r"asks for steps \['do_pad'\]; supported"):
+        read_image_spec(str(tmp_path))
+
+
+def test_unsupported_processor_class_is_named(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ViTImageProcessor"}))
+    with pytest.raises(ModelLoadError, match=r"image processor ViTImageProcessor is not supported; supported: .*Siglip"):
         read_image_spec(str(tmp_path))
 
 
