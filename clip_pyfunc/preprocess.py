@@ -11,8 +11,6 @@ ratios, whose full resize would be huge.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from dataclasses import dataclass
 from typing import Sequence
 

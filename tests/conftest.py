@@ -8,7 +8,10 @@ from __future__ import annotations
 import base64
 import io
 import os
+import signal
 import socket
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +45,28 @@ def registered(tiny_checkpoint, tracking_uri) -> dict:
     from clip_pyfunc.registry import register_models
 
     return register_models(load_settings(None, {"model": {"source": tiny_checkpoint}}))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """One tiny random checkpoint per family (tests/family_checkpoints.py), by name."""
+    import family_checkpoints
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: family_checkpoints.build(name, str(root / name)) for name in sorted(family_checkpoints.BUILDERS)}
+
+
+@pytest.fixture(scope="session")
+def registered_families(checkpoints, tracking_uri) -> dict[str, dict]:
+    """Each family's text and image models registered as `<name>_text` / `<name>_image` @champion."""
+    from clip_pyfunc.registry import register_models
+
+    out = {}
+    for name, path in checkpoints.items():
+        settings = load_settings(None, {"model": {"source": path},
+                                        "registry": {"text_name": f"{name}_text", "image_name": f"{name}_image"}})
+        out[name] = register_models(settings)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +130,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(cmd, log_path):
+    """Start a server subprocess in its own process group, stderr to `log_path`."""
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
+                            env=dict(os.environ), start_new_session=True)
+
+
+def wait_ready(url, proc, log_path, seconds=180, path="/ping"):
+    """Wait until `url + path` answers 200; fail with the server's log if it exits or never does."""
+    import requests
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited: " + open(log_path).read()[-3000:])
+        try:
+            if requests.get(f"{url}{path}", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server not ready: " + open(log_path).read()[-3000:])
+
+
+def stop_server(proc):
+    """Stop a server started by start_server, and everything it started."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -20,31 +20,13 @@ from mlflow import MlflowClient
 import family_checkpoints
 from conftest import b64, encode, photo
 from clip_pyfunc.checkpoint import features
-from clip_pyfunc.config import load_settings
 from clip_pyfunc.decode import ImageLimits, open_image
 from clip_pyfunc.errors import ModelLoadError
-from clip_pyfunc.registry import register_models
 
-FAMILIES = sorted(family_checkpoints.BUILDERS)
+FAMILIES = sorted(family_checkpoints.BUILDERS)  # the checkpoints and registered_families fixtures: conftest
 TEXTS = ["a photo of a cat", "A PHOTO of a DOG, running!", "", "ünïcödé ✓ 一张猫的照片", "the cat is on the mat " * 40]
 IMAGES = [encode(photo(80, 60, 1), "PNG"), encode(photo(45, 90, 2), "JPEG", quality=90),
           encode(photo(300, 200, 3).convert("L"), "PNG"), encode(photo(33, 33, 4), "WEBP")]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("families")
-    return {name: family_checkpoints.build(name, str(root / name)) for name in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def registered_families(checkpoints, tracking_uri) -> dict[str, dict]:
-    out = {}
-    for name, path in checkpoints.items():
-        settings = load_settings(None, {"model": {"source": path},
-                                        "registry": {"text_name": f"{name}_text", "image_name": f"{name}_image"}})
-        out[name] = register_models(settings)
-    return out
 
 
 def _reference(path: str):
@@ -214,3 +196,33 @@ def test_unknown_model_type_lists_the_families(tmp_path):
         assert f"model_type {model_type!r}" in str(e.value) and extra in str(e.value)
         for family in ("align", "altclip", "chinese_clip", "clip", "metaclip_2", "siglip", "siglip2"):
             assert repr(family) in str(e.value)
+
+
+@pytest.mark.serving
+@pytest.mark.parametrize("name", FAMILIES)
+def test_served_equals_local(registered_families, name, tmp_path):
+    """`mlflow models serve` of both towers, plain MLflow, loading by alias: served == local."""
+    import sys
+
+    import requests
+
+    from conftest import free_port, start_server, stop_server, wait_ready
+
+    servers = {}
+    try:
+        for tower in ("text", "image"):
+            port, log = free_port(), tmp_path / f"{tower}.log"
+            proc = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                 registered_families[name]["models"][tower]["uri"], "--env-manager", "local",
+                                 "-p", str(port)], log)
+            servers[tower] = (f"http://127.0.0.1:{port}", proc, log)
+        for tower, rows in (("text", TEXTS), ("image", [b64(x) for x in IMAGES])):
+            url, proc, log = servers[tower]
+            wait_ready(url, proc, log)
+            r = requests.post(f"{url}/invocations", json={"inputs": rows}, timeout=60)
+            assert r.status_code == 200, r.text[:500]
+            local = mlflow.pyfunc.load_model(registered_families[name]["models"][tower]["uri"]).predict(rows)
+            assert np.abs(np.asarray(r.json()["predictions"], dtype=np.float32) - local).max() <= 1e-6
+    finally:
+        for _, proc, _ in servers.values():
+            stop_server(proc)

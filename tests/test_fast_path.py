@@ -63,7 +63,7 @@ def test_int8_on_cuda_and_cuda_without_gpu_are_errors():
 
 def test_text_is_padded_to_the_batch_longest_not_77(registered):
     model = mlflow.pyfunc.load_model(registered["models"]["text"]["uri"], model_config={"batch_size": 4})
-    tower = model.unwrap_python_model().model
+    tower = model.unwrap_python_model().model.text_model  # the encoder inside the family's full class
     widths = []
     hook = tower.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
                                            with_kwargs=True)
@@ -94,6 +94,6 @@ def test_bench_cli_on_tiny_random_model(tmp_path):
             assert set(data["by_batch"]) == {"1", "4"}
             assert all(r["e2e_over_raw"] > 0 for r in data["by_batch"].values())
     assert result["texts"]["short_queries"]["by_batch"]["4"]["tokens_padded_to"] < 77
-    assert {"image_model", "text_model", "full_clipmodel"} <= set(result["rss_mib"])
+    assert {"image_model", "text_model", "full_model"} <= set(result["rss_mib"])
     assert result["rss_mib"]["image_model"]["model"] > 0
     assert "e2e/raw" in out.stderr

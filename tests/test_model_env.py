@@ -19,20 +19,38 @@ from mlflow.models import convert_input_example_to_serving_input
 from conftest import b64, encode, photo
 
 
-@pytest.mark.slow
-@pytest.mark.env
-def test_image_model_predicts_in_env_built_from_model_alone(tmp_path, registered, image_model):
-    frame = pd.DataFrame({"input": [b64(encode(photo(64, 48, s), "JPEG")) for s in range(3)]})
+def _predict_in_env_built_from_model_alone(uri: str, frame: pd.DataFrame, tmp_path) -> np.ndarray:
     (tmp_path / "in.json").write_text(convert_input_example_to_serving_input(frame))
     env = dict(os.environ)
     if os.path.isdir("/opt/wheels"):  # uv ignores pip's find-links; without it torch resolves to the CUDA build
         env["UV_FIND_LINKS"] = "/opt/wheels"
     out = subprocess.run(
-        [sys.executable, "-m", "mlflow", "models", "predict", "-m", registered["models"]["image"]["uri"],
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", uri,
          "--env-manager", "uv", "-i", str(tmp_path / "in.json"), "--content-type", "json",
          "-o", str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=1500, env=env,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    got = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"], dtype=np.float32)
+    return np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"], dtype=np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.env
+def test_image_model_predicts_in_env_built_from_model_alone(tmp_path, registered, image_model):
+    frame = pd.DataFrame({"input": [b64(encode(photo(64, 48, s), "JPEG")) for s in range(3)]})
+    got = _predict_in_env_built_from_model_alone(registered["models"]["image"]["uri"], frame, tmp_path)
     np.testing.assert_allclose(got, image_model.predict(frame), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.env
+def test_sentencepiece_text_model_predicts_in_env_built_from_model_alone(tmp_path, registered_families):
+    """SigLIP's tokenizer needs sentencepiece and protobuf: the logged requirements must bring them."""
+    import mlflow
+
+    uri = registered_families["siglip"]["models"]["text"]["uri"]
+    reqs = open(os.path.join(mlflow.artifacts.download_artifacts(uri), "requirements.txt")).read()
+    assert "sentencepiece==" in reqs and "protobuf==" in reqs
+    frame = pd.DataFrame({"input": ["a photo of a cat", "A PHOTO, of a dog!"]})
+    got = _predict_in_env_built_from_model_alone(uri, frame, tmp_path)
+    np.testing.assert_allclose(got, mlflow.pyfunc.load_model(uri).predict(frame), atol=1e-6)

@@ -8,16 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import requests
 from mlflow import MlflowClient
 
-from conftest import free_port
+from conftest import free_port, start_server, stop_server, wait_ready
 from clip_pyfunc.config import load_settings
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.registry import register_models
@@ -79,29 +77,17 @@ def test_dotted_names_pass_through(tmp_path, tiny_checkpoint):
 def mlflow_server(tmp_path):
     """A real `mlflow server` subprocess on a free loopback port."""
     port = free_port()
-    proc = subprocess.Popen(
+    log = tmp_path / "server.log"
+    proc = start_server(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
-    )
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"], log)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "server.log").read_text())
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not come up: " + (tmp_path / "server.log").read_text()[-2000:])
+        wait_ready(url, proc, log, seconds=60, path="/health")
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
 def test_register_against_real_mlflow_server(mlflow_server, tiny_checkpoint, text_model):
@@ -159,5 +145,5 @@ def test_missing_or_wrong_checkpoint_directory(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         register_models(_settings(str(tmp_path / "nope")))
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(ModelLoadError, match="holds a 'bert' model"):
+    with pytest.raises(ModelLoadError, match="model_type 'bert', which is not a supported dual-encoder family"):
         register_models(_settings(str(tmp_path)))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import b64, encode, free_port, photo
+from conftest import b64, encode, free_port, photo, start_server, stop_server, wait_ready
 from clip_pyfunc.config import ServeConfig, load_settings
 from clip_pyfunc.registry import register_models
 from clip_pyfunc.serve import serve_command
@@ -37,58 +36,28 @@ def served_models(tiny_checkpoint, tracking_uri):
     return register_models(settings)
 
 
-def _start(cmd, log_path):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
-                            env=dict(os.environ), start_new_session=True)
-    return proc
-
-
-def _wait_ready(url, proc, log_path, seconds=180):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited: " + open(log_path).read()[-3000:])
-        try:
-            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server not ready: " + open(log_path).read()[-3000:])
-
-
-def _stop(proc):
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def image_server(served_models, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("srv") / "image.log"
-    proc = _start(["clip-pyfunc", "serve", "--model-uri", served_models["models"]["image"]["uri"],
+    proc = start_server(["clip-pyfunc", "serve", "--model-uri", served_models["models"]["image"]["uri"],
                    "--port", str(port), "--timeout", "30"], log)
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, proc, log)
+    wait_ready(url, proc, log)
     yield {"url": url, "proc": proc}
-    _stop(proc)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
 def text_server(served_models, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("srv") / "text.log"
-    proc = _start([sys.executable, "-m", "mlflow", "models", "serve", "-m", served_models["models"]["text"]["uri"],
+    proc = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", served_models["models"]["text"]["uri"],
                    "--env-manager", "local", "-p", str(port)], log)
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, proc, log)
+    wait_ready(url, proc, log)
     yield {"url": url, "proc": proc}
-    _stop(proc)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -228,3 +228,23 @@ def test_mlproject_embed_table_entry_point(image_table, registered, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"failed": 4' in out.stdout
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_every_family_through_the_spark_job(spark, registered_families, tower, tmp_path):
+    """The Spark job gives each family's local vectors, one table per family and tower."""
+    import mlflow
+
+    rows = (["a photo of a cat", "A PHOTO of a DOG", "", None] if tower == "text"
+            else [b64(encode(photo(60 + 10 * i, 45, i), "JPEG")) for i in range(3)] + ["%%% not base64"])
+    source = str(tmp_path / "in.parquet")
+    pd.DataFrame({"id": range(len(rows)), "value": rows}).to_parquet(source)
+    for name, summary in sorted(registered_families.items()):
+        uri = summary["models"][tower]["uri"]
+        out = str(tmp_path / f"{name}.parquet")
+        report = run_job(spark, model_uri=uri, source=source, output=out, id_col="id", input_col="value")
+        assert (report["rows"], report["failed"]) == (4, 1), name
+        got = spark.read.parquet(out).toPandas().sort_values("id").reset_index(drop=True)
+        want = mlflow.pyfunc.load_model(uri).predict(rows[:3])
+        assert np.abs(np.stack(got["embedding"][:3].to_list()) - want).max() <= 1e-6, name
+        assert got["embedding"][3] is None and isinstance(got["error"][3], str)

@@ -2,7 +2,8 @@
 
 Everything runs in one process on one set of weights, so the ratios are what counts:
 end-to-end / raw forward (how much of the budget is not the model) and end-to-end / naive
-(what a user gains over CLIPProcessor + CLIPModel on full-size photos, text padded to 77).
+(what a user gains over the family's processor + full model on full-size photos, text padded
+to the context length).
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def _rates(fns: dict, rows: int, rounds: int = 5) -> dict:
 
 # What a process that serves or embeds has imported before it loads a model (transformers'
 # CLIP modelling code alone takes about 2.5 s to import here).
-_IMPORTS = ("import torch, mlflow, transformers, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
-            "from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection")
+_IMPORTS = "import torch, mlflow, transformers, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
+
+
+def _imports(model_class: str) -> str:
+    """The common imports plus the family's modelling code."""
+    return _IMPORTS + f"from transformers import {model_class}\n"
 _RSS = ("def _rss():\n    import gc; gc.collect()\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024\n")
 
@@ -82,20 +87,20 @@ def _rss_subprocess(imports: str, load: str) -> dict:
     return {"after_imports": round(base, 1), "after_load": round(loaded, 1), "model": round(loaded - base, 1)}
 
 
-def memory(image_uri: str, text_uri: str, checkpoint: str) -> dict:
+def memory(image_uri: str, text_uri: str, checkpoint: str, model_class: str) -> dict:
     """Resident memory of each model after loading and one forward (weights load lazily, so a
-    forward is what makes them resident), vs the full CLIPModel doing both forwards."""
-    base = _IMPORTS + "\nimport pandas as pd\nfrom clip_pyfunc.registry import input_example"
-    full = (f"(m := transformers.CLIPModel.from_pretrained({checkpoint!r}).eval(), "
+    forward is what makes them resident), vs the family's full model doing both forwards."""
+    base = _imports(model_class) + "\nimport pandas as pd\nfrom clip_pyfunc.registry import input_example"
+    full = (f"(m := transformers.{model_class}.from_pretrained({checkpoint!r}).eval(), "
             "m.get_text_features(input_ids=torch.tensor([[1, 2]])), "
-            "m.get_image_features(pixel_values=torch.zeros(1, 3, m.config.vision_config.image_size, "
-            "m.config.vision_config.image_size)))")
+            f"m.get_image_features(**transformers.AutoImageProcessor.from_pretrained({checkpoint!r}, backend='pil')"
+            "(images=[__import__('PIL.Image').Image.new('RGB', (64, 48))], return_tensors='pt')))")
     return {
         "image_model": _rss_subprocess(base, f"(m := mlflow.pyfunc.load_model({image_uri!r}), "
                                              "m.predict(input_example('image')))"),
         "text_model": _rss_subprocess(base, f"(m := mlflow.pyfunc.load_model({text_uri!r}), "
                                             "m.predict(input_example('text')))"),
-        "full_clipmodel": _rss_subprocess(base, full),
+        "full_model": _rss_subprocess(base, full),
     }
 
 
@@ -107,7 +112,9 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     import pandas as pd
     import torch
 
-    from clip_pyfunc.checkpoint import resolve_checkpoint
+    from clip_pyfunc.checkpoint import features, resolve_checkpoint
+    from clip_pyfunc.errors import ModelLoadError
+    from clip_pyfunc.families import family_for
     from clip_pyfunc.config import load_settings
     from clip_pyfunc.decode import decode_images
     from clip_pyfunc.encode import encode_pixels, encode_token_ids
@@ -128,13 +135,14 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     mlflow.create_experiment("clip-pyfunc", artifact_location=os.path.join(tmp, "artifacts"))
     summary = register_models(load_settings(None, {"model": {"source": path}}))
     image_uri, text_uri = summary["models"]["image"]["uri"], summary["models"]["text"]["uri"]
+    model_class = family_for(summary["family"]).model_class
     result = {"benchmark": "bench", "checkpoint": model or f"random-init {random_init}",
               "random_weights": bool(random_init), "machine": machine_info(), "batch_sizes": list(batch_sizes)}
     if random_init:
         result["note"] = "randomly initialised weights with real shapes: same compute, meaningless vectors"
 
     # Load time of the registered image model, in a fresh interpreter, after imports.
-    load_code = (f"import time\n{_IMPORTS}\n"
+    load_code = (f"import time\n{_imports(model_class)}\n"
                  f"t = time.perf_counter(); mlflow.pyfunc.load_model({image_uri!r})\n"
                  "print('LOAD', time.perf_counter() - t)")
     loads = []
@@ -145,23 +153,26 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     result["load_seconds_image_model"] = round(min(loads), 2)
 
     # Memory: each tower alone vs the full CLIPModel (peak RSS of fresh processes).
-    result["rss_mib"] = memory(image_uri, text_uri, path)
+    result["rss_mib"] = memory(image_uri, text_uri, path, model_class)
 
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    full = CLIPModel.from_pretrained(path).eval()
-    processor = CLIPImageProcessorPil.from_pretrained(path)
+    full = AutoModel.from_pretrained(path).eval()
+    processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_model = mlflow.pyfunc.load_model(image_uri)
     text_model = mlflow.pyfunc.load_model(text_uri)
     ip, tp = image_model.unwrap_python_model(), text_model.unwrap_python_model()
+    if ip.image_spec.naflex:
+        raise ModelLoadError("the bench's raw-forward baseline takes fixed-size families; NaFlex is not benchmarked")
+    result["family"] = summary["family"]
 
     def naive_images(values):
         from PIL import Image
 
         imgs = [Image.open(io.BytesIO(__import__("base64").b64decode(v))).convert("RGB") for v in values]
         with torch.inference_mode():
-            f = full.get_image_features(**processor(imgs, return_tensors="pt")).pooler_output
+            f = features(full.get_image_features(**processor(imgs, return_tensors="pt")))
         return (f / f.norm(dim=-1, keepdim=True)).numpy()
 
     images = {}
@@ -194,18 +205,21 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             ids = tokenize(tp.tokenizer, batch, tp.text_spec)
 
             def naive():
-                enc = tokenizer(batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+                enc = tokenizer(batch, padding="max_length", max_length=tp.text_spec.max_length, truncation=True,
+                                return_tensors="pt")
+                if not tp.text_spec.attention_mask:
+                    enc.pop("attention_mask", None)
                 with torch.inference_mode():
-                    f = full.get_text_features(**enc).pooler_output
+                    f = features(full.get_text_features(**enc))
                 return f / f.norm(dim=-1, keepdim=True)
 
             r = _rates({"e2e": lambda: text_model.predict(frame),
-                        "raw": lambda: encode_token_ids(tp.model, ids, tp.text_spec.pad_id, tp.runtime),
+                        "raw": lambda: encode_token_ids(tp.model, ids, tp.text_spec, tp.runtime),
                         "naive": naive}, bs, rounds=5)
             e2e, raw, nv = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2), "naive_per_s": round(nv, 2),
                              "e2e_over_raw": round(e2e / raw, 3), "e2e_over_naive": round(e2e / nv, 3),
-                             "tokens_padded_to": int(pad_ids(ids, 0)[0].shape[1])}
+                             "tokens_padded_to": int(pad_ids(ids, 0, tp.text_spec.pad_to)[0].shape[1])}
         texts[name] = {"by_batch": rows}
     result["texts"] = texts
 
