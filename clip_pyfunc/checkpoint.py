@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.random_checkpoint import RANDOM_INIT_KEY
+from clip_pyfunc.toy_checkpoint import TOY_KEY
 
 _HUB_FILES = ["*.json", "*.txt", "*.safetensors", "*.model"]  # *.model: SentencePiece vocabularies
 _HUB_FALLBACK_WEIGHTS = ["pytorch_model.bin"]
@@ -32,12 +33,15 @@ class ResolvedCheckpoint:
         source: What the user asked for (hub id or directory).
         revision: The hub commit of the snapshot, or "local" for a directory.
         random_init: The architecture name when the weights are random (see random_checkpoint).
+        toy: The toy checkpoint's record (task, labels, zero-shot accuracy) when it is the
+            trained toy (see toy_checkpoint); None otherwise.
     """
 
     path: str
     source: str
     revision: str
     random_init: str | None
+    toy: dict | None = None
 
 
 def resolve_checkpoint(source: str, revision: str | None = None, cache_dir: str | None = None) -> ResolvedCheckpoint:
@@ -64,7 +68,8 @@ def resolve_checkpoint(source: str, revision: str | None = None, cache_dir: str 
         resolved_revision = os.path.basename(os.path.normpath(path))
     config = read_config(path)
     return ResolvedCheckpoint(
-        path=path, source=source, revision=resolved_revision, random_init=config.get(RANDOM_INIT_KEY)
+        path=path, source=source, revision=resolved_revision, random_init=config.get(RANDOM_INIT_KEY),
+        toy=config.get(TOY_KEY),
     )
 
 

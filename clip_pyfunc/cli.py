@@ -54,20 +54,22 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     import mlflow
     import pandas as pd
 
-    from clip_pyfunc.samples import SAMPLE_TEXTS, sample_images_b64
+    from clip_pyfunc.samples import SAMPLE_TEXTS, sample_images_b64, sample_names
 
     summary = cmd_register(args)
     text = mlflow.pyfunc.load_model(summary["models"]["text"]["uri"])
     image = mlflow.pyfunc.load_model(summary["models"]["image"]["uri"])
     t = text.predict(pd.DataFrame({"input": list(SAMPLE_TEXTS)}))
     i = image.predict(pd.DataFrame({"input": sample_images_b64()}))
+    scores = t @ i.T
     summary["demo"] = {
         "texts": list(SAMPLE_TEXTS),
-        "images": ["red square (JPEG)", "blue circle (JPEG)"],
+        "images": [f"{name} (JPEG)" for name in sample_names()],
+        "best_image_for_text": {text: sample_names()[int(row.argmax())] for text, row in zip(SAMPLE_TEXTS, scores)},
         "text_vectors": list(t.shape),
         "image_vectors": list(i.shape),
         "dtype": str(t.dtype),
-        "cosine_text_x_image": [[round(float(x), 4) for x in row] for row in t @ i.T],
+        "cosine_text_x_image": [[round(float(x), 4) for x in row] for row in scores],
     }
     return summary
 
@@ -78,6 +80,14 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> dict:
     path = save_random_checkpoint(args.path, args.arch, seed=args.seed)
     return {"path": path, "arch": args.arch,
             "warning": "random weights: a stand-in with real shapes, its vectors are meaningless"}
+
+
+def cmd_toy_checkpoint(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.toy_checkpoint import train_toy_checkpoint
+
+    result = train_toy_checkpoint(args.path, seed=args.seed, log=lambda line: print(line, file=sys.stderr))
+    result["warning"] = "toy checkpoint: trained only on generated coloured shapes; its vectors mean nothing else"
+    return result
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
@@ -177,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("toy-checkpoint", help="train a tiny CLIP on generated coloured shapes (about a minute)")
+    p.add_argument("path", help="directory to write (transformers CLIP format)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_toy_checkpoint)
     p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
     p.add_argument("path", help="directory to write")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))

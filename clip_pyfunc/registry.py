@@ -25,6 +25,8 @@ MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetens
                       "pillow", "pybase64", "numpy", "pandas", "sentencepiece", "protobuf")
 TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
 TAG_FAMILY, TAG_SCORING, TAG_SCALE, TAG_BIAS = "family", "scoring", "score_scale", "score_bias"
+TAG_TOY = "toy_checkpoint"
+TOY_WARNING = "toy checkpoint: trained only on generated coloured shapes; its vectors mean nothing else"
 
 
 # The request contract, written where MLflow shows it (model metadata, version description),
@@ -97,6 +99,8 @@ def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> dict
             TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale), TAG_BIAS: repr(info.bias)}
     if checkpoint.random_init:
         tags[TAG_RANDOM] = checkpoint.random_init
+    if checkpoint.toy:
+        tags[TAG_TOY] = f"zero-shot accuracy {checkpoint.toy['zero_shot_accuracy']} on generated shapes"
     return tags
 
 
@@ -181,6 +185,9 @@ def register_models(settings: Settings) -> dict[str, Any]:
     if checkpoint.random_init:
         summary["random_init"] = checkpoint.random_init
         summary["warning"] = "random weights: vectors are meaningless stand-ins, not real embeddings"
+    if checkpoint.toy:
+        summary["toy"] = {k: checkpoint.toy[k] for k in ("task", "zero_shot_accuracy", "held_out_images")}
+        summary["warning"] = TOY_WARNING
     return summary
 
 
@@ -188,6 +195,8 @@ def _description(tower: str, checkpoint: ResolvedCheckpoint, info: CheckpointInf
     dim = info.embedding_dim
     what = "text (string)" if tower == "text" else "image (base64 string or raw bytes)"
     random = f" RANDOM WEIGHTS ({checkpoint.random_init}): vectors are meaningless." if checkpoint.random_init else ""
+    if checkpoint.toy:
+        random = f" TOY CHECKPOINT: {TOY_WARNING}."
     return (
         f"{info.family} {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, "
         f"of {what}. Output: float32 [{dim}], L2-normalised (param normalize=false for raw). "

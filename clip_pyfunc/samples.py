@@ -1,30 +1,36 @@
-"""Small sample inputs made in code (no files to ship): captions and base64 images."""
+"""Small sample inputs made in code (no files to ship): captions and base64 images.
+
+They come from the toy checkpoint's world (one coloured shape on a background), so the demo
+shows right answers with the toy checkpoint; any other checkpoint embeds them just the same.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 
-SAMPLE_TEXTS = ("a red square on white", "a blue circle on white")
+SAMPLE_SHAPES = (("red", "circle"), ("blue", "triangle"), ("green", "square"), ("purple", "triangle"))
+SAMPLE_TEXTS = tuple(f"a {colour} {shape}" for colour, shape in SAMPLE_SHAPES)
 
 
-def sample_image(kind: str, size: tuple[int, int] = (320, 240), fmt: str = "JPEG") -> bytes:
-    """Draw a red square or a blue circle on white and return the encoded bytes."""
-    from PIL import Image, ImageDraw
+def sample_image(colour: str, shape: str, size: int = 256, fmt: str = "JPEG", seed: int = 7) -> bytes:
+    """One coloured shape on a background, as an encoded photo-sized image."""
+    import numpy as np
+    from PIL import Image
 
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    w, h = size
-    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
-    if kind == "square":
-        draw.rectangle(box, fill=(220, 30, 30))
-    else:
-        draw.ellipse(box, fill=(30, 60, 220))
+    from clip_pyfunc.toy_checkpoint import draw
+
+    img, _ = draw(colour, shape, np.random.default_rng(seed), background="grey", size_word="large")
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    img.resize((size, size), Image.BICUBIC).save(buf, format=fmt, quality=92)
     return buf.getvalue()
 
 
+def sample_names() -> list[str]:
+    """What each sample image shows, in order."""
+    return [f"{colour} {shape}" for colour, shape in SAMPLE_SHAPES]
+
+
 def sample_images_b64() -> list[str]:
-    """The two sample images (square, circle) as base64 JPEG strings."""
-    return [base64.b64encode(sample_image(k)).decode("ascii") for k in ("square", "circle")]
+    """The sample images as base64 JPEG strings, in SAMPLE_SHAPES order."""
+    return [base64.b64encode(sample_image(c, s)).decode("ascii") for c, s in SAMPLE_SHAPES]

@@ -27,6 +27,16 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def toy_checkpoint(tmp_path_factory) -> str:
+    """The trained toy CLIP (coloured shapes), for tests that check meaning (about a minute)."""
+    from clip_pyfunc.toy_checkpoint import train_toy_checkpoint
+
+    path = str(tmp_path_factory.mktemp("toy") / "clip-toy")
+    train_toy_checkpoint(path, log=lambda line: None)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
     """A sqlite registry in a temp dir, set for the whole session (artifacts beside it)."""
     import mlflow

@@ -35,15 +35,16 @@ NOTEBOOKS = {
         new_code_cell("import mlflow\nimport pandas as pd\n\n"
                       "text_model = mlflow.pyfunc.load_model(\"models:/clip_text_embedding@champion\")\n"
                       "image_model = mlflow.pyfunc.load_model(\"models:/clip_image_embedding@champion\")"),
-        new_code_cell("from clip_pyfunc.samples import SAMPLE_TEXTS, sample_images_b64\n\n"
+        new_code_cell("from clip_pyfunc.samples import SAMPLE_TEXTS, sample_images_b64, sample_names\n\n"
                       "texts = pd.DataFrame({\"input\": list(SAMPLE_TEXTS)})\n"
                       "images = pd.DataFrame({\"input\": sample_images_b64()})  # base64 JPEGs\n"
                       "text_vectors = text_model.predict(texts)\nimage_vectors = image_model.predict(images)\n"
                       "text_vectors.shape, image_vectors.shape, text_vectors.dtype"),
         new_code_cell("similarity = pd.DataFrame(text_vectors @ image_vectors.T, index=list(SAMPLE_TEXTS),\n"
-                      "                          columns=[\"red square\", \"blue circle\"])\nsimilarity"),
-        new_markdown_cell("With real CLIP weights each caption scores highest on its own picture; a random "
-                          "stand-in checkpoint gives meaningless numbers of the same shape."),
+                      "                          columns=sample_names())\nsimilarity"),
+        new_markdown_cell("With the toy checkpoint (`clip-pyfunc toy-checkpoint`, trained on generated shapes) "
+                          "or real weights each caption scores highest on its own picture; a random stand-in "
+                          "checkpoint gives meaningless numbers of the same shape."),
     ],
     "03_query_endpoint.ipynb": [
         new_markdown_cell("# Query a running embedding endpoint\n\nStart one first, e.g. "
@@ -67,9 +68,9 @@ NOTEBOOKS = {
         new_code_cell(SETUP + '\nWORKDIR = os.path.abspath(os.environ.get("CLIP_WORKDIR", "spark-demo"))\n'
                       'os.makedirs(WORKDIR, exist_ok=True)'),
         new_code_cell("import pandas as pd\n\nfrom clip_pyfunc.samples import sample_images_b64\n\n"
-                      "square, circle = sample_images_b64()\n"
+                      "red_circle, blue_triangle, *_ = sample_images_b64()\n"
                       "catalogue = pd.DataFrame({\"product_id\": [f\"p{i}\" for i in range(8)],\n"
-                      "                          \"image_b64\": [square, circle] * 3 + [\"not an image\", None]})\n"
+                      "                          \"image_b64\": [red_circle, blue_triangle] * 3 + [\"not an image\", None]})\n"
                       "catalogue.to_parquet(f\"{WORKDIR}/catalogue.parquet\")\ncatalogue.shape"),
         new_code_cell("from clip_pyfunc.spark import run_job, spark_session\n\n"
                       "spark = spark_session(\"local[2]\")\n"
@@ -80,12 +81,12 @@ NOTEBOOKS = {
                       "embeddings[[\"product_id\", \"error\"]]"),
         new_code_cell("import mlflow\nimport numpy as np\n\n"
                       "text_model = mlflow.pyfunc.load_model(\"models:/clip_text_embedding@champion\")\n"
-                      "query = text_model.predict(pd.DataFrame({\"input\": [\"a red square\"]}))[0]\n"
+                      "query = text_model.predict(pd.DataFrame({\"input\": [\"a red circle\"]}))[0]\n"
                       "found = embeddings.dropna(subset=[\"embedding\"]).copy()\n"
                       "found[\"score\"] = [float(np.dot(query, v)) for v in found[\"embedding\"]]\n"
                       "top = found.sort_values(\"score\", ascending=False)[[\"product_id\", \"score\"]].head(3)\n"
                       "spark.stop()\ntop"),
-        new_markdown_cell("With real CLIP weights the red-square products rank first; a random stand-in "
+        new_markdown_cell("With the toy checkpoint or real weights the red-circle products rank first; a random stand-in "
                           "checkpoint ranks arbitrarily. Rows that could not be embedded keep their id, a null "
                           "embedding and the reason in `error`."),
     ],
