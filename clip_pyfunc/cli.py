@@ -82,6 +82,20 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> dict:
             "warning": "random weights: a stand-in with real shapes, its vectors are meaningless"}
 
 
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from clip_pyfunc import evaluate
+    from clip_pyfunc.config import load_settings
+
+    conf = load_settings(args.conf).evaluate
+    result = evaluate.run(args.models, args.data, kind=args.kind, experiment=args.experiment or conf.experiment,
+                          templates=conf.templates, batch_size=conf.batch_size, out_dir=args.out,
+                          tag_versions=args.tag_versions, image_embeddings=args.image_embeddings)
+    kind = result["data"]["kind"]
+    print(open(result["table"]).read(), file=sys.stderr)
+    result["headline_metric"] = evaluate.HEADLINE[kind]
+    return result
+
+
 def cmd_toy_checkpoint(args: argparse.Namespace) -> dict:
     from clip_pyfunc.toy_checkpoint import train_toy_checkpoint
 
@@ -187,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("evaluate", help="compare checkpoints on your own data (one MLflow run each)")
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="registered model URIs (the other tower is paired through its run), directories or hub ids")
+    p.add_argument("--data", required=True, help=".jsonl, .csv or .parquet file, or a folder of images")
+    p.add_argument("--kind", default="auto", choices=["auto", "negatives", "pairs", "labels"])
+    p.add_argument("--experiment", help="MLflow experiment (default from conf: evaluate)")
+    p.add_argument("--out", default="evaluate-out", help="directory for evaluate.md and evaluate.png")
+    p.add_argument("--tag-versions", action="store_true", help="put the headline metric on the registered versions")
+    p.add_argument("--image-embeddings", help="parquet from embed-table (id, embedding) instead of embedding images")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("toy-checkpoint", help="train a tiny CLIP on generated coloured shapes (about a minute)")
     p.add_argument("path", help="directory to write (transformers CLIP format)")
     p.add_argument("--seed", type=int, default=0)

@@ -128,6 +128,30 @@ class ServeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """How `clip-pyfunc evaluate` compares checkpoints.
+
+    Attributes:
+        experiment: MLflow experiment that holds one run per evaluated model.
+        templates: Prompt templates for zero-shot labels ("{}" is the label); the label's
+            vector is the re-normalised mean of its templates' vectors (OpenAI's ensembling).
+        batch_size: Rows embedded per call, which bounds memory on large data sets.
+    """
+
+    experiment: str = "evaluate"
+    templates: tuple[str, ...] = ("a photo of a {}.", "a {}.", "an image of a {}.")
+    batch_size: int = 256
+
+    def __post_init__(self):
+        templates = self.templates
+        if isinstance(templates, list):
+            object.__setattr__(self, "templates", tuple(templates))
+        if not self.templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in self.templates):
+            raise ModelLoadError(f"templates must be a non-empty list of strings with one '{{}}' each, got {templates!r}")
+        _require_positive_int("batch_size", self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the CLI reads from conf/: one section per dataclass."""
 
@@ -135,9 +159,11 @@ class Settings:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
-_SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig, "serve": ServeConfig}
+_SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig, "serve": ServeConfig,
+             "evaluate": EvaluateConfig}
 
 
 def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
