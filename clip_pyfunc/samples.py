@@ -34,3 +34,21 @@ def sample_names() -> list[str]:
 def sample_images_b64() -> list[str]:
     """The sample images as base64 JPEG strings, in SAMPLE_SHAPES order."""
     return [base64.b64encode(sample_image(c, s)).decode("ascii") for c, s in SAMPLE_SHAPES]
+
+
+def write_shape_dataset(folder: str, n: int = 150, seed: int = 1234) -> str:
+    """Write n generated shape images as a labelled folder (one subfolder per label), the layout
+    `clip-pyfunc evaluate` reads; a stand-in for your own labelled images."""
+    import os
+
+    import numpy as np
+
+    from clip_pyfunc.toy_checkpoint import LABELS, draw
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        img, _ = draw(*label.split(), rng)
+        os.makedirs(os.path.join(folder, label), exist_ok=True)
+        img.save(os.path.join(folder, label, f"{i:04d}.png"))
+    return folder

@@ -25,3 +25,14 @@ def test_register_then_embed_notebooks(tmp_path, tiny_checkpoint, monkeypatch):
     assert "models:/clip_image_embedding@champion" in str(registered.cells[2].outputs)
     embedded = _execute("02_embed_texts_and_images.ipynb", tmp_path)
     assert "(2, 32)" in str(embedded.cells[3].outputs) and "float32" in str(embedded.cells[3].outputs)
+
+
+@pytest.mark.slow
+def test_choose_a_checkpoint_notebook(tmp_path, toy_checkpoint, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("CLIP_MODELS", f"{toy_checkpoint},{tiny_checkpoint}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/nb.db")
+    nb = _execute("05_choose_a_checkpoint.ipynb", tmp_path)
+    shown = next(o for o in nb.cells[3].outputs if o.get("output_type") == "execute_result")
+    scores = eval(shown["data"]["text/plain"])  # [(model, top1, images/s), ...]
+    assert scores[0][0] == toy_checkpoint and scores[0][1] >= 0.9
+    assert "| model |" in str(nb.cells[4].outputs) and "image/png" in str(nb.cells[4].outputs)

@@ -90,6 +90,28 @@ NOTEBOOKS = {
                           "checkpoint ranks arbitrarily. Rows that could not be embedded keep their id, a null "
                           "embedding and the reason in `error`."),
     ],
+    "05_choose_a_checkpoint.ipynb": [
+        new_markdown_cell("# Choose a checkpoint on your own data\n\nRuns `clip-pyfunc evaluate` "
+                          "(`clip_pyfunc.evaluate.run`) over a few checkpoints on one labelled data set: zero-shot "
+                          "top-1/top-5 with the family's own scoring, images/s and texts/s on this machine, load time, "
+                          "dimension and artifact size. Each model becomes one MLflow run in the `evaluate` "
+                          "experiment, all on the same data set digest."),
+        new_code_cell('import os\n\n# Hub ids, local directories or registered model URIs, comma-separated.\n'
+                      'MODELS = os.environ.get("CLIP_MODELS", "openai/clip-vit-base-patch32,google/siglip-base-patch16-224")'
+                      '.split(",")\n# Your labelled images: a folder with one subfolder per class (or a .jsonl/.csv/.parquet).\n'
+                      'DATA = os.environ.get("CLIP_EVAL_DATA", "")'),
+        new_code_cell("from clip_pyfunc.samples import write_shape_dataset\n\n"
+                      "if not DATA:  # no data of your own given: generated coloured shapes, the toy checkpoint's world\n"
+                      "    DATA = write_shape_dataset(\"shape-data\", n=150)\nDATA"),
+        new_code_cell("from clip_pyfunc import evaluate\n\n"
+                      "result = evaluate.run(MODELS, DATA, templates=(\"a {}\", \"a photo of a {}\"), out_dir=\"evaluate-out\")\n"
+                      "[(m[\"model\"], m[\"metrics\"][\"top1_accuracy\"], m[\"metrics\"][\"images_per_s\"]) for m in result[\"models\"]]"),
+        new_code_cell("from IPython.display import Image, Markdown, display\n\n"
+                      "display(Markdown(open(result[\"table\"]).read()))\ndisplay(Image(result[\"plot\"]))"),
+        new_markdown_cell("Pick the checkpoint with the quality you need at the speed you can afford. Rows that "
+                          "could not be read are listed per model in `result[\"models\"][i][\"skipped\"]` and counted "
+                          "in `rows_skipped`."),
+    ],
 }
 
 if __name__ == "__main__":
