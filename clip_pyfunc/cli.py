@@ -14,14 +14,15 @@ import sys
 from clip_pyfunc.errors import ClipPyfuncError, ModelLoadError
 
 
-def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
-    p.add_argument("--model", help="hub id or local directory of a transformers CLIP checkpoint")
+    p.add_argument("--model", help="hub id or local directory of a transformers checkpoint (any supported family)")
     p.add_argument("--revision", help="hub branch, tag or commit")
     p.add_argument("--cache-dir", help="Hugging Face hub cache directory")
-    p.add_argument("--text-name", help="registered name of the text model")
-    p.add_argument("--image-name", help="registered name of the image model")
-    p.add_argument("--alias", help="alias to point at the new versions")
+    if names:
+        p.add_argument("--text-name", help="registered name of the text model")
+        p.add_argument("--image-name", help="registered name of the image model")
+        p.add_argument("--alias", help="alias to point at the new versions")
     p.add_argument("--experiment", help="MLflow experiment for the logging run")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="default | auto | fp32 | bf16 | fp16 | int8")
@@ -47,6 +48,20 @@ def cmd_register(args: argparse.Namespace) -> dict:
     from clip_pyfunc.registry import register_models
 
     return register_models(_settings(args))
+
+
+def cmd_register_classifier(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.config import load_settings
+    from clip_pyfunc.registry import register_classifier
+
+    settings = load_settings(args.conf, {
+        "model": {"source": args.model, "revision": args.revision, "cache_dir": args.cache_dir},
+        "registry": {"experiment": args.experiment},
+        "runtime": {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+                    "num_threads": args.num_threads, "truncate_text": args.truncate_text},
+        "classifier": {"name": args.name, "alias": args.alias, "top_k": args.top_k},
+    })
+    return register_classifier(settings, args.labels, dynamic_labels=args.dynamic_labels)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
@@ -158,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="log and register the text and image models, move the alias")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_register)
+    p = sub.add_parser("register-classifier", help="register the zero-shot image classifier (labels from a file)")
+    _add_settings_flags(p, names=False)
+    p.add_argument("--labels", help="label file (default from conf: conf/labels/wearables.yaml)")
+    p.add_argument("--name", help="registered model name (default clip_zero_shot_classifier)")
+    p.add_argument("--alias", help="alias to point at the new version")
+    p.add_argument("--top-k", type=int, help="default of the top_k param (0 = every label)")
+    p.add_argument("--dynamic-labels", action="store_true",
+                   help="ship the text tower too, so requests may send candidate_labels / hypothesis_template")
+    p.set_defaults(func=cmd_register_classifier)
     p = sub.add_parser("demo", help="register, then embed sample texts and images through the registry")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_demo)

@@ -34,6 +34,8 @@ class RuntimeConfig:
         max_rows: Most rows one predict call accepts.
         max_image_bytes: Most bytes of one encoded image (after base64 decoding).
         max_image_pixels: Most pixels (width x height) of one image, checked before decoding.
+        label_cache_size: Classifier with dynamic labels: how many (labels, template) sets keep
+            their vectors between requests.
     """
 
     device: str = "auto"
@@ -45,6 +47,7 @@ class RuntimeConfig:
     max_rows: int = 1024
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 8192 * 8192
+    label_cache_size: int = 256
 
     def __post_init__(self):
         device = self.device
@@ -52,7 +55,7 @@ class RuntimeConfig:
             raise ModelLoadError(f"device {device!r} is not one of {DEVICES} or 'cuda:N'")
         if self.precision not in PRECISIONS:
             raise ModelLoadError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        for name in ("batch_size", "max_rows", "max_image_bytes", "max_image_pixels"):
+        for name in ("batch_size", "max_rows", "max_image_bytes", "max_image_pixels", "label_cache_size"):
             _require_positive_int(name, getattr(self, name))
         if self.num_threads is not None:
             _require_positive_int("num_threads", self.num_threads)
@@ -152,6 +155,31 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClassifierConfig:
+    """How `clip-pyfunc register-classifier` registers the zero-shot classifier.
+
+    Attributes:
+        name: Registered model name.
+        alias: Alias pointed at the new version.
+        labels: The label file (YAML; see clip_pyfunc.labels).
+        templates: Prompt templates for labels without prompts of their own ("{}" is the label).
+        top_k: Default of the `top_k` param (0 returns every label).
+    """
+
+    name: str = "clip_zero_shot_classifier"
+    alias: str = "champion"
+    labels: str = os.path.join("conf", "labels", "wearables.yaml")
+    templates: tuple[str, ...] = ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.")
+    top_k: int = 3
+
+    def __post_init__(self):
+        if isinstance(self.templates, list):
+            object.__setattr__(self, "templates", tuple(self.templates))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ModelLoadError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the CLI reads from conf/: one section per dataclass."""
 
@@ -160,10 +188,11 @@ class Settings:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 _SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig, "serve": ServeConfig,
-             "evaluate": EvaluateConfig}
+             "evaluate": EvaluateConfig, "classifier": ClassifierConfig}
 
 
 def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:

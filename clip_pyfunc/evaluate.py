@@ -200,17 +200,12 @@ def _load_registered(uri: str):
 
 
 def _load_checkpoint(source: str, workdir: str):
-    from types import SimpleNamespace
-
     from clip_pyfunc.checkpoint import export_towers, resolve_checkpoint
-    from clip_pyfunc.image_model import ClipImageEmbedding
-    from clip_pyfunc.text_model import ClipTextEmbedding
+    from clip_pyfunc.registry import local_models
 
     checkpoint = resolve_checkpoint(source)
     _, dirs = export_towers(checkpoint, os.path.join(workdir, str(abs(hash(source)))))
-    text, image = ClipTextEmbedding(), ClipImageEmbedding()
-    text.load_context(SimpleNamespace(artifacts=dirs, model_config=None))
-    image.load_context(SimpleNamespace(artifacts=dirs, model_config=None))
+    text, image = local_models(dirs)
     return text, image, sum(_dir_bytes(d) for d in dirs.values())
 
 

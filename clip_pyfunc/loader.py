@@ -71,12 +71,15 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         try:
             values = input_values(model_input, self.config.max_rows)
-            normalize = self.read_params(params)["normalize"]
-            vectors, errors = self.embed_rows(values, normalize=normalize, stop_on_error=True)
-            if errors:
-                raise combine_row_errors(errors)
+            return self.respond(values, self.read_params(params))
         except InvalidInput as e:
             raise MlflowException.invalid_parameter_value(str(e)) from e
+
+    def respond(self, values: Sequence[object], params: dict[str, Any]):
+        """Answer a checked request: the float32 vectors (n, dim), or one error naming every bad row."""
+        vectors, errors = self.embed_rows(values, normalize=params["normalize"], stop_on_error=True)
+        if errors:
+            raise combine_row_errors(errors)
         return vectors
 
     def embed_rows(self, values: Sequence[object], *, normalize: bool = True, stop_on_error: bool = False):

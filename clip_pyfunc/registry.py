@@ -26,6 +26,7 @@ MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetens
 TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
 TAG_FAMILY, TAG_SCORING, TAG_SCALE, TAG_BIAS = "family", "scoring", "score_scale", "score_bias"
 TAG_TOY = "toy_checkpoint"
+TAG_LABEL_SET, TAG_LABEL_HASH = "label_set", "label_set_hash"
 TOY_WARNING = "toy checkpoint: trained only on generated coloured shapes; its vectors mean nothing else"
 
 
@@ -113,6 +114,13 @@ def log_tower(
     Returns:
         mlflow's ModelInfo.
     """
+    return _log_model(tower, f"clip_{tower}_embedding", {tower: artifact}, model_signature(), input_example(tower),
+                      runtime, workdir, registered_name, {**model_metadata(checkpoint, info), "input": INPUT_CONTRACT})
+
+
+def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
+               registered_name: str | None, metadata: dict):
+    """Log a models-from-code pyfunc (entry file model_code/<entry>.py) with the package as code."""
     import mlflow
 
     code_dir = os.path.join(workdir, "code")
@@ -120,17 +128,115 @@ def log_tower(
     if not os.path.isdir(package):
         _copy_package(code_dir)
     return mlflow.pyfunc.log_model(
-        name=f"clip_{tower}_embedding",
-        python_model=_entry_file(tower),
-        artifacts={tower: artifact},
+        name=name,
+        python_model=_entry_file(entry),
+        artifacts=artifacts,
         code_paths=[package],
-        signature=model_signature(),
-        input_example=input_example(tower),
+        signature=signature,
+        input_example=example,
         pip_requirements=pip_requirements(),
         model_config=runtime.to_dict(),
         registered_model_name=registered_name,
-        metadata={**model_metadata(checkpoint, info), "input": INPUT_CONTRACT},
+        metadata=metadata,
     )
+
+
+def classifier_signature(top_k: int):
+    """The classifier's pinned signature: `labels` and `scores` arrays out, its params declared."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([ColSpec(Array(DataType.string), "labels"), ColSpec(Array(DataType.double), "scores")]),
+        params=ParamSchema([ParamSpec("top_k", DataType.long, top_k),
+                            ParamSpec("candidate_labels", DataType.string, [], (-1,)),
+                            ParamSpec("hypothesis_template", DataType.string, "")]),
+    )
+
+
+def register_classifier(settings: Settings, labels_path: str | None = None, dynamic_labels: bool = False) -> dict:
+    """Register the zero-shot classifier: the image tower, the label matrix and the family's scoring.
+
+    Args:
+        settings: Checkpoint source, runtime config and the `classifier` section.
+        labels_path: A label file; None uses the conf's.
+        dynamic_labels: Also ship the text tower, so requests may send candidate_labels.
+
+    Returns:
+        A JSON-ready summary like register_models', with the label set's name, digest and size.
+
+    Raises:
+        ModelLoadError: A bad label file or checkpoint.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from clip_pyfunc.classifier import save_labels
+    from clip_pyfunc.labels import label_vectors, read_label_file
+
+    cfg = settings.classifier
+    labels = read_label_file(labels_path or cfg.labels, cfg.templates)
+    checkpoint = resolve_checkpoint(settings.model.source, settings.model.revision, settings.model.cache_dir)
+    mlflow.set_experiment(settings.registry.experiment)
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
+        info, towers = export_towers(checkpoint, workdir)
+        text, _ = local_models(towers, settings.runtime)
+        labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels))
+        artifacts = {"image": towers["image"], "labels": labels_dir}
+        if dynamic_labels:
+            artifacts["text"] = towers["text"]
+        tags = {**model_metadata(checkpoint, info), TAG_LABEL_SET: labels.name, TAG_LABEL_HASH: labels.digest,
+                "labels": str(len(labels.labels)), "templates": str(len(labels.templates)),
+                "dynamic_labels": str(dynamic_labels).lower()}
+        with mlflow.start_run(run_name=f"register classifier {checkpoint.source}") as run:
+            mlflow.log_params({"checkpoint": checkpoint.source, "label_set": labels.name, "labels": len(labels.labels),
+                               "family": info.family, "dynamic_labels": dynamic_labels})
+            model_info = _log_model("classifier", "clip_zero_shot_classifier", artifacts,
+                                    classifier_signature(cfg.top_k), input_example("image"), settings.runtime,
+                                    workdir, cfg.name, {**tags, "input": INPUT_CONTRACT})
+    version = str(model_info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.name, version, key, value)
+    toy = f" TOY CHECKPOINT: {TOY_WARNING}." if checkpoint.toy else ""
+    random = f" RANDOM WEIGHTS ({checkpoint.random_init}): scores are meaningless." if checkpoint.random_init else ""
+    client.update_model_version(cfg.name, version, description=(
+        f"Zero-shot image classifier over {len(labels.labels)} labels ({labels.name}, {labels.digest}) with "
+        f"{info.family} {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, of base64 images or "
+        f"raw bytes. Output: labels and scores, best first ({info.scoring} scoring); params top_k"
+        f"{', candidate_labels, hypothesis_template' if dynamic_labels else ''}.{toy}{random}"))
+    client.set_registered_model_alias(cfg.name, cfg.alias, version)
+    summary = {
+        "tracking_uri": mlflow.get_tracking_uri(), "registry_uri": mlflow.get_registry_uri(),
+        "run_id": run.info.run_id, "checkpoint": checkpoint.source, "revision": checkpoint.revision,
+        "family": info.family, "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
+        "label_set": {"name": labels.name, "digest": labels.digest, "labels": len(labels.labels),
+                      "templates": len(labels.templates)},
+        "dynamic_labels": dynamic_labels, "alias": cfg.alias,
+        "models": {"classifier": {"name": cfg.name, "version": version, "uri": f"models:/{cfg.name}@{cfg.alias}",
+                                  "model_uri": model_info.model_uri}},
+    }
+    if checkpoint.toy:
+        summary["warning"] = TOY_WARNING
+    if checkpoint.random_init:
+        summary["warning"] = "random weights: scores are meaningless"
+    return summary
+
+
+def local_models(towers: dict[str, str], runtime: RuntimeConfig | None = None):
+    """The text and image models of exported tower directories, loaded here without MLflow."""
+    from types import SimpleNamespace
+
+    from clip_pyfunc.image_model import ClipImageEmbedding
+    from clip_pyfunc.text_model import ClipTextEmbedding
+
+    context = SimpleNamespace(artifacts=towers, model_config=runtime.to_dict() if runtime else None)
+    text, image = ClipTextEmbedding(), ClipImageEmbedding()
+    text.load_context(context)
+    image.load_context(context)
+    return text, image
 
 
 def register_models(settings: Settings) -> dict[str, Any]:
