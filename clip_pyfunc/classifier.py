@@ -32,7 +32,7 @@ def scores(similarities, scoring: str, scale: float, bias: float):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def save_labels(target: str, label_set, vectors) -> str:
+def save_labels(target: str, label_set, vectors, top_k: int = 3) -> str:
     """Write the label matrix (safetensors) and the label list with its record (JSON): no pickle."""
     from safetensors.numpy import save_file
 
@@ -40,7 +40,8 @@ def save_labels(target: str, label_set, vectors) -> str:
     save_file({"vectors": vectors}, os.path.join(target, VECTORS_FILE))
     with open(os.path.join(target, LABELS_FILE), "w", encoding="utf-8") as f:
         json.dump({"name": label_set.name, "digest": label_set.digest, "labels": list(label_set.labels),
-                   "templates": list(label_set.templates), "prompts": [list(p) for p in label_set.prompts]},
+                   "templates": list(label_set.templates), "prompts": [list(p) for p in label_set.prompts],
+                   "top_k": top_k},
                   f, ensure_ascii=False, indent=2)
     return target
 
@@ -82,7 +83,7 @@ class ClipZeroShotClassifier(ClipImageEmbedding):
         unknown = set(params) - set(self.params_schema)
         if unknown:
             raise InvalidInput(f"unknown params {sorted(unknown)}; allowed: {sorted(self.params_schema)}")
-        top_k = params.get("top_k", self.params_schema["top_k"])
+        top_k = params.get("top_k", self.label_record.get("top_k", self.params_schema["top_k"]))
         if isinstance(top_k, str) and top_k.strip().isdigit():
             top_k = int(top_k)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -111,6 +112,14 @@ class ClipZeroShotClassifier(ClipImageEmbedding):
             raise combine_row_errors(errors)
         labels, ranked = self.classify(vectors, params)
         return pd.DataFrame({"labels": labels, "scores": ranked})
+
+    def table_columns(self, values: Sequence[object], *, normalize: bool = True):
+        """Per-row `labels` and `scores` for table jobs (Spark), None where a row failed, and the row errors."""
+        vectors, errors = self.embed_rows(values, normalize=True)
+        labels, ranked = self.classify(vectors, self.read_params(None))
+        bad = {e.row for e in errors}
+        return {"labels": [None if r in bad else x for r, x in enumerate(labels)],
+                "scores": [None if r in bad else x for r, x in enumerate(ranked)]}, errors
 
     def classify(self, vectors, params: dict[str, Any]):
         """Per row of normalised image vectors: (top labels, their scores), NaN rows giving None."""

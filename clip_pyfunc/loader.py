@@ -108,6 +108,12 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         errors.sort(key=lambda e: e.row)
         return out, errors
 
+    def table_columns(self, values: Sequence[object], *, normalize: bool = True):
+        """Per-row output columns for table jobs (Spark): {"embedding": vectors or None} and the row errors."""
+        vectors, errors = self.embed_rows(values, normalize=normalize)
+        bad = {e.row for e in errors}
+        return {"embedding": [None if row in bad else vectors[row] for row in range(len(values))]}, errors
+
     def read_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """Validate predict-time params against `params_schema`; unknown names are an error."""
         params = dict(params or {})

@@ -184,7 +184,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
         text, _ = local_models(towers, settings.runtime)
-        labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels))
+        labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
         if dynamic_labels:
             artifacts["text"] = towers["text"]

@@ -103,7 +103,7 @@ def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: 
         EmbedJobError: `input_col` is missing.
     """
     import mlflow
-    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+    from pyspark.sql.types import StringType, StructField, StructType
 
     if input_col not in df.columns:
         raise EmbedJobError(f"input column {input_col!r} not in the table; columns: {df.columns}")
@@ -117,16 +117,30 @@ def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: 
     tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     loads = spark.sparkContext.accumulator(0)
     keep = [f for f in df.schema.fields if f.name != input_col]
-    schema = StructType(keep + [StructField(EMBEDDING_COL, ArrayType(FloatType()), True),
-                                StructField(ERROR_COL, StringType(), True)])
+    results = output_fields(uri)
+    names = [f.name for f in results]
+    schema = StructType(keep + results + [StructField(ERROR_COL, StringType(), True)])
     key = json.dumps([uri, config, tracking_uri], sort_keys=True)
 
     def embed_batches(batches):
         model = _worker_model(key, uri, config, tracking_uri, registry_uri, loads)
         for pdf in batches:
-            yield _embed_pandas(model, pdf, input_col, normalize)
+            yield _embed_pandas(model, pdf, input_col, normalize, names)
 
     return df.mapInPandas(embed_batches, schema=schema), loads
+
+
+def output_fields(model_uri: str) -> list:
+    """The result columns a model gives a table, from its signature: `embedding` (array<float>)
+    for the embedding models, `labels` (array<string>) and `scores` (array<double>) for the classifier."""
+    import mlflow
+    from pyspark.sql.types import ArrayType, DoubleType, FloatType, StringType, StructField
+
+    outputs = mlflow.models.get_model_info(model_uri).signature.outputs
+    names = outputs.input_names() if outputs is not None and outputs.has_input_names() else []
+    if names == ["labels", "scores"]:
+        return [StructField("labels", ArrayType(StringType()), True), StructField("scores", ArrayType(DoubleType()), True)]
+    return [StructField(EMBEDDING_COL, ArrayType(FloatType()), True)]
 
 
 def _worker_model(key: str, uri: str, config: dict, tracking_uri: str, registry_uri: str, loads):
@@ -147,16 +161,17 @@ def _worker_model(key: str, uri: str, config: dict, tracking_uri: str, registry_
     return model
 
 
-def _embed_pandas(model, pdf, input_col: str, normalize: bool):
+def _embed_pandas(model, pdf, input_col: str, normalize: bool, names: list[str]):
     """Embed one pandas batch; bad rows get a null embedding and their reason."""
     values = pdf[input_col].tolist()
     try:
-        vectors, errors = model.embed_rows(values, normalize=normalize)
+        columns, errors = model.table_columns(values, normalize=normalize)
     except InvalidInput as e:  # a whole-batch problem (should not happen per row): mark every row
-        vectors, errors = None, [InvalidInput(e.reason, row) for row in range(len(values))]
+        columns, errors = {}, [InvalidInput(e.reason, row) for row in range(len(values))]
     reasons = {e.row: e.reason for e in errors}
     out = pdf.drop(columns=[input_col])
-    out[EMBEDDING_COL] = [None if row in reasons else vectors[row] for row in range(len(values))]
+    for name in names:
+        out[name] = columns.get(name, [None] * len(values))
     out[ERROR_COL] = [reasons.get(row) for row in range(len(values))]
     return out
 

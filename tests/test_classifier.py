@@ -179,3 +179,28 @@ def test_shipped_wearables_file(tmp_path):
     assert len(ls.labels) == 20 and ls.name == "wearables"
     trousers = ls.prompts[ls.labels.index("trousers")]
     assert "a photo of a pants." in trousers and len(trousers) == 3 * 3
+
+
+@pytest.mark.spark
+def test_spark_job_gives_labels_scores_and_errors(toy_classifier, tmp_path):
+    from clip_pyfunc.spark import run_job, spark_session
+
+    rows, truth = _held_out(20, seed=9)
+    rows[4] = "%%% not base64"
+    pd.DataFrame({"id": range(20), "image_b64": rows}).to_parquet(tmp_path / "in.parquet")
+    spark = spark_session("local[2]", batch_rows=8,
+                          conf={"spark.sql.warehouse.dir": str(tmp_path / "wh"), "spark.sql.shuffle.partitions": "2"})
+    try:
+        uri = toy_classifier["models"]["classifier"]["uri"]
+        report = run_job(spark, model_uri=uri, source=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.parquet"),
+                         id_col="id", input_col="image_b64")
+        out = spark.read.parquet(str(tmp_path / "out.parquet")).toPandas().sort_values("id").reset_index(drop=True)
+    finally:
+        spark.stop()
+    assert (report["rows"], report["failed"]) == (20, 1)
+    assert list(out.columns) == ["id", "labels", "scores", "error"]
+    local = mlflow.pyfunc.load_model(uri).predict([r for i, r in enumerate(rows) if i != 4])
+    good = [i for i in range(20) if i != 4]
+    assert [list(out["labels"][i]) for i in good] == list(local["labels"])
+    assert np.allclose(np.stack([out["scores"][i] for i in good]), np.stack(local["scores"]), atol=1e-6)
+    assert out["labels"][4] is None and "invalid base64" in out["error"][4]

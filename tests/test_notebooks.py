@@ -36,3 +36,20 @@ def test_choose_a_checkpoint_notebook(tmp_path, toy_checkpoint, tiny_checkpoint,
     scores = eval(shown["data"]["text/plain"])  # [(model, top1, images/s), ...]
     assert scores[0][0] == toy_checkpoint and scores[0][1] >= 0.9
     assert "| model |" in str(nb.cells[4].outputs) and "image/png" in str(nb.cells[4].outputs)
+
+
+@pytest.mark.slow
+def test_zero_shot_classifier_notebook(tmp_path, toy_checkpoint, monkeypatch):
+    import yaml
+
+    from clip_pyfunc.toy_checkpoint import LABELS
+
+    (tmp_path / "shapes.yaml").write_text(yaml.safe_dump({"name": "shapes", "labels": list(LABELS),
+                                                          "templates": ["a {}"]}))
+    monkeypatch.setenv("CLIP_MODEL", toy_checkpoint)
+    monkeypatch.setenv("CLIP_LABELS", str(tmp_path / "shapes.yaml"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/nb.db")
+    nb = _execute("06_zero_shot_classifier.ipynb", tmp_path)
+    table = str(nb.cells[3].outputs)
+    for name in ("red circle", "blue triangle", "green square", "purple triangle"):
+        assert f"[{name}," in table  # each image's first label is its own colour and shape

@@ -112,6 +112,21 @@ NOTEBOOKS = {
                           "could not be read are listed per model in `result[\"models\"][i][\"skipped\"]` and counted "
                           "in `rows_skipped`."),
     ],
+    "06_zero_shot_classifier.ipynb": [
+        new_markdown_cell("# Zero-shot image classification as a registered model\n\nRegisters "
+                          "`clip_zero_shot_classifier` (the image tower, a label matrix made from the label file's "
+                          "prompts, and the family's scoring), then asks it for the top 3 labels of a few images."),
+        new_code_cell(SETUP + '\nLABELS = os.environ.get("CLIP_LABELS", "conf/labels/wearables.yaml")  # run from the repo root'),
+        new_code_cell("from clip_pyfunc.config import load_settings\nfrom clip_pyfunc.registry import register_classifier\n\n"
+                      "summary = register_classifier(load_settings(None, {\"model\": {\"source\": MODEL}}), LABELS)\n"
+                      "summary[\"models\"], summary[\"label_set\"]"),
+        new_code_cell("import mlflow\nimport pandas as pd\n\nfrom clip_pyfunc.samples import sample_images_b64, sample_names\n\n"
+                      "clf = mlflow.pyfunc.load_model(\"models:/clip_zero_shot_classifier@champion\")\n"
+                      "result = clf.predict(pd.DataFrame({\"input\": sample_images_b64()}), params={\"top_k\": 3})\n"
+                      "result.insert(0, \"image\", sample_names())\nresult"),
+        new_markdown_cell("Scores follow the checkpoint's family: a softmax over the labels for CLIP-like models, an "
+                          "independent sigmoid per label for SigLIP (they need not sum to 1)."),
+    ],
 }
 
 if __name__ == "__main__":
