@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="clip-pyfunc",
     version="0.1.0",
-    description="Any CLIP checkpoint as two MLflow pyfunc embedding models (text and image) in one space.",
+    description="Any image-text dual encoder (CLIP, SigLIP, ALIGN, ...) as MLflow pyfunc embedding models in one space.",
     packages=find_packages(include=["clip_pyfunc", "clip_pyfunc.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -22,6 +22,9 @@ setup(
         # SigLIP's tokenizer is SentencePiece-only (with protobuf); logged in every model's requirements.
         "sentencepiece>=0.2",
         "protobuf>=4",
+        # evaluate: its progress bar and its quality-vs-speed plot.
+        "tqdm>=4.60",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "spark": ["pyspark>=4.0,<5", "pyarrow>=15"],
