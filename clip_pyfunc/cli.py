@@ -148,6 +148,12 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
         spark.stop()
 
 
+def cmd_bench_classifier(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import classifier
+
+    return classifier.run(args.random_init, rows=args.rows, labels=args.labels)
+
+
 def cmd_bench_spark(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import spark
 
@@ -212,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="override the model's forward batch size")
     p.add_argument("--arrow-batch-rows", type=int, default=64, help="rows per Arrow batch sent to Python")
     p.set_defaults(func=cmd_embed_table)
+    p = sub.add_parser("bench-classifier", help="classify request vs image-model request, same rows (one run)")
+    p.add_argument("--random-init", default="vit-b-32", choices=sorted(ARCHITECTURES))
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--labels", type=int, default=20)
+    p.set_defaults(func=cmd_bench_classifier)
     p = sub.add_parser("bench-spark", help="Spark job rows/s vs in-process predict (one run)")
     p.add_argument("--model-uri", "-m", required=True)
     p.add_argument("--rows", type=int, default=128)

@@ -22,7 +22,7 @@ def test_demo_registers_and_embeds_in_embedded_registry(tmp_path, tiny_checkpoin
     summary = json.loads(out.stdout)
     assert summary["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
     assert summary["models"]["text"]["uri"] == "models:/clip_text_embedding@champion"
-    assert summary["demo"]["text_vectors"] == [2, 32] and summary["demo"]["image_vectors"] == [2, 32]
+    assert summary["demo"]["text_vectors"] == [4, 32] and summary["demo"]["image_vectors"] == [4, 32]  # 4 samples
     assert (tmp_path / "mlflow.db").exists()
     again = json.loads(_run(["register", "--model", tiny_checkpoint], tmp_path, **env).stdout)
     assert again["models"]["image"]["version"] == "2"

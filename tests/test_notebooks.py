@@ -24,7 +24,7 @@ def test_register_then_embed_notebooks(tmp_path, tiny_checkpoint, monkeypatch):
     registered = _execute("01_register_models.ipynb", tmp_path)
     assert "models:/clip_image_embedding@champion" in str(registered.cells[2].outputs)
     embedded = _execute("02_embed_texts_and_images.ipynb", tmp_path)
-    assert "(2, 32)" in str(embedded.cells[3].outputs) and "float32" in str(embedded.cells[3].outputs)
+    assert "(4, 32)" in str(embedded.cells[3].outputs) and "float32" in str(embedded.cells[3].outputs)
 
 
 @pytest.mark.slow

@@ -235,5 +235,5 @@ def test_query_endpoint_notebook(image_server, monkeypatch, tmp_path):
     path = os.path.join(os.path.dirname(__file__), "..", "notebooks", "03_query_endpoint.ipynb")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    assert "(2, 32)" in str(nb.cells[2].outputs)
+    assert "(4, 32)" in str(nb.cells[2].outputs)  # the 4 sample images
     assert "400" in str(nb.cells[3].outputs) and "row 0" in str(nb.cells[3].outputs)
