@@ -204,3 +204,16 @@ def test_spark_job_gives_labels_scores_and_errors(toy_classifier, tmp_path):
     assert [list(out["labels"][i]) for i in good] == list(local["labels"])
     assert np.allclose(np.stack([out["scores"][i] for i in good]), np.stack(local["scores"]), atol=1e-6)
     assert out["labels"][4] is None and "invalid base64" in out["error"][4]
+
+
+@pytest.mark.slow
+def test_bench_classifier_cli_on_tiny_random_model(tmp_path):
+    import subprocess
+
+    out = subprocess.run(["clip-pyfunc", "bench-classifier", "--random-init", "tiny", "--rows", "4", "--labels", "5"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["random_weights"] and result["labels"] == 5 and result["rows_per_request"] == 4
+    assert result["image_model_ms_per_row"] > 0 and result["classifier_ms_per_row"] > 0
+    assert "classifier_added_ms_per_row" in result and result["machine"]["cores"] >= 1
