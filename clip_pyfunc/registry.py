@@ -183,7 +183,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
-        text, _ = local_models(towers, settings.runtime)
+        (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
         if dynamic_labels:
@@ -225,18 +225,20 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     return summary
 
 
-def local_models(towers: dict[str, str], runtime: RuntimeConfig | None = None):
-    """The text and image models of exported tower directories, loaded here without MLflow."""
+def local_models(towers: dict[str, str], runtime: RuntimeConfig | None = None, which=("text", "image")):
+    """The models (text, image, in `which` order) of exported tower directories, loaded here without MLflow."""
     from types import SimpleNamespace
 
     from clip_pyfunc.image_model import ClipImageEmbedding
     from clip_pyfunc.text_model import ClipTextEmbedding
 
     context = SimpleNamespace(artifacts=towers, model_config=runtime.to_dict() if runtime else None)
-    text, image = ClipTextEmbedding(), ClipImageEmbedding()
-    text.load_context(context)
-    image.load_context(context)
-    return text, image
+    models = []
+    for tower in which:
+        model = ClipTextEmbedding() if tower == "text" else ClipImageEmbedding()
+        model.load_context(context)
+        models.append(model)
+    return tuple(models)
 
 
 def register_models(settings: Settings) -> dict[str, Any]:
