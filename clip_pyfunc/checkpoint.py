@@ -35,6 +35,7 @@ class ResolvedCheckpoint:
         random_init: The architecture name when the weights are random (see random_checkpoint).
         toy: The toy checkpoint's record (task, labels, zero-shot accuracy) when it is the
             trained toy (see toy_checkpoint); None otherwise.
+        model_type: The config's `model_type`, checked to be a supported family.
     """
 
     path: str
@@ -42,6 +43,7 @@ class ResolvedCheckpoint:
     revision: str
     random_init: str | None
     toy: dict | None = None
+    model_type: str = "clip"
 
 
 def resolve_checkpoint(source: str, revision: str | None = None, cache_dir: str | None = None) -> ResolvedCheckpoint:
@@ -69,7 +71,7 @@ def resolve_checkpoint(source: str, revision: str | None = None, cache_dir: str 
     config = read_config(path)
     return ResolvedCheckpoint(
         path=path, source=source, revision=resolved_revision, random_init=config.get(RANDOM_INIT_KEY),
-        toy=config.get(TOY_KEY),
+        toy=config.get(TOY_KEY), model_type=config["model_type"],
     )
 
 
@@ -199,7 +201,7 @@ def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[Checkpo
 
     from clip_pyfunc.families import family_for
 
-    family = family_for(read_config(checkpoint.path).get("model_type"), where=checkpoint.source)
+    family = family_for(checkpoint.model_type, where=checkpoint.source)
     try:
         with quiet_transformers():
             model = getattr(transformers, family.model_class).from_pretrained(checkpoint.path, dtype=torch.float32)
