@@ -116,10 +116,8 @@ class ClipZeroShotClassifier(ClipImageEmbedding):
     def table_columns(self, values: Sequence[object], *, normalize: bool = True):
         """Per-row `labels` and `scores` for table jobs (Spark), None where a row failed, and the row errors."""
         vectors, errors = self.embed_rows(values, normalize=True)
-        labels, ranked = self.classify(vectors, self.read_params(None))
-        bad = {e.row for e in errors}
-        return {"labels": [None if r in bad else x for r, x in enumerate(labels)],
-                "scores": [None if r in bad else x for r, x in enumerate(ranked)]}, errors
+        labels, ranked = self.classify(vectors, self.read_params(None))  # failed rows are NaN: None here
+        return {"labels": labels, "scores": ranked}, errors
 
     def classify(self, vectors, params: dict[str, Any]):
         """Per row of normalised image vectors: (top labels, their scores), NaN rows giving None."""
