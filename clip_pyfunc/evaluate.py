@@ -285,29 +285,28 @@ def _texts(candidate, texts, batch_size):
 
 
 def _zero_shot(candidate, data, images, good, templates, batch_size):
+    """Top-1/top-5 over the data's labels: label vectors and scores exactly as the classifier makes them."""
     import numpy as np
 
+    from clip_pyfunc.classifier import scores
+    from clip_pyfunc.labels import label_set, label_vectors
+
     labels = sorted({data.texts[r] for r in good})
-    prompts = [t.format(label) for label in labels for t in templates]
-    vectors = _texts(candidate, prompts, batch_size).reshape(len(labels), len(templates), -1).mean(axis=1)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = label_vectors(candidate.text, label_set(labels, templates, where="evaluate labels"), batch_size)
     info = candidate.text.info
     top1 = top5 = 0
     items = []
     for r in good:
-        logits = info.scale * (vectors @ images[r]) + info.bias
-        order = np.argsort(-logits)
+        row_scores = scores((vectors @ images[r])[None, :], info.scoring, info.scale, info.bias)[0]
+        order = np.argsort(-row_scores, kind="stable")
         truth = labels.index(data.texts[r])
         rank = int(np.flatnonzero(order == truth)[0]) + 1
-        scores = (1 / (1 + np.exp(-logits))) if info.scoring == "sigmoid" else np.exp(logits - logits.max())
-        if info.scoring == "softmax":
-            scores = scores / scores.sum()
         top1 += rank == 1
         top5 += rank <= 5
         items.append({"row": r, "label": data.texts[r], "predicted": labels[order[0]], "rank": rank,
-                      "score_of_label": round(float(scores[truth]), 6)})
+                      "score_of_label": round(float(row_scores[truth]), 6)})
     n = max(len(good), 1)
-    return {"top1_accuracy": top1 / n, "top5_accuracy": top5 / n, "labels": len(labels)}, items, len(prompts)
+    return {"top1_accuracy": top1 / n, "top5_accuracy": top5 / n, "labels": len(labels)}, items, len(labels) * len(templates)
 
 
 def _retrieval(candidate, data, images, good, batch_size):
