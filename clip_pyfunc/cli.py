@@ -23,6 +23,10 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
         p.add_argument("--text-name", help="registered name of the text model")
         p.add_argument("--image-name", help="registered name of the image model")
         p.add_argument("--alias", help="alias to point at the new versions")
+        p.add_argument("--with-combined", action="store_true", default=None,
+                       help="also register the combined image+text model (clip_image_text_embedding)")
+        p.add_argument("--azure-compatible", action="store_true", default=None,
+                       help="register the combined model with normalize: false, as Azure ML's CLIP model answers")
     p.add_argument("--experiment", help="MLflow experiment for the logging run")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="default | auto | fp32 | bf16 | fp16 | int8")
@@ -30,6 +34,8 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
     p.add_argument("--num-threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-truncate-text", dest="truncate_text", action="store_false", default=None,
                    help="refuse text over the context length instead of truncating it")
+    p.add_argument("--allow-urls", action="store_true", default=None,
+                   help="image cells may be https URLs, fetched by the model with address checks (see README)")
 
 
 def _settings(args: argparse.Namespace):
@@ -38,9 +44,11 @@ def _settings(args: argparse.Namespace):
     return load_settings(args.conf, {
         "model": {"source": args.model, "revision": args.revision, "cache_dir": args.cache_dir},
         "registry": {"text_name": args.text_name, "image_name": args.image_name, "alias": args.alias,
-                     "experiment": args.experiment},
+                     "experiment": args.experiment, "with_combined": args.with_combined,
+                     "azure_compatible": args.azure_compatible},
         "runtime": {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-                    "num_threads": args.num_threads, "truncate_text": args.truncate_text},
+                    "num_threads": args.num_threads, "truncate_text": args.truncate_text,
+                    "allow_urls": args.allow_urls},
     })
 
 
@@ -58,7 +66,8 @@ def cmd_register_classifier(args: argparse.Namespace) -> dict:
         "model": {"source": args.model, "revision": args.revision, "cache_dir": args.cache_dir},
         "registry": {"experiment": args.experiment},
         "runtime": {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-                    "num_threads": args.num_threads, "truncate_text": args.truncate_text},
+                    "num_threads": args.num_threads, "truncate_text": args.truncate_text,
+                    "allow_urls": args.allow_urls},
         "classifier": {"name": args.name, "alias": args.alias, "top_k": args.top_k},
     })
     return register_classifier(settings, args.labels, dynamic_labels=args.dynamic_labels)

@@ -36,6 +36,14 @@ class RuntimeConfig:
         max_image_pixels: Most pixels (width x height) of one image, checked before decoding.
         label_cache_size: Classifier with dynamic labels: how many (labels, template) sets keep
             their vectors between requests.
+        normalize: Default of the `normalize` param (L2-normalised vectors); a request may override it.
+        allow_urls: Image cells may be http(s) URLs, fetched by the model (see clip_pyfunc.fetch).
+        allow_http: With allow_urls, also plain http (https only otherwise).
+        url_allow_private: Hosts exempt from the public-address check (in-house image stores).
+        url_connect_timeout: Seconds to connect to an image URL's host.
+        url_read_timeout: Seconds for an image URL's whole answer.
+        url_max_redirects: Redirects followed per image URL.
+        url_concurrency: Image URLs fetched at once per request.
     """
 
     device: str = "auto"
@@ -48,6 +56,14 @@ class RuntimeConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 8192 * 8192
     label_cache_size: int = 256
+    normalize: bool = True
+    allow_urls: bool = False
+    allow_http: bool = False
+    url_allow_private: tuple[str, ...] = ()
+    url_connect_timeout: float = 5.0
+    url_read_timeout: float = 15.0
+    url_max_redirects: int = 3
+    url_concurrency: int = 8
 
     def __post_init__(self):
         device = self.device
@@ -59,9 +75,22 @@ class RuntimeConfig:
             _require_positive_int(name, getattr(self, name))
         if self.num_threads is not None:
             _require_positive_int("num_threads", self.num_threads)
-        for name in ("truncate_text", "fast_decode"):
+        for name in ("truncate_text", "fast_decode", "normalize", "allow_urls", "allow_http"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelLoadError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        hosts = self.url_allow_private
+        if isinstance(hosts, list):
+            object.__setattr__(self, "url_allow_private", hosts := tuple(hosts))
+        if not isinstance(hosts, tuple) or not all(isinstance(h, str) and h for h in hosts):
+            raise ModelLoadError(f"url_allow_private must be a list of host names, got {hosts!r}")
+        for name in ("url_connect_timeout", "url_read_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ModelLoadError(f"{name} must be a positive number of seconds, got {value!r}")
+        _require_positive_int("url_concurrency", self.url_concurrency)
+        if isinstance(self.url_max_redirects, bool) or not isinstance(self.url_max_redirects, int) \
+                or self.url_max_redirects < 0:
+            raise ModelLoadError(f"url_max_redirects must be a whole number >= 0, got {self.url_max_redirects!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> RuntimeConfig:
@@ -70,7 +99,21 @@ class RuntimeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the plain dict that is logged as the model's `model_config`."""
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["url_allow_private"] = list(self.url_allow_private)
+        return values
+
+    def url_policy(self):
+        """The image-URL fetch policy (clip_pyfunc.fetch.UrlPolicy), or None when URLs are off."""
+        if not self.allow_urls:
+            return None
+        from clip_pyfunc import __version__
+        from clip_pyfunc.fetch import UrlPolicy
+
+        return UrlPolicy(allow_http=self.allow_http, allow_private=self.url_allow_private,
+                         connect_timeout=float(self.url_connect_timeout), read_timeout=float(self.url_read_timeout),
+                         max_redirects=self.url_max_redirects, max_bytes=self.max_image_bytes,
+                         concurrency=self.url_concurrency, user_agent=f"clip-pyfunc/{__version__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,12 +140,20 @@ class RegistryConfig:
         image_name: Registered model name of the image model.
         alias: Alias pointed at the new versions.
         experiment: MLflow experiment that holds the logging run.
+        with_combined: Also register the combined image+text model (both towers, Azure ML's
+            `image`/`text` contract).
+        combined_name: Registered model name of the combined model.
+        azure_compatible: Register the combined model with `normalize: false`, matching Azure
+            ML's unnormalised vectors (a request's `normalize` param still overrides it).
     """
 
     text_name: str = "clip_text_embedding"
     image_name: str = "clip_image_embedding"
     alias: str = "champion"
     experiment: str = "clip-pyfunc"
+    with_combined: bool = False
+    combined_name: str = "clip_image_text_embedding"
+    azure_compatible: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

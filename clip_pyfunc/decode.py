@@ -72,8 +72,34 @@ def decode_images(values: Iterable[object], limits: ImageLimits, draft_edge: int
     return out
 
 
+def fetch_urls(values: list[object], policy) -> list[object]:
+    """Replace the cells that hold an image URL with the fetched bytes, or with their InvalidInput.
+
+    Args:
+        values: The `input` cells; those that are not URLs pass through unchanged.
+        policy: A clip_pyfunc.fetch.UrlPolicy, or None when URLs are off (each URL is then an error
+            that says how to turn them on, and nothing is fetched).
+    """
+    from clip_pyfunc.fetch import fetch_many, is_url
+
+    where = [i for i, v in enumerate(values) if is_url(v)]
+    if not where:
+        return values
+    out = list(values)
+    if policy is None:
+        for i in where:
+            out[i] = InvalidInput(f"image URLs are off: {preview(values[i], 60)}; send base64 or bytes, or set "
+                                  "allow_urls: true in the model_config (https only; see the README)")
+        return out
+    for i, got in zip(where, fetch_many([values[i].strip() for i in where], policy)):
+        out[i] = got
+    return out
+
+
 def decode_image(value: object, limits: ImageLimits, draft_edge: int | None = None) -> Decoded:
     """Decode one cell into an upright RGB image, or return (not raise) its InvalidInput, without a row."""
+    if isinstance(value, InvalidInput):  # a URL that could not be fetched (see fetch_urls)
+        return value
     try:
         return open_image(image_bytes(value, limits.max_bytes), limits, draft_edge)
     except InvalidInput as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clip_pyfunc.decode import ImageLimits, decode_image
+from clip_pyfunc.decode import ImageLimits, decode_image, fetch_urls
 from clip_pyfunc.encode import encode_patches, encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.loader import ClipEmbeddingModel
@@ -32,6 +32,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         fast = self.config.fast_decode
         self.draft_edge = self.image_spec.draft_edge if fast else None
         self.reducing_gap = _REDUCING_GAP if fast else None
+        self.url_policy = self.config.url_policy()
         model = self._load_weights(path)
         self._pool = self._decode_pool()
         return model
@@ -66,7 +67,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         size = self.runtime.batch_size
         failed = False
         for start in range(0, len(values), size):
-            chunk = values[start : start + size]
+            chunk = fetch_urls(values[start : start + size], self.url_policy)
             rows = list(self._pool.map(self._prepare, chunk)) if self._pool and len(chunk) > 1 else [
                 self._prepare(v) for v in chunk]
             errors = [InvalidInput(r.reason, start + j) for j, r in enumerate(rows) if isinstance(r, InvalidInput)]

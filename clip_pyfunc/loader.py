@@ -59,7 +59,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
             context: MLflow's context (unused; everything was loaded in load_context).
             model_input: DataFrame with a column `input`, a single-column DataFrame, a list,
                 a Series or a 1-D array of cells (see `input_values`).
-            params: `normalize` (bool, default True).
+            params: `normalize` (bool; default the model_config's `normalize`, True unless set).
 
         Returns:
             float32 numpy array (n, dim).
@@ -120,7 +120,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         unknown = set(params) - set(self.params_schema)
         if unknown:
             raise InvalidInput(f"unknown params {sorted(unknown)}; allowed: {sorted(self.params_schema)}")
-        return {name: as_bool(name, params.get(name, default)) for name, default in self.params_schema.items()}
+        defaults = {**self.params_schema, "normalize": self.config.normalize}
+        return {name: as_bool(name, params.get(name, defaults[name])) for name in self.params_schema}
 
     @property
     def embedding_dim(self) -> int:

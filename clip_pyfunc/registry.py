@@ -38,7 +38,7 @@ INPUT_CONTRACT = (
 )
 
 
-def model_signature():
+def model_signature(normalize: bool = True):
     """The pinned signature: an array of floats out and the `normalize` param; no input schema.
 
     MLflow enforces an input schema before our code runs, and no schema accepts every shape
@@ -48,6 +48,8 @@ def model_signature():
     request through untouched and `loader.input_values` reads every shape, naming the columns
     of a frame it cannot read. Output and params are still declared and enforced (Unity
     Catalog needs the output schema), and the input contract is in the metadata and description.
+    The `normalize` default is the model_config's, because MLflow fills in a param's declared
+    default before the model sees the request.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
@@ -56,7 +58,21 @@ def model_signature():
     return ModelSignature(
         inputs=None,
         outputs=Schema([ColSpec(Array(DataType.float))]),
-        params=ParamSchema([ParamSpec("normalize", DataType.boolean, True)]),
+        params=ParamSchema([ParamSpec("normalize", DataType.boolean, normalize)]),
+    )
+
+
+def combined_signature(normalize: bool = True):
+    """The combined model's signature: `image_features` and `text_features` (each may be null) out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([ColSpec(Array(DataType.float), name, required=False)
+                        for name in ("image_features", "text_features")]),
+        params=ParamSchema([ParamSpec("normalize", DataType.boolean, normalize)]),
     )
 
 
@@ -70,7 +86,10 @@ def input_example(tower: str):
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 40, 40)).save(buf, format="PNG")
-    return pd.DataFrame({"input": [base64.b64encode(buf.getvalue()).decode("ascii")]})
+    image = base64.b64encode(buf.getvalue()).decode("ascii")
+    if tower == "combined":
+        return pd.DataFrame({"image": [image, ""], "text": ["", "a photo of a cat"]})
+    return pd.DataFrame({"input": [image]})
 
 
 def pip_requirements() -> list[str]:
@@ -114,8 +133,9 @@ def log_tower(
     Returns:
         mlflow's ModelInfo.
     """
-    return _log_model(tower, f"clip_{tower}_embedding", {tower: artifact}, model_signature(), input_example(tower),
-                      runtime, workdir, registered_name, {**model_metadata(checkpoint, info), "input": INPUT_CONTRACT})
+    return _log_model(tower, f"clip_{tower}_embedding", {tower: artifact}, model_signature(runtime.normalize),
+                      input_example(tower), runtime, workdir, registered_name,
+                      {**model_metadata(checkpoint, info), "input": INPUT_CONTRACT})
 
 
 def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
@@ -278,6 +298,8 @@ def register_models(settings: Settings) -> dict[str, Any]:
                 client.set_registered_model_alias(name, reg.alias, version)
                 models[tower] = {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}",
                                  "model_uri": model_info.model_uri}
+            if reg.with_combined:
+                models["combined"] = _register_combined(checkpoint, info, artifacts, settings, workdir, tags)
     summary = {
         "tracking_uri": mlflow.get_tracking_uri(),
         "registry_uri": mlflow.get_registry_uri(),
@@ -299,14 +321,48 @@ def register_models(settings: Settings) -> dict[str, Any]:
     return summary
 
 
+def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, artifacts: dict[str, str],
+                       settings: Settings, workdir: str, tags: dict[str, str]) -> dict[str, str]:
+    """Log and register the combined image+text model (both tower artifacts) in the active run."""
+    import dataclasses
+
+    from mlflow import MlflowClient
+
+    from clip_pyfunc.combined_model import CONTRACT
+
+    reg = settings.registry
+    runtime = dataclasses.replace(settings.runtime, normalize=False) if reg.azure_compatible else settings.runtime
+    tags = {**tags, "azure_compatible": str(reg.azure_compatible).lower()}
+    model_info = _log_model("combined", "clip_image_text_embedding", dict(artifacts),
+                            combined_signature(runtime.normalize), input_example("combined"), runtime, workdir,
+                            reg.combined_name, {**tags, "input": CONTRACT})
+    client, name = MlflowClient(), reg.combined_name
+    version = str(model_info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    norm = "L2-normalised" if runtime.normalize else "not normalised (Azure ML compatible)"
+    client.update_model_version(name, version, description=(
+        f"{info.family} image and text embeddings of {checkpoint.source} @ {checkpoint.revision} in one request. "
+        f"Input: {CONTRACT}. Output: image_features and text_features, float32 [{info.embedding_dim}] or null, "
+        f"{norm} by default (param normalize).{_warning(checkpoint)}"))
+    client.set_registered_model_alias(name, reg.alias, version)
+    return {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}", "model_uri": model_info.model_uri,
+            "normalize": runtime.normalize}
+
+
+def _warning(checkpoint: ResolvedCheckpoint) -> str:
+    if checkpoint.toy:
+        return f" TOY CHECKPOINT: {TOY_WARNING}."
+    if checkpoint.random_init:
+        return f" RANDOM WEIGHTS ({checkpoint.random_init}): vectors are meaningless."
+    return ""
+
+
 def _description(tower: str, checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> str:
     dim = info.embedding_dim
-    what = "text (string)" if tower == "text" else "image (base64 string or raw bytes)"
-    random = f" RANDOM WEIGHTS ({checkpoint.random_init}): vectors are meaningless." if checkpoint.random_init else ""
-    if checkpoint.toy:
-        random = f" TOY CHECKPOINT: {TOY_WARNING}."
+    what = "text (string)" if tower == "text" else "image (base64 string or raw bytes; an https URL with allow_urls)"
     return (
         f"{info.family} {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, "
         f"of {what}. Output: float32 [{dim}], L2-normalised (param normalize=false for raw). "
-        f"Text and image vectors of this checkpoint share one space.{random}"
+        f"Text and image vectors of this checkpoint share one space.{_warning(checkpoint)}"
     )

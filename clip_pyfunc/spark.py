@@ -16,10 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from clip_pyfunc.combined_model import IMAGE_COLUMN, OUTPUT_COLUMNS, TEXT_COLUMN
 from clip_pyfunc.errors import ClipPyfuncError, InvalidInput
 
 EMBEDDING_COL, ERROR_COL = "embedding", "error"
 INPUT_FORMATS = ("auto", "parquet", "images", "table")
+COMBINED_INPUTS, COMBINED_OUTPUTS = (IMAGE_COLUMN, TEXT_COLUMN), OUTPUT_COLUMNS
 _WORKER_MODELS: dict[str, object] = {}  # per Python worker process: config key -> loaded model
 
 
@@ -105,34 +107,41 @@ def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: 
     import mlflow
     from pyspark.sql.types import StringType, StructField, StructType
 
-    if input_col not in df.columns:
+    uri = resolve_model_uri(model_uri)
+    results = output_fields(uri)
+    names = [f.name for f in results]
+    if names == list(COMBINED_OUTPUTS):  # the combined model reads its own two columns, either may be absent
+        inputs = [c for c in COMBINED_INPUTS if c in df.columns]
+        if not inputs:
+            raise EmbedJobError(f"the combined model reads columns {list(COMBINED_INPUTS)}; columns: {df.columns}")
+    elif input_col not in df.columns:
         raise EmbedJobError(f"input column {input_col!r} not in the table; columns: {df.columns}")
+    else:
+        inputs = [input_col]
     spark = df.sparkSession
     slots = spark.sparkContext.defaultParallelism
     if df.rdd.getNumPartitions() < slots:  # a small file is one partition: spread it over every slot
         df = df.repartition(slots)
-    uri = resolve_model_uri(model_uri)
     config = dict(model_config or {})
     config.setdefault("num_threads", threads or worker_threads(spark))
     tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     loads = spark.sparkContext.accumulator(0)
-    keep = [f for f in df.schema.fields if f.name != input_col]
-    results = output_fields(uri)
-    names = [f.name for f in results]
+    keep = [f for f in df.schema.fields if f.name not in inputs]
     schema = StructType(keep + results + [StructField(ERROR_COL, StringType(), True)])
     key = json.dumps([uri, config, tracking_uri], sort_keys=True)
 
     def embed_batches(batches):
         model = _worker_model(key, uri, config, tracking_uri, registry_uri, loads)
         for pdf in batches:
-            yield _embed_pandas(model, pdf, input_col, normalize, names)
+            yield _embed_pandas(model, pdf, inputs, normalize, names)
 
     return df.mapInPandas(embed_batches, schema=schema), loads
 
 
 def output_fields(model_uri: str) -> list:
     """The result columns a model gives a table, from its signature: `embedding` (array<float>)
-    for the embedding models, `labels` (array<string>) and `scores` (array<double>) for the classifier."""
+    for the embedding models, `labels` (array<string>) and `scores` (array<double>) for the
+    classifier, `image_features` and `text_features` (array<float>) for the combined model."""
     import mlflow
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StringType, StructField
 
@@ -140,6 +149,8 @@ def output_fields(model_uri: str) -> list:
     names = outputs.input_names() if outputs is not None and outputs.has_input_names() else []
     if names == ["labels", "scores"]:
         return [StructField("labels", ArrayType(StringType()), True), StructField("scores", ArrayType(DoubleType()), True)]
+    if names == list(COMBINED_OUTPUTS):
+        return [StructField(name, ArrayType(FloatType()), True) for name in names]
     return [StructField(EMBEDDING_COL, ArrayType(FloatType()), True)]
 
 
@@ -161,18 +172,22 @@ def _worker_model(key: str, uri: str, config: dict, tracking_uri: str, registry_
     return model
 
 
-def _embed_pandas(model, pdf, input_col: str, normalize: bool, names: list[str]):
-    """Embed one pandas batch; bad rows get a null embedding and their reason."""
-    values = pdf[input_col].tolist()
+def _embed_pandas(model, pdf, inputs: list[str], normalize: bool, names: list[str]):
+    """Embed one pandas batch; bad rows get null results and their reason."""
+    # The combined model takes its columns as a frame; the others take the one column's cells.
+    values = pdf[inputs] if getattr(model, "table_inputs", None) else pdf[inputs[0]].tolist()
+    rows = len(pdf)
     try:
         columns, errors = model.table_columns(values, normalize=normalize)
     except InvalidInput as e:  # a whole-batch problem (should not happen per row): mark every row
-        columns, errors = {}, [InvalidInput(e.reason, row) for row in range(len(values))]
-    reasons = {e.row: e.reason for e in errors}
-    out = pdf.drop(columns=[input_col])
+        columns, errors = {}, [InvalidInput(e.reason, row) for row in range(rows)]
+    reasons: dict[int, str] = {}
+    for e in errors:  # a row may fail in several fields (combined model): keep every reason
+        reasons[e.row] = f"{reasons[e.row]}; {e.reason}" if e.row in reasons else e.reason
+    out = pdf.drop(columns=inputs)
     for name in names:
-        out[name] = columns.get(name, [None] * len(values))
-    out[ERROR_COL] = [reasons.get(row) for row in range(len(values))]
+        out[name] = columns.get(name, [None] * rows)
+    out[ERROR_COL] = [reasons.get(row) for row in range(rows)]
     return out
 
 
@@ -199,11 +214,13 @@ def read_input(spark, source: str, fmt: str = "auto", id_col: str | None = None,
         return df.select("path", "content"), id_col or "path", input_col or "content"
     df = spark.read.parquet(source) if fmt == "parquet" else spark.table(source)
     if not id_col or not input_col:
-        raise EmbedJobError("--id-col and --input-col are required for parquet and table inputs")
-    for col in (id_col, input_col):
+        raise EmbedJobError("--id-col and --input-col are required for parquet and table inputs "
+                            "(the combined model: --input-col image,text)")
+    columns = [id_col, *input_col.split(",")]
+    for col in columns:
         if col not in df.columns:
             raise EmbedJobError(f"column {col!r} not in {source}; columns: {df.columns}")
-    return df.select(id_col, input_col), id_col, input_col
+    return df.select(*columns), id_col, input_col
 
 
 def run_job(spark, *, model_uri: str, source: str, output: str, id_col: str | None = None,
