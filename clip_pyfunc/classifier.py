@@ -113,7 +113,7 @@ class ClipZeroShotClassifier(ClipImageEmbedding):
         labels, ranked = self.classify(vectors, params)
         return pd.DataFrame({"labels": labels, "scores": ranked})
 
-    def table_columns(self, values: Sequence[object], *, normalize: bool = True):
+    def table_columns(self, values: Sequence[object], *, normalize: bool | None = None):
         """Per-row `labels` and `scores` for table jobs (Spark), None where a row failed, and the row errors."""
         vectors, errors = self.embed_rows(values, normalize=True)
         labels, ranked = self.classify(vectors, self.read_params(None))  # failed rows are NaN: None here

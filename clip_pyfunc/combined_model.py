@@ -93,10 +93,10 @@ class ClipImageTextEmbedding(mlflow.pyfunc.PythonModel):
         errors.sort(key=lambda e: e.row)
         return columns, errors
 
-    def table_columns(self, frame, *, normalize: bool = True):
+    def table_columns(self, frame, *, normalize: bool | None = None):
         """Per-row output columns for table jobs (Spark), from a frame with `image` and/or `text`."""
         images, texts = split_rows(frame, len(frame))
-        return self.embed_pairs(images, texts, normalize)
+        return self.embed_pairs(images, texts, self.image.config.normalize if normalize is None else normalize)
 
 
 def split_rows(model_input, max_rows: int) -> tuple[list[object], list[object]]:

@@ -108,9 +108,12 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         errors.sort(key=lambda e: e.row)
         return out, errors
 
-    def table_columns(self, values: Sequence[object], *, normalize: bool = True):
-        """Per-row output columns for table jobs (Spark): {"embedding": vectors or None} and the row errors."""
-        vectors, errors = self.embed_rows(values, normalize=normalize)
+    def table_columns(self, values: Sequence[object], *, normalize: bool | None = None):
+        """Per-row output columns for table jobs (Spark): {"embedding": vectors or None} and the row errors.
+
+        `normalize` None keeps the model_config's default, as a request without params does.
+        """
+        vectors, errors = self.embed_rows(values, normalize=self.config.normalize if normalize is None else normalize)
         bad = {e.row for e in errors}
         return {"embedding": [None if row in bad else vectors[row] for row in range(len(values))]}, errors
 

@@ -86,7 +86,7 @@ def resolve_model_uri(model_uri: str) -> str:
     return model_uri
 
 
-def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: bool = True,
+def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: bool | None = None,
                     model_config: dict | None = None, threads: int | None = None):
     """Add `embedding` (array<float>) and `error` (string) columns computed by a registered model.
 
@@ -94,7 +94,7 @@ def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: 
         df: Spark DataFrame with `input_col` (text, base64 strings or binary image bytes).
         model_uri: A pyfunc model URI, e.g. models:/clip_image_embedding@champion.
         input_col: Column to embed; it is dropped from the result (other columns pass through).
-        normalize: L2-normalise the vectors.
+        normalize: L2-normalise the vectors; None keeps the model's default (its model_config).
         model_config: Overrides of the logged model_config (precision, batch_size, limits...).
         threads: torch threads per worker; None derives it from the session (see worker_threads).
 
@@ -172,7 +172,7 @@ def _worker_model(key: str, uri: str, config: dict, tracking_uri: str, registry_
     return model
 
 
-def _embed_pandas(model, pdf, inputs: list[str], normalize: bool, names: list[str]):
+def _embed_pandas(model, pdf, inputs: list[str], normalize: bool | None, names: list[str]):
     """Embed one pandas batch; bad rows get null results and their reason."""
     # The combined model takes its columns as a frame; the others take the one column's cells.
     values = pdf[inputs] if getattr(model, "table_inputs", None) else pdf[inputs[0]].tolist()
@@ -225,7 +225,7 @@ def read_input(spark, source: str, fmt: str = "auto", id_col: str | None = None,
 
 def run_job(spark, *, model_uri: str, source: str, output: str, id_col: str | None = None,
             input_col: str | None = None, input_format: str = "auto", fail_on_error: bool = False,
-            normalize: bool = True, model_config: dict | None = None) -> dict:
+            normalize: bool | None = None, model_config: dict | None = None) -> dict:
     """Embed a table and publish the result only when the job succeeded.
 
     The output is written to a staging location first, counted, then swapped in for the

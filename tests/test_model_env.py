@@ -31,7 +31,8 @@ def _predict_in_env_built_from_model_alone(uri: str, frame: pd.DataFrame, tmp_pa
         capture_output=True, text=True, timeout=1500, env=env,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    return np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"], dtype=np.float32)
+    predictions = json.loads((tmp_path / "out.json").read_text())["predictions"]
+    return predictions if predictions and isinstance(predictions[0], dict) else np.asarray(predictions, np.float32)
 
 
 @pytest.mark.slow
@@ -54,3 +55,22 @@ def test_sentencepiece_text_model_predicts_in_env_built_from_model_alone(tmp_pat
     frame = pd.DataFrame({"input": ["a photo of a cat", "A PHOTO, of a dog!"]})
     got = _predict_in_env_built_from_model_alone(uri, frame, tmp_path)
     np.testing.assert_allclose(got, mlflow.pyfunc.load_model(uri).predict(frame), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.env
+def test_combined_model_predicts_in_env_built_from_model_alone(tmp_path, tiny_checkpoint, tracking_uri):
+    import mlflow
+
+    from clip_pyfunc.config import load_settings
+    from clip_pyfunc.registry import register_models
+
+    summary = register_models(load_settings(None, {"model": {"source": tiny_checkpoint}, "registry": {
+        "text_name": "env_text", "image_name": "env_image", "combined_name": "env_both", "with_combined": True}}))
+    uri = summary["models"]["combined"]["uri"]
+    frame = pd.DataFrame({"image": [b64(encode(photo(64, 48), "JPEG")), ""], "text": ["", "a photo of a cat"]})
+    got = _predict_in_env_built_from_model_alone(uri, frame, tmp_path)
+    local = mlflow.pyfunc.load_model(uri).predict(frame)
+    assert got[0]["text_features"] is None and got[1]["image_features"] is None
+    np.testing.assert_allclose(got[0]["image_features"], local["image_features"][0], atol=1e-6)
+    np.testing.assert_allclose(got[1]["text_features"], local["text_features"][1], atol=1e-6)

@@ -100,12 +100,15 @@ def test_register_against_real_mlflow_server(mlflow_server, tiny_checkpoint, tex
         frame = pd.DataFrame({"input": ["a photo of a dog", "ünï"]})
         np.testing.assert_allclose(remote.predict(frame), text_model.predict(frame), atol=1e-6)
     # The CLI over HTTP: MLflow writes "View run ... at: http://..." to stdout; ours keeps stdout pure JSON.
-    out = subprocess.run(["clip-pyfunc", "register", "--model", tiny_checkpoint], capture_output=True, text=True,
+    out = subprocess.run(["clip-pyfunc", "register", "--model", tiny_checkpoint, "--with-combined",
+                          "--azure-compatible"], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["tracking_uri"] == mlflow_server and summary["models"]["text"]["version"] == "2"
     assert "View run" in out.stderr and mlflow_server in out.stderr
+    combined = summary["models"]["combined"]
+    assert combined["name"] == "clip_image_text_embedding" and combined["normalize"] is False
 
 
 def _fake_hub_cache(cache: str, repo: str, checkpoint: str, commit: str = "0123456789abcdef" * 2 + "01234567"):
