@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Any image-text dual encoder (CLIP, SigLIP, ALIGN, ...) as MLflow pyfunc embedding models in one space.",
     packages=find_packages(include=["clip_pyfunc", "clip_pyfunc.*"]),
+    package_data={"clip_pyfunc": ["static/*.html"]},
     python_requires=">=3.10",
     install_requires=[
         # torch: install `torch==2.13.0` first (a local CPU build here); this range accepts it.
@@ -25,6 +26,12 @@ setup(
         # evaluate: its progress bar and its quality-vs-speed plot.
         "tqdm>=4.60",
         "matplotlib>=3.8",
+        # index, search, duplicates and the app: Qdrant (local mode or a server) and FastAPI.
+        "qdrant-client>=1.16",
+        "pyarrow>=15",
+        "fastapi>=0.110",
+        "uvicorn>=0.30",
+        "python-multipart>=0.0.9",
     ],
     extras_require={
         "spark": ["pyspark>=4.0,<5", "pyarrow>=15"],
@@ -39,6 +46,8 @@ setup(
             "requests>=2.31",
             "uv>=0.5",
             "psutil>=5.9",
+            # the web page's browser test drives Debian's chromium (.ci/run installs it)
+            "playwright>=1.40",
         ],
         "bench": ["matplotlib>=3.8", "psutil>=5.9"],
     },

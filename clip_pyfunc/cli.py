@@ -38,6 +38,13 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
                    help="image cells may be https URLs, fetched by the model with address checks (see README)")
 
 
+def _add_index_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--index-path", help="qdrant-client local mode directory (default ./clip-index)")
+    p.add_argument("--qdrant-url", help="a Qdrant server instead of local mode (or QDRANT_URL)")
+    p.add_argument("--collection", help="collection name (default clip)")
+
+
 def _settings(args: argparse.Namespace):
     from clip_pyfunc.config import load_settings
 
@@ -128,6 +135,83 @@ def cmd_toy_checkpoint(args: argparse.Namespace) -> dict:
     return result
 
 
+class JsonLines(list):
+    """A command result printed as one JSON object per line (search hits, duplicate groups)."""
+
+
+def _index_settings(args: argparse.Namespace):
+    from clip_pyfunc.config import load_settings
+
+    return load_settings(args.conf, {"index": {"path": args.index_path, "url": args.qdrant_url,
+                                               "collection": args.collection}})
+
+
+def _client(settings):
+    from clip_pyfunc.index import open_client
+
+    return open_client(settings.index.path, settings.index.url)
+
+
+def cmd_index(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.index import index_table
+
+    settings = _index_settings(args)
+    client = _client(settings)
+    try:
+        return index_table(client, settings.index.collection, args.input, args.model_uri, id_col=args.id_col)
+    finally:
+        client.close()
+
+
+def cmd_search(args: argparse.Namespace) -> JsonLines:
+    from clip_pyfunc.index import Searcher
+
+    settings = _index_settings(args)
+    client = _client(settings)
+    image = None
+    if args.image:
+        try:
+            with open(args.image, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise ModelLoadError(f"--image {args.image}: {e}") from e
+    try:
+        hits = Searcher(client, settings.index.collection).search(text=args.text, image=image, like=args.like,
+                                                                 k=args.k, filters=args.filter)
+    finally:
+        client.close()
+    return JsonLines(hits)
+
+
+def cmd_duplicates(args: argparse.Namespace) -> JsonLines:
+    from clip_pyfunc.index import duplicate_groups
+
+    settings = _index_settings(args)
+    client = _client(settings)
+    try:
+        return JsonLines(duplicate_groups(client, settings.index.collection, args.threshold))
+    finally:
+        client.close()
+
+
+def cmd_app(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from clip_pyfunc import app
+    from clip_pyfunc.config import load_settings
+
+    settings = load_settings(args.conf, {
+        "index": {"path": args.index_path, "url": args.qdrant_url, "collection": args.collection},
+        "app": {"host": args.host, "port": args.port, "classifier": args.classifier, "api_key": args.api_key}})
+    config = settings.app
+    classifier = None if args.no_classifier else (
+        config.classifier or f"models:/{settings.classifier.name}@{settings.classifier.alias}")
+    config = dataclasses.replace(config, api_key=config.api_key or os.environ.get("CLIP_PYFUNC_API_KEY"))
+    loaded = app.load(settings.index.collection, _client(settings), classifier)
+    app.run(loaded, config)  # serves until stopped
+    return {}
+
+
 def cmd_serve(args: argparse.Namespace) -> dict:
     from clip_pyfunc.config import load_settings
     from clip_pyfunc.serve import serve
@@ -200,6 +284,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="register, then embed sample texts and images through the registry")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("index", help="upsert an embed-table output into a Qdrant collection")
+    _add_index_flags(p)
+    p.add_argument("--input", required=True, help="embed-table output: parquet path or table (id, embedding, error, ...)")
+    p.add_argument("--model-uri", "-m", required=True, help="the model that made the embeddings")
+    p.add_argument("--id-col", help="id column (default: the table's first column)")
+    p.set_defaults(func=cmd_index)
+    p = sub.add_parser("search", help="query a collection by words, a photo or a stored item; JSON lines out")
+    _add_index_flags(p)
+    p.add_argument("--text", help="words to search for")
+    p.add_argument("--image", help="an image file to search by")
+    p.add_argument("--like", help="the id of an indexed item to find items like")
+    p.add_argument("--k", type=int, default=10, help="results (default 10)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="payload must match (repeatable)")
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("duplicates", help="near-duplicate groups in a collection; JSON lines out")
+    _add_index_flags(p)
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that links two items")
+    p.set_defaults(func=cmd_duplicates)
+    p = sub.add_parser("app", help="the web page and JSON API (FastAPI on uvicorn) over the index and models")
+    _add_index_flags(p)
+    p.add_argument("--host", help="interface (default 127.0.0.1; anything else logs a warning)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--classifier", help="classifier model URI (default models:/<classifier.name>@<alias>)")
+    p.add_argument("--no-classifier", action="store_true", help="run without /classify")
+    p.add_argument("--api-key", help="require X-API-Key (or set CLIP_PYFUNC_API_KEY)")
+    p.set_defaults(func=cmd_app)
     p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
     p.add_argument("--model-uri", "-m", required=True, help="models:/name@alias, models:/name/1, runs:/..., a path")
@@ -293,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; print the result as JSON on stdout (and nothing else there), errors on stderr."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "serve":  # hands the process over to `mlflow models serve`; prints no JSON
+        if args.command in ("serve", "app"):  # long-running servers; they print no JSON
             args.func(args)
             return 0
         with stdout_to_stderr():
@@ -301,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     except ClipPyfuncError as e:  # what the user sent or configured: one line, exit 2
         print(f"clip-pyfunc {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if isinstance(result, JsonLines):
+        for item in result:
+            print(json.dumps(item))
+    else:
+        print(json.dumps(result, indent=2))
     return 0
 
 

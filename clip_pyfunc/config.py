@@ -231,6 +231,46 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """Where `clip-pyfunc index`, `search`, `duplicates` and `app` keep the vectors.
+
+    Attributes:
+        path: Directory of qdrant-client's embedded local mode (brute-force search).
+        url: A Qdrant server instead (QDRANT_URL overrides a null here); same code path.
+        collection: Collection name.
+    """
+
+    path: str = "clip-index"
+    url: str | None = None
+    collection: str = "clip"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppConfig:
+    """How `clip-pyfunc app` (the FastAPI demo and JSON API) runs.
+
+    Attributes:
+        host: Interface to bind; anything but loopback logs a warning.
+        port: TCP port.
+        classifier: Model URI of the zero-shot classifier; null uses the conf's classifier name@alias.
+        max_upload_bytes: Most bytes of one uploaded file or field.
+        max_fields: Most form fields (files and texts) per request.
+        api_key: When set, every API call must send it as `X-API-Key` (the page asks for it).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    classifier: str | None = None
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_fields: int = 16
+    api_key: str | None = None
+
+    def __post_init__(self):
+        for name in ("port", "max_upload_bytes", "max_fields"):
+            _require_positive_int(name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the CLI reads from conf/: one section per dataclass."""
 
@@ -240,10 +280,12 @@ class Settings:
     serve: ServeConfig = field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    app: AppConfig = field(default_factory=AppConfig)
 
 
 _SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig, "serve": ServeConfig,
-             "evaluate": EvaluateConfig, "classifier": ClassifierConfig}
+             "evaluate": EvaluateConfig, "classifier": ClassifierConfig, "index": IndexConfig, "app": AppConfig}
 
 
 def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:

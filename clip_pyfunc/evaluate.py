@@ -179,24 +179,21 @@ def load_candidate(spec: str, workdir: str) -> Candidate:
 
 def _load_registered(uri: str):
     import mlflow
-    from mlflow import MlflowClient
 
-    first = mlflow.pyfunc.load_model(uri)
-    found = {first.unwrap_python_model().tower: first}
-    info = mlflow.models.get_model_info(uri)
-    client = MlflowClient()
-    run_id = info.run_id
-    versions = []
-    for mv in client.search_model_versions(f"run_id='{run_id}'"):
-        versions.append((mv.name, mv.version))
-        if len(found) < 2:
-            model = mlflow.pyfunc.load_model(f"models:/{mv.name}/{mv.version}")
-            found.setdefault(model.unwrap_python_model().tower, model)
-    if set(found) != {"text", "image"}:
-        raise ModelLoadError(f"{uri}: its run {run_id} holds no registered {'text' if 'image' in found else 'image'} "
-                             "model to pair it with; register both with `clip-pyfunc register`")
-    size = sum(_dir_bytes(mlflow.artifacts.download_artifacts(f"models:/{n}/{v}")) for n, v in versions[:2])
-    return found["text"].unwrap_python_model(), found["image"].unwrap_python_model(), versions, size
+    from clip_pyfunc.registry import model_kind, run_models
+
+    kind = model_kind(uri)
+    paired = run_models(uri)
+    if kind not in ("text", "image") or not {"text", "image"} <= set(paired):
+        missing = "text and image models" if kind not in ("text", "image") else f"{'text' if kind == 'image' else 'image'} model"
+        raise ModelLoadError(f"{uri} is a {kind} model whose run holds no registered {missing} to pair it with; "
+                             "pass the text or image model of a `clip-pyfunc register` run")
+    uris = {"text": uri if kind == "text" else paired["text"], "image": uri if kind == "image" else paired["image"]}
+    models = {tower: mlflow.pyfunc.load_model(u).unwrap_python_model() for tower, u in uris.items()}
+    versions = [tuple(u[len("models:/"):].rsplit("/", 1)) for u in (paired["text"], paired["image"])
+                if u.startswith("models:/") and "@" not in u]
+    size = sum(_dir_bytes(mlflow.artifacts.download_artifacts(u)) for u in uris.values())
+    return models["text"], models["image"], versions, size
 
 
 def _load_checkpoint(source: str, workdir: str):

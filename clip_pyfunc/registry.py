@@ -16,6 +16,7 @@ from typing import Any
 
 from clip_pyfunc.checkpoint import CheckpointInfo, ResolvedCheckpoint, export_towers, resolve_checkpoint
 from clip_pyfunc.config import RegistryConfig, RuntimeConfig, Settings
+from clip_pyfunc.errors import ModelLoadError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # What the served model needs, pinned to what logged it (MLflow's own convention). No pyspark,
@@ -243,6 +244,49 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     if checkpoint.random_init:
         summary["warning"] = "random weights: scores are meaningless"
     return summary
+
+
+def model_kind(model_uri: str) -> str:
+    """What a logged model is, from its artifacts: "text", "image", "combined" or "classifier"."""
+    import mlflow
+
+    artifacts = set(mlflow.models.get_model_info(model_uri).flavors["python_function"].get("artifacts") or {})
+    if "labels" in artifacts:
+        return "classifier"
+    if {"text", "image"} <= artifacts:
+        return "combined"
+    if artifacts in ({"text"}, {"image"}):
+        return artifacts.pop()
+    raise ModelLoadError(f"{model_uri} is not a clip-pyfunc model (artifacts {sorted(artifacts)})")
+
+
+def run_models(model_uri: str) -> dict[str, str]:
+    """The registered models logged in the same run as `model_uri` (one embedding space), by kind.
+
+    Returns:
+        {"text": "models:/name/version", "image": ..., "combined": ..., as registered}; the model
+        itself is always included (under its pinned version when it is registered).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = mlflow.models.get_model_info(model_uri)
+    found = {model_kind(model_uri): pin_model_uri(model_uri)}
+    if info.run_id:
+        for mv in MlflowClient().search_model_versions(f"run_id='{info.run_id}'"):
+            uri = f"models:/{mv.name}/{mv.version}"
+            found.setdefault(model_kind(uri), uri)
+    return found
+
+
+def pin_model_uri(model_uri: str) -> str:
+    """`models:/name@alias` -> `models:/name/version` (the version the alias points at now); others unchanged."""
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        from mlflow import MlflowClient
+
+        name, alias = model_uri[len("models:/"):].rsplit("@", 1)
+        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+    return model_uri
 
 
 def local_models(towers: dict[str, str], runtime: RuntimeConfig | None = None, which=("text", "image")):

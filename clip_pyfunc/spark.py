@@ -77,13 +77,9 @@ def worker_threads(spark) -> int:
 
 def resolve_model_uri(model_uri: str) -> str:
     """Pin an alias to its current version on the driver, so every worker loads the same one."""
-    if model_uri.startswith("models:/") and "@" in model_uri:
-        from mlflow import MlflowClient
+    from clip_pyfunc.registry import pin_model_uri
 
-        name, alias = model_uri[len("models:/"):].rsplit("@", 1)
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
-        return f"models:/{name}/{version}"
-    return model_uri
+    return pin_model_uri(model_uri)
 
 
 def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: bool | None = None,

@@ -1,0 +1,312 @@
+"""The demo web app and JSON API: a FastAPI edge over the registered models and the index.
+
+The models are loaded in-process once, at start; every endpoint chains the same functions the
+pyfunc models, the CLI and Spark use (`embed_rows`, the classifier's `predict`, `index.Searcher`).
+Each response carries `request_id`, the client's `X-Request-ID` or a new UUID, and so does
+every log line written while answering it.
+"""
+
+
+import contextvars
+import io
+import logging
+import os
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from clip_pyfunc.config import AppConfig
+from clip_pyfunc.errors import InvalidInput
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
+_REQUEST_ID = contextvars.ContextVar("request_id", default="-")
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_OPEN_PATHS = ("/", "/health")  # the page itself asks for the key; health checks need none
+log = logging.getLogger("clip_pyfunc.app")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record):
+        record.request_id = _REQUEST_ID.get()
+        return True
+
+
+@dataclass
+class Loaded:
+    """What the app serves, loaded once: the text and image models, the classifier and the index."""
+
+    text: Any
+    image: Any
+    classifier: Any
+    searcher: Any  # index.Searcher, or None without an index
+    warning: str | None = None  # toy or random weights: said on the page and in /health
+
+
+def load(collection: str, client, classifier_uri: str | None) -> Loaded:
+    """Load the collection's text and image models (its embedding space) and the classifier, once.
+
+    Raises:
+        IndexRefused: No such collection. ModelLoadError: A model cannot be loaded.
+    """
+    import mlflow
+
+    from clip_pyfunc.index import Searcher
+
+    searcher = Searcher(client, collection)
+    text, image = searcher.model("text"), searcher.model("image")
+    classifier = mlflow.pyfunc.load_model(classifier_uri) if classifier_uri else None
+    metadata = image.metadata.metadata or {}
+    warning = None
+    if metadata.get("toy_checkpoint"):
+        warning = f"Toy checkpoint ({metadata['toy_checkpoint']}): it knows only generated coloured shapes."
+    elif metadata.get("random_init"):
+        warning = "Random weights: the vectors, labels and scores here are meaningless."
+    return Loaded(text=text, image=image, classifier=classifier, searcher=searcher, warning=warning)
+
+
+class _Refused(Exception):
+    """A request error for the edge to answer as JSON: status, field and message."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def create_app(loaded: Loaded, config: AppConfig):
+    """The FastAPI app: the page, /health, /embeddings, /classify, /search and item thumbnails."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from mlflow.exceptions import MlflowException
+
+    app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        sent = request.headers.get("x-request-id", "")
+        rid = sent if _ID_PATTERN.match(sent) else str(uuid.uuid4())
+        token = _REQUEST_ID.set(rid)
+        request.state.request_id = rid
+        try:
+            if config.api_key and request.url.path not in _OPEN_PATHS:
+                key = request.headers.get("x-api-key") or request.query_params.get("key") or ""
+                if not secrets.compare_digest(key.encode(), config.api_key.encode()):
+                    log.warning("%s %s refused: missing or wrong API key", request.method, request.url.path)
+                    return JSONResponse({"error": {"message": "missing or wrong API key; send it as X-API-Key"},
+                                         "request_id": rid}, status_code=401, headers={"X-Request-ID": rid})
+            response = await call_next(request)
+            response.headers["X-Request-ID"] = rid
+            log.info("%s %s -> %s", request.method, request.url.path, response.status_code)
+            return response
+        finally:
+            _REQUEST_ID.reset(token)
+
+    @app.exception_handler(_Refused)
+    async def refused(request: Request, e: _Refused):
+        body = {"error": {"message": e.message, **({"field": e.field} if e.field else {})},
+                "request_id": request.state.request_id}
+        log.info("refused %s: %s", e.field or "-", e.message)
+        return JSONResponse(body, status_code=e.status)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/health")
+    async def health(request: Request):
+        searcher = loaded.searcher
+        return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
+                "collection": searcher.collection if searcher else None,
+                "points": searcher.client.count(searcher.collection).count if searcher else 0,
+                "models": {"space": searcher.space.models if searcher else {},
+                           "classifier": bool(loaded.classifier)}}
+
+    @app.post("/embeddings")
+    async def embeddings(request: Request):
+        """Any mix of image files and text fields; vectors keyed by field name."""
+        fields = await _form(request, config)
+        texts = {k: v for k, v in fields.items() if isinstance(v, str)}
+        images = {k: v for k, v in fields.items() if isinstance(v, bytes)}
+        if not fields:
+            raise _Refused(400, "send at least one form field: image files and/or text fields")
+        out = {}
+        for group, model in ((texts, loaded.text), (images, loaded.image)):
+            if group:
+                vectors, errors = model.unwrap_python_model().embed_rows(list(group.values()))
+                names = list(group)
+                if errors:
+                    raise _Refused(400, errors[0].reason, names[errors[0].row])
+                out.update({name: vectors[i].tolist() for i, name in enumerate(names)})
+        return {"embeddings": {name: out[name] for name in fields}, "request_id": request.state.request_id}
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        """One image file (field `image`) -> its top categories from the registered classifier."""
+        if loaded.classifier is None:
+            raise _Refused(503, "no classifier loaded; start the app with --classifier URI")
+        fields = await _form(request, config)
+        image = _one_image(fields)
+        top_k = _int_field(fields, "top_k", 3)
+        try:
+            result = loaded.classifier.predict([image], params={"top_k": top_k})
+        except MlflowException as e:
+            raise _Refused(400, _reason(e), "image") from e
+        top = [{"label": label, "score": float(score)} for label, score in zip(result["labels"][0], result["scores"][0])]
+        return {"top_categories": top, "request_id": request.state.request_id}
+
+    @app.post("/search")
+    async def search(request: Request):
+        """Fields `text`, an image file `image`, or `like` (an item id); `k`, repeated `filter` key=value."""
+        if loaded.searcher is None:
+            raise _Refused(503, "no index loaded; start the app with --collection")
+        fields = await _form(request, config)
+        query = {name: fields[name] for name in ("text", "image", "like") if name in fields}
+        if len(query) != 1:
+            raise _Refused(400, f"send exactly one of the fields text, image or like; got {sorted(query) or 'none'}")
+        k = _int_field(fields, "k", 12)
+        filters = fields.get("filter")
+        filters = [filters] if isinstance(filters, str) else filters
+        try:
+            hits = loaded.searcher.search(**query, k=k, filters=filters)
+        except (InvalidInput, MlflowException) as e:
+            raise _Refused(400, _reason(e), next(iter(query))) from e
+        for hit in hits:
+            hit["thumbnail"] = _thumbnail_url(hit)
+        return {"results": hits, "request_id": request.state.request_id}
+
+    @app.get("/items/{item_id:path}/thumbnail")
+    async def thumbnail(item_id: str):
+        """A small JPEG of an indexed item whose payload has a local `path` (only paths the index holds)."""
+        from clip_pyfunc.index import ID_KEY, point_id
+
+        found = loaded.searcher.client.retrieve(loaded.searcher.collection, [point_id(item_id)]) \
+            if loaded.searcher else []
+        path = (found[0].payload or {}).get("path") if found else None
+        if not isinstance(path, str):
+            raise _Refused(404, f"no indexed item {item_id!r} with a local path", ID_KEY)
+        try:
+            from PIL import Image
+
+            with Image.open(path.removeprefix("file:")) as img:
+                img = img.convert("RGB")
+                img.thumbnail((160, 160))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=85)
+        except OSError as e:
+            raise _Refused(404, f"item {item_id!r}: its image cannot be read ({e})", ID_KEY) from e
+        return Response(buf.getvalue(), media_type="image/jpeg")
+
+    return app
+
+
+async def _form(request, config: AppConfig) -> dict[str, Any]:
+    """Read a multipart (or url-encoded, or JSON) body: {field: str, bytes or [str, ...]} within the limits."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > config.max_upload_bytes * config.max_fields:
+        raise _Refused(413, f"request is {length} bytes, over {config.max_fields} fields x "
+                            f"{config.max_upload_bytes} bytes (max_fields, max_upload_bytes)")
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise _Refused(400, f"body is not valid JSON ({e})") from e
+        if not isinstance(body, dict):
+            raise _Refused(400, "a JSON body must be an object of fields")
+        return _limited(body, config)
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=config.max_fields, max_fields=config.max_fields,
+                                  max_part_size=config.max_upload_bytes)
+    except (MultiPartException, HTTPException) as e:  # starlette wraps its parser's errors in a 400
+        message = getattr(e, "detail", None) or str(e)
+        too_many = "exceed" in message.lower() or "too many" in message.lower()
+        raise _Refused(413 if too_many else 400,
+                       f"bad form: {message} (limits: {config.max_fields} fields, {config.max_upload_bytes} bytes "
+                       "per field; max_fields, max_upload_bytes)") from e
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read(config.max_upload_bytes + 1)
+            if len(data) > config.max_upload_bytes:
+                raise _Refused(413, f"file is over {config.max_upload_bytes} bytes (max_upload_bytes)", name)
+            value = data
+        if name in fields:  # a repeated field (filter=a=1&filter=b=2) becomes a list
+            fields[name] = (fields[name] if isinstance(fields[name], list) else [fields[name]]) + [value]
+        else:
+            fields[name] = value
+    return _limited(fields, config)
+
+
+def _limited(fields: dict[str, Any], config: AppConfig) -> dict[str, Any]:
+    if len(fields) > config.max_fields:
+        raise _Refused(413, f"{len(fields)} fields, over the limit of {config.max_fields} (max_fields)")
+    for name, value in fields.items():
+        if isinstance(value, (str, bytes)) and len(value) > config.max_upload_bytes:
+            raise _Refused(413, f"field is over {config.max_upload_bytes} bytes (max_upload_bytes)", name)
+    return fields
+
+
+def _one_image(fields: dict[str, Any]) -> bytes | str:
+    image = fields.get("image")
+    if image is None:
+        raise _Refused(400, f"send the image as a file field 'image'; got fields {sorted(fields)}", "image")
+    if not isinstance(image, (bytes, str)):
+        raise _Refused(400, "send one image", "image")
+    return image
+
+
+def _int_field(fields: dict[str, Any], name: str, default: int) -> int:
+    value = fields.get(name, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or isinstance(value, bool):
+        raise _Refused(400, f"must be a whole number >= 1, got {str(value)[:40]!r}", name)
+    return number
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "message", None) or str(e)
+
+
+def _thumbnail_url(hit: dict) -> str | None:
+    from urllib.parse import quote
+
+    url = hit["payload"].get("url")
+    if isinstance(url, str) and url.startswith(("https://", "http://")):
+        return url
+    if isinstance(hit["payload"].get("path"), str):
+        return f"/items/{quote(str(hit['id']), safe='')}/thumbnail"
+    return None
+
+
+def configure_logging() -> None:
+    """Log lines with the request id, on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+    handler.addFilter(_RequestIdFilter())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def run(loaded: Loaded, config: AppConfig) -> None:
+    """Serve the app with uvicorn on config.host:port (a warning when that is not loopback)."""
+    import ipaddress
+
+    import uvicorn
+
+    configure_logging()
+    try:
+        loopback = config.host == "localhost" or ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning("binding %s: the app is reachable from the network%s", config.host,
+                    "" if config.api_key else " and has no API key (--api-key)")
+    uvicorn.run(create_app(loaded, config), host=config.host, port=config.port, log_level="warning")

@@ -1,0 +1,341 @@
+"""Index embeddings in Qdrant and query them: by words, by photo, by a stored item; near-duplicates.
+
+One code path for both Qdrant deployments: qdrant-client's embedded local mode (a directory,
+brute-force search) and a Qdrant server (`url`, or QDRANT_URL) speak the same client API.
+
+A collection remembers the embedding space it holds: the model that made the vectors (pinned
+to its version), the run that logged it (the text and image models of one run share a space),
+their URIs and the dimension. Vectors from another space are refused, because mixing spaces
+silently gives plausible, wrong answers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from clip_pyfunc.errors import ClipPyfuncError, InvalidInput, ModelLoadError
+
+EMBEDDING_COL, ERROR_COL = "embedding", "error"
+ID_KEY = "id"  # the payload key that holds the table's own id (Qdrant ids must be ints or UUIDs)
+META_KEY = "clip_pyfunc"
+_ID_NAMESPACE = uuid.UUID("6f1e2d1c-0b7a-4e55-9c3e-2f1f6f3a9d10")
+
+
+class IndexRefused(ClipPyfuncError):
+    """An index operation was refused: another embedding space, a bad table, a missing collection."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Space:
+    """The embedding space a collection holds.
+
+    Attributes:
+        model_uri: The model that made the vectors, pinned (`models:/name/version`).
+        run_id: The run that logged it; its text, image and combined models share the space.
+        models: {"text": uri, "image": uri, ...} registered in that run.
+        embedding_dim: Vector size.
+    """
+
+    model_uri: str
+    run_id: str
+    models: dict[str, str]
+    embedding_dim: int
+
+    @classmethod
+    def of_model(cls, model_uri: str) -> Space:
+        """The space of a registered (or logged) model, read from the registry."""
+        import mlflow
+
+        from clip_pyfunc.registry import pin_model_uri, run_models
+
+        info = mlflow.models.get_model_info(model_uri)
+        dim = int((info.metadata or {}).get("embedding_dim", 0))
+        return cls(model_uri=pin_model_uri(model_uri), run_id=info.run_id or "", models=run_models(model_uri),
+                   embedding_dim=dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_uri": self.model_uri, "run_id": self.run_id, "models": dict(self.models),
+                "embedding_dim": self.embedding_dim}
+
+
+def open_client(path: str | None = None, url: str | None = None):
+    """A Qdrant client: a server at `url` (or QDRANT_URL, with QDRANT_API_KEY), else local mode under `path`."""
+    from qdrant_client import QdrantClient
+
+    url = url or os.environ.get("QDRANT_URL")
+    if url:
+        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"))
+    return QdrantClient(path=path or "clip-index")
+
+
+def point_id(item_id: object) -> str:
+    """The Qdrant point id of a table id: a UUID derived from it, so a re-run upserts the same point."""
+    return str(uuid.uuid5(_ID_NAMESPACE, str(item_id)))
+
+
+def collection_space(client, collection: str) -> Space:
+    """The space a collection records.
+
+    Raises:
+        IndexRefused: The collection does not exist or was not made by `clip-pyfunc index`.
+    """
+    if not client.collection_exists(collection):
+        names = [c.name for c in client.get_collections().collections]
+        raise IndexRefused(f"no collection {collection!r}; collections here: {names}. Make one with `clip-pyfunc index`")
+    meta = (client.get_collection(collection).config.metadata or {}).get(META_KEY)
+    if not meta:
+        raise IndexRefused(f"collection {collection!r} was not made by clip-pyfunc: it records no embedding model")
+    return Space(**meta)
+
+
+def ensure_collection(client, collection: str, space: Space) -> None:
+    """Create the collection for `space`, or check that an existing one holds the same space.
+
+    Raises:
+        IndexRefused: The collection holds another embedding space (another run or dimension).
+    """
+    from qdrant_client import models
+
+    if not client.collection_exists(collection):
+        client.create_collection(collection, vectors_config=models.VectorParams(
+            size=space.embedding_dim, distance=models.Distance.COSINE), metadata={META_KEY: space.to_dict()})
+        return
+    held = collection_space(client, collection)
+    if held.run_id != space.run_id or held.embedding_dim != space.embedding_dim:
+        raise IndexRefused(
+            f"collection {collection!r} holds vectors of {held.model_uri} (run {held.run_id}, dim "
+            f"{held.embedding_dim}); these come from {space.model_uri} (run {space.run_id}, dim "
+            f"{space.embedding_dim}), another embedding space. Mixing them gives wrong answers: index into "
+            "another --collection, or re-embed everything with the collection's model")
+
+
+def read_table(source: str, batch_rows: int = 1024) -> Iterator[Any]:
+    """Read an embed-table output in batches: a parquet file or directory, or a Spark table name."""
+    if os.path.exists(source):
+        import pyarrow.dataset as ds
+
+        for batch in ds.dataset(source, format="parquet").to_batches(batch_size=batch_rows):
+            yield batch.to_pandas()
+        return
+    from clip_pyfunc.spark import spark_session
+
+    spark = spark_session()
+    rows = []
+    columns = spark.table(source).columns
+    import pandas as pd
+
+    for row in spark.table(source).toLocalIterator():
+        rows.append(tuple(row))
+        if len(rows) == batch_rows:
+            yield pd.DataFrame(rows, columns=columns)
+            rows = []
+    if rows:
+        yield pd.DataFrame(rows, columns=columns)
+
+
+def index_table(client, collection: str, source: str, model_uri: str, *, id_col: str | None = None,
+                batch_rows: int = 512, progress: bool = True) -> dict[str, Any]:
+    """Upsert an embed-table output into `collection`: one point per good row, keyed by its id.
+
+    Args:
+        client: From `open_client`.
+        collection: Collection name (created on first use).
+        source: A parquet path or a table with columns id, `embedding`, `error` and payload columns.
+        model_uri: The model that made the embeddings (its space is recorded and checked).
+        id_col: The id column; None takes the table's first column (embed-table writes it first).
+        batch_rows: Points per upsert.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        {"collection", "rows", "indexed", "skipped" (rows with an error or no vector), "added",
+        "updated", "points"}.
+
+    Raises:
+        IndexRefused: Another embedding space, a vector of the wrong size, or a missing column.
+    """
+    import numpy as np
+    from qdrant_client import models
+    from tqdm import tqdm
+
+    space = Space.of_model(model_uri)
+    ensure_collection(client, collection, space)
+    before = client.count(collection, exact=True).count
+    rows = indexed = skipped = 0
+    bar = tqdm(desc=f"index {collection}", unit=" rows", disable=not progress)
+    for frame in read_table(source, batch_rows):
+        id_col = id_col or frame.columns[0]
+        for col in (id_col, EMBEDDING_COL):
+            if col not in frame.columns:
+                raise IndexRefused(f"column {col!r} not in {source}; columns: {list(frame.columns)}")
+        payload_cols = [c for c in frame.columns if c not in (EMBEDDING_COL, ERROR_COL)]
+        points = []
+        for record in frame.to_dict("records"):
+            vector = record[EMBEDDING_COL]
+            failed = isinstance(record.get(ERROR_COL), str) or vector is None
+            if failed:
+                skipped += 1
+                continue
+            vector = np.asarray(vector, dtype=np.float32)
+            if vector.shape != (space.embedding_dim,):
+                raise IndexRefused(f"row {record[id_col]!r}: embedding has shape {vector.shape}, the collection holds "
+                                  f"{space.embedding_dim}-d vectors of {space.model_uri}")
+            payload = {c: _plain(record[c]) for c in payload_cols}
+            payload[ID_KEY] = _plain(record[id_col])
+            points.append(models.PointStruct(id=point_id(record[id_col]), vector=vector.tolist(), payload=payload))
+        if points:
+            client.upsert(collection, points=points, wait=True)
+        indexed += len(points)
+        rows += len(frame)
+        bar.update(len(frame))
+    bar.close()
+    after = client.count(collection, exact=True).count
+    return {"collection": collection, "model_uri": space.model_uri, "rows": rows, "indexed": indexed,
+            "skipped": skipped, "added": after - before, "updated": indexed - (after - before), "points": after}
+
+
+def _plain(value: object) -> object:
+    """A JSON-ready payload value (numpy scalars and arrays to Python, NaN to None)."""
+    import math
+
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, bytes):
+        return None  # raw image bytes do not belong in a payload
+    return value
+
+
+def parse_filters(pairs: list[str] | None):
+    """`key=value` strings -> a Qdrant filter that every pair must match (numbers match as numbers too).
+
+    Raises:
+        InvalidInput: A pair without '='.
+    """
+    from qdrant_client import models
+
+    must = []
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"filter {pair!r} must be key=value")
+        options: list = [value]
+        if value.lstrip("-").isdigit():
+            options.append(int(value))
+        elif value.lower() in ("true", "false"):
+            options.append(value.lower() == "true")
+        must.append(models.Filter(should=[models.FieldCondition(key=key, match=models.MatchValue(value=v))
+                                          for v in options]))
+    return models.Filter(must=must) if must else None
+
+
+class Searcher:
+    """Queries one collection, embedding them with the models its space records (loaded once)."""
+
+    def __init__(self, client, collection: str, text_model=None, image_model=None):
+        """Args: text_model/image_model: loaded pyfunc models to reuse; None loads the space's own on first use."""
+        self.client, self.collection = client, collection
+        self.space = collection_space(client, collection)
+        self._models = {"text": text_model, "image": image_model}
+
+    def model(self, kind: str):
+        """The space's text or image pyfunc model."""
+        if self._models.get(kind) is None:
+            import mlflow
+
+            uri = self.space.models.get(kind)
+            if not uri:
+                raise ModelLoadError(f"the collection's run {self.space.run_id} registered no {kind} model to embed "
+                                     f"queries with; it holds {sorted(self.space.models)}")
+            self._models[kind] = mlflow.pyfunc.load_model(uri)
+        return self._models[kind]
+
+    def query_vector(self, *, text: str | None = None, image: bytes | str | None = None, like: object = None):
+        """The vector of exactly one query: words, an image (bytes or base64) or a stored item's id."""
+        given = [name for name, v in (("text", text), ("image", image), ("like", like)) if v is not None]
+        if len(given) != 1:
+            raise InvalidInput(f"give exactly one of text, image or like; got {given or 'none'}")
+        if like is not None:
+            found = self.client.retrieve(self.collection, [point_id(like)], with_vectors=True)
+            if not found:
+                raise InvalidInput(f"like: no item with id {like!r} in collection {self.collection!r}")
+            return found[0].vector
+        kind, value = ("text", text) if text is not None else ("image", image)
+        return self.model(kind).predict([value])[0].tolist()
+
+    def search(self, *, text=None, image=None, like=None, k: int = 10, filters: list[str] | None = None):
+        """The k best items: [{"id", "score", "payload"}], best first (the `like` item itself left out)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInput(f"k must be a positive whole number, got {k!r}")
+        vector = self.query_vector(text=text, image=image, like=like)
+        query_filter = parse_filters(filters)
+        hits = self.client.query_points(self.collection, query=vector, limit=k + (like is not None),
+                                        query_filter=query_filter, with_payload=True).points
+        out = []
+        for hit in hits:
+            payload = dict(hit.payload or {})
+            item = payload.pop(ID_KEY, hit.id)
+            if like is not None and str(item) == str(like):
+                continue
+            out.append({"id": item, "score": float(hit.score), "payload": payload})
+        return out[:k]
+
+
+def duplicate_groups(client, collection: str, threshold: float = 0.95, block: int = 2048) -> list[dict[str, Any]]:
+    """Groups of items whose vectors are at least `threshold` cosine-similar (linked transitively).
+
+    Brute force over all vectors in blocks, so memory stays at block x points floats.
+
+    Returns:
+        [{"ids": [...], "size": n, "min_score": lowest linking score, "max_score": ...}], largest first.
+    """
+    import numpy as np
+
+    if not -1.0 <= threshold <= 1.0:
+        raise InvalidInput(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+    collection_space(client, collection)
+    ids, vectors, offset = [], [], None
+    while True:
+        points, offset = client.scroll(collection, limit=1024, offset=offset, with_vectors=True, with_payload=[ID_KEY])
+        for p in points:
+            ids.append((p.payload or {}).get(ID_KEY, p.id))
+            vectors.append(p.vector)
+        if offset is None:
+            break
+    if not ids:
+        return []
+    matrix = np.asarray(vectors, dtype=np.float32)
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    parent = list(range(len(ids)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    links: dict[tuple[int, int], float] = {}
+    for start in range(0, len(ids), block):
+        sims = matrix[start:start + block] @ matrix.T
+        rows, cols = np.nonzero(sims >= threshold)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if c > i:
+                links[(i, c)] = float(sims[r, c])
+                parent[root(i)] = root(c)
+    groups: dict[int, list[int]] = {}
+    for i in {i for pair in links for i in pair}:
+        groups.setdefault(root(i), []).append(i)
+    scores: dict[int, list[float]] = {}
+    for (a, _), score in links.items():
+        scores.setdefault(root(a), []).append(score)
+    out = []
+    for group, members in groups.items():
+        members.sort(key=lambda i: str(ids[i]))
+        out.append({"ids": [ids[i] for i in members], "size": len(members),
+                    "min_score": round(min(scores[group]), 6), "max_score": round(max(scores[group]), 6)})
+    out.sort(key=lambda g: (-g["size"], -g["max_score"]))
+    return out

@@ -1,0 +1,310 @@
+"""Index, search, duplicates and the app, end to end on the trained toy checkpoint.
+
+A folder of generated shape images is embedded by the real Spark job (`clip-pyfunc embed-table`),
+indexed in qdrant-client's local mode (`clip-pyfunc index`), searched from the CLI, and served by
+`clip-pyfunc app` (real uvicorn) that a real chromium drives through the web page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from conftest import free_port, start_server, stop_server, wait_ready
+
+from clip_pyfunc.config import load_settings
+from clip_pyfunc.errors import InvalidInput
+from clip_pyfunc.index import IndexRefused, duplicate_groups, index_table, open_client, point_id
+from clip_pyfunc.registry import register_classifier, register_models
+from clip_pyfunc.samples import sample_image
+from clip_pyfunc.toy_checkpoint import LABELS, draw
+
+pytestmark = [pytest.mark.spark]
+PER_LABEL = 3
+API_KEY = "s3cret-key"
+LABELS_FILE = os.path.join(os.path.dirname(__file__), "..", "conf", "labels", "toy_shapes.yaml")
+
+
+def _cli(*args, timeout=600):
+    out = subprocess.run(["clip-pyfunc", *args], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def space(toy_checkpoint, tracking_uri):
+    """The toy checkpoint's text and image models, and its classifier over the 15 toy labels."""
+    models = register_models(load_settings(None, {"model": {"source": toy_checkpoint}, "registry": {
+        "text_name": "search_text", "image_name": "search_image"}}))
+    classifier = register_classifier(load_settings(None, {"model": {"source": toy_checkpoint},
+                                                          "classifier": {"name": "search_classifier"}}), LABELS_FILE)
+    return {"image": models["models"]["image"]["uri"], "text": models["models"]["text"]["uri"],
+            "classifier": classifier["models"]["classifier"]["uri"]}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 images of each toy label, named after it (red-circle-0.png), and one exact copy."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(7)
+    for label in LABELS:
+        for i in range(PER_LABEL):
+            img, _ = draw(*label.split(), rng)
+            img.save(root / f"{label.replace(' ', '-')}-{i}.png")
+    shutil.copy(root / "green-square-0.png", root / "copy-of-green-square-0.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def indexed(space, folder, tmp_path_factory):
+    """embed-table (Spark) on the folder, then `clip-pyfunc index` into local mode."""
+    work = tmp_path_factory.mktemp("index")
+    table = str(work / "shapes.parquet")
+    _cli("embed-table", "--model-uri", space["image"], "--input", str(folder), "--output", table, "--master", "local[2]")
+    report = json.loads(_cli("index", "--input", table, "--model-uri", space["image"],
+                             "--index-path", str(work / "qdrant"), "--collection", "shapes").stdout)
+    return {"table": table, "path": str(work / "qdrant"), "report": report}
+
+
+def _search(indexed, *args):
+    out = _cli("search", "--index-path", indexed["path"], "--collection", "shapes", *args)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def _label_of(item_id: str) -> str:
+    return re.sub(r"-\d+\.png$", "", os.path.basename(item_id)).replace("copy-of-", "").replace("-", " ")
+
+
+def test_index_report_and_rerun_upserts(indexed, space):
+    report = indexed["report"]
+    n = len(LABELS) * PER_LABEL + 1
+    assert (report["rows"], report["indexed"], report["skipped"], report["added"], report["points"]) == (n, n, 0, n, n)
+    client = open_client(indexed["path"])
+    try:
+        again = index_table(client, "shapes", indexed["table"], space["image"], progress=False)
+        assert (again["added"], again["updated"], again["points"]) == (0, n, n)
+        meta = client.get_collection("shapes").config.metadata["clip_pyfunc"]
+        assert meta["model_uri"].startswith("models:/search_image/") and meta["embedding_dim"] > 0
+        assert set(meta["models"]) >= {"text", "image"}
+    finally:
+        client.close()
+
+
+def test_changed_rows_update_errors_are_skipped_and_payload_kept(indexed, space, tmp_path):
+    table = pd.read_parquet(indexed["table"]).sort_values("path").reset_index(drop=True)
+    table["title"] = [_label_of(p) for p in table["path"]]
+    table.loc[0, "error"] = "row 0: bytes are not an image"
+    table.loc[0, "embedding"] = None
+    path = str(tmp_path / "t.parquet")
+    table.to_parquet(path)
+    client = open_client(str(tmp_path / "q"))
+    try:
+        first = index_table(client, "c", path, space["image"], progress=False)
+        assert (first["indexed"], first["skipped"], first["added"]) == (len(table) - 1, 1, len(table) - 1)
+        changed = table.iloc[1:3].copy()
+        changed["title"] = "renamed"
+        changed.to_parquet(path)
+        second = index_table(client, "c", path, space["image"], progress=False)
+        assert (second["added"], second["updated"], second["points"]) == (0, 2, len(table) - 1)
+        point = client.retrieve("c", [point_id(changed["path"].iloc[0])])[0]
+        assert point.payload["title"] == "renamed" and point.payload["id"] == changed["path"].iloc[0]
+    finally:
+        client.close()
+
+
+def test_vectors_of_another_space_are_refused(indexed, registered):
+    """The tiny random CLIP's vectors (another run, another dimension) may not enter the toy collection."""
+    client = open_client(indexed["path"])
+    try:
+        with pytest.raises(IndexRefused) as e:
+            index_table(client, "shapes", indexed["table"], registered["models"]["image"]["uri"], progress=False)
+    finally:
+        client.close()
+    assert "another embedding space" in str(e.value) and "search_image" in str(e.value)
+    assert "clip_image_embedding" in str(e.value)
+
+
+def test_search_by_words_finds_the_right_items_first(indexed):
+    """Every toy label: the best hit shows it, and most of the top 3 do (the toy is 0.95 accurate, not perfect)."""
+    from clip_pyfunc.index import Searcher
+
+    client = open_client(indexed["path"])
+    try:
+        searcher = Searcher(client, "shapes")
+        right = {label: [_label_of(h["id"]) == label for h in searcher.search(text=f"a {label}", k=3)]
+                 for label in LABELS}
+    finally:
+        client.close()
+    assert all(hits[0] for hits in right.values()), right
+    assert np.mean([np.mean(hits) for hits in right.values()]) >= 0.8, right
+
+
+def test_cli_search_by_text_image_and_like(indexed, folder):
+    hits = _search(indexed, "--text", "a red circle", "--k", "3")
+    assert len(hits) == 3 and _label_of(hits[0]["id"]) == "red circle", hits
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    assert set(hits[0]) == {"id", "score", "payload"} and hits[0]["payload"]["path"] == hits[0]["id"]
+    hits = _search(indexed, "--image", str(folder / "yellow-triangle-1.png"), "--k", "3")
+    assert _label_of(hits[0]["id"]) == "yellow triangle" and hits[0]["score"] > 0.999
+    like = [h for h in _search(indexed, "--like", hits[0]["id"], "--k", "2")]
+    assert hits[0]["id"] not in [h["id"] for h in like] and _label_of(like[0]["id"]) == "yellow triangle"
+    target = hits[1]["id"]
+    filtered = _search(indexed, "--text", "a red circle", "--filter", f"path={target}")
+    assert [h["id"] for h in filtered] == [target]
+
+
+def test_bad_queries_are_named(indexed):
+    out = subprocess.run(["clip-pyfunc", "search", "--index-path", indexed["path"], "--collection", "nope",
+                          "--text", "x"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "no collection 'nope'" in out.stderr and out.stdout == ""
+    out = subprocess.run(["clip-pyfunc", "search", "--index-path", indexed["path"], "--collection", "shapes",
+                          "--text", "x", "--like", "y"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "exactly one of text, image or like" in out.stderr
+
+
+def test_duplicates(indexed, folder):
+    groups = [json.loads(line) for line in _cli("duplicates", "--index-path", indexed["path"], "--collection",
+                                                 "shapes", "--threshold", "0.999").stdout.splitlines()]
+    copies = [g for g in groups if any("copy-of-green-square-0" in i for i in g["ids"])]
+    assert len(copies) == 1 and copies[0]["max_score"] > 0.999
+    assert {os.path.basename(i) for i in copies[0]["ids"]} >= {"green-square-0.png", "copy-of-green-square-0.png"}
+    client = open_client(indexed["path"])
+    try:
+        with pytest.raises(InvalidInput, match=r"threshold must be a cosine similarity in \[-1, 1\]"):
+            duplicate_groups(client, "shapes", threshold=1.5)
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- the app
+
+
+@pytest.fixture(scope="module")
+def app(indexed, space, tmp_path_factory):
+    """`clip-pyfunc app` (uvicorn) on loopback, with an API key."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    proc = start_server(["clip-pyfunc", "app", "--index-path", indexed["path"], "--collection", "shapes",
+                         "--classifier", space["classifier"], "--port", str(port), "--api-key", API_KEY], log)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc, log, path="/health")
+    yield {"url": url, "log": log}
+    stop_server(proc)
+
+
+def _post(app, path, key=API_KEY, **kw):
+    headers = {"X-API-Key": key} if key else {}
+    headers.update(kw.pop("headers", {}))
+    return requests.post(f"{app['url']}{path}", headers=headers, timeout=60, **kw)
+
+
+def test_app_embeddings_equal_direct_predict(app, folder, space):
+    image_bytes = (folder / "red-circle-0.png").read_bytes()
+    r = _post(app, "/embeddings", files={"photo": ("a.png", image_bytes, "image/png")},
+              data={"caption": "a red circle", "other": "a blue square"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body["embeddings"]) == ["caption", "other", "photo"] or set(body["embeddings"]) == {
+        "caption", "other", "photo"}
+    image = mlflow.pyfunc.load_model(space["image"]).predict([image_bytes])[0]
+    text = mlflow.pyfunc.load_model(space["text"]).predict(["a red circle"])[0]
+    np.testing.assert_allclose(body["embeddings"]["photo"], image, atol=1e-6)
+    np.testing.assert_allclose(body["embeddings"]["caption"], text, atol=1e-6)
+
+
+def test_app_classify_and_search(app, folder, space):
+    """/classify answers what the registered classifier answers, and names most toy images right."""
+    classifier = mlflow.pyfunc.load_model(space["classifier"])
+    right = []
+    for label in LABELS:
+        image = (folder / f"{label.replace(' ', '-')}-0.png").read_bytes()
+        r = _post(app, "/classify", files={"image": ("x.png", image, "image/png")})
+        assert r.status_code == 200, r.text
+        top = r.json()["top_categories"]
+        direct = classifier.predict([image], params={"top_k": 3})
+        assert [t["label"] for t in top] == list(direct["labels"][0])
+        np.testing.assert_allclose([t["score"] for t in top], direct["scores"][0], atol=1e-6)
+        right.append(top[0]["label"] == label)
+    assert np.mean(right) >= 0.8, right
+    r = _post(app, "/search", data={"text": "a green circle", "k": "3"})
+    assert _label_of(r.json()["results"][0]["id"]) == "green circle" and len(r.json()["results"]) == 3
+    assert all(h["thumbnail"].startswith("/items/") for h in r.json()["results"])
+    thumb = requests.get(f"{app['url']}{r.json()['results'][0]['thumbnail']}", params={"key": API_KEY}, timeout=30)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+
+def test_app_request_ids_and_logs(app):
+    r = requests.get(f"{app['url']}/health", headers={"X-Request-ID": "trace-123"}, timeout=30)
+    assert r.json()["request_id"] == "trace-123" and r.headers["X-Request-ID"] == "trace-123"
+    assert r.json()["points"] == len(LABELS) * PER_LABEL + 1
+    fresh = _post(app, "/search", data={"text": "a red circle"}).json()["request_id"]
+    assert re.fullmatch(r"[0-9a-f-]{36}", fresh)
+    assert fresh in open(app["log"]).read()
+
+
+@pytest.mark.parametrize("case", ["no key", "not an image", "too many fields", "file too large", "two queries",
+                                  "bad k", "no image field"])
+def test_app_bad_requests_name_the_field(app, case):
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+    if case == "no key":
+        r = _post(app, "/search", key=None, data={"text": "x"})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        return
+    r = {
+        "not an image": lambda: _post(app, "/embeddings", files={"pic": ("p.png", png, "image/png")}),
+        "too many fields": lambda: _post(app, "/embeddings", data={f"t{i}": "x" for i in range(17)}),
+        "file too large": lambda: _post(app, "/embeddings", files={"big": ("b.jpg", b"\xff" * (10 * 2**20 + 10),
+                                                                           "image/jpeg")}),
+        "two queries": lambda: _post(app, "/search", data={"text": "x", "like": "y"}),
+        "bad k": lambda: _post(app, "/search", data={"text": "x", "k": "many"}),
+        "no image field": lambda: _post(app, "/classify", data={"text": "x"}),
+    }[case]()
+    body = r.json()
+    assert 400 <= r.status_code < 500 and body["request_id"]
+    expected = {"not an image": (400, "pic"), "too many fields": (413, None), "file too large": (413, "big"),
+                "two queries": (400, None), "bad k": (400, "k"), "no image field": (400, "image")}[case]
+    assert r.status_code == expected[0], body
+    if expected[1]:
+        assert body["error"]["field"] == expected[1], body
+
+
+def test_app_in_a_real_browser(app, folder):
+    """Debian's chromium, driven by Playwright: upload an image, type a query, check what the page shows."""
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "install Debian's chromium (.ci/run does)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"{app['url']}/?key={API_KEY}")
+            page.fill("#key", API_KEY)
+            expect(page.locator("#warning")).to_contain_text("Toy checkpoint")
+            photo = folder.parent / "upload-blue-triangle.jpg"
+            photo.write_bytes(sample_image("blue", "triangle"))  # the demo's own sample, a JPEG the index lacks
+            page.set_input_files("#image-input", str(photo))
+            expect(page.locator("#labels li")).to_have_count(3, timeout=30000)
+            expect(page.locator("#labels")).to_contain_text("blue triangle")
+            expect(page.locator("#results .hit")).to_have_count(12, timeout=30000)
+            assert "blue-triangle" in page.locator("#results .hit").first.get_attribute("data-id")
+            page.fill("#query", "a yellow square")
+            page.click("#search-button")
+            expect(page.locator("#results .hit").first).to_have_attribute("data-id", re.compile("yellow-square"),
+                                                                          timeout=30000)
+            first_three = [page.locator("#results .hit").nth(i).get_attribute("data-id") for i in range(3)]
+            assert sum("yellow-square" in i for i in first_three) >= 2, first_three
+            page.wait_for_function("() => [...document.querySelectorAll('#results img')].slice(0, 3)"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30000)
+            os.makedirs("docs", exist_ok=True)
+            page.screenshot(path=os.path.join(os.path.dirname(__file__), "..", "docs", "app.png"), full_page=True)
+        finally:
+            browser.close()
