@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import nbformat
 import pytest
@@ -53,3 +54,18 @@ def test_zero_shot_classifier_notebook(tmp_path, toy_checkpoint, monkeypatch):
     table = str(nb.cells[3].outputs)
     for name in ("red circle", "blue triangle", "green square", "purple triangle"):
         assert f"[{name}," in table  # each image's first label is its own colour and shape
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_search_notebook(tmp_path, toy_checkpoint, monkeypatch):
+    monkeypatch.setenv("CLIP_MODEL", toy_checkpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/nb.db")
+    nb = _execute("07_search.ipynb", tmp_path)
+    assert "'failed': 0" in str(nb.cells[3].outputs) and "'skipped': 0" in str(nb.cells[4].outputs)
+    shown = next(o for o in nb.cells[5].outputs if o.get("output_type") == "execute_result")
+    rows = shown["data"]["text/plain"].splitlines()[1:]  # 6 text hits, then 6 image hits
+    assert "a red circle" in rows[0] and "red circle/" in rows[0]  # the best text hit is a red circle
+    query, hit = re.match(r"\s*6\s+(\w+ \w+)/\S+\s+(\w+ \w+)/", rows[6]).groups()
+    assert query == hit  # the best image hit shows the query's label
+    assert "image/png" in str(nb.cells[6].outputs)
