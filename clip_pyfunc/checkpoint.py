@@ -146,6 +146,8 @@ class CheckpointInfo:
         attention_mask: Pass an attention mask to the text tower.
         image_inputs: "pixels" or "naflex".
         max_num_patches: NaFlex only: the patch budget images are resized to fit.
+        precision_cosine: Per precision ("bf16", "int8", "fp16"), the lowest cosine to fp32 measured
+            on sample texts and images at registration; the loader's "default" precision uses it.
     """
 
     family: str
@@ -159,9 +161,15 @@ class CheckpointInfo:
     attention_mask: bool
     image_inputs: str = "pixels"
     max_num_patches: int | None = None
+    precision_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def write(self, artifact_dir: str) -> None:
+        """Write `clip_pyfunc.json` into a tower artifact."""
+        with open(os.path.join(artifact_dir, INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
     def read(cls, artifact_dir: str) -> CheckpointInfo:

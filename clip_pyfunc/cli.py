@@ -253,6 +253,12 @@ def cmd_bench_spark(args: argparse.Namespace) -> dict:
     return spark.run(args.model_uri, rows=args.rows, master=args.master, tasks=args.tasks)
 
 
+def cmd_bench_search(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import search
+
+    return search.run(sizes=args.sizes, requests_n=args.requests)
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import bench
 
@@ -310,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-classifier", action="store_true", help="run without /classify")
     p.add_argument("--api-key", help="require X-API-Key (or set CLIP_PYFUNC_API_KEY)")
     p.set_defaults(func=cmd_app)
+    p = sub.add_parser("bench-search", help="search latency in Qdrant local mode; the app's added latency")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 20000], help="points per collection")
+    p.add_argument("--requests", type=int, default=30, help="timed requests per app endpoint")
+    p.set_defaults(func=cmd_bench_search)
     p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
     p.add_argument("--model-uri", "-m", required=True, help="models:/name@alias, models:/name/1, runs:/..., a path")

@@ -17,6 +17,9 @@ from clip_pyfunc.config import RuntimeConfig
 from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors, preview
 
 INPUT_COLUMN = "input"
+# The cosine to fp32 a precision must have held on the sample inputs (measured at registration,
+# see registry.measure_precisions) to be the "default" precision.
+DEFAULT_PRECISION_COSINE = 0.9999
 _TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -42,7 +45,9 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         path = context.artifacts[self.tower]
         if not os.path.isdir(path):
             raise ModelLoadError(f"artifact {self.tower!r} is not a directory: {path}")
-        self.runtime = pick_runtime(self.config)
+        from clip_pyfunc.checkpoint import CheckpointInfo
+
+        self.runtime = pick_runtime(self.config, CheckpointInfo.read(path).precision_cosine)
         self.model = self._load_tower(path)
 
     def _load_weights(self, path: str):
@@ -211,8 +216,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in words or "amx_bf16" in words
 
 
-def pick_runtime(config: RuntimeConfig):
+def pick_runtime(config: RuntimeConfig, measured: dict[str, float] | None = None):
     """Resolve device and precision from the config and the hardware found now.
+
+    "default" is the fastest precision this hardware runs natively that held a cosine of at
+    least DEFAULT_PRECISION_COSINE to fp32 on the sample inputs measured at registration
+    (`measured`, from the artifact): bf16 on CPUs with AVX512_BF16 or AMX, else fp32; on CUDA
+    fp16, else bf16, else fp32. Without a measurement it is fp32 on CPU and fp16 on CUDA.
 
     Raises:
         ModelLoadError: CUDA asked for but absent, or a precision the device cannot run.
@@ -230,7 +240,7 @@ def pick_runtime(config: RuntimeConfig):
     cuda = device.type == "cuda"
     precision = config.precision
     if precision == "default":
-        precision = "fp16" if cuda else "fp32"
+        precision = _default_precision(cuda, measured)
     elif precision == "auto":
         if cuda:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -246,6 +256,19 @@ def pick_runtime(config: RuntimeConfig):
         device=device, precision=precision, input_dtype=input_dtype,
         autocast_dtype=autocast, batch_size=config.batch_size,
     )
+
+
+def _default_precision(cuda: bool, measured: dict[str, float] | None) -> str:
+    import torch
+
+    if not measured:
+        return "fp16" if cuda else "fp32"
+    if cuda:
+        native = ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    else:
+        native = ["bf16"] if cpu_has_native_bf16() else []
+    held = [p for p in native if measured.get(p, 0.0) >= DEFAULT_PRECISION_COSINE]
+    return held[0] if held else "fp32"
 
 
 def apply_precision(model, runtime):

@@ -118,6 +118,8 @@ def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> dict
     """
     tags = {TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: str(info.embedding_dim),
             TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale), TAG_BIAS: repr(info.bias)}
+    for precision, cosine in info.precision_cosine.items():
+        tags[TAG_COSINE + precision] = repr(cosine)
     if checkpoint.random_init:
         tags[TAG_RANDOM] = checkpoint.random_init
     if checkpoint.toy:
@@ -204,6 +206,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
+        info = measure_precisions(info, towers, settings.runtime.device)
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
@@ -244,6 +247,45 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     if checkpoint.random_init:
         summary["warning"] = "random weights: scores are meaningless"
     return summary
+
+
+TAG_COSINE = "cosine_to_fp32_"
+
+
+def measure_precisions(info: CheckpointInfo, towers: dict[str, str], device: str = "auto") -> CheckpointInfo:
+    """Measure each other precision this hardware runs against fp32, and record it in the artifacts.
+
+    The lowest cosine over sample texts and images (toy shapes and photo-like JPEGs) per precision
+    ("bf16" and "int8" on CPU, "fp16" and "bf16" on CUDA) is written into both towers'
+    `clip_pyfunc.json`, where the loader's "default" precision reads it.
+
+    Returns:
+        The description with `precision_cosine` filled in.
+    """
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from clip_pyfunc.samples import SAMPLE_TEXTS, photo_jpeg, sample_images_b64
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    texts = list(SAMPLE_TEXTS) + ["", "a photo of something else entirely, described at some length"]
+    images = sample_images_b64() + [photo_jpeg(640, 480, seed=s) for s in range(2)]
+
+    def vectors(precision):
+        text, image = local_models(towers, RuntimeConfig(device=device, precision=precision))
+        return text.embed_rows(texts)[0], image.embed_rows(images)[0]
+
+    reference = vectors("fp32")
+    found = {}
+    for precision in (("fp16", "bf16") if cuda else ("bf16", "int8")):
+        got = vectors(precision)
+        found[precision] = round(float(min(np.min(np.sum(a * b, axis=1)) for a, b in zip(reference, got))), 6)
+    info = dataclasses.replace(info, precision_cosine=found)
+    for path in towers.values():
+        info.write(path)
+    return info
 
 
 def model_kind(model_uri: str) -> str:
@@ -328,6 +370,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
     models = {}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, artifacts = export_towers(checkpoint, workdir)
+        info = measure_precisions(info, artifacts, settings.runtime.device)
         tags = model_metadata(checkpoint, info)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
@@ -353,6 +396,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
         "family": info.family,
         "embedding_dim": info.embedding_dim,
         "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
+        "precision_cosine_to_fp32": info.precision_cosine,
         "alias": reg.alias,
         "models": models,
     }

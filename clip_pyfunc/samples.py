@@ -52,3 +52,27 @@ def write_shape_dataset(folder: str, n: int = 150, seed: int = 1234) -> str:
         os.makedirs(os.path.join(folder, label), exist_ok=True)
         img.save(os.path.join(folder, label, f"{i:04d}.png"))
     return folder
+
+
+def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A photo-like JPEG (smooth gradients, shapes, grain) of the given size."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    # Draw at a small size and upscale: smooth like a photo, and fast to make at 12 MP.
+    w, h = max(1, width // 8), max(1, height // 8)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([127 + 100 * np.sin(x / w * 6 + seed), 127 + 100 * np.cos(y / h * 5),
+                     127 + 80 * np.sin((x + y) / (w + h) * 9)], axis=-1)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(8):
+        cx, cy, r = rng.integers(0, w), rng.integers(0, h), int(rng.integers(1, max(2, min(w, h) // 3)))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    img = img.filter(ImageFilter.GaussianBlur(1.5)).resize((width, height), Image.BICUBIC)
+    grain = rng.normal(0, 4, (height, width, 3))
+    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + grain, 0, 255).astype(np.uint8), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
