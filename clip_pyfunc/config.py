@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("default", "auto", "fp32", "bf16", "fp16", "int8")
 ENV_MANAGERS = ("local", "uv", "virtualenv", "conda")
 DEFAULT_CONF_PATH = os.path.join("conf", "clip_pyfunc.yaml")
+CONF_ENV = "CLIP_PYFUNC_CONF"  # a settings file to read instead of conf/clip_pyfunc.yaml
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,8 +295,8 @@ def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] 
     """Read a YAML settings file and apply overrides on top.
 
     Args:
-        path: A YAML file; None reads `conf/clip_pyfunc.yaml` in the working directory when it
-            exists and the built-in defaults otherwise.
+        path: A YAML file; None reads the file named by CLIP_PYFUNC_CONF, else
+            `conf/clip_pyfunc.yaml` in the working directory when it exists, else the built-in defaults.
         overrides: {section: {key: value}}; a None value leaves the file's value in place.
 
     Returns:
@@ -305,8 +306,8 @@ def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] 
         ModelLoadError: The file is missing or malformed, or a key or value is not allowed.
     """
     data: dict[str, Any] = {}
-    if path is None and os.path.exists(DEFAULT_CONF_PATH):
-        path = DEFAULT_CONF_PATH
+    if path is None:
+        path = os.environ.get(CONF_ENV) or (DEFAULT_CONF_PATH if os.path.exists(DEFAULT_CONF_PATH) else None)
     if path is not None:
         import yaml
 

@@ -16,7 +16,10 @@ import time
 import numpy as np
 import pytest
 
-from clip_pyfunc.config import load_settings
+from clip_pyfunc.config import CONF_ENV, load_settings
+
+# Every settings read in the tests (and in the CLI subprocesses they start) pins fp32; see the file.
+os.environ[CONF_ENV] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_pyfunc.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,33 @@ def test_precision_within_its_cosine_of_fp32(registered, image_model, text_model
 def test_auto_precision_follows_the_hardware():
     expected = "bf16" if cpu_has_native_bf16() else "fp32"
     assert pick_runtime(RuntimeConfig(device="cpu", precision="auto")).precision == expected
-    assert pick_runtime(RuntimeConfig(device="cpu")).precision == "fp32"
+    assert pick_runtime(RuntimeConfig(device="cpu")).precision == "fp32"  # nothing measured: the reference
+
+
+def test_default_precision_is_the_fastest_that_held_its_cosine():
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    held, missed = {"bf16": 0.99995, "int8": 0.998}, {"bf16": 0.9995, "int8": 0.998}
+    assert pick_runtime(RuntimeConfig(device="cpu"), held).precision == native
+    assert pick_runtime(RuntimeConfig(device="cpu"), missed).precision == "fp32"
+    assert pick_runtime(RuntimeConfig(device="cpu", precision="fp32"), held).precision == "fp32"  # one setting away
+
+
+def test_registration_measures_precisions_and_default_uses_them(registered):
+    """Registration records each precision's lowest cosine to fp32 (tags, summary, artifact); a model
+    loaded with precision "default" runs the fastest one that held 0.9999 on this hardware."""
+    from clip_pyfunc.loader import DEFAULT_PRECISION_COSINE
+
+    measured = registered["precision_cosine_to_fp32"]
+    assert set(measured) == ({"fp16", "bf16"} if torch.cuda.is_available() else {"bf16", "int8"})
+    assert all(0.9 < c <= 1.0 + 1e-6 for c in measured.values()), measured
+    uri = registered["models"]["image"]["uri"]
+    name, alias = uri[len("models:/"):].split("@")
+    tags = mlflow.MlflowClient().get_model_version_by_alias(name, alias).tags
+    assert {k: float(v) for k, v in tags.items() if k.startswith("cosine_to_fp32_")} == {
+        f"cosine_to_fp32_{p}": c for p, c in measured.items()}
+    model = mlflow.pyfunc.load_model(uri, model_config={"precision": "default"}).unwrap_python_model()
+    fastest = "bf16" if cpu_has_native_bf16() and measured["bf16"] >= DEFAULT_PRECISION_COSINE else "fp32"
+    assert model.runtime.precision == fastest
 
 
 def test_int8_on_cuda_and_cuda_without_gpu_are_errors():
