@@ -225,6 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 def cmd_bench_serving(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import serving
 
+    if args.compare_workers:
+        return serving.compare_workers(args.model_uri, seconds=args.seconds)
     return serving.run(args.model_uri, requests_n=args.requests, seconds=args.seconds)
 
 
@@ -265,13 +267,15 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     if bool(args.model) == bool(args.random_init):
         raise ModelLoadError("pass exactly one of --model (hub id or directory) and --random-init NAME")
     result = bench.run(args.model, args.random_init, out_dir=args.out,
-                       batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions))
+                       batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions),
+                       workloads=args.workloads)
     print(bench.table(result), file=sys.stderr)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     from clip_pyfunc.random_checkpoint import ARCHITECTURES
+    from clip_pyfunc.benchmarks.bench import IMAGE_WORKLOADS
 
     parser = argparse.ArgumentParser(prog="clip-pyfunc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-uri", "-m", required=True)
     p.add_argument("--requests", type=int, default=40, help="timed single-image requests per side")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per throughput measurement")
+    p.add_argument("--compare-workers", action="store_true",
+                   help="1 worker x all threads against one worker per core x 1 thread (throughput, p50, memory)")
     p.set_defaults(func=cmd_bench_serving)
     p = sub.add_parser("embed-table", help="embed a table (parquet, image directory or table) with Spark")
     p.add_argument("--model-uri", "-m", required=True, help="e.g. models:/clip_image_embedding@champion")
@@ -364,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
+    p.add_argument("--workloads", nargs="+", choices=sorted(IMAGE_WORKLOADS), help="image workloads (default all)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("evaluate", help="compare checkpoints on your own data (one MLflow run each)")
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")

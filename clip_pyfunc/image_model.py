@@ -11,6 +11,10 @@ from clip_pyfunc.preprocess import crop_to_array, image_to_patches, read_image_s
 # With fast_decode, large non-JPEG images are first shrunk by an integer box filter while
 # staying >= this many times the target size (PIL's reducing_gap; 3 is close to exact).
 _REDUCING_GAP = 3.0
+# With fast_decode, a JPEG is decoded at a reduced DCT scale only while its shorter edge stays
+# >= this many times the target: PIL's own thumbnail keeps 2x, so the exact antialiased resize,
+# not the DCT's reduction, removes the fine texture and sensor grain of camera photos.
+_DRAFT_GAP = 2
 
 
 class ClipImageEmbedding(ClipEmbeddingModel):
@@ -30,7 +34,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         self.image_spec = read_image_spec(path)
         self.limits = ImageLimits(max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
         fast = self.config.fast_decode
-        self.draft_edge = self.image_spec.draft_edge if fast else None
+        self.draft_edge = _DRAFT_GAP * self.image_spec.draft_edge if fast else None
         self.reducing_gap = _REDUCING_GAP if fast else None
         self.url_policy = self.config.url_policy()
         model = self._load_weights(path)

@@ -76,3 +76,26 @@ def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> byt
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def camera_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A JPEG with what camera files have and smooth test images lack: fine texture at every scale
+    (grass, fabric, foliage-like detail) and per-pixel sensor grain, saved at camera quality.
+
+    At 12 MP this makes a 3-5 MB file, as phones write; the grain and texture are what alias
+    when a JPEG is decoded at a reduced DCT scale too close to the model's input size.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    scene = np.asarray(Image.open(io.BytesIO(photo_jpeg(width, height, seed, quality=95))), dtype=np.float32)
+    texture = np.zeros((height, width), np.float32)
+    for cell in (2, 5, 13, 37):  # value noise at several scales, upsampled without smoothing
+        small = rng.normal(0, 1, (height // cell + 1, width // cell + 1)).astype(np.float32)
+        texture += np.repeat(np.repeat(small, cell, 0), cell, 1)[:height, :width] * (12 / cell ** 0.3)
+    grain = rng.normal(0, 6, (height, width, 3)).astype(np.float32)
+    pixels = scene + texture[..., None] + grain
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -21,7 +21,18 @@ def serve_command(model_uri: str, config: ServeConfig) -> list[str]:
     ]
 
 
+def serve_env(config: ServeConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: torch threads per worker so that workers x threads <= cores.
+
+    A model whose model_config sets `num_threads` keeps its own; OMP_NUM_THREADS already set by
+    the operator is kept too.
+    """
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.workers)))
+    return env
+
+
 def serve(model_uri: str, config: ServeConfig) -> None:
     """Replace this process with the MLflow scoring server (signals reach it directly)."""
     cmd = serve_command(model_uri, config)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, serve_env(config))

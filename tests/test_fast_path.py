@@ -33,6 +33,18 @@ def test_fast_decode_stays_within_cosine_of_reference(registered, image_model, p
     assert not np.allclose(fast[4:], ref[4:], atol=1e-6)  # and the reducing resize
 
 
+def test_fast_decode_on_camera_like_jpegs(registered, image_model):
+    """Fine texture and sensor grain (samples.camera_jpeg) at 640x480, 2 MP and 12 MP: the reduced-scale
+    decode keeps 2x the target, so the exact antialiased resize still removes what would alias."""
+    from clip_pyfunc.samples import camera_jpeg
+
+    exact = mlflow.pyfunc.load_model(registered["models"]["image"]["uri"], model_config={"fast_decode": False})
+    frame = pd.DataFrame({"input": [b64(camera_jpeg(w, h, seed=i)) for i, (w, h) in
+                                    enumerate([(640, 480), (1632, 1224), (4000, 3000)])]})
+    cos = np.sum(image_model.predict(frame) * exact.predict(frame), axis=1)
+    assert cos.min() >= 0.999, cos
+
+
 @pytest.mark.parametrize("precision", sorted(PRECISION_COSINE))
 def test_precision_within_its_cosine_of_fp32(registered, image_model, text_model, photos, precision):
     texts = pd.DataFrame({"input": ["a photo of a cat", "a red bicycle on a bridge", ""]})

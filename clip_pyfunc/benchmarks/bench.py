@@ -19,7 +19,9 @@ import time
 from clip_pyfunc.benchmarks.common import b64, machine_info, photo_jpeg, time_calls
 
 IMAGE_WORKLOADS = {"jpeg_640x480": (640, 480), "jpeg_2mp": (1632, 1224), "jpeg_12mp": (4000, 3000),
-                   "png_screenshot": (1440, 900)}
+                   "png_screenshot": (1440, 900),
+                   # camera-like JPEGs: fine texture and sensor grain (samples.camera_jpeg), 3-5 MB at 12 MP
+                   "camera_640x480": (640, 480), "camera_2mp": (1632, 1224), "camera_12mp": (4000, 3000)}
 SHORT_QUERIES = ["a red bicycle", "two dogs playing in snow", "a bowl of ramen", "modern glass office tower",
                  "a cat on a sofa", "vintage film camera", "sunset over the ocean", "a child flying a kite"]
 LONG_CAPTION = ("a wide photograph of a busy street market in the late afternoon with stalls of fresh fruit, "
@@ -43,7 +45,11 @@ def _screenshot(width: int, height: int, seed: int) -> bytes:
 
 def _images(name: str, n: int) -> list[str]:
     w, h = IMAGE_WORKLOADS[name]
-    distinct = [(_screenshot(w, h, s) if name.startswith("png") else photo_jpeg(w, h, seed=s)) for s in range(min(n, 4))]
+    from clip_pyfunc.samples import camera_jpeg
+
+    make = _screenshot if name.startswith("png") else camera_jpeg if name.startswith("camera") else (
+        lambda w, h, s: photo_jpeg(w, h, seed=s))
+    distinct = [make(w, h, s) for s in range(min(n, 4))]
     return [b64(distinct[i % len(distinct)]) for i in range(n)]
 
 
@@ -105,7 +111,7 @@ def memory(image_uri: str, text_uri: str, checkpoint: str, model_class: str) -> 
 
 
 def run(model: str | None = None, random_init: str | None = None, out_dir: str = "bench-out",
-        batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8")) -> dict:
+        batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8"), workloads=None) -> dict:
     """Run every measurement; write bench.json and bench.png to `out_dir`; return the results."""
     import mlflow
     import numpy as np
@@ -160,9 +166,13 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     full = AutoModel.from_pretrained(path).eval()
     processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    image_model = mlflow.pyfunc.load_model(image_uri)
-    text_model = mlflow.pyfunc.load_model(text_uri)
+    # The image and text sections run fp32 (the reference); "default" is reported and timed below.
+    image_model = mlflow.pyfunc.load_model(image_uri, model_config={"precision": "fp32"})
+    text_model = mlflow.pyfunc.load_model(text_uri, model_config={"precision": "fp32"})
     ip, tp = image_model.unwrap_python_model(), text_model.unwrap_python_model()
+    default = mlflow.pyfunc.load_model(image_uri).unwrap_python_model().runtime.precision
+    result["default_precision"] = {"resolves_to": default,
+                                   "measured_cosine_to_fp32": summary["precision_cosine_to_fp32"]}
     if ip.image_spec.naflex:
         raise ModelLoadError("the bench's raw-forward baseline takes fixed-size families; NaFlex is not benchmarked")
     result["family"] = summary["family"]
@@ -176,7 +186,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         return (f / f.norm(dim=-1, keepdim=True)).numpy()
 
     images = {}
-    for name in IMAGE_WORKLOADS:
+    for name in workloads or IMAGE_WORKLOADS:
         rows = {}
         for bs in batch_sizes:
             values = _images(name, bs)

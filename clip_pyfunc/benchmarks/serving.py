@@ -120,3 +120,53 @@ def run(model_uri: str, requests_n: int = 40, seconds: float = 15.0) -> dict:
             **{f"served_{k}_clients_over_in_process": round(v / local_tput, 3) for k, v in served_tput.items()},
         },
     }
+
+
+def compare_workers(model_uri: str, seconds: float = 20.0, clients: int = 4, requests_n: int = 30) -> dict:
+    """1 worker x all cores' threads against one worker per core x 1 thread, same model, same run.
+
+    Each layout is served by `clip-pyfunc serve`'s own command and environment (serve_env sets
+    the threads per worker), then measured: throughput with `clients` concurrent clients, p50 of
+    single requests one at a time, and the resident memory of the whole server process tree.
+    """
+    import psutil
+    import requests
+
+    from clip_pyfunc.config import ServeConfig
+    from clip_pyfunc.serve import serve_command, serve_env
+
+    cores = os.cpu_count() or 1
+    body = json.dumps({"dataframe_records": [{"input": b64(photo_jpeg(640, 480, seed=1))}]})
+    headers = {"Content-Type": "application/json"}
+    out = {}
+    for workers in (1, cores):
+        port = _free_port()
+        config = ServeConfig(port=port, workers=workers, timeout=120)
+        env = serve_env(config, {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+        proc = subprocess.Popen(serve_command(model_uri, config), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        url = f"http://127.0.0.1:{port}/invocations"
+        try:
+            _wait_ready(port, proc)
+            sessions = threading.local()
+
+            def post():
+                s = getattr(sessions, "s", None) or requests.Session()
+                sessions.s = s
+                s.post(url, data=body, headers=headers, timeout=120).raise_for_status()
+
+            for _ in range(2 * workers + 2):  # every worker loads and warms up
+                _throughput(post, clients, 1.0)
+            single = time_calls(post, requests_n, warmup=2)
+            tput = _throughput(post, clients, seconds)
+            tree = [proc] + psutil.Process(proc.pid).children(recursive=True)
+            rss = sum(p.memory_info().rss for p in (psutil.Process(t.pid) for t in tree) if p.is_running())
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        out[f"{workers}x{env['OMP_NUM_THREADS']}"] = {
+            "workers": workers, "threads_per_worker": int(env["OMP_NUM_THREADS"]),
+            "img_per_s": round(tput, 2), "single_p50_ms": round(1000 * percentile(single, 50), 2),
+            "rss_mib": round(rss / 2**20)}
+    return {"benchmark": "serving-workers", "model_uri": model_uri, "clients": clients,
+            "request": "one 640x480 JPEG, base64, dataframe_records", "machine": machine_info(), "layouts": out}
