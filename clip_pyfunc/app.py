@@ -23,7 +23,8 @@ from clip_pyfunc.errors import InvalidInput
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 _REQUEST_ID = contextvars.ContextVar("request_id", default="-")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_OPEN_PATHS = ("/", "/health")  # the page itself asks for the key; health checks need none
+_OPEN_PATHS = ("/", "/health")
+MAX_K = 1000  # results per query  # the page itself asks for the key; health checks need none
 log = logging.getLogger("clip_pyfunc.app")
 
 
@@ -79,6 +80,7 @@ def create_app(loaded: Loaded, config: AppConfig):
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, Response
     from mlflow.exceptions import MlflowException
+    from starlette.concurrency import run_in_threadpool  # model calls block: keep them off the event loop
 
     app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None)
 
@@ -126,14 +128,17 @@ def create_app(loaded: Loaded, config: AppConfig):
     async def embeddings(request: Request):
         """Any mix of image files and text fields; vectors keyed by field name."""
         fields = await _form(request, config)
-        texts = {k: v for k, v in fields.items() if isinstance(v, str)}
-        images = {k: v for k, v in fields.items() if isinstance(v, bytes)}
         if not fields:
             raise _Refused(400, "send at least one form field: image files and/or text fields")
+        for name, value in fields.items():
+            if not isinstance(value, (str, bytes)):
+                raise _Refused(400, f"send one text or one file per field, got {type(value).__name__}", name)
+        texts = {k: v for k, v in fields.items() if isinstance(v, str)}
+        images = {k: v for k, v in fields.items() if isinstance(v, bytes)}
         out = {}
         for group, model in ((texts, loaded.text), (images, loaded.image)):
             if group:
-                vectors, errors = model.unwrap_python_model().embed_rows(list(group.values()))
+                vectors, errors = await run_in_threadpool(model.unwrap_python_model().embed_rows, list(group.values()))
                 names = list(group)
                 if errors:
                     raise _Refused(400, errors[0].reason, names[errors[0].row])
@@ -149,7 +154,7 @@ def create_app(loaded: Loaded, config: AppConfig):
         image = _one_image(fields)
         top_k = _int_field(fields, "top_k", 3)
         try:
-            result = loaded.classifier.predict([image], params={"top_k": top_k})
+            result = await run_in_threadpool(loaded.classifier.predict, [image], params={"top_k": top_k})
         except MlflowException as e:
             raise _Refused(400, _reason(e), "image") from e
         top = [{"label": label, "score": float(score)} for label, score in zip(result["labels"][0], result["scores"][0])]
@@ -165,10 +170,14 @@ def create_app(loaded: Loaded, config: AppConfig):
         if len(query) != 1:
             raise _Refused(400, f"send exactly one of the fields text, image or like; got {sorted(query) or 'none'}")
         k = _int_field(fields, "k", 12)
+        if k > MAX_K:
+            raise _Refused(400, f"at most {MAX_K} results per query, got {k}", "k")
         filters = fields.get("filter")
         filters = [filters] if isinstance(filters, str) else filters
+        if filters is not None and not (isinstance(filters, list) and all(isinstance(f, str) for f in filters)):
+            raise _Refused(400, "filters are key=value strings", "filter")
         try:
-            hits = loaded.searcher.search(**query, k=k, filters=filters)
+            hits = await run_in_threadpool(loaded.searcher.search, **query, k=k, filters=filters)
         except (InvalidInput, MlflowException) as e:
             raise _Refused(400, _reason(e), next(iter(query))) from e
         for hit in hits:
@@ -178,34 +187,59 @@ def create_app(loaded: Loaded, config: AppConfig):
     @app.get("/items/{item_id:path}/thumbnail")
     async def thumbnail(item_id: str):
         """A small JPEG of an indexed item whose payload has a local `path` (only paths the index holds)."""
-        from clip_pyfunc.index import ID_KEY, point_id
+        from clip_pyfunc.index import ID_KEY
 
-        found = loaded.searcher.client.retrieve(loaded.searcher.collection, [point_id(item_id)]) \
-            if loaded.searcher else []
-        path = (found[0].payload or {}).get("path") if found else None
-        if not isinstance(path, str):
-            raise _Refused(404, f"no indexed item {item_id!r} with a local path", ID_KEY)
-        try:
-            from PIL import Image
-
-            with Image.open(path.removeprefix("file:")) as img:
-                img = img.convert("RGB")
-                img.thumbnail((160, 160))
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=85)
-        except OSError as e:
-            raise _Refused(404, f"item {item_id!r}: its image cannot be read ({e})", ID_KEY) from e
-        return Response(buf.getvalue(), media_type="image/jpeg")
+        if loaded.searcher is None:
+            raise _Refused(404, "no index loaded", ID_KEY)
+        data = await run_in_threadpool(_thumbnail, loaded.searcher, item_id, loaded.image)
+        return Response(data, media_type="image/jpeg")
 
     return app
+
+
+def _thumbnail(searcher, item_id: str, image_model) -> bytes:
+    """Decode an indexed item's file with the image model's own decoder and limits; a 160 px JPEG."""
+    from clip_pyfunc.decode import open_image
+    from clip_pyfunc.index import ID_KEY, point_id
+
+    found = searcher.client.retrieve(searcher.collection, [point_id(item_id)])
+    path = (found[0].payload or {}).get("path") if found else None
+    if not isinstance(path, str):
+        raise _Refused(404, f"no indexed item {item_id!r} with a local path", ID_KEY)
+    limits = image_model.unwrap_python_model().limits
+    try:
+        with open(path.removeprefix("file:"), "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise InvalidInput(f"over {limits.max_bytes} bytes")
+        img = open_image(data, limits, draft_edge=320)
+    except (OSError, InvalidInput) as e:
+        raise _Refused(404, f"item {item_id!r}: its image cannot be shown ({e})", ID_KEY) from e
+    img.thumbnail((160, 160))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+async def _body(request, limit: int) -> None:
+    """Read the body, at most `limit` bytes whatever the headers say (chunked uploads included)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Refused(413, f"request is over {limit} bytes (max_fields x max_upload_bytes)")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # starlette's form and json parsers read this cached body
 
 
 async def _form(request, config: AppConfig) -> dict[str, Any]:
     """Read a multipart (or url-encoded, or JSON) body: {field: str, bytes or [str, ...]} within the limits."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > config.max_upload_bytes * config.max_fields:
+    limit = config.max_upload_bytes * config.max_fields + 64 * 1024  # + multipart headers
+    if length.isdigit() and int(length) > limit:
         raise _Refused(413, f"request is {length} bytes, over {config.max_fields} fields x "
                             f"{config.max_upload_bytes} bytes (max_fields, max_upload_bytes)")
+    await _body(request, limit)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             body = await request.json()

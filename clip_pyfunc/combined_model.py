@@ -106,12 +106,15 @@ def split_rows(model_input, max_rows: int) -> tuple[list[object], list[object]]:
         InvalidInput: Neither column, columns of different lengths, an unsupported type, or more
             rows than `max_rows`.
     """
+    import numpy as np
     import pandas as pd
 
     frame = model_input
-    if isinstance(frame, dict):
+    if isinstance(frame, dict):  # served `inputs`/`instances` arrive as {column: numpy array}
+        columns = {k: np.atleast_1d(v).tolist() if isinstance(v, (np.ndarray, pd.Series)) else
+                   (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in frame.items()}
         try:
-            frame = pd.DataFrame({k: v if isinstance(v, (list, tuple)) else [v] for k, v in frame.items()})
+            frame = pd.DataFrame(columns)
         except ValueError as e:
             raise InvalidInput(f"the columns of the request differ in length ({e})") from e
     elif isinstance(frame, (list, tuple)) and all(isinstance(r, dict) for r in frame):

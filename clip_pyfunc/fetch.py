@@ -23,11 +23,12 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from clip_pyfunc.errors import InvalidInput, preview
 
@@ -92,8 +93,9 @@ def fetch(url: str, policy: UrlPolicy) -> bytes:
             status, a body over the byte limit, or a content type that is not an image.
     """
     current = url.strip()
+    deadline = time.monotonic() + policy.connect_timeout + policy.read_timeout  # for the URL, all hops
     for hop in range(policy.max_redirects + 1):
-        status, headers, body = _get(current, policy)
+        status, headers, body = _get(current, policy, deadline)
         if status in _REDIRECTS:
             location = headers.get("location")
             if not location:
@@ -104,16 +106,20 @@ def fetch(url: str, policy: UrlPolicy) -> bytes:
     raise InvalidInput(f"URL {preview(url, 80)} redirected more than {policy.max_redirects} times (url_max_redirects)")
 
 
-def _get(url: str, policy: UrlPolicy) -> tuple[int, dict[str, str], bytes]:
+def _get(url: str, policy: UrlPolicy, deadline: float) -> tuple[int, dict[str, str], bytes]:
     """One checked GET: (status, lower-cased headers, body; empty for a redirect)."""
     parts = _check_url(url, policy)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     address = _checked_address(host, port, policy)
-    path = parts.path or "/"
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~")  # a non-ASCII path is sent percent-encoded
     if parts.query:
-        path += "?" + parts.query
+        path += "?" + quote(parts.query, safe="=&%:@!$'()*+,;/?~")
     conn = _connection(parts.scheme, host, port, address, policy)
-    deadline = time.monotonic() + policy.read_timeout
+    # A server that trickles the handshake or the headers would reset each read's timeout:
+    # at the deadline the socket is shut, whatever is being read.
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(conn,))
+    timer.daemon = True
+    timer.start()
     try:
         conn.request("GET", path, headers={"User-Agent": policy.user_agent, "Accept": "image/*",
                                            "Accept-Encoding": "identity", "Connection": "close"})
@@ -131,13 +137,24 @@ def _get(url: str, policy: UrlPolicy) -> tuple[int, dict[str, str], bytes]:
             raise InvalidInput(f"URL {preview(url, 80)} is {length} bytes, over the limit of "
                                f"{policy.max_bytes} bytes (max_image_bytes)")
         return response.status, headers, _read_body(response, url, policy, deadline)
-    except socket.timeout as e:
-        raise InvalidInput(f"URL {preview(url, 80)} timed out (url_connect_timeout {policy.connect_timeout}s, "
-                           f"url_read_timeout {policy.read_timeout}s)") from e
-    except (OSError, http.client.HTTPException) as e:
+    except (socket.timeout, OSError, http.client.HTTPException, ValueError) as e:
+        if isinstance(e, socket.timeout) or time.monotonic() >= deadline:
+            raise InvalidInput(f"URL {preview(url, 80)} timed out (url_connect_timeout {policy.connect_timeout}s, "
+                               f"url_read_timeout {policy.read_timeout}s)") from e
         raise InvalidInput(f"URL {preview(url, 80)} could not be fetched ({type(e).__name__}: {e})") from e
     finally:
+        timer.cancel()
         conn.close()
+
+
+def _shut(conn) -> None:
+    """Cut a connection at its deadline (any blocked read then fails at once)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _read_body(response, url: str, policy: UrlPolicy, deadline: float) -> bytes:
@@ -145,7 +162,8 @@ def _read_body(response, url: str, policy: UrlPolicy, deadline: float) -> bytes:
     chunks, size = [], 0
     while True:
         if time.monotonic() > deadline:
-            raise InvalidInput(f"URL {preview(url, 80)} timed out (url_read_timeout {policy.read_timeout}s)")
+            raise InvalidInput(f"URL {preview(url, 80)} timed out (url_connect_timeout {policy.connect_timeout}s, "
+                               f"url_read_timeout {policy.read_timeout}s)")
         chunk = response.read1(_CHUNK)
         if not chunk:
             return b"".join(chunks)
@@ -195,8 +213,12 @@ def _checked_address(host: str, port: int, policy: UrlPolicy) -> str:
 def refused_address(text: str) -> str | None:
     """Why an address may not be fetched from (e.g. 'loopback'), or None for a public one."""
     ip = ipaddress.ip_address(text.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):  # IPv4 inside IPv6 (mapped, 6to4, Teredo) is checked as IPv4
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is not None:
+            reason = refused_address(str(inner))
+            if reason:
+                return reason
     for reason in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{reason}"):
             return reason.replace("_", "-")

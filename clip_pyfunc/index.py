@@ -268,8 +268,8 @@ class Searcher:
 
     def search(self, *, text=None, image=None, like=None, k: int = 10, filters: list[str] | None = None):
         """The k best items: [{"id", "score", "payload"}], best first (the `like` item itself left out)."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInput(f"k must be a positive whole number, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise InvalidInput(f"k must be a whole number from 1 to 1000, got {k!r}")
         vector = self.query_vector(text=text, image=image, like=like)
         query_filter = parse_filters(filters)
         hits = self.client.query_points(self.collection, query=vector, limit=k + (like is not None),

@@ -264,6 +264,8 @@ def _default_precision(cuda: bool, measured: dict[str, float] | None) -> str:
     if not measured:
         return "fp16" if cuda else "fp32"
     if cuda:
+        if "fp16" not in measured:  # registered on a CPU: nothing measured for CUDA, keep fp16
+            return "fp16"
         native = ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     else:
         native = ["bf16"] if cpu_has_native_bf16() else []

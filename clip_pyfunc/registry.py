@@ -206,7 +206,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
-        info = measure_precisions(info, towers, settings.runtime.device)
+        info = measure_precisions(info, towers)
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
@@ -253,7 +253,7 @@ TAG_COSINE = "cosine_to_fp32_"
 
 
 def measure_precisions(info: CheckpointInfo, towers: dict[str, str], device: str = "auto") -> CheckpointInfo:
-    """Measure each other precision this hardware runs against fp32, and record it in the artifacts.
+    """Measure each other precision the registering machine runs against fp32; record it in the artifacts.
 
     The lowest cosine over sample texts and images (toy shapes and photo-like JPEGs) per precision
     ("bf16" and "int8" on CPU, "fp16" and "bf16" on CUDA) is written into both towers'
@@ -370,7 +370,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
     models = {}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, artifacts = export_towers(checkpoint, workdir)
-        info = measure_precisions(info, artifacts, settings.runtime.device)
+        info = measure_precisions(info, artifacts)
         tags = model_metadata(checkpoint, info)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,

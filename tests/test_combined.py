@@ -148,6 +148,13 @@ def test_served_azure_request_with_one_word_changed(combined_server, models):
     bad = requests.post(f"{combined_server}/invocations", timeout=60,
                         json={"dataframe_split": {"columns": ["image", "text"], "data": [["", ""]]}})
     assert bad.status_code == 400 and "row 0: neither image nor text" in bad.json()["message"]
+    for body in ({"inputs": {"image": [IMAGES[0], ""], "text": ["", TEXTS[0]]}},
+                 {"instances": [{"image": IMAGES[0], "text": ""}, {"image": "", "text": TEXTS[0]}]}):
+        other = requests.post(f"{combined_server}/invocations", json=body, timeout=60)
+        assert other.status_code == 200, other.text
+        got = other.json()["predictions"]
+        assert len(got) == 2 and got[0]["text_features"] is None and got[1]["image_features"] is None
+        np.testing.assert_allclose(got[0]["image_features"], local["image_features"][0], atol=1e-6)
     params = requests.post(f"{combined_server}/invocations", timeout=60,
                            json={"dataframe_records": [{"text": TEXTS[0]}], "params": {"normalize": True}})
     assert abs(np.linalg.norm(params.json()["predictions"][0]["text_features"]) - 1) < 1e-5

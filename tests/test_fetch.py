@@ -22,7 +22,7 @@ def server():
 def allowed(**overrides) -> UrlPolicy:
     """The explicit test setting: URLs on, plain http on, 127.0.0.1 listed as an in-house store."""
     values = dict(allow_urls=True, allow_http=True, url_allow_private=["127.0.0.1"], url_read_timeout=1.0,
-                  max_image_bytes=1_000_000)
+                  url_connect_timeout=1.0, max_image_bytes=1_000_000)
     values.update(overrides)
     return RuntimeConfig.from_dict(values).url_policy()
 
@@ -74,6 +74,13 @@ def test_relative_redirect_is_followed(server):
     assert fetch(f"{base}/redirect/%2Fcat.jpg", allowed()) == JPEG
 
 
+def test_non_ascii_path_is_a_row_error_not_a_crash(server):
+    base, seen = server
+    seen.clear()
+    assert "HTTP 404" in refusal(f"{base}/café.jpg", allowed())
+    assert seen[0][0] == "/caf%C3%A9.jpg"
+
+
 @pytest.mark.parametrize("host, reason", [
     ("127.0.0.1", "loopback"), ("localhost", "loopback"), ("10.1.2.3", "private"),
     ("169.254.169.254", "link-local"), ("[::1]", "loopback"), ("0.0.0.0", "unspecified"),
@@ -115,7 +122,7 @@ def test_fetch_urls_keeps_other_rows_and_runs_in_parallel(server):
     base, _ = server
     values = ["not a url", f"{base}/cat.jpg", f"{base}/missing.jpg", b"raw", f"{base}/slow.jpg", f"{base}/cat.jpg"]
     started = time.perf_counter()
-    out = fetch_urls(values, allowed(url_read_timeout=4.0))
+    out = fetch_urls(values, allowed(url_read_timeout=4.0, url_connect_timeout=1.0))
     took = time.perf_counter() - started
     assert out[0] == "not a url" and out[3] == b"raw"
     assert out[1] == JPEG and out[5] == JPEG and out[4] == JPEG
@@ -128,6 +135,7 @@ def test_is_url_and_refused_address():
     assert not is_url("iVBORw0KGgo=") and not is_url("data:image/png;base64,AAAA") and not is_url(b"http://x")
     assert refused_address("8.8.8.8") is None and refused_address("2606:4700::1111") is None
     assert refused_address("fe80::1%eth0") == "link-local"
+    assert refused_address("2002:7f00:1::1") == "loopback" and refused_address("2002:a9fe:a9fe::") == "link-local"
 
 
 def test_image_model_rows(server, tiny_checkpoint, tmp_path):
