@@ -121,12 +121,15 @@ def test_bench_cli_on_tiny_random_model(tmp_path):
     import subprocess
 
     out = subprocess.run(["clip-pyfunc", "bench", "--random-init", "tiny", "--out", str(tmp_path),
-                          "--batch-sizes", "1", "4"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          "--batch-sizes", "1", "4", "--workloads", "jpeg_640x480", "camera_2mp", "png_screenshot"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["random_weights"] and "meaningless" in result["note"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    assert set(result["images"]) == {"jpeg_640x480", "jpeg_2mp", "jpeg_12mp", "png_screenshot"}
+    assert set(result["images"]) == {"jpeg_640x480", "camera_2mp", "png_screenshot"}
+    assert result["images"]["camera_2mp"]["min_cosine_to_reference"] >= 0.999
+    assert result["default_precision"]["resolves_to"] in ("fp32", "bf16")
     for group in ("images", "texts"):
         for data in result[group].values():
             assert set(data["by_batch"]) == {"1", "4"}
