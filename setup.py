@@ -17,6 +17,8 @@ setup(
         "mlflow>=3.1,<4",
         "pillow>=10",
         "pybase64>=1.3",
+        # the fast path's JPEG decode (libjpeg-turbo into numpy); logged in the image models' requirements.
+        "simplejpeg>=1.7",
         "numpy>=1.26",
         "pandas>=2",
         "pyyaml>=6",

@@ -6,11 +6,9 @@ from clip_pyfunc.decode import ImageLimits, decode_image, fetch_urls
 from clip_pyfunc.encode import encode_patches, encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.loader import ClipEmbeddingModel
-from clip_pyfunc.preprocess import crop_to_array, image_to_patches, read_image_spec, resize_and_crop, resize_for_patches
+from clip_pyfunc.preprocess import (REDUCING_GAP, crop_to_array, image_to_patches, read_image_spec,
+                                    resize_and_crop, resize_and_crop_fast, resize_for_patches)
 
-# With fast_decode, large non-JPEG images are first shrunk by an integer box filter while
-# staying >= this many times the target size (PIL's reducing_gap; 3 is close to exact).
-_REDUCING_GAP = 3.0
 # With fast_decode, a JPEG is decoded at a reduced DCT scale only while its shorter edge stays
 # >= this many times the target: PIL's own thumbnail keeps 2x, so the exact antialiased resize,
 # not the DCT's reduction, removes the fine texture and sensor grain of camera photos.
@@ -35,7 +33,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         self.limits = ImageLimits(max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
         fast = self.config.fast_decode
         self.draft_edge = _DRAFT_GAP * self.image_spec.draft_edge if fast else None
-        self.reducing_gap = _REDUCING_GAP if fast else None
+        self.reducing_gap = REDUCING_GAP if fast else None
         self.url_policy = self.config.url_policy()
         model = self._load_weights(path)
         self._pool = self._decode_pool()
@@ -51,18 +49,32 @@ class ClipImageEmbedding(ClipEmbeddingModel):
 
         return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clip-decode")
 
-    def _prepare(self, value):
-        """Decode, upright, resize, crop and normalise one row into (3, H, W) float32; an
-        InvalidInput (without row) if it is bad."""
-        img = decode_image(value, self.limits, self.draft_edge)
-        if isinstance(img, InvalidInput):
-            return img
+    def decode_row(self, value):
+        """One cell -> an upright RGB image (PIL, or on the fast path a JPEG's uint8 array), or its
+        InvalidInput (without row)."""
+        return decode_image(value, self.limits, self.draft_edge)
+
+    def preprocess_row(self, img):
+        """A decoded row -> (3, H, W) float32 (NaFlex: patches, mask, grid), or its InvalidInput."""
         try:
             if self.image_spec.naflex:
+                import numpy as np
+
+                if isinstance(img, np.ndarray):  # a JPEG from the fast path; NaFlex resizes with PIL
+                    from PIL import Image
+
+                    img = Image.fromarray(img)
                 return image_to_patches(resize_for_patches(img, self.image_spec, self.reducing_gap), self.image_spec)
-            return crop_to_array(resize_and_crop(img, self.image_spec, self.reducing_gap), self.image_spec)
+            if self.reducing_gap:
+                return crop_to_array(resize_and_crop_fast(img, self.image_spec, self.reducing_gap), self.image_spec)
+            return crop_to_array(resize_and_crop(img, self.image_spec), self.image_spec)
         except InvalidInput as e:
             return e
+
+    def _prepare(self, value):
+        """Decode and preprocess one row (see decode_row and preprocess_row)."""
+        img = self.decode_row(value)
+        return img if isinstance(img, InvalidInput) else self.preprocess_row(img)
 
     def _embed_valid(self, values, *, stop_on_error: bool):
         """Yield (positions, embeddings, errors) per micro-batch: decode, preprocess, encode."""

@@ -22,8 +22,9 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # What the served model needs, pinned to what logged it (MLflow's own convention). No pyspark,
 # no pytest: the serving container builds from exactly this list plus the shipped code.
 # sentencepiece and protobuf: SigLIP's tokenizer is SentencePiece-only and needs both to load.
+# simplejpeg: the fast path's JPEG decode (libjpeg-turbo into numpy, at M/8 scales).
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
-                      "pillow", "pybase64", "numpy", "pandas", "sentencepiece", "protobuf")
+                      "pillow", "pybase64", "simplejpeg", "numpy", "pandas", "sentencepiece", "protobuf")
 TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
 TAG_FAMILY, TAG_SCORING, TAG_SCALE, TAG_BIAS = "family", "scoring", "score_scale", "score_bias"
 TAG_TOY = "toy_checkpoint"

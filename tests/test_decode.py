@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import b64, encode, photo
-from clip_pyfunc.decode import ImageLimits, decode_images, decode_texts, image_bytes, open_image
+from clip_pyfunc.decode import ImageLimits, decode_image, decode_images, decode_texts, image_bytes, open_image, open_pixels
 from clip_pyfunc.errors import InvalidInput
 
 LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_pixels=8192 * 8192)
@@ -108,6 +108,38 @@ def test_exif_rotated_photo_is_upright():
     arr = np.asarray(got).astype(int)
     assert arr[5, 30, 0] > 180 and arr[5, 30, 2] < 50  # top is red
     assert arr[35, 30, 2] > 180 and arr[35, 30, 0] < 50  # bottom is blue
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_path_turns_jpegs_as_exif_transpose_does(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(photo(64, 48, seed=orientation), "JPEG", quality=95, exif=exif.tobytes())
+    want = np.asarray(open_image(data, LIMITS)).astype(int)
+    got = open_pixels(data, LIMITS, draft_edge=1000)  # no scaling: the same libjpeg decode, then turned
+    assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and got.flags.c_contiguous
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_fast_path_decodes_at_the_smallest_scale_above_the_draft_edge():
+    data = encode(photo(1632, 1224), "JPEG", quality=90)
+    got = open_pixels(data, LIMITS, draft_edge=448)
+    assert got.shape == (459, 612, 3)  # 3/8 scale: 1224 * 3/8 = 459 >= 448 > 1224 * 2/8
+    portrait = open_pixels(encode(photo(1224, 1632), "JPEG", quality=90), LIMITS, draft_edge=448)
+    assert portrait.shape == (612, 459, 3)
+
+
+def test_fast_path_hands_other_images_to_pil():
+    cmyk = open_pixels(encode(photo(40, 30).convert("CMYK"), "JPEG"), LIMITS, draft_edge=16)
+    assert isinstance(cmyk, Image.Image) and cmyk.mode == "RGB"
+    png = open_pixels(encode(photo(40, 30), "PNG"), LIMITS, draft_edge=16)
+    assert isinstance(png, Image.Image) and png.size == (40, 30)
+    truncated = encode(photo(400, 300), "JPEG")[:2000]
+    fast, exact = decode_image(truncated, LIMITS, draft_edge=100), decode_image(truncated, LIMITS)
+    assert isinstance(fast, InvalidInput) and isinstance(exact, InvalidInput) and fast.reason == exact.reason
+    too_big = encode(photo(300, 200), "JPEG")
+    got = decode_image(too_big, ImageLimits(max_bytes=10**6, max_pixels=50000), draft_edge=16)
+    assert isinstance(got, InvalidInput) and "over the limit of 50000 pixels" in got.reason
 
 
 def test_large_photo_decodes_within_limits():

@@ -10,7 +10,7 @@ import pytest
 from conftest import photo
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.preprocess import (ImageSpec, TextSpec, crops_to_array, images_to_array, pad_ids, read_image_spec,
-                                    resize_and_crop, tokenize)
+                                    resize_and_crop, resize_and_crop_fast, tokenize)
 
 
 def test_spec_comes_from_checkpoint(tiny_checkpoint):
@@ -71,6 +71,31 @@ def test_fixed_size_processor_config(tmp_path):
     spec = read_image_spec(str(tmp_path))
     assert spec.output_hw == (40, 50)
     assert images_to_array([photo(300, 100)], spec).shape == (1, 3, 40, 50)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1632, 1224), (100, 80), (2000, 240)])
+@pytest.mark.parametrize("resample", [3, 2])
+def test_fast_resize_stays_within_a_level_of_pil(size, resample):
+    # The fast path resamples arrays with torch's antialiased kernels: PIL's filters, its own rounding.
+    spec = ImageSpec(shortest_edge=224, resize_hw=None, crop_hw=(224, 224), resample=resample, rescale=None,
+                     mean=None, std=None)
+    img = photo(*size, seed=size[0])
+    want = np.asarray(resize_and_crop(img, spec)).astype(int)
+    got = resize_and_crop_fast(np.asarray(img).copy(), spec, 3.0)
+    assert got.shape == want.shape == (224, 224, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_fast_resize_without_crop_and_other_filters():
+    fixed = ImageSpec(shortest_edge=None, resize_hw=(40, 50), crop_hw=None, resample=3, rescale=None, mean=None,
+                      std=None)
+    img = photo(300, 100)
+    assert np.abs(resize_and_crop_fast(np.asarray(img).copy(), fixed, 3.0).astype(int)
+                  - np.asarray(resize_and_crop(img, fixed))).max() <= 1
+    lanczos = ImageSpec(shortest_edge=32, resize_hw=None, crop_hw=(32, 32), resample=1, rescale=None, mean=None,
+                        std=None)  # torch has no antialiased Lanczos: PIL's own path
+    assert np.array_equal(resize_and_crop_fast(np.asarray(img).copy(), lanczos, 3.0),
+                          np.asarray(resize_and_crop(img, lanczos)))
 
 
 def test_unsupported_processor_step_is_named(tmp_path):

@@ -122,10 +122,9 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     from clip_pyfunc.errors import ModelLoadError
     from clip_pyfunc.families import family_for
     from clip_pyfunc.config import load_settings
-    from clip_pyfunc.decode import decode_images
     from clip_pyfunc.encode import encode_pixels, encode_token_ids
     from clip_pyfunc.postprocess import finish
-    from clip_pyfunc.preprocess import images_to_array, pad_ids, tokenize
+    from clip_pyfunc.preprocess import pad_ids, tokenize
     from clip_pyfunc.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry import register_models
 
@@ -191,7 +190,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         for bs in batch_sizes:
             values = _images(name, bs)
             frame = pd.DataFrame({"input": values})
-            pixels = images_to_array(decode_images(values, ip.limits, ip.draft_edge), ip.image_spec)
+            pixels = _pixels(ip, values)
             r = _rates({"e2e": lambda: image_model.predict(frame),
                         "raw": lambda: encode_pixels(ip.model, pixels, ip.runtime),
                         "naive": lambda: naive_images(values)}, bs, rounds=5)
@@ -200,7 +199,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
                              "naive_per_s": round(naive, 2), "e2e_over_raw": round(e2e / raw, 3),
                              "e2e_over_naive": round(e2e / naive, 3)}
         values = _images(name, batch_sizes[-1])
-        stages = _image_stages(ip, values, decode_images, images_to_array, encode_pixels, finish)
+        stages = _image_stages(ip, values, encode_pixels, finish)
         ours = image_model.predict(pd.DataFrame({"input": values}))
         cos = float(np.min(np.sum(ours * naive_images(values), axis=1)))
         images[name] = {"by_batch": rows, "stage_seconds_per_image": stages, "min_cosine_to_reference": round(cos, 6)}
@@ -243,7 +242,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             loaded[p] = mlflow.pyfunc.load_model(image_uri, model_config={"precision": p})
         except Exception as e:  # noqa: BLE001 - report an unsupported precision, keep benchmarking
             prec[p] = {"error": str(e)}
-    pixels = images_to_array(decode_images(values, ip.limits, ip.draft_edge), ip.image_spec)
+    pixels = _pixels(ip, values)
     fns = {}
     for p, m in loaded.items():
         unwrapped = m.unwrap_python_model()
@@ -284,13 +283,22 @@ def matmul_gflops(m: int = 1600, k: int = 768, n: int = 3072) -> dict:
     return out
 
 
-def _image_stages(ip, values, decode_images, images_to_array, encode_pixels, finish) -> dict:
+def _pixels(ip, values):
+    """The (n, 3, H, W) batch the image model feeds its tower for these rows."""
+    import numpy as np
+
+    return np.stack([ip.preprocess_row(ip.decode_row(v)) for v in values])
+
+
+def _image_stages(ip, values, encode_pixels, finish) -> dict:
     """Seconds per image of each stage, each stage run alone on one thread (predict runs
     decode and preprocess of a batch's rows on torch's thread count)."""
+    import numpy as np
+
     t0 = time.perf_counter()
-    decoded = decode_images(values, ip.limits, ip.draft_edge)
+    decoded = [ip.decode_row(v) for v in values]
     t1 = time.perf_counter()
-    pixels = images_to_array(decoded, ip.image_spec)
+    pixels = np.stack([ip.preprocess_row(img) for img in decoded])
     t2 = time.perf_counter()
     emb = encode_pixels(ip.model, pixels, ip.runtime)
     t3 = time.perf_counter()
