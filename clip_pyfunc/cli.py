@@ -231,16 +231,22 @@ def cmd_bench_serving(args: argparse.Namespace) -> dict:
 
 
 def cmd_embed_table(args: argparse.Namespace) -> dict:
-    from clip_pyfunc.spark import run_job, spark_session
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clip_pyfunc.spark import is_local, planned_master, prepare_model, run_job, spark_session
 
     overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}
-    spark = spark_session(args.master, batch_rows=args.arrow_batch_rows)
-    try:
-        return run_job(spark, model_uri=args.model_uri, source=args.input, output=args.output, id_col=args.id_col,
-                       input_col=args.input_col, input_format=args.input_format,
-                       fail_on_error=args.fail_on_error, model_config=overrides)
-    finally:
-        spark.stop()
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir, ThreadPoolExecutor(1) as pool:
+        # A local job's workers share this disk: copy the model there while the JVM starts.
+        model = pool.submit(prepare_model, args.model_uri, copy_dir) if is_local(planned_master(args.master)) else None
+        spark = spark_session(args.master, batch_rows=args.arrow_batch_rows)
+        try:
+            return run_job(spark, model_uri=model.result() if model else args.model_uri, source=args.input,
+                           output=args.output, id_col=args.id_col, input_col=args.input_col,
+                           input_format=args.input_format, fail_on_error=args.fail_on_error, model_config=overrides)
+        finally:
+            spark.stop()
 
 
 def cmd_bench_classifier(args: argparse.Namespace) -> dict:

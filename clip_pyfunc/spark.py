@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,28 +41,50 @@ class JobCounts:
     seconds: float
 
 
+# A local job's JVM lives for one command and mostly moves Arrow batches: the C1 compiler alone
+# starts it about a second sooner, and the web UI is not worth its start-up there.
+LOCAL_QUICK_START = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC",
+                     "spark.ui.enabled": "false"}
+
+
 def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batch_rows: int = 64,
                   conf: dict[str, str] | None = None):
     """Get or create the session; `master` None keeps spark-submit's, else local[*].
 
     Arrow batches are capped at `batch_rows` rows (Spark's default is 10,000, which for
-    images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir).
+    images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir);
+    a local master also gets LOCAL_QUICK_START unless `conf` sets those keys.
     """
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
+    settings = dict(conf or {})
     if master or not SparkConf().contains("spark.master"):
-        builder = builder.master(master or "local[*]")
+        builder = builder.master(planned_master(master))
+        if is_local(planned_master(master)):
+            settings = {**LOCAL_QUICK_START, **settings}
     spark = (builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
              .config("spark.python.worker.reuse", "true")
              .config("spark.ui.showConsoleProgress", "true"))
-    for k, v in (conf or {}).items():
+    for k, v in settings.items():
         spark = spark.config(k, v)
     spark = spark.getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
     return spark
+
+
+def planned_master(master: str | None = None) -> str:
+    """The master a session will get: `master`, else spark-submit's, else local[*]."""
+    from pyspark import SparkConf
+
+    return master or SparkConf().get("spark.master", "local[*]")
+
+
+def is_local(master: str) -> bool:
+    """True for Spark's local masters (local, local[N], local[*], local[N,F])."""
+    return master == "local" or master.startswith("local[")
 
 
 def worker_threads(spark) -> int:
@@ -82,13 +105,52 @@ def resolve_model_uri(model_uri: str) -> str:
     return pin_model_uri(model_uri)
 
 
-def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: bool | None = None,
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """A registered model as a job's workers load it.
+
+    Attributes:
+        uri: The pinned model URI (models:/name/version).
+        load_from: What the workers pass to load_model: `uri`, or a copy on the local disk.
+        fields: The result columns (see output_fields).
+        checked: The driver already compared the model's requirements with this environment.
+    """
+
+    uri: str
+    load_from: str
+    fields: tuple
+    checked: bool = False
+
+
+def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
+    """Pin the model and read its result columns; with `local_copy` (a directory), download it
+    there once and check its requirements once, for workers that share this machine's disk.
+
+    A local job's workers then load from disk instead of each copying the model out of the
+    registry, and skip the requirements check (both about a second each). Nothing here needs
+    the JVM, so the CLI runs it while Spark starts.
+    """
+    uri = resolve_model_uri(model_uri)
+    fields = tuple(output_fields(uri))
+    if local_copy is None:
+        return ModelSource(uri=uri, load_from=uri, fields=fields)
+    import mlflow
+    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local_copy)
+    with open(os.path.join(path, "requirements.txt"), encoding="utf-8") as f:
+        warn_dependency_requirement_mismatches([line.strip() for line in f if line.strip()])
+    return ModelSource(uri=uri, load_from=path, fields=fields, checked=True)
+
+
+def embed_dataframe(df, model_uri: str | ModelSource, *, input_col: str = "input", normalize: bool | None = None,
                     model_config: dict | None = None, threads: int | None = None):
     """Add `embedding` (array<float>) and `error` (string) columns computed by a registered model.
 
     Args:
         df: Spark DataFrame with `input_col` (text, base64 strings or binary image bytes).
-        model_uri: A pyfunc model URI, e.g. models:/clip_image_embedding@champion.
+        model_uri: A pyfunc model URI, e.g. models:/clip_image_embedding@champion, or a
+            ModelSource from prepare_model.
         input_col: Column to embed; it is dropped from the result (other columns pass through).
         normalize: L2-normalise the vectors; None keeps the model's default (its model_config).
         model_config: Overrides of the logged model_config (precision, batch_size, limits...).
@@ -103,8 +165,8 @@ def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: 
     import mlflow
     from pyspark.sql.types import StringType, StructField, StructType
 
-    uri = resolve_model_uri(model_uri)
-    results = output_fields(uri)
+    source = model_uri if isinstance(model_uri, ModelSource) else prepare_model(model_uri)
+    results = list(source.fields)
     names = [f.name for f in results]
     if names == list(COMBINED_OUTPUTS):  # the combined model reads its own two columns, either may be absent
         inputs = [c for c in COMBINED_INPUTS if c in df.columns]
@@ -124,10 +186,10 @@ def embed_dataframe(df, model_uri: str, *, input_col: str = "input", normalize: 
     loads = spark.sparkContext.accumulator(0)
     keep = [f for f in df.schema.fields if f.name not in inputs]
     schema = StructType(keep + results + [StructField(ERROR_COL, StringType(), True)])
-    key = json.dumps([uri, config, tracking_uri], sort_keys=True)
+    key = json.dumps([source.uri, config, tracking_uri], sort_keys=True)
 
     def embed_batches(batches):
-        model = _worker_model(key, uri, config, tracking_uri, registry_uri, loads)
+        model = _worker_model(key, source, config, tracking_uri, registry_uri, loads)
         for pdf in batches:
             yield _embed_pandas(model, pdf, inputs, normalize, names)
 
@@ -150,7 +212,7 @@ def output_fields(model_uri: str) -> list:
     return [StructField(EMBEDDING_COL, ArrayType(FloatType()), True)]
 
 
-def _worker_model(key: str, uri: str, config: dict, tracking_uri: str, registry_uri: str, loads):
+def _worker_model(key: str, source: ModelSource, config: dict, tracking_uri: str, registry_uri: str, loads):
     """The model for `key` in this Python worker, loaded on first use only.
 
     A module-level function, so the closure above refers to it by import and every task in
@@ -162,7 +224,8 @@ def _worker_model(key: str, uri: str, config: dict, tracking_uri: str, registry_
     if model is None:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
-        model = mlflow.pyfunc.load_model(uri, model_config=config).unwrap_python_model()
+        model = mlflow.pyfunc.load_model(source.load_from, model_config=config,
+                                         suppress_warnings=source.checked).unwrap_python_model()
         _WORKER_MODELS[key] = model
         loads.add(1)
     return model
@@ -219,10 +282,14 @@ def read_input(spark, source: str, fmt: str = "auto", id_col: str | None = None,
     return df.select(*columns), id_col, input_col
 
 
-def run_job(spark, *, model_uri: str, source: str, output: str, id_col: str | None = None,
+def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id_col: str | None = None,
             input_col: str | None = None, input_format: str = "auto", fail_on_error: bool = False,
             normalize: bool | None = None, model_config: dict | None = None) -> dict:
     """Embed a table and publish the result only when the job succeeded.
+
+    `model_uri` is a model URI or a ModelSource from prepare_model (the CLI prepares it while
+    Spark starts). With a URI and a local master, the model is copied to local disk once for
+    the job's workers, and the copy is removed at the end.
 
     The output is written to a staging location first, counted, then swapped in for the
     previous output (a re-run replaces it; a failed run leaves the old output untouched and
@@ -237,30 +304,33 @@ def run_job(spark, *, model_uri: str, source: str, output: str, id_col: str | No
     from pyspark.sql import functions as F
 
     start = time.perf_counter()
-    df, id_col, input_col = read_input(spark, source, input_format, id_col, input_col)
-    embedded, loads = embed_dataframe(df, model_uri, input_col=input_col, normalize=normalize,
-                                      model_config=model_config)
-    is_table = not _looks_like_path(output)
-    staging = f"{output}__staging_{uuid.uuid4().hex[:8]}" if is_table else f"{output}.staging-{uuid.uuid4().hex[:8]}"
-    try:
-        if is_table:
-            embedded.write.mode("error").saveAsTable(staging)
-            written = spark.table(staging)
-        else:
-            embedded.write.mode("error").parquet(staging)
-            written = spark.read.parquet(staging)
-        row = written.agg(F.count(F.lit(1)).alias("rows"), F.count(ERROR_COL).alias("failed")).first()
-        counts = JobCounts(rows=row["rows"], embedded=row["rows"] - row["failed"], failed=row["failed"],
-                           model_loads=loads.value, seconds=round(time.perf_counter() - start, 2))
-        if fail_on_error and counts.failed:
-            examples = [f"{r[id_col]}: {r[ERROR_COL]}" for r in written.where(F.col(ERROR_COL).isNotNull())
-                        .select(id_col, ERROR_COL).limit(5).collect()]
-            raise EmbedJobError(f"{counts.failed} of {counts.rows} rows failed (--fail-on-error); "
-                                f"nothing was written. First: {examples}")
-        _publish(spark, staging, output, is_table)
-    finally:
-        _drop(spark, staging, is_table)
-    report = dict(counts.__dict__, output=output, model_uri=model_uri,
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir:
+        model = model_uri if isinstance(model_uri, ModelSource) else prepare_model(
+            model_uri, copy_dir if is_local(spark.sparkContext.master) else None)
+        df, id_col, input_col = read_input(spark, source, input_format, id_col, input_col)
+        embedded, loads = embed_dataframe(df, model, input_col=input_col, normalize=normalize,
+                                          model_config=model_config)
+        is_table = not _looks_like_path(output)
+        staging = f"{output}__staging_{uuid.uuid4().hex[:8]}" if is_table else f"{output}.staging-{uuid.uuid4().hex[:8]}"
+        try:
+            if is_table:
+                embedded.write.mode("error").saveAsTable(staging)
+                written = spark.table(staging)
+            else:
+                embedded.write.mode("error").parquet(staging)
+                written = spark.read.parquet(staging)
+            row = written.agg(F.count(F.lit(1)).alias("rows"), F.count(ERROR_COL).alias("failed")).first()
+            counts = JobCounts(rows=row["rows"], embedded=row["rows"] - row["failed"], failed=row["failed"],
+                               model_loads=loads.value, seconds=round(time.perf_counter() - start, 2))
+            if fail_on_error and counts.failed:
+                examples = [f"{r[id_col]}: {r[ERROR_COL]}" for r in written.where(F.col(ERROR_COL).isNotNull())
+                            .select(id_col, ERROR_COL).limit(5).collect()]
+                raise EmbedJobError(f"{counts.failed} of {counts.rows} rows failed (--fail-on-error); "
+                                    f"nothing was written. First: {examples}")
+            _publish(spark, staging, output, is_table)
+        finally:
+            _drop(spark, staging, is_table)
+    report = dict(counts.__dict__, output=output, model_uri=model.uri,
                   rows_per_s=round(counts.rows / counts.seconds, 2) if counts.seconds else None)
     print(f"clip-pyfunc embed-table: {counts.rows} rows, {counts.embedded} embedded, {counts.failed} failed, "
           f"model loaded {counts.model_loads}x, {counts.seconds}s", file=sys.stderr, flush=True)

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import b64, encode, photo
-from clip_pyfunc.spark import EmbedJobError, embed_dataframe, run_job, spark_session, worker_threads
+from clip_pyfunc.spark import (EmbedJobError, embed_dataframe, is_local, prepare_model, run_job, spark_session,
+                               worker_threads)
 
 pytestmark = [pytest.mark.spark]
 
@@ -248,3 +249,24 @@ def test_every_family_through_the_spark_job(spark, registered_families, tower, t
         want = mlflow.pyfunc.load_model(uri).predict(rows[:3])
         assert np.abs(np.stack(got["embedding"][:3].to_list()) - want).max() <= 1e-6, name
         assert got["embedding"][3] is None and isinstance(got["error"][3], str)
+
+
+def test_local_job_loads_a_local_copy_of_the_model(spark, registered, tmp_path):
+    # Local workers share the driver's disk: the model is copied there once, its requirements
+    # checked once, and the copy is what the workers load.
+    source = prepare_model(registered["models"]["image"]["uri"], str(tmp_path / "copy"))
+    assert source.checked and source.load_from.startswith(str(tmp_path / "copy"))
+    assert os.path.exists(os.path.join(source.load_from, "MLmodel"))
+    assert source.uri.rsplit("/", 1)[-1].isdigit()  # the alias was pinned to a version
+    assert [f.name for f in source.fields] == ["embedding"]
+    df = spark.createDataFrame(pd.DataFrame({"id": ["a", "b"], "input": [b64(encode(photo(40, 30), "JPEG"))] * 2}))
+    out, _ = embed_dataframe(df, source)
+    rows = out.orderBy("id").collect()
+    assert [r["error"] for r in rows] == [None, None] and len(rows[0]["embedding"]) == len(rows[1]["embedding"])
+    remote = prepare_model(registered["models"]["image"]["uri"])  # workers on other machines load from the registry
+    assert not remote.checked and remote.load_from == remote.uri == source.uri
+
+
+def test_local_masters_are_recognised():
+    assert all(is_local(m) for m in ("local", "local[2]", "local[*]", "local[2,3]"))
+    assert not any(is_local(m) for m in ("spark://h:7077", "yarn", "k8s://https://h", "localhost"))
