@@ -166,14 +166,16 @@ class ServeConfig:
     Attributes:
         host: Interface to bind (127.0.0.1 local only, 0.0.0.0 all).
         port: TCP port.
-        workers: uvicorn worker processes (each loads its own copy of the model).
+        workers: uvicorn worker processes (each loads its own copy of the model); torch threads
+            per worker are cores // workers. 2 serves more than 1 on 2 cores (docs/SERVING.md)
+            at the cost of a second model copy in memory and about twice the latency of a lone request.
         timeout: Seconds a request may take before the server answers 504.
         env_manager: "local" (this environment) or "uv"/"virtualenv"/"conda" (built from the model).
     """
 
     host: str = "127.0.0.1"
     port: int = 5001
-    workers: int = 1
+    workers: int = 2
     timeout: int = 60
     env_manager: str = "local"
 

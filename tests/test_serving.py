@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import b64, encode, free_port, photo, start_server, stop_server, wait_ready
 from clip_pyfunc.config import ServeConfig, load_settings
 from clip_pyfunc.registry import register_models
-from clip_pyfunc.serve import serve_command
+from clip_pyfunc.serve import serve_command, serve_env
 
 pytestmark = [pytest.mark.serving]
 LIMITS = {"max_rows": 16, "max_image_bytes": 300_000, "max_image_pixels": 1_000_000}
@@ -173,6 +173,15 @@ def test_serve_command_passes_settings_through():
     for part in ("--model-uri models:/m@a", "--host 0.0.0.0", "--port 8080", "--workers 3", "--timeout 7",
                  "--env-manager local"):
         assert part in joined
+
+
+def test_serve_env_splits_the_cores_between_workers():
+    cores = os.cpu_count() or 1
+    assert ServeConfig().workers == 2  # the layout that served more on 2 cores (docs/SERVING.md)
+    assert serve_env(ServeConfig(), {})["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert serve_env(ServeConfig(workers=1), {})["OMP_NUM_THREADS"] == str(cores)
+    assert serve_env(ServeConfig(workers=64), {})["OMP_NUM_THREADS"] == "1"
+    assert serve_env(ServeConfig(), {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"  # the operator's wins
 
 
 def _tree_rss_mb(pid: int) -> float:

@@ -168,5 +168,8 @@ def compare_workers(model_uri: str, seconds: float = 20.0, clients: int = 4, req
             "workers": workers, "threads_per_worker": int(env["OMP_NUM_THREADS"]),
             "img_per_s": round(tput, 2), "single_p50_ms": round(1000 * percentile(single, 50), 2),
             "rss_mib": round(rss / 2**20)}
+    from clip_pyfunc.benchmarks.bench import matmul_gflops
+
     return {"benchmark": "serving-workers", "model_uri": model_uri, "clients": clients,
-            "request": "one 640x480 JPEG, base64, dataframe_records", "machine": machine_info(), "layouts": out}
+            "request": "one 640x480 JPEG, base64, dataframe_records", "machine": machine_info(), "layouts": out,
+            "matmul_gflops": matmul_gflops()}
