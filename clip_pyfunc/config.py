@@ -33,7 +33,9 @@ class RuntimeConfig:
         batch_size: Rows per forward pass (micro-batch).
         num_threads: torch intra-op threads; None keeps torch's default (the cores available).
         truncate_text: Truncate text over the checkpoint's context length; False makes it an error.
-        fast_decode: Let JPEG decode at a reduced scale (draft mode) before the exact resize.
+        fast_decode: JPEGs decode at a reduced scale (simplejpeg, >= 2x the resize edge) and are
+            resized by torch's antialiased kernels (within one level of PIL); false is PIL's
+            reference path, bit for bit.
         max_rows: Most rows one predict call accepts.
         max_image_bytes: Most bytes of one encoded image (after base64 decoding).
         max_image_pixels: Most pixels (width x height) of one image, checked before decoding.

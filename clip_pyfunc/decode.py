@@ -60,11 +60,11 @@ def decode_images(values: Iterable[object], limits: ImageLimits, draft_edge: int
         values: The `input` column: base64 strings (optionally a `data:image/...;base64,` URL,
             url-safe alphabet, embedded newlines) or raw bytes.
         limits: Byte and pixel limits.
-        draft_edge: When set, JPEGs may decode at a reduced scale whose shorter edge stays at
-            least this many pixels (see `open_image`).
+        draft_edge: When set (the fast path), JPEGs decode at a reduced scale whose shorter edge
+            stays at least this many pixels, into (H, W, 3) uint8 arrays (see `open_pixels`).
 
     Returns:
-        One RGB image or InvalidInput per row.
+        One RGB image (PIL, or an array for a JPEG on the fast path) or InvalidInput per row.
     """
     out: list[Decoded] = []
     for row, value in enumerate(values):
@@ -235,9 +235,15 @@ def _upright(pixels, orientation: int):
     """Apply an EXIF orientation (1-8) to an (H, W, 3) array, as ImageOps.exif_transpose does."""
     import numpy as np
 
-    turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-              5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
-              8: lambda a: np.rot90(a, 1)}.get(orientation)
+    turned = {
+        2: lambda a: a[:, ::-1],  # mirrored
+        3: lambda a: a[::-1, ::-1],  # upside down
+        4: lambda a: a[::-1],  # mirrored, upside down
+        5: lambda a: a.transpose(1, 0, 2),  # transposed
+        6: lambda a: np.rot90(a, -1),  # stored 90 degrees counter-clockwise (phones held upright)
+        7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # transversed
+        8: lambda a: np.rot90(a, 1),  # stored 90 degrees clockwise
+    }.get(orientation)
     return pixels if turned is None else np.ascontiguousarray(turned(pixels))
 
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 
 from clip_pyfunc.combined_model import IMAGE_COLUMN, OUTPUT_COLUMNS, TEXT_COLUMN
@@ -42,7 +43,8 @@ class JobCounts:
 
 
 # A local job's JVM lives for one command and mostly moves Arrow batches: the C1 compiler alone
-# starts it about a second sooner, and the web UI is not worth its start-up there.
+# starts it about a second sooner, and the web UI is not worth its start-up there. Not applied
+# where spark-defaults.conf or the caller's conf sets the same key, nor under spark-submit.
 LOCAL_QUICK_START = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC",
                      "spark.ui.enabled": "false"}
 
@@ -55,16 +57,14 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
     images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir);
     a local master also gets LOCAL_QUICK_START unless `conf` sets those keys.
     """
-    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName(app_name)
+    planned = planned_master(master)
+    builder = SparkSession.builder.appName(app_name).master(planned)
     settings = dict(conf or {})
-    if master or not SparkConf().contains("spark.master"):
-        builder = builder.master(planned_master(master))
-        if is_local(planned_master(master)):
-            settings = {**LOCAL_QUICK_START, **settings}
+    if is_local(planned) and not _submitted():  # spark-submit started the JVM with its own options
+        settings = {**{k: v for k, v in LOCAL_QUICK_START.items() if not _site_sets(k)}, **settings}
     spark = (builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
              .config("spark.python.worker.reuse", "true")
              .config("spark.ui.showConsoleProgress", "true"))
@@ -77,9 +77,31 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
 
 def planned_master(master: str | None = None) -> str:
     """The master a session will get: `master`, else spark-submit's, else local[*]."""
-    from pyspark import SparkConf
+    if master:
+        return master
+    from pyspark import SparkConf, SparkContext
 
-    return master or SparkConf().get("spark.master", "local[*]")
+    if _submitted():  # SparkConf reads the submitted settings only through the running JVM
+        SparkContext._ensure_initialized()
+    return SparkConf().get("spark.master", "local[*]")
+
+
+def _submitted() -> bool:
+    """True when spark-submit launched this Python process (its JVM is already running)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _site_sets(key: str) -> bool:
+    """True when the installation's spark-defaults.conf sets `key` (a site's JVM options win)."""
+    import pyspark
+
+    folder = os.environ.get("SPARK_CONF_DIR") or os.path.join(
+        os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__), "conf")
+    try:
+        with open(os.path.join(folder, "spark-defaults.conf"), encoding="utf-8") as f:
+            return any(line.split(None, 1)[:1] == [key] for line in f)
+    except OSError:
+        return False
 
 
 def is_local(master: str) -> bool:
@@ -110,12 +132,14 @@ class ModelSource:
     """A registered model as a job's workers load it.
 
     Attributes:
+        requested: The URI the caller gave (an alias, a version, a path).
         uri: The pinned model URI (models:/name/version).
         load_from: What the workers pass to load_model: `uri`, or a copy on the local disk.
         fields: The result columns (see output_fields).
         checked: The driver already compared the model's requirements with this environment.
     """
 
+    requested: str
     uri: str
     load_from: str
     fields: tuple
@@ -128,19 +152,24 @@ def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
 
     A local job's workers then load from disk instead of each copying the model out of the
     registry, and skip the requirements check (both about a second each). Nothing here needs
-    the JVM, so the CLI runs it while Spark starts.
+    the JVM, so the CLI runs it while Spark starts. The directory must outlive every action on
+    a DataFrame embedded with the result (run_job and the CLI remove it after the job).
     """
     uri = resolve_model_uri(model_uri)
     fields = tuple(output_fields(uri))
     if local_copy is None:
-        return ModelSource(uri=uri, load_from=uri, fields=fields)
+        return ModelSource(requested=model_uri, uri=uri, load_from=uri, fields=fields)
     import mlflow
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
     path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local_copy)
-    with open(os.path.join(path, "requirements.txt"), encoding="utf-8") as f:
-        warn_dependency_requirement_mismatches([line.strip() for line in f if line.strip()])
-    return ModelSource(uri=uri, load_from=path, fields=fields, checked=True)
+    requirements = os.path.join(path, "requirements.txt")
+    if not os.path.exists(requirements):  # the workers run MLflow's own check instead
+        return ModelSource(requested=model_uri, uri=uri, load_from=path, fields=fields)
+    with open(requirements, encoding="utf-8") as f:
+        pins = [line.strip() for line in f if line.strip() and not line.lstrip().startswith(("#", "-"))]
+    warn_dependency_requirement_mismatches(pins)
+    return ModelSource(requested=model_uri, uri=uri, load_from=path, fields=fields, checked=True)
 
 
 def embed_dataframe(df, model_uri: str | ModelSource, *, input_col: str = "input", normalize: bool | None = None,
@@ -304,9 +333,12 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
     from pyspark.sql import functions as F
 
     start = time.perf_counter()
+    local = is_local(spark.sparkContext.master)
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir:
         model = model_uri if isinstance(model_uri, ModelSource) else prepare_model(
-            model_uri, copy_dir if is_local(spark.sparkContext.master) else None)
+            model_uri, copy_dir if local else None)
+        if not local and model.load_from != model.uri:  # a driver-side copy is not on the executors' disks
+            model = dataclasses.replace(model, load_from=model.uri, checked=False)
         df, id_col, input_col = read_input(spark, source, input_format, id_col, input_col)
         embedded, loads = embed_dataframe(df, model, input_col=input_col, normalize=normalize,
                                           model_config=model_config)
@@ -330,7 +362,8 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
             _publish(spark, staging, output, is_table)
         finally:
             _drop(spark, staging, is_table)
-    report = dict(counts.__dict__, output=output, model_uri=model.uri,
+    report = dict(counts.__dict__, output=output, model_uri=model.requested, model_version_uri=model.uri,
+                  master=spark.sparkContext.master,
                   rows_per_s=round(counts.rows / counts.seconds, 2) if counts.seconds else None)
     print(f"clip-pyfunc embed-table: {counts.rows} rows, {counts.embedded} embedded, {counts.failed} failed, "
           f"model loaded {counts.model_loads}x, {counts.seconds}s", file=sys.stderr, flush=True)
@@ -370,8 +403,6 @@ def _hadoop_fs(spark, location: str):
 
 
 if __name__ == "__main__":  # spark-submit clip_pyfunc/spark.py --model-uri ... (same flags as embed-table)
-    import sys
-
     from clip_pyfunc.cli import main
 
     sys.exit(main(["embed-table", *sys.argv[1:]]))

@@ -231,6 +231,27 @@ def test_mlproject_embed_table_entry_point(image_table, registered, tmp_path):
     assert '"failed": 4' in out.stdout
 
 
+@pytest.mark.slow
+def test_spark_submit_keeps_the_submitted_master(image_table, registered, tmp_path):
+    # Under spark-submit the JVM holds the submitted settings: the job must run on the submitted
+    # master (not local[*]), and the report says which.
+    import sys
+
+    path, _ = image_table
+    script = os.path.join(os.path.dirname(__file__), "..", "clip_pyfunc", "spark.py")
+    out = subprocess.run(
+        ["spark-submit", "--master", "local[1]", "--conf", f"spark.pyspark.python={sys.executable}", script,
+         "--model-uri", registered["models"]["image"]["uri"], "--input", path, "--input-col", "image_b64",
+         "--id-col", "product_id", "--output", str(tmp_path / "submitted.parquet")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # spark-submit's PythonRunner merges the script's stderr into its stdout: the report comes last.
+    report = json.loads(out.stdout[out.stdout.rindex("\n{") :])
+    assert report["master"] == "local[1]" and report["failed"] == 4
+    assert report["model_uri"] == registered["models"]["image"]["uri"]  # as given; the pinned version beside it
+    assert report["model_version_uri"].rsplit("/", 1)[-1].isdigit()
+
+
 @pytest.mark.parametrize("tower", ["text", "image"])
 def test_every_family_through_the_spark_job(spark, registered_families, tower, tmp_path):
     """The Spark job gives each family's local vectors, one table per family and tower."""
