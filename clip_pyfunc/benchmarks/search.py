@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 DIM = 512
 
@@ -60,7 +59,7 @@ def app_overhead(requests_n: int = 30) -> dict:
     import pandas as pd
     import requests
 
-    from clip_pyfunc.benchmarks.common import percentile, photo_jpeg, time_calls
+    from clip_pyfunc.benchmarks.common import free_port, percentile, photo_jpeg, time_calls, wait_ready
     from clip_pyfunc.config import load_settings
     from clip_pyfunc.index import Searcher, index_table, open_client
     from clip_pyfunc.random_checkpoint import save_random_checkpoint
@@ -81,14 +80,14 @@ def app_overhead(requests_n: int = 30) -> dict:
     index_table(client, "bench", table, models_["image"]["uri"], progress=False)
     client.close()
 
-    port = _free_port()
+    port = free_port()
     log = open(os.path.join(tmp, "app.log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "clip_pyfunc.cli", "app", "--index-path", os.path.join(tmp, "q"),
                              "--collection", "bench", "--no-classifier", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url, proc)
+        wait_ready(f"{url}/health", proc)
         jpeg = photo_jpeg(640, 480)
         session = requests.Session()
         served = {
@@ -114,30 +113,6 @@ def app_overhead(requests_n: int = 30) -> dict:
         out[name] = {"app_p50_ms": round(s, 2), "direct_p50_ms": round(d, 2), "added_ms": round(s - d, 2),
                      "ratio": round(s / d, 3)}
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc, seconds: float = 300) -> None:
-    import requests
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("app exited before answering /health")
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("app not ready")
 
 
 def run(sizes=(1000, 10000, 20000), requests_n: int = 30) -> dict:

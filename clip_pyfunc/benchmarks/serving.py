@@ -9,19 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-from clip_pyfunc.benchmarks.common import b64, machine_info, percentile, photo_jpeg, time_calls
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clip_pyfunc.benchmarks.common import (b64, free_port, machine_info, percentile, photo_jpeg, time_calls,
+                                           wait_ready)
 
 
 def _throughput(call, clients: int, seconds: float) -> float:
@@ -43,22 +37,6 @@ def _throughput(call, clients: int, seconds: float) -> float:
     return sum(done) / (time.perf_counter() - start)
 
 
-def _wait_ready(port: int, proc, seconds: float = 300) -> None:
-    import requests
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited before it was ready")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not become ready")
-
-
 def run(model_uri: str, requests_n: int = 40, seconds: float = 15.0) -> dict:
     """Measure served vs in-process latency and throughput for one model URI."""
     import mlflow
@@ -69,14 +47,14 @@ def run(model_uri: str, requests_n: int = 40, seconds: float = 15.0) -> dict:
     frame = pd.DataFrame({"input": [image]})
     body = json.dumps({"dataframe_records": [{"input": image}]})
     local = mlflow.pyfunc.load_model(model_uri)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "clip_pyfunc.cli", "serve", "--model-uri", model_uri,
                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/invocations"
     headers = {"Content-Type": "application/json"}
     try:
-        _wait_ready(port, proc)
+        wait_ready(f"http://127.0.0.1:{port}/ping", proc)
         session = requests.Session()
 
         def post():
@@ -140,14 +118,14 @@ def compare_workers(model_uri: str, seconds: float = 20.0, clients: int = 4, req
     headers = {"Content-Type": "application/json"}
     out = {}
     for workers in (1, cores):
-        port = _free_port()
+        port = free_port()
         config = ServeConfig(port=port, workers=workers, timeout=120)
         env = serve_env(config, {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
         proc = subprocess.Popen(serve_command(model_uri, config), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         url = f"http://127.0.0.1:{port}/invocations"
         try:
-            _wait_ready(port, proc)
+            wait_ready(f"http://127.0.0.1:{port}/ping", proc)
             sessions = threading.local()
 
             def post():
