@@ -6,11 +6,13 @@ Nothing here touches the network: the checkpoint is built locally in seconds.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -175,3 +177,17 @@ def stop_server(proc):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, log_path):
+    """A real `mlflow models serve` of `model_uri` on a free loopback port: yields (url, proc)."""
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                         "-p", str(port)], log_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc, log_path)
+        yield url, proc
+    finally:
+        stop_server(proc)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import b64, encode, free_port, photo, start_server, stop_server, wait_ready
+from conftest import b64, encode, model_server, photo
 from http_images import JPEG, serve_images
 
 from clip_pyfunc.config import load_settings
@@ -117,14 +116,8 @@ def test_bad_requests_name_row_and_field(models, request_, message):
 
 @pytest.fixture(scope="module")
 def combined_server(azure, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("srv") / "combined.log"
-    proc = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", azure["models"]["combined"]["uri"],
-                         "--env-manager", "local", "-p", str(port)], log)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, log)
-    yield url
-    stop_server(proc)
+    with model_server(azure["models"]["combined"]["uri"], tmp_path_factory.mktemp("srv") / "combined.log") as (url, _):
+        yield url
 
 
 @pytest.mark.serving

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 
@@ -18,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import b64, encode, free_port, photo, start_server, stop_server, wait_ready
+from conftest import b64, encode, free_port, model_server, photo, start_server, stop_server, wait_ready
 from clip_pyfunc.config import ServeConfig, load_settings
 from clip_pyfunc.registry import register_models
 from clip_pyfunc.serve import serve_command, serve_env
@@ -50,14 +49,8 @@ def image_server(served_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_server(served_models, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("srv") / "text.log"
-    proc = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", served_models["models"]["text"]["uri"],
-                   "--env-manager", "local", "-p", str(port)], log)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, log)
-    yield {"url": url, "proc": proc}
-    stop_server(proc)
+    with model_server(served_models["models"]["text"]["uri"], tmp_path_factory.mktemp("srv") / "text.log") as (url, proc):
+        yield {"url": url, "proc": proc}
 
 
 @pytest.fixture(scope="module")
