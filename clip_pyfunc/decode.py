@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import math
+import struct
 from dataclasses import dataclass
 from typing import Iterable, Union
 
@@ -171,7 +172,7 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
     Raises:
         InvalidInput: Not an image of an allowed format, over the pixel limit, or corrupt.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
@@ -185,8 +186,10 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
             scale = max(1, min(width, height) // draft_edge)
             if scale >= 2:
                 img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}.get(orientation(img))  # as ImageOps.exif_transpose turns them
+        return to_rgb(img if turn is None else img.transpose(turn))
     except UnidentifiedImageError as e:
         raise InvalidInput(
             f"bytes are not an image of an allowed format {IMAGE_FORMATS}: {preview(data)}"
@@ -216,7 +219,7 @@ def open_pixels(data: bytes, limits: ImageLimits, draft_edge: int):
         head = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # header only: no pixels yet
         width, height = head.size
         fits = head.format in ("JPEG", "MPO") and head.mode in ("RGB", "L") and width * height <= limits.max_pixels
-        orientation = head.getexif().get(_ORIENTATION, 1) if fits else 1
+        turn = orientation(head) if fits else 1
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
         fits = False
     if fits:
@@ -227,8 +230,22 @@ def open_pixels(data: bytes, limits: ImageLimits, draft_edge: int):
         except ValueError:
             pass  # open_image decodes what libjpeg can recover, or names the damage
         else:
-            return _upright(pixels, orientation)
+            return _upright(pixels, turn)
     return open_image(data, limits, draft_edge)
+
+
+def orientation(img) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 when absent or unreadable.
+
+    Only the tag is read. PIL's `exif_transpose` also re-serialises the EXIF block, and on a
+    damaged block that raises errors decoding does not (struct.error, TypeError): a photo
+    must not be lost to its metadata.
+    """
+    try:
+        value = img.getexif().get(_ORIENTATION, 1)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, SyntaxError, EOFError, struct.error):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _upright(pixels, orientation: int):

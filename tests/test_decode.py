@@ -142,6 +142,33 @@ def test_fast_path_hands_other_images_to_pil():
     assert isinstance(got, InvalidInput) and "over the limit of 50000 pixels" in got.reason
 
 
+def test_damaged_exif_never_raises():
+    # Hostile metadata: random bytes written over a JPEG's EXIF block (and a few elsewhere). Each
+    # must give an image or a row error, on both paths; PIL's exif_transpose raised struct.error
+    # and TypeError on some of these, when it re-serialised the damaged block.
+    import random
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Maker"
+    exif[0x8769] = {0x9003: "2020:01:01 00:00:00"}
+    data = encode(photo(80, 60), "JPEG", exif=exif.tobytes())
+    start = data.index(b"Exif")
+    rng = random.Random(1)
+    outcomes = set()
+    for _ in range(1500):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(start, start + 200) if rng.random() < 0.7 else rng.randrange(2, len(damaged))
+            damaged[at] = rng.randrange(256)
+        if rng.random() < 0.1:
+            damaged = damaged[: rng.randrange(10, len(damaged))]
+        for draft_edge in (None, 32):
+            got = decode_image(bytes(damaged), LIMITS, draft_edge)
+            assert isinstance(got, (Image.Image, np.ndarray, InvalidInput)), type(got)
+            outcomes.add("Image" if isinstance(got, Image.Image) else type(got).__name__)
+    assert outcomes == {"Image", "ndarray", "InvalidInput"}
+
+
 def test_large_photo_decodes_within_limits():
     data = encode(photo(6000, 4000), "JPEG", quality=85)
     img = open_image(data, LIMITS, draft_edge=224)
