@@ -248,19 +248,19 @@ def orientation(img) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _upright(pixels, orientation: int):
+def _upright(pixels, turn: int):
     """Apply an EXIF orientation (1-8) to an (H, W, 3) array, as ImageOps.exif_transpose does."""
     import numpy as np
 
     turned = {
-        2: lambda a: a[:, ::-1],  # mirrored
-        3: lambda a: a[::-1, ::-1],  # upside down
-        4: lambda a: a[::-1],  # mirrored, upside down
+        2: lambda a: a[:, ::-1],  # flipped left to right
+        3: lambda a: a[::-1, ::-1],  # turned 180 degrees
+        4: lambda a: a[::-1],  # flipped top to bottom
         5: lambda a: a.transpose(1, 0, 2),  # transposed
         6: lambda a: np.rot90(a, -1),  # stored 90 degrees counter-clockwise (phones held upright)
         7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # transversed
         8: lambda a: np.rot90(a, 1),  # stored 90 degrees clockwise
-    }.get(orientation)
+    }.get(turn)
     return pixels if turned is None else np.ascontiguousarray(turned(pixels))
 
 
