@@ -54,8 +54,9 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
     """Get or create the session; `master` None keeps spark-submit's, else local[*].
 
     Arrow batches are capped at `batch_rows` rows (Spark's default is 10,000, which for
-    images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir);
-    a local master also gets LOCAL_QUICK_START unless `conf` sets those keys.
+    images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir).
+    A local master outside spark-submit also gets LOCAL_QUICK_START, key by key, where neither
+    `conf` nor the installation's spark-defaults.conf sets that key.
     """
     from pyspark.sql import SparkSession
 
