@@ -234,7 +234,7 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    from clip_pyfunc.spark import is_local, planned_master, prepare_model, run_job, spark_session
+    from clip_pyfunc.spark import is_local, planned_master, prepare_model, run_job, spark_session, stop_session
 
     overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir, ThreadPoolExecutor(1) as pool:
@@ -246,7 +246,7 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
                            output=args.output, id_col=args.id_col, input_col=args.input_col,
                            input_format=args.input_format, fail_on_error=args.fail_on_error, model_config=overrides)
         finally:
-            spark.stop()
+            stop_session(spark)
 
 
 def cmd_bench_classifier(args: argparse.Namespace) -> dict:

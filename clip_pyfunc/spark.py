@@ -9,6 +9,7 @@ and an `error` saying what was wrong with that row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -18,13 +19,12 @@ import uuid
 import dataclasses
 from dataclasses import dataclass
 
-from clip_pyfunc.combined_model import IMAGE_COLUMN, OUTPUT_COLUMNS, TEXT_COLUMN
 from clip_pyfunc.errors import ClipPyfuncError, InvalidInput
 
 EMBEDDING_COL, ERROR_COL = "embedding", "error"
 INPUT_FORMATS = ("auto", "parquet", "images", "table")
-COMBINED_INPUTS, COMBINED_OUTPUTS = (IMAGE_COLUMN, TEXT_COLUMN), OUTPUT_COLUMNS
 _WORKER_MODELS: dict[str, object] = {}  # per Python worker process: config key -> loaded model
+_STARTING: list = []  # driver: threads running the job that starts a session's worker daemon
 
 
 class EmbedJobError(ClipPyfuncError):
@@ -42,11 +42,23 @@ class JobCounts:
     seconds: float
 
 
-# A local job's JVM lives for one command and mostly moves Arrow batches: the C1 compiler alone
-# starts it about a second sooner, and the web UI is not worth its start-up there. Not applied
-# where spark-defaults.conf or the caller's conf sets the same key, nor under spark-submit.
-LOCAL_QUICK_START = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC",
-                     "spark.ui.enabled": "false"}
+# A local job's JVM lives for one command and mostly moves Arrow batches. It starts sooner with
+# the C1 compiler only, no web UI, and the classes it loads mapped from an archive
+# (class_archive_options). Its Python workers fork from a daemon that has imported torch,
+# transformers and MLflow (spark_daemon), which starts while the JVM still sets up the
+# session (_start_workers). None of it is applied where spark-defaults.conf or the caller's
+# conf sets the same key, nor under spark-submit.
+JVM_QUICK_START = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+DAEMON_KEY, DAEMON_MODULE = "spark.python.daemon.module", "clip_pyfunc.spark_daemon"
+# Spark keeps one daemon per worker environment, and its SQL engine adds this variable to the
+# environment of its Python workers: the RDD job that starts the daemon early must carry it too.
+SQL_WORKER_ENV = {"spark.executorEnv.SPARK_SIMPLIFIED_TRACEBACK": "1"}
+
+
+def local_quick_start() -> dict[str, str]:
+    """The settings a local session outside spark-submit gets (see spark_session)."""
+    return {"spark.driver.extraJavaOptions": f"{JVM_QUICK_START} {class_archive_options()}".strip(),
+            "spark.ui.enabled": "false", DAEMON_KEY: DAEMON_MODULE}
 
 
 def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batch_rows: int = 64,
@@ -55,25 +67,133 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
 
     Arrow batches are capped at `batch_rows` rows (Spark's default is 10,000, which for
     images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir).
-    A local master outside spark-submit also gets LOCAL_QUICK_START, key by key, where neither
-    `conf` nor the installation's spark-defaults.conf sets that key.
+    A local master outside spark-submit also gets local_quick_start(), key by key, where
+    neither `conf` nor the installation's spark-defaults.conf sets that key; stop such a
+    session with stop_session.
     """
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     planned = planned_master(master)
-    builder = SparkSession.builder.appName(app_name).master(planned)
-    settings = dict(conf or {})
+    settings = {"spark.sql.execution.arrow.pyspark.enabled": "true", "spark.python.worker.reuse": "true",
+                "spark.ui.showConsoleProgress": "true"}
     if is_local(planned) and not _submitted():  # spark-submit started the JVM with its own options
-        settings = {**{k: v for k, v in LOCAL_QUICK_START.items() if not _site_sets(k)}, **settings}
-    spark = (builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
-             .config("spark.python.worker.reuse", "true")
-             .config("spark.ui.showConsoleProgress", "true"))
+        settings.update({k: v for k, v in local_quick_start().items() if not _site_sets(k)})
+    settings.update(conf or {})
+    if settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None:
+        settings.update(SQL_WORKER_ENV)
+        _start_workers(planned, app_name, settings)
+    builder = SparkSession.builder.appName(app_name).master(planned)
     for k, v in settings.items():
-        spark = spark.config(k, v)
-    spark = spark.getOrCreate()
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
     return spark
+
+
+def _start_workers(master: str, app_name: str, settings: dict[str, str]) -> None:
+    """Start the SparkContext, then its Python worker daemon in the background with a one-task job.
+
+    Spark starts the daemon at the first Python task; its imports (about 5 s of one core)
+    then run while the JVM builds the session and the driver plans the job, instead of after.
+    A failure here is left for the real job to meet and report.
+    """
+    import threading
+
+    from pyspark import SparkConf, SparkContext
+
+    sc = SparkContext.getOrCreate(SparkConf().setMaster(master).setAppName(app_name).setAll(list(settings.items())))
+
+    def one_task():
+        try:
+            sc.parallelize([0], 1).map(lambda x: x).count()
+        except Exception:  # noqa: BLE001 - the session stopped first, or the job's own tasks report it
+            pass
+
+    thread = threading.Thread(target=one_task, name="clip-pyfunc-start-workers", daemon=True)
+    thread.start()
+    _STARTING.append(thread)
+
+
+def stop_session(spark) -> None:
+    """Stop the session once its worker daemon has started (see _start_workers).
+
+    A session stopped while the daemon still imports (a job that fails on its arguments)
+    waits for it either way; this way the JVM does not also log a crashed Python worker.
+    """
+    while _STARTING:
+        _STARTING.pop().join()
+    spark.stop()
+
+
+def class_archive_options() -> str:
+    """JVM options that map the local JVM's classes from a class-data archive, or record one.
+
+    The first local session with this Java and these Spark jars records the classes the JVM
+    loaded into an archive when it exits (-XX:ArchiveClassesAtExit: that session starts
+    slower, and its JVM writes about 180 MB after the command ends); later ones map them
+    (-XX:SharedArchiveFile), which starts the session and its first job seconds sooner on
+    2 cores. The archive lives in the user's cache (XDG_CACHE_HOME), named by the Java binary
+    and the jars, so an upgrade records a new one. The JVM runs without an archive it cannot
+    use, except a truncated one, which aborts it: each archive is tried once with
+    `java -version` first (_archive_maps) and recorded again if that fails. CDS messages are
+    off: recording prints hundreds.
+
+    Returns:
+        The options, or '' where no java is found or the cache is not writable.
+    """
+    import hashlib
+
+    import pyspark
+
+    java = _java_binary()
+    home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
+    jars = os.path.join(home, "jars")
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clip-pyfunc", "spark-cds")
+    if java is None or not os.path.isdir(jars) or any(c.isspace() or c in "'\"" for c in folder):
+        return ""
+    stamp = [java, os.stat(java).st_mtime_ns, jars, os.stat(jars).st_mtime_ns, JVM_QUICK_START]
+    archive = os.path.join(folder, f"spark-{pyspark.__version__}-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.jsa")
+    if os.path.isfile(archive):
+        if _archive_maps(java, archive):
+            return f"-XX:SharedArchiveFile={archive} -Xlog:cds*=off"
+        with contextlib.suppress(OSError):
+            os.remove(archive)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return ""
+    return f"-XX:ArchiveClassesAtExit={archive} -Xlog:cds*=off" if os.access(folder, os.W_OK) else ""
+
+
+def _archive_maps(java: str, archive: str) -> bool:
+    """True when `java` starts with `archive` (checked once per file version, then remembered)."""
+    import subprocess
+
+    stat = os.stat(archive)
+    version, checked = f"{stat.st_size}:{stat.st_mtime_ns}", f"{archive}.ok"
+    with contextlib.suppress(OSError), open(checked, encoding="utf-8") as f:
+        if f.read() == version:
+            return True
+    try:
+        ok = subprocess.run([java, f"-XX:SharedArchiveFile={archive}", "-Xlog:cds*=off", *JVM_QUICK_START.split(),
+                             "-version"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if ok:
+        with contextlib.suppress(OSError), open(checked, "w", encoding="utf-8") as f:
+            f.write(version)
+    return ok
+
+
+def _java_binary() -> str | None:
+    """The java that spark-submit runs: JAVA_HOME's, else the one on PATH (resolved), or None."""
+    import shutil
+
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    return os.path.realpath(java) if java and os.path.isfile(java) else None
 
 
 def planned_master(master: str | None = None) -> str:
@@ -198,10 +318,11 @@ def embed_dataframe(df, model_uri: str | ModelSource, *, input_col: str = "input
     source = model_uri if isinstance(model_uri, ModelSource) else prepare_model(model_uri)
     results = list(source.fields)
     names = [f.name for f in results]
-    if names == list(COMBINED_OUTPUTS):  # the combined model reads its own two columns, either may be absent
-        inputs = [c for c in COMBINED_INPUTS if c in df.columns]
+    combined_inputs, combined_outputs = _combined_columns()
+    if names == list(combined_outputs):  # the combined model reads its own two columns, either may be absent
+        inputs = [c for c in combined_inputs if c in df.columns]
         if not inputs:
-            raise EmbedJobError(f"the combined model reads columns {list(COMBINED_INPUTS)}; columns: {df.columns}")
+            raise EmbedJobError(f"the combined model reads columns {list(combined_inputs)}; columns: {df.columns}")
     elif input_col not in df.columns:
         raise EmbedJobError(f"input column {input_col!r} not in the table; columns: {df.columns}")
     else:
@@ -237,9 +358,20 @@ def output_fields(model_uri: str) -> list:
     names = outputs.input_names() if outputs is not None and outputs.has_input_names() else []
     if names == ["labels", "scores"]:
         return [StructField("labels", ArrayType(StringType()), True), StructField("scores", ArrayType(DoubleType()), True)]
-    if names == list(COMBINED_OUTPUTS):
+    if names == list(_combined_columns()[1]):
         return [StructField(name, ArrayType(FloatType()), True) for name in names]
     return [StructField(EMBEDDING_COL, ArrayType(FloatType()), True)]
+
+
+def _combined_columns() -> tuple[tuple[str, str], tuple[str, ...]]:
+    """The combined model's input and output columns.
+
+    Imported on use: the model module imports MLflow (over a second), which a job's driver
+    should import beside the JVM's start, not before it.
+    """
+    from clip_pyfunc.combined_model import IMAGE_COLUMN, OUTPUT_COLUMNS, TEXT_COLUMN
+
+    return (IMAGE_COLUMN, TEXT_COLUMN), OUTPUT_COLUMNS
 
 
 def _worker_model(key: str, source: ModelSource, config: dict, tracking_uri: str, registry_uri: str, loads):

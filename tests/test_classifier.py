@@ -183,7 +183,7 @@ def test_shipped_wearables_file(tmp_path):
 
 @pytest.mark.spark
 def test_spark_job_gives_labels_scores_and_errors(toy_classifier, tmp_path):
-    from clip_pyfunc.spark import run_job, spark_session
+    from clip_pyfunc.spark import run_job, spark_session, stop_session
 
     rows, truth = _held_out(20, seed=9)
     rows[4] = "%%% not base64"
@@ -196,7 +196,7 @@ def test_spark_job_gives_labels_scores_and_errors(toy_classifier, tmp_path):
                          id_col="id", input_col="image_b64")
         out = spark.read.parquet(str(tmp_path / "out.parquet")).toPandas().sort_values("id").reset_index(drop=True)
     finally:
-        spark.stop()
+        stop_session(spark)
     assert (report["rows"], report["failed"]) == (20, 1)
     assert list(out.columns) == ["id", "labels", "scores", "error"]
     local = mlflow.pyfunc.load_model(uri).predict([r for i, r in enumerate(rows) if i != 4])

@@ -156,7 +156,7 @@ def test_served_azure_request_with_one_word_changed(combined_server, models):
 @pytest.mark.spark
 def test_spark_job_with_urls_and_error_rows(azure, models, tmp_path):
     """The combined model in Spark: image and text columns, URLs allowed for the job, bad rows named."""
-    from clip_pyfunc.spark import embed_dataframe, spark_session
+    from clip_pyfunc.spark import embed_dataframe, spark_session, stop_session
 
     with serve_images() as (base, _):
         rows = [("a", IMAGES[0], ""), ("b", None, TEXTS[0]), ("c", IMAGES[1], TEXTS[2]), ("d", "", None),
@@ -168,7 +168,7 @@ def test_spark_job_with_urls_and_error_rows(azure, models, tmp_path):
             out, _ = embed_dataframe(df, azure["models"]["combined"]["uri"], model_config=config)
             got = out.toPandas().sort_values("id").reset_index(drop=True)
         finally:
-            spark.stop()
+            stop_session(spark)
     assert list(got.columns) == ["id", "image_features", "text_features", "error"]
     errors = dict(zip(got["id"], got["error"]))
     assert {k for k, v in errors.items() if isinstance(v, str)} == {"d", "f", "g"}, errors

@@ -6,13 +6,15 @@ import glob
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import b64, encode, photo
-from clip_pyfunc.spark import (EmbedJobError, embed_dataframe, is_local, prepare_model, run_job, spark_session,
+from clip_pyfunc.spark import (DAEMON_KEY, DAEMON_MODULE, EmbedJobError, _java_binary, class_archive_options,
+                               embed_dataframe, is_local, prepare_model, run_job, spark_session, stop_session,
                                worker_threads)
 
 pytestmark = [pytest.mark.spark]
@@ -25,7 +27,7 @@ def spark(tmp_path_factory):
                                   "spark.sql.shuffle.partitions": "4"})
     session.sparkContext.setLogLevel("ERROR")
     yield session
-    session.stop()
+    stop_session(session)
 
 
 def _varied_images(n: int = 50):
@@ -185,6 +187,16 @@ def test_cli_embed_table(image_table, registered, tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert fail.returncode == 2 and "rows failed (--fail-on-error)" in fail.stderr
+    # Refused before the job, while the worker daemon still starts: a clear error, and no
+    # crashed-worker report from stopping the session under it.
+    bad = subprocess.run(
+        ["clip-pyfunc", "embed-table", "--model-uri", registered["models"]["image"]["uri"], "--input", path,
+         "--input-col", "no_such_col", "--id-col", "product_id", "--output", str(tmp_path / "cli3.parquet"),
+         "--master", "local[2]"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "column 'no_such_col' not in" in bad.stderr and bad.stdout == ""
+    assert "Python worker exited unexpectedly" not in bad.stderr, bad.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -291,3 +303,62 @@ def test_local_job_loads_a_local_copy_of_the_model(spark, registered, tmp_path):
 def test_local_masters_are_recognised():
     assert all(is_local(m) for m in ("local", "local[2]", "local[*]", "local[2,3]"))
     assert not any(is_local(m) for m in ("spark://h:7077", "yarn", "k8s://https://h", "localhost"))
+
+
+def test_local_workers_fork_from_one_preloading_daemon(spark):
+    # The early one-task RDD job and the SQL engine's mapInPandas tasks must share one daemon,
+    # and it must be ours: Spark keeps a daemon per worker environment, so a mismatch would
+    # start a second one (and import everything again) for the real job.
+    def rdd_parent(_):
+        yield os.getppid(), open(f"/proc/{os.getppid()}/cmdline", "rb").read().split(b"\0")[:3]
+
+    def sql_parent(batches):
+        for _ in batches:
+            pass
+        yield pd.DataFrame({"ppid": [os.getppid()]})
+
+    assert spark.sparkContext.getConf().get(DAEMON_KEY) == DAEMON_MODULE
+    (rdd_ppid, cmdline), = spark.sparkContext.parallelize([0], 1).mapPartitions(rdd_parent).collect()
+    sql_ppid, = [r.ppid for r in spark.range(1, numPartitions=1).mapInPandas(sql_parent, "ppid long").collect()]
+    assert cmdline[1:] == [b"-m", DAEMON_MODULE.encode()] and sql_ppid == rdd_ppid
+
+
+def test_daemon_preloads_and_keeps_stdout_for_the_port(tmp_path):
+    # Spark reads the daemon's port from its stdout: imports that print must not reach it.
+    (tmp_path / "noisy_module.py").write_text("print('printed at import')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = ("import sys; from clip_pyfunc import spark_daemon as d; "
+            "failed = d.preload(d.PRELOAD + ('noisy_module', 'no_such_module')); "
+            "sys.stderr.write(repr([m for m in d.PRELOAD if m not in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout == "", (out.stdout, out.stderr[-2000:])
+    assert "printed at import" in out.stderr and "could not preload no_such_module" in out.stderr
+    assert out.stderr.rstrip().endswith("[]")  # every module of PRELOAD was imported
+    # Started as Spark starts it, the first bytes on stdout are the port; it exits when stdin
+    # closes (with pyspark's daemon's own status, 1).
+    daemon = subprocess.Popen([sys.executable, "-m", DAEMON_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, env=env)
+    port = int.from_bytes(daemon.stdout.read(4), "big")
+    daemon.stdin.close()
+    assert 0 < port < 65536 and daemon.wait(timeout=60) is not None
+
+
+def test_class_archive_is_recorded_then_checked_then_mapped(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    java = _java_binary()
+    first = class_archive_options()
+    archive = first.split("-XX:ArchiveClassesAtExit=", 1)[1].split()[0]
+    assert archive.startswith(str(tmp_path / "cache" / "clip-pyfunc" / "spark-cds")) and not os.path.exists(archive)
+    # A real archive (of what `java -version` loads), cut short: the JVM aborts on it rather
+    # than running without it, so it is removed and recorded again.
+    subprocess.run([java, f"-XX:ArchiveClassesAtExit={tmp_path / 'whole.jsa'}", "-Xlog:cds*=off", "-version"],
+                   capture_output=True, check=True, timeout=120)
+    with open(tmp_path / "whole.jsa", "rb") as f, open(archive, "wb") as out:
+        out.write(f.read(4096))
+    assert class_archive_options() == first and not os.path.exists(archive)
+    with open(tmp_path / "whole.jsa", "rb") as f, open(archive, "wb") as out:
+        out.write(f.read())
+    assert class_archive_options() == f"-XX:SharedArchiveFile={archive} -Xlog:cds*=off"
+    assert os.path.exists(archive + ".ok")  # checked once; the next session skips the check
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java"))
+    assert class_archive_options() == ""

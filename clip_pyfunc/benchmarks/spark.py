@@ -37,7 +37,7 @@ def run(model_uri: str, rows: int = 128, master: str = "local[2]", width: int = 
     import mlflow
     import pandas as pd
 
-    from clip_pyfunc.spark import run_job, spark_session
+    from clip_pyfunc.spark import run_job, spark_session, stop_session
 
     images = [b64(photo_jpeg(width, height, seed=i % 16)) for i in range(rows)]
     frame = pd.DataFrame({"id": range(rows), "input": images})
@@ -63,7 +63,7 @@ def run(model_uri: str, rows: int = 128, master: str = "local[2]", width: int = 
             partitions = spark.read.parquet(src).rdd.getNumPartitions()
             reload = _ours_vs_spark_udf(spark, model_uri, src, tmp, tasks)
         finally:
-            spark.stop()
+            stop_session(spark)
     return {
         "benchmark": "spark",
         "model_uri": model_uri,
