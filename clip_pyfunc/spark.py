@@ -178,7 +178,8 @@ def _archive_maps(java: str, archive: str) -> bool:
             return True
     try:
         ok = subprocess.run([java, f"-XX:SharedArchiveFile={archive}", "-Xlog:cds*=off", *JVM_QUICK_START.split(),
-                             "-version"], capture_output=True, timeout=60).returncode == 0
+                             f"-XX:ErrorFile={os.devnull}", "-XX:-CreateCoredumpOnCrash", "-version"],
+                            capture_output=True, timeout=60).returncode == 0  # no crash report where it aborts
     except (OSError, subprocess.TimeoutExpired):
         return False
     if ok:
