@@ -122,7 +122,7 @@ def read_table(source: str, batch_rows: int = 1024) -> Iterator[Any]:
         return
     from clip_pyfunc.spark import spark_session
 
-    spark = spark_session()
+    spark = spark_session(start_workers=False)  # reads through the JVM: no Python workers
     rows = []
     columns = spark.table(source).columns
     import pandas as pd

@@ -49,27 +49,38 @@ class JobCounts:
 # session (_start_workers). None of it is applied where spark-defaults.conf or the caller's
 # conf sets the same key, nor under spark-submit.
 JVM_QUICK_START = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 DAEMON_KEY, DAEMON_MODULE = "spark.python.daemon.module", "clip_pyfunc.spark_daemon"
 # Spark keeps one daemon per worker environment, and its SQL engine adds this variable to the
 # environment of its Python workers: the RDD job that starts the daemon early must carry it too.
 SQL_WORKER_ENV = {"spark.executorEnv.SPARK_SIMPLIFIED_TRACEBACK": "1"}
+RECORDING_WAIT_S = 1800  # after this, a class archive that never appeared is recorded again
 
 
-def local_quick_start() -> dict[str, str]:
-    """The settings a local session outside spark-submit gets (see spark_session)."""
-    return {"spark.driver.extraJavaOptions": f"{JVM_QUICK_START} {class_archive_options()}".strip(),
-            "spark.ui.enabled": "false", DAEMON_KEY: DAEMON_MODULE}
+def local_quick_start(conf: dict[str, str] | None = None) -> dict[str, str]:
+    """The settings a local session outside spark-submit gets (see spark_session), less the
+    keys that `conf` or the installation's spark-defaults.conf sets."""
+    conf = conf or {}
+    keep = [k for k in (JAVA_OPTIONS_KEY, "spark.ui.enabled", DAEMON_KEY) if k not in conf and not _site_sets(k)]
+    settings = {"spark.ui.enabled": "false", DAEMON_KEY: DAEMON_MODULE}
+    if JAVA_OPTIONS_KEY in keep:  # only then does the archive matter: recording is not free
+        from pyspark import SparkContext
+
+        archive = class_archive_options(conf) if SparkContext._gateway is None else ""  # a JVM runs already
+        settings[JAVA_OPTIONS_KEY] = f"{JVM_QUICK_START} {archive}".strip()
+    return {k: v for k, v in settings.items() if k in keep}
 
 
 def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batch_rows: int = 64,
-                  conf: dict[str, str] | None = None):
+                  conf: dict[str, str] | None = None, start_workers: bool = True):
     """Get or create the session; `master` None keeps spark-submit's, else local[*].
 
     Arrow batches are capped at `batch_rows` rows (Spark's default is 10,000, which for
     images means gigabytes per batch). `conf` adds settings (e.g. spark.sql.warehouse.dir).
     A local master outside spark-submit also gets local_quick_start(), key by key, where
-    neither `conf` nor the installation's spark-defaults.conf sets that key; stop such a
-    session with stop_session.
+    neither `conf` nor the installation's spark-defaults.conf sets that key. With
+    `start_workers`, its Python worker daemon starts at once, in the background: for
+    sessions that will run Python tasks; stop them with stop_session.
     """
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
@@ -79,10 +90,13 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
     settings = {"spark.sql.execution.arrow.pyspark.enabled": "true", "spark.python.worker.reuse": "true",
                 "spark.ui.showConsoleProgress": "true"}
     if is_local(planned) and not _submitted():  # spark-submit started the JVM with its own options
-        settings.update({k: v for k, v in local_quick_start().items() if not _site_sets(k)})
+        settings.update(local_quick_start(conf))
     settings.update(conf or {})
-    if settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None:
-        settings.update(SQL_WORKER_ENV)
+    early = (start_workers and settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None
+             and settings.get("spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled", "true") != "false")
+    if early:
+        for k, v in SQL_WORKER_ENV.items():
+            settings.setdefault(k, v)
         _start_workers(planned, app_name, settings)
     builder = SparkSession.builder.appName(app_name).master(planned)
     for k, v in settings.items():
@@ -116,18 +130,22 @@ def _start_workers(master: str, app_name: str, settings: dict[str, str]) -> None
     _STARTING.append(thread)
 
 
-def stop_session(spark) -> None:
+def stop_session(spark, wait_s: float = 60) -> None:
     """Stop the session once its worker daemon has started (see _start_workers).
 
     A session stopped while the daemon still imports (a job that fails on its arguments)
     waits for it either way; this way the JVM does not also log a crashed Python worker.
+
+    Args:
+        spark: The session.
+        wait_s: The longest wait for the daemon's start before stopping anyway.
     """
     while _STARTING:
-        _STARTING.pop().join()
+        _STARTING.pop().join(wait_s)
     spark.stop()
 
 
-def class_archive_options() -> str:
+def class_archive_options(conf: dict[str, str] | None = None) -> str:
     """JVM options that map the local JVM's classes from a class-data archive, or record one.
 
     The first local session with this Java and these Spark jars records the classes the JVM
@@ -135,14 +153,30 @@ def class_archive_options() -> str:
     slower, and its JVM writes about 180 MB after the command ends); later ones map them
     (-XX:SharedArchiveFile), which starts the session and its first job seconds sooner on
     2 cores. The archive lives in the user's cache (XDG_CACHE_HOME), named by the Java binary
-    and the jars, so an upgrade records a new one. The JVM runs without an archive it cannot
-    use, except a truncated one, which aborts it: each archive is tried once with
-    `java -version` first (_archive_maps) and recorded again if that fails. CDS messages are
-    off: recording prints hundreds.
+    and the jars, so an upgrade records a new one (and removes the old). While one JVM
+    records, other sessions run without an archive (_recording).
+
+    Four things would make the JVM fail rather than run without an archive, so none of them
+    reaches it: a directory with files on the class path (a Spark conf directory, Hadoop's,
+    an extra class path: the JVM refuses to record then); a JDK without a base archive, which
+    cannot record (tried first with `java -version`); a truncated archive (each file version
+    tried once with `java -version`, removed if it fails); a file gone between the checks.
+    CDS messages are off: recording prints hundreds.
+
+    Args:
+        conf: The session's own settings (an extra class path there rules recording out).
 
     Returns:
-        The options, or '' where no java is found or the cache is not writable.
+        The options, or '' where none apply.
     """
+    try:
+        return _class_archive_options(conf or {})
+    except OSError:
+        return ""
+
+
+def _class_archive_options(conf: dict[str, str]) -> str:
+    """class_archive_options, raising OSError where a file changed under it."""
     import hashlib
 
     import pyspark
@@ -154,38 +188,100 @@ def class_archive_options() -> str:
     if java is None or not os.path.isdir(jars) or any(c.isspace() or c in "'\"" for c in folder):
         return ""
     stamp = [java, os.stat(java).st_mtime_ns, jars, os.stat(jars).st_mtime_ns, JVM_QUICK_START]
-    archive = os.path.join(folder, f"spark-{pyspark.__version__}-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.jsa")
+    name = f"spark-{pyspark.__version__}-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.jsa"
+    archive = os.path.join(folder, name)
+    if _recording(archive):
+        return ""
     if os.path.isfile(archive):
         if _archive_maps(java, archive):
             return f"-XX:SharedArchiveFile={archive} -Xlog:cds*=off"
-        with contextlib.suppress(OSError):
-            os.remove(archive)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
+        os.remove(archive)
+    if _class_path_has_folders(home, conf):
         return ""
-    return f"-XX:ArchiveClassesAtExit={archive} -Xlog:cds*=off" if os.access(folder, os.W_OK) else ""
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f"probe-{os.getpid()}.jsa")
+    try:
+        records = os.access(folder, os.W_OK) and _java_starts(java, f"-XX:ArchiveClassesAtExit={probe}")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    if not records:
+        return ""
+    try:  # one recorder: whoever creates the marker first
+        marker = os.open(f"{archive}.recording", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return ""
+    with os.fdopen(marker, "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    for old in os.listdir(folder):  # archives of an earlier Java or Spark
+        if old.startswith("spark-") and not old.startswith(name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, old))
+    return f"-XX:ArchiveClassesAtExit={archive} -Xlog:cds*=off"
+
+
+def _recording(archive: str) -> bool:
+    """True while another session records `archive`: its process runs (for RECORDING_WAIT_S at
+    most), or its JVM has written the file in the last minute. Clears a finished marker."""
+    marker = f"{archive}.recording"
+    try:
+        with open(marker, encoding="utf-8") as f:
+            pid = int(f.read() or 0)
+        age = time.time() - os.stat(marker).st_mtime
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+        alive = pid != os.getpid()
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:  # another user's process
+        alive = True
+    with contextlib.suppress(OSError):
+        if time.time() - os.stat(archive).st_mtime < 60:
+            return True  # the JVM writes it after its driver has exited
+    if alive and age < RECORDING_WAIT_S:
+        return True
+    with contextlib.suppress(OSError):
+        os.remove(marker)
+    return False
+
+
+def _class_path_has_folders(spark_home: str, conf: dict[str, str]) -> bool:
+    """True when the driver's class path will hold a directory with files, or entries we cannot
+    see: Spark's conf directory, Hadoop's and YARN's, or an extra class path."""
+    if any(os.environ.get(v) for v in ("SPARK_CLASSPATH", "SPARK_DIST_CLASSPATH", "HADOOP_CONF_DIR", "YARN_CONF_DIR")):
+        return True
+    if conf.get("spark.driver.extraClassPath") or _site_sets("spark.driver.extraClassPath"):
+        return True
+    conf_dir = os.environ.get("SPARK_CONF_DIR") or os.path.join(spark_home, "conf")
+    return os.path.isdir(conf_dir) and bool(os.listdir(conf_dir))
 
 
 def _archive_maps(java: str, archive: str) -> bool:
     """True when `java` starts with `archive` (checked once per file version, then remembered)."""
-    import subprocess
-
     stat = os.stat(archive)
     version, checked = f"{stat.st_size}:{stat.st_mtime_ns}", f"{archive}.ok"
     with contextlib.suppress(OSError), open(checked, encoding="utf-8") as f:
         if f.read() == version:
             return True
-    try:
-        ok = subprocess.run([java, f"-XX:SharedArchiveFile={archive}", "-Xlog:cds*=off", *JVM_QUICK_START.split(),
-                             f"-XX:ErrorFile={os.devnull}", "-XX:-CreateCoredumpOnCrash", "-version"],
-                            capture_output=True, timeout=60).returncode == 0  # no crash report where it aborts
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    ok = _java_starts(java, f"-XX:SharedArchiveFile={archive}")
     if ok:
         with contextlib.suppress(OSError), open(checked, "w", encoding="utf-8") as f:
             f.write(version)
     return ok
+
+
+def _java_starts(java: str, archive_option: str) -> bool:
+    """True when `java -version` runs with `archive_option` and the session's JVM options."""
+    import subprocess
+
+    try:  # no crash report or core file where it aborts
+        return subprocess.run([java, archive_option, "-Xlog:cds*=off", *JVM_QUICK_START.split(),
+                               f"-XX:ErrorFile={os.devnull}", "-XX:-CreateCoredumpOnCrash", "-version"],
+                              capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _java_binary() -> str | None:
@@ -481,14 +577,13 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
         try:
             if is_table:
                 embedded.write.mode("error").saveAsTable(staging)
-                written = spark.table(staging)
             else:
                 embedded.write.mode("error").parquet(staging)
-                written = spark.read.parquet(staging)
-            row = written.agg(F.count(F.lit(1)).alias("rows"), F.count(ERROR_COL).alias("failed")).first()
-            counts = JobCounts(rows=row["rows"], embedded=row["rows"] - row["failed"], failed=row["failed"],
+            rows, failed = _count_written(spark, staging, is_table)
+            counts = JobCounts(rows=rows, embedded=rows - failed, failed=failed,
                                model_loads=loads.value, seconds=round(time.perf_counter() - start, 2))
             if fail_on_error and counts.failed:
+                written = spark.table(staging) if is_table else spark.read.parquet(staging)
                 examples = [f"{r[id_col]}: {r[ERROR_COL]}" for r in written.where(F.col(ERROR_COL).isNotNull())
                             .select(id_col, ERROR_COL).limit(5).collect()]
                 raise EmbedJobError(f"{counts.failed} of {counts.rows} rows failed (--fail-on-error); "
@@ -502,6 +597,53 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
     print(f"clip-pyfunc embed-table: {counts.rows} rows, {counts.embedded} embedded, {counts.failed} failed, "
           f"model loaded {counts.model_loads}x, {counts.seconds}s", file=sys.stderr, flush=True)
     return report
+
+
+def _count_written(spark, staging: str, is_table: bool) -> tuple[int, int]:
+    """Rows, and rows with an error, read back from the written output.
+
+    A local job's parquet output is counted from its files' footers: row counts, and the
+    error column's null counts, which Spark writes. That is milliseconds, where a Spark job
+    is about 0.8 s. Anything else, or footers without those counts, is counted by Spark.
+    """
+    counted = None if is_table else _count_footers(spark, staging)
+    if counted is not None:
+        return counted
+    from pyspark.sql import functions as F
+
+    written = spark.table(staging) if is_table else spark.read.parquet(staging)
+    row = written.agg(F.count(F.lit(1)).alias("rows"), F.count(ERROR_COL).alias("failed")).first()
+    return row["rows"], row["failed"]
+
+
+def _count_footers(spark, location: str) -> tuple[int, int] | None:
+    """(rows, failed) from the footers of a parquet directory on this machine; None where it is
+    elsewhere (a cluster's executors wrote to their own disks or to another file system) or a
+    footer lacks the counts."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    fs, path = _hadoop_fs(spark, location)
+    if not is_local(spark.sparkContext.master) or fs.getUri().getScheme() != "file":
+        return None
+    folder = fs.makeQualified(path).toUri().getPath()
+    rows = failed = 0
+    try:
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(("_", ".")):  # _SUCCESS, checksum files
+                continue
+            meta = pq.ParquetFile(os.path.join(folder, name)).metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                errors = [group.column(k).statistics for k in range(group.num_columns)
+                          if group.column(k).path_in_schema == ERROR_COL]
+                if len(errors) != 1 or errors[0] is None or not errors[0].has_null_count:
+                    return None
+                rows += group.num_rows
+                failed += group.num_rows - errors[0].null_count
+    except (OSError, pyarrow.ArrowInvalid):
+        return None
+    return rows, failed
 
 
 def _looks_like_path(output: str) -> bool:

@@ -51,6 +51,7 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
 
 
 if __name__ == "__main__":  # started by Spark as `python -m clip_pyfunc.spark_daemon`
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # a CUDA check before fork must not init CUDA
     preload()
     from pyspark import daemon
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,8 @@ import pytest
 
 from conftest import b64, encode, photo
 from clip_pyfunc.spark import (DAEMON_KEY, DAEMON_MODULE, EmbedJobError, _java_binary, class_archive_options,
-                               embed_dataframe, is_local, prepare_model, run_job, spark_session, stop_session,
-                               worker_threads)
+                               embed_dataframe, is_local, local_quick_start, prepare_model, run_job, spark_session,
+                               stop_session, worker_threads)
 
 pytestmark = [pytest.mark.spark]
 
@@ -310,7 +311,7 @@ def test_local_workers_fork_from_one_preloading_daemon(spark):
     # and it must be ours: Spark keeps a daemon per worker environment, so a mismatch would
     # start a second one (and import everything again) for the real job.
     def rdd_parent(_):
-        yield os.getppid(), open(f"/proc/{os.getppid()}/cmdline", "rb").read().split(b"\0")[:3]
+        yield os.getppid(), open(f"/proc/{os.getppid()}/cmdline", "rb").read().split(b"\0")[:3], "torch" in sys.modules
 
     def sql_parent(batches):
         for _ in batches:
@@ -318,29 +319,34 @@ def test_local_workers_fork_from_one_preloading_daemon(spark):
         yield pd.DataFrame({"ppid": [os.getppid()]})
 
     assert spark.sparkContext.getConf().get(DAEMON_KEY) == DAEMON_MODULE
-    (rdd_ppid, cmdline), = spark.sparkContext.parallelize([0], 1).mapPartitions(rdd_parent).collect()
+    (rdd_ppid, cmdline, torch_loaded), = spark.sparkContext.parallelize([0], 1).mapPartitions(rdd_parent).collect()
     sql_ppid, = [r.ppid for r in spark.range(1, numPartitions=1).mapInPandas(sql_parent, "ppid long").collect()]
-    assert cmdline[1:] == [b"-m", DAEMON_MODULE.encode()] and sql_ppid == rdd_ppid
+    assert cmdline[1:] == [b"-m", DAEMON_MODULE.encode()] and sql_ppid == rdd_ppid and torch_loaded
 
 
 def test_daemon_preloads_and_keeps_stdout_for_the_port(tmp_path):
     # Spark reads the daemon's port from its stdout: imports that print must not reach it.
     (tmp_path / "noisy_module.py").write_text("print('printed at import')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = ("import sys; from clip_pyfunc import spark_daemon as d; "
-            "failed = d.preload(d.PRELOAD + ('noisy_module', 'no_such_module')); "
+    # Fork safety: the imports start no Python thread and touch no CUDA device.
+    code = ("import sys, threading; from clip_pyfunc import spark_daemon as d; "
+            "failed = d.preload(d.PRELOAD + ('noisy_module', 'no_such_module')); import torch; "
+            "assert threading.active_count() == 1 and not torch.cuda.is_initialized(); "
             "sys.stderr.write(repr([m for m in d.PRELOAD if m not in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout == "", (out.stdout, out.stderr[-2000:])
     assert "printed at import" in out.stderr and "could not preload no_such_module" in out.stderr
     assert out.stderr.rstrip().endswith("[]")  # every module of PRELOAD was imported
     # Started as Spark starts it, the first bytes on stdout are the port; it exits when stdin
-    # closes (with pyspark's daemon's own status, 1).
+    # closes, with pyspark's daemon's own status (1: its `finally` exits again after exit(0)).
     daemon = subprocess.Popen([sys.executable, "-m", DAEMON_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, env=env)
-    port = int.from_bytes(daemon.stdout.read(4), "big")
-    daemon.stdin.close()
-    assert 0 < port < 65536 and daemon.wait(timeout=60) is not None
+    try:
+        port = int.from_bytes(daemon.stdout.read(4), "big")
+        daemon.stdin.close()
+        assert 0 < port < 65536 and daemon.wait(timeout=60) == 1
+    finally:
+        daemon.kill()
 
 
 def test_class_archive_is_recorded_then_checked_then_mapped(tmp_path, monkeypatch):
@@ -349,6 +355,10 @@ def test_class_archive_is_recorded_then_checked_then_mapped(tmp_path, monkeypatc
     first = class_archive_options()
     archive = first.split("-XX:ArchiveClassesAtExit=", 1)[1].split()[0]
     assert archive.startswith(str(tmp_path / "cache" / "clip-pyfunc" / "spark-cds")) and not os.path.exists(archive)
+    with open(archive + ".recording", "w") as f:  # recorded by a process still running
+        f.write(str(os.getppid()))
+    assert class_archive_options() == ""  # it records until it exits: no second recorder
+    os.remove(archive + ".recording")  # as if it had exited without writing the archive
     # A real archive (of what `java -version` loads), cut short: the JVM aborts on it rather
     # than running without it, so it is removed and recorded again.
     subprocess.run([java, f"-XX:ArchiveClassesAtExit={tmp_path / 'whole.jsa'}", "-Xlog:cds*=off", "-version"],
@@ -358,7 +368,46 @@ def test_class_archive_is_recorded_then_checked_then_mapped(tmp_path, monkeypatc
     assert class_archive_options() == first and not os.path.exists(archive)
     with open(tmp_path / "whole.jsa", "rb") as f, open(archive, "wb") as out:
         out.write(f.read())
+    assert class_archive_options() == ""  # written in the last minute: maybe not finished
+    os.utime(archive, (time.time() - 120, time.time() - 120))
     assert class_archive_options() == f"-XX:SharedArchiveFile={archive} -Xlog:cds*=off"
+    assert not os.path.exists(archive + ".recording")  # done: the marker is cleared
     assert os.path.exists(archive + ".ok")  # checked once; the next session skips the check
+    assert [n for n in os.listdir(os.path.dirname(archive)) if n.startswith("probe-")] == []
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java"))
     assert class_archive_options() == ""
+
+
+def test_no_recording_on_a_jdk_that_cannot(tmp_path, monkeypatch):
+    # A JDK without a base archive refuses to start with -XX:ArchiveClassesAtExit; stand one
+    # in with a `java` that passes its arguments on, plus -Xshare:off, to the real one.
+    fake = tmp_path / "jdk" / "bin" / "java"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f'#!/bin/sh\nexec "{_java_binary()}" -Xshare:off "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert class_archive_options() == ""
+
+
+def test_no_recording_where_the_class_path_holds_a_folder_with_files(tmp_path, monkeypatch):
+    # The JVM refuses to write an archive then, at exit, and says so on its stdout.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "conf").mkdir()
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path / "conf"))
+    assert "ArchiveClassesAtExit" in class_archive_options()  # an empty folder is fine
+    (tmp_path / "conf" / "log4j2.properties").write_text("rootLogger.level = warn\n")
+    assert class_archive_options() == ""
+    assert class_archive_options({"spark.driver.extraClassPath": str(tmp_path)}) == ""
+
+
+def test_own_java_options_leave_the_archive_alone(tmp_path, monkeypatch):
+    from pyspark import SparkContext
+
+    monkeypatch.setattr(SparkContext, "_gateway", None)  # as before this process's first session
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert "ArchiveClassesAtExit" in local_quick_start()["spark.driver.extraJavaOptions"]
+    os.remove(next((tmp_path / "cache").rglob("*.recording")))
+    settings = local_quick_start({"spark.driver.extraJavaOptions": "-Xss4m", "spark.ui.enabled": "true"})
+    assert settings == {DAEMON_KEY: DAEMON_MODULE}
+    assert not list((tmp_path / "cache").rglob("*.recording"))  # nothing probed, nothing claimed
