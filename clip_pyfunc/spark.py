@@ -54,7 +54,8 @@ DAEMON_KEY, DAEMON_MODULE = "spark.python.daemon.module", "clip_pyfunc.spark_dae
 # Spark keeps one daemon per worker environment, and its SQL engine adds this variable to the
 # environment of its Python workers: the RDD job that starts the daemon early must carry it too.
 SQL_WORKER_ENV = {"spark.executorEnv.SPARK_SIMPLIFIED_TRACEBACK": "1"}
-RECORDING_WAIT_S = 1800  # after this, a class archive that never appeared is recorded again
+CLAIM_S = 120  # a claim to record the class archive whose JVM has not shown by then is void
+RECORDING_WAIT_S = 1800  # the same, where the process table cannot be read
 
 
 def local_quick_start(conf: dict[str, str] | None = None) -> dict[str, str]:
@@ -154,7 +155,7 @@ def class_archive_options(conf: dict[str, str] | None = None) -> str:
     (-XX:SharedArchiveFile), which starts the session and its first job seconds sooner on
     2 cores. The archive lives in the user's cache (XDG_CACHE_HOME), named by the Java binary
     and the jars, so an upgrade records a new one (and removes the old). While one JVM
-    records, other sessions run without an archive (_recording).
+    records (until it has written the file), other sessions run without one (_recording).
 
     Four things would make the JVM fail rather than run without an archive, so none of them
     reaches it: a directory with files on the class path (a Spark conf directory, Hadoop's,
@@ -221,29 +222,26 @@ def _class_archive_options(conf: dict[str, str]) -> str:
 
 
 def _recording(archive: str) -> bool:
-    """True while another session records `archive`: its process runs (for RECORDING_WAIT_S at
-    most), or its JVM has written the file in the last minute. Clears a finished marker."""
+    """True while a JVM records `archive` (it writes it after its driver has exited), or for
+    CLAIM_S after a session claimed it while the file is not there. Clears a finished claim."""
     marker = f"{archive}.recording"
-    try:
-        with open(marker, encoding="utf-8") as f:
-            pid = int(f.read() or 0)
-        age = time.time() - os.stat(marker).st_mtime
-    except (OSError, ValueError):
+    if not os.path.exists(marker):
         return False
-    try:
-        os.kill(pid, 0)
-        alive = pid != os.getpid()
-    except ProcessLookupError:
-        alive = False
-    except PermissionError:  # another user's process
-        alive = True
-    with contextlib.suppress(OSError):
-        if time.time() - os.stat(archive).st_mtime < 60:
-            return True  # the JVM writes it after its driver has exited
-    if alive and age < RECORDING_WAIT_S:
+    flag = f"-XX:ArchiveClassesAtExit={archive}".encode()
+    if os.path.isdir("/proc"):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                if flag in f.read():
+                    return True
+        if os.path.exists(archive):  # and its writer is gone: done
+            os.remove(marker)
+            return False
+        wait_s = CLAIM_S
+    else:  # no process table to read: trust the claim for longer
+        wait_s = RECORDING_WAIT_S
+    if time.time() - os.stat(marker).st_mtime < wait_s:
         return True
-    with contextlib.suppress(OSError):
-        os.remove(marker)
+    os.remove(marker)
     return False
 
 

@@ -355,10 +355,20 @@ def test_class_archive_is_recorded_then_checked_then_mapped(tmp_path, monkeypatc
     first = class_archive_options()
     archive = first.split("-XX:ArchiveClassesAtExit=", 1)[1].split()[0]
     assert archive.startswith(str(tmp_path / "cache" / "clip-pyfunc" / "spark-cds")) and not os.path.exists(archive)
-    with open(archive + ".recording", "w") as f:  # recorded by a process still running
-        f.write(str(os.getppid()))
-    assert class_archive_options() == ""  # it records until it exits: no second recorder
-    os.remove(archive + ".recording")  # as if it had exited without writing the archive
+    assert class_archive_options() == ""  # claimed, and its JVM has not written it yet: no second recorder
+    recorder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", first])  # that flag on a command line
+    try:
+        for _ in range(100):  # until its exec has finished and the command line shows
+            with open(f"/proc/{recorder.pid}/cmdline", "rb") as f:
+                if f.read():
+                    break
+            time.sleep(0.05)
+        os.utime(archive + ".recording", (time.time() - 600, time.time() - 600))
+        assert class_archive_options() == ""  # however old the claim, while that process runs
+    finally:
+        recorder.kill()
+        recorder.wait()
+    assert class_archive_options() == first  # an old claim with no recorder and no file is void
     # A real archive (of what `java -version` loads), cut short: the JVM aborts on it rather
     # than running without it, so it is removed and recorded again.
     subprocess.run([java, f"-XX:ArchiveClassesAtExit={tmp_path / 'whole.jsa'}", "-Xlog:cds*=off", "-version"],
@@ -368,8 +378,6 @@ def test_class_archive_is_recorded_then_checked_then_mapped(tmp_path, monkeypatc
     assert class_archive_options() == first and not os.path.exists(archive)
     with open(tmp_path / "whole.jsa", "rb") as f, open(archive, "wb") as out:
         out.write(f.read())
-    assert class_archive_options() == ""  # written in the last minute: maybe not finished
-    os.utime(archive, (time.time() - 120, time.time() - 120))
     assert class_archive_options() == f"-XX:SharedArchiveFile={archive} -Xlog:cds*=off"
     assert not os.path.exists(archive + ".recording")  # done: the marker is cleared
     assert os.path.exists(archive + ".ok")  # checked once; the next session skips the check
@@ -396,9 +404,12 @@ def test_no_recording_where_the_class_path_holds_a_folder_with_files(tmp_path, m
     (tmp_path / "conf").mkdir()
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path / "conf"))
     assert "ArchiveClassesAtExit" in class_archive_options()  # an empty folder is fine
+    os.remove(next((tmp_path / "cache").rglob("*.recording")))  # that claim would refuse the next two
     (tmp_path / "conf" / "log4j2.properties").write_text("rootLogger.level = warn\n")
     assert class_archive_options() == ""
+    os.remove(tmp_path / "conf" / "log4j2.properties")
     assert class_archive_options({"spark.driver.extraClassPath": str(tmp_path)}) == ""
+    assert not list((tmp_path / "cache").rglob("*.recording"))
 
 
 def test_own_java_options_leave_the_archive_alone(tmp_path, monkeypatch):
