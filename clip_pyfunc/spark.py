@@ -183,8 +183,7 @@ def _class_archive_options(conf: dict[str, str]) -> str:
     import pyspark
 
     java = _java_binary()
-    home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
-    jars = os.path.join(home, "jars")
+    jars = os.path.join(_spark_home(), "jars")
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clip-pyfunc", "spark-cds")
     if java is None or not os.path.isdir(jars) or any(c.isspace() or c in "'\"" for c in folder):
         return ""
@@ -197,7 +196,7 @@ def _class_archive_options(conf: dict[str, str]) -> str:
         if _archive_maps(java, archive):
             return f"-XX:SharedArchiveFile={archive} -Xlog:cds*=off"
         os.remove(archive)
-    if _class_path_has_folders(home, conf):
+    if _class_path_has_folders(conf):
         return ""
     os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, f"probe-{os.getpid()}.jsa")
@@ -245,14 +244,14 @@ def _recording(archive: str) -> bool:
     return False
 
 
-def _class_path_has_folders(spark_home: str, conf: dict[str, str]) -> bool:
+def _class_path_has_folders(conf: dict[str, str]) -> bool:
     """True when the driver's class path will hold a directory with files, or entries we cannot
     see: Spark's conf directory, Hadoop's and YARN's, or an extra class path."""
     if any(os.environ.get(v) for v in ("SPARK_CLASSPATH", "SPARK_DIST_CLASSPATH", "HADOOP_CONF_DIR", "YARN_CONF_DIR")):
         return True
     if conf.get("spark.driver.extraClassPath") or _site_sets("spark.driver.extraClassPath"):
         return True
-    conf_dir = os.environ.get("SPARK_CONF_DIR") or os.path.join(spark_home, "conf")
+    conf_dir = _spark_conf_dir()
     return os.path.isdir(conf_dir) and bool(os.listdir(conf_dir))
 
 
@@ -307,14 +306,22 @@ def _submitted() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def _site_sets(key: str) -> bool:
-    """True when the installation's spark-defaults.conf sets `key` (a site's JVM options win)."""
+def _spark_home() -> str:
+    """The Spark installation the launcher runs: SPARK_HOME, else pyspark's own folder."""
     import pyspark
 
-    folder = os.environ.get("SPARK_CONF_DIR") or os.path.join(
-        os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__), "conf")
+    return os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
+
+
+def _spark_conf_dir() -> str:
+    """Spark's conf directory: SPARK_CONF_DIR, else the installation's conf/."""
+    return os.environ.get("SPARK_CONF_DIR") or os.path.join(_spark_home(), "conf")
+
+
+def _site_sets(key: str) -> bool:
+    """True when the installation's spark-defaults.conf sets `key` (a site's JVM options win)."""
     try:
-        with open(os.path.join(folder, "spark-defaults.conf"), encoding="utf-8") as f:
+        with open(os.path.join(_spark_conf_dir(), "spark-defaults.conf"), encoding="utf-8") as f:
             return any(line.split(None, 1)[:1] == [key] for line in f)
     except OSError:
         return False
@@ -618,12 +625,14 @@ def _count_footers(spark, location: str) -> tuple[int, int] | None:
     """(rows, failed) from the footers of a parquet directory on this machine; None where it is
     elsewhere (a cluster's executors wrote to their own disks or to another file system) or a
     footer lacks the counts."""
+    if not is_local(spark.sparkContext.master):
+        return None
+    fs, path = _hadoop_fs(spark, location)
+    if fs.getUri().getScheme() != "file":
+        return None
     import pyarrow
     import pyarrow.parquet as pq
 
-    fs, path = _hadoop_fs(spark, location)
-    if not is_local(spark.sparkContext.master) or fs.getUri().getScheme() != "file":
-        return None
     folder = fs.makeQualified(path).toUri().getPath()
     rows = failed = 0
     try:

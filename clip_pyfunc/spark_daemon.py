@@ -31,20 +31,15 @@ PRELOAD = (
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
     """Import `modules` with stdout pointed at stderr; returns those that failed, with why."""
+    from clip_pyfunc.cli import stdout_to_stderr
+
     failed = []
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
+    with stdout_to_stderr():
         for name in modules:
             try:
                 importlib.import_module(name)
             except Exception as e:  # noqa: BLE001 - the worker imports it again and reports it
                 failed.append(f"{name}: {type(e).__name__}: {e}")
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
     for line in failed:
         print(f"clip-pyfunc spark daemon: could not preload {line}", file=sys.stderr, flush=True)
     return failed
