@@ -186,10 +186,14 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
             scale = max(1, min(width, height) // draft_edge)
             if scale >= 2:
                 img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+        rawmode = _png_rawmode(img)
+        img.load()
+        # Read after loading: a loader that turns the image upright itself (Pillow 13's TIFF) also
+        # removes the tag, so every container is turned exactly once, whatever Pillow does.
         turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                 8: Image.Transpose.ROTATE_90}.get(orientation(img))  # as ImageOps.exif_transpose turns them
-        return to_rgb(img if turn is None else img.transpose(turn))
+        return to_rgb(img if turn is None else img.transpose(turn), rawmode)
     except UnidentifiedImageError as e:
         raise InvalidInput(
             f"bytes are not an image of an allowed format {IMAGE_FORMATS}: {preview(data)}"
@@ -198,6 +202,16 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
         raise InvalidInput(f"image is over the limit of {limits.max_pixels} pixels (max_image_pixels): {e}") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise InvalidInput(f"image could not be decoded ({type(e).__name__}: {e})") from e
+    except (struct.error, TypeError) as e:  # a loader that reads damaged EXIF while loading (TIFF)
+        raise InvalidInput(f"image metadata could not be read ({type(e).__name__}: {e})") from e
+
+
+def _png_rawmode(img) -> str | None:
+    """The raw mode a PNG's pixels are stored in (e.g. 'RGB;16B'), read before loading clears it."""
+    if img.format != "PNG" or not img.tile:
+        return None
+    args = img.tile[0].args if hasattr(img.tile[0], "args") else img.tile[0][3]
+    return args[0] if isinstance(args, tuple) else args
 
 
 def open_pixels(data: bytes, limits: ImageLimits, draft_edge: int):
@@ -264,17 +278,32 @@ def _upright(pixels, turn: int):
     return pixels if turned is None else np.ascontiguousarray(turned(pixels))
 
 
-def to_rgb(img):
-    """Return an 8-bit RGB image: 16-bit gray scaled down, alpha composited on white."""
+def to_rgb(img, rawmode: str | None = None):
+    """Return an 8-bit RGB image: 16-bit gray scaled down, transparency composited on white.
+
+    Every way an image carries transparency composites as its 8-bit twin does: an alpha
+    channel (RGBA, LA, PA), palette alpha, and a tRNS colour at any bit depth. A 16-bit grey
+    tRNS value is compared with the 16-bit samples (PNG spec, 11.3.2.1). Pillow reduces 16-bit
+    RGB samples to their high byte while keeping the 16-bit tRNS colour; that colour is reduced
+    the same way (`rawmode` 'RGB;16B' tells), as the image's 8-bit twin would carry it.
+    """
     from PIL import Image
 
+    transparency = img.info.get("transparency")
     if img.mode in _SIXTEEN_BIT_MODES:
         import numpy as np
 
         wide = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        grey = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        if isinstance(transparency, int):  # Image.fromarray drops info["transparency"]: keep it as alpha
+            alpha = Image.fromarray(np.where(wide == transparency, 0, 255).astype(np.uint8), "L")
+            img = Image.merge("LA", (grey, alpha))
+        else:
+            img = grey
     elif img.mode == "F":
         img = img.convert("L")
+    elif img.mode == "RGB" and rawmode and rawmode.startswith("RGB;16") and isinstance(transparency, tuple):
+        img.info["transparency"] = tuple(v >> 8 for v in transparency)
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")

@@ -237,3 +237,103 @@ def test_bad_row_via_model_names_row(image_model):
     frame = pd.DataFrame({"input": [b64(CASES["png"]()), b64(b"nope")]})
     with pytest.raises(MlflowException, match=r"1 bad row: row 1: bytes are not an image"):
         image_model.predict(frame)
+
+
+# --- Issue 24.1: an image is turned upright exactly once, in every container, on both paths ---
+
+def _tagged(fmt: str, orientation: int) -> bytes:
+    """A small asymmetric image in `fmt`, its EXIF orientation tag set to `orientation`."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if fmt in ("JPEG", "MPO"):
+        img = photo(64, 48, seed=orientation)
+        extra = {"save_all": True, "append_images": [photo(64, 48, seed=9)]} if fmt == "MPO" else {}
+        return encode(img, fmt, quality=95, exif=exif.tobytes(), **extra)
+    img = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (3, 5, 3), dtype=np.uint8))
+    if fmt == "TIFF":
+        return encode(img, fmt, tiffinfo={0x0112: orientation})
+    return encode(img, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_container_is_turned_upright_exactly_once(fmt, orientation):
+    import io
+
+    from PIL import ImageOps
+
+    data = _tagged(fmt, orientation)
+    fresh = Image.open(io.BytesIO(data))
+    assert fresh.format == fmt
+    want = np.asarray(ImageOps.exif_transpose(fresh).convert("RGB")).astype(int)
+    tolerance = 1 if fmt in ("JPEG", "MPO") else 0  # simplejpeg and PIL's libjpeg may round apart by one
+    for draft_edge in (None, 1000):  # the exact path, and the fast path without scaling
+        got = np.asarray(decode_image(data, LIMITS, draft_edge)).astype(int)
+        assert got.shape == want.shape, (draft_edge, got.shape, want.shape)
+        assert np.abs(got - want).max() <= tolerance, draft_edge
+
+
+def test_tiff_orientation_3_gives_blue_red():
+    # The issue's input: a 2x1 TIFF [red, blue] tagged "turned 180 degrees" is [blue, red] upright.
+    img = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], dtype=np.uint8))
+    got = np.asarray(open_image(encode(img, "TIFF", tiffinfo={0x0112: 3}), LIMITS))
+    assert got.tolist() == [[[0, 0, 255], [255, 0, 0]]]
+    column = np.asarray(open_image(encode(img, "TIFF", tiffinfo={0x0112: 6}), LIMITS))
+    assert column.shape == (2, 1, 3)
+
+
+# --- Issue 24.2: every mode that carries transparency composites on white as its 8-bit twin ---
+
+def _png(width, height, bit_depth, colour_type, rows, trns=None, plte=None) -> bytes:
+    """A PNG written chunk by chunk (PIL cannot write 16-bit tRNS or low bit depths with tRNS)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+    out += chunk(b"PLTE", plte) if plte else b""
+    out += chunk(b"tRNS", trns) if trns is not None else b""
+    pixels = zlib.compress(b"".join(b"\x00" + r for r in rows))
+    return out + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def _pack(fmt, *values):
+    import struct
+
+    return struct.pack(fmt, *values)
+
+
+# (16-bit or low-depth image, its 8-bit twin): the same picture, the same transparent colour.
+TRANSPARENT_TWINS = {
+    "grey16_trns": (_png(2, 1, 16, 0, [_pack(">HH", 0, 65535)], _pack(">H", 0)),
+                    _png(2, 1, 8, 0, [bytes([0, 255])], _pack(">H", 0))),
+    "grey16_trns_mid": (_png(3, 1, 16, 0, [_pack(">HHH", 0x8080, 0x2020, 0xFFFF)], _pack(">H", 0x8080)),
+                        _png(3, 1, 8, 0, [bytes([0x80, 0x20, 0xFF])], _pack(">H", 0x80))),
+    "rgb16_trns": (_png(2, 1, 16, 2, [_pack(">6H", 0x1212, 0, 0, 0x3434, 0x5656, 0)], _pack(">3H", 0x1212, 0, 0)),
+                   _png(2, 1, 8, 2, [bytes([0x12, 0, 0, 0x34, 0x56, 0])], _pack(">3H", 0x12, 0, 0))),
+    "grey1_trns": (_png(2, 1, 1, 0, [bytes([0b01000000])], _pack(">H", 0)),
+                   _png(2, 1, 8, 0, [bytes([0, 255])], _pack(">H", 0))),
+    "grey4_trns": (_png(2, 1, 4, 0, [bytes([0x0F])], _pack(">H", 0)),
+                   _png(2, 1, 8, 0, [bytes([0, 255])], _pack(">H", 0))),
+    "grey_alpha16": (_png(2, 1, 16, 4, [_pack(">4H", 0, 0, 65535, 65535)]),
+                     _png(2, 1, 8, 4, [bytes([0, 0, 255, 255])])),
+    "rgba16": (_png(1, 1, 16, 6, [_pack(">4H", 0, 0, 0, 0)]), _png(1, 1, 8, 6, [bytes([0, 0, 0, 0])])),
+    "palette_trns": (_png(2, 1, 8, 3, [bytes([0, 1])], bytes([0]), bytes([0, 0, 0, 255, 255, 255])),
+                     _png(2, 1, 8, 0, [bytes([0, 255])], _pack(">H", 0))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPARENT_TWINS))
+def test_transparency_composites_as_the_8_bit_twin(name):
+    image, twin = TRANSPARENT_TWINS[name]
+    want = np.asarray(open_image(twin, LIMITS))
+    for draft_edge in (None, 16):
+        assert np.asarray(decode_image(image, LIMITS, draft_edge)).tolist() == want.tolist()
+
+
+def test_sixteen_bit_grey_with_trns_is_white_where_transparent():
+    image, _ = TRANSPARENT_TWINS["grey16_trns"]
+    assert np.asarray(open_image(image, LIMITS)).tolist() == [[[255, 255, 255], [255, 255, 255]]]
