@@ -240,12 +240,24 @@ def open_pixels(data: bytes, limits: ImageLimits, draft_edge: int):
         import simplejpeg
 
         try:
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=draft_edge, min_width=draft_edge)
+            # Only 1/2, 1/4 and 1/8 (libjpeg-turbo's other M/8 scales ring on grain): asking for
+            # exactly width/factor x height/factor makes simplejpeg pick that factor.
+            factor = _draft_factor(width, height, draft_edge)
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(height / factor),
+                                            min_width=math.ceil(width / factor))
         except ValueError:
             pass  # open_image decodes what libjpeg can recover, or names the damage
         else:
             return _upright(pixels, turn)
     return open_image(data, limits, draft_edge)
+
+
+def _draft_factor(width: int, height: int, draft_edge: int) -> int:
+    """The largest of 1, 2, 4, 8 that keeps the shorter edge >= draft_edge when divided by it."""
+    factor = 1
+    while factor < 8 and min(width, height) // (factor * 2) >= draft_edge:
+        factor *= 2
+    return factor
 
 
 def orientation(img) -> int:

@@ -6,13 +6,7 @@ from clip_pyfunc.decode import ImageLimits, decode_image, fetch_urls
 from clip_pyfunc.encode import encode_patches, encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.loader import ClipEmbeddingModel
-from clip_pyfunc.preprocess import (REDUCING_GAP, crop_to_array, image_to_patches, read_image_spec,
-                                    resize_and_crop, resize_and_crop_fast, resize_for_patches)
-
-# With fast_decode, a JPEG is decoded at a reduced DCT scale only while its shorter edge stays
-# >= this many times the target: PIL's own thumbnail keeps 2x, so the exact antialiased resize,
-# not the DCT's reduction, removes the fine texture and sensor grain of camera photos.
-_DRAFT_GAP = 2
+from clip_pyfunc.preprocess import fast_draft_edge, preprocess_image, read_image_spec
 
 
 class ClipImageEmbedding(ClipEmbeddingModel):
@@ -31,9 +25,8 @@ class ClipImageEmbedding(ClipEmbeddingModel):
     def _load_tower(self, path: str):
         self.image_spec = read_image_spec(path)
         self.limits = ImageLimits(max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
-        fast = self.config.fast_decode
-        self.draft_edge = _DRAFT_GAP * self.image_spec.draft_edge if fast else None
-        self.reducing_gap = REDUCING_GAP if fast else None
+        self.fast = self.config.fast_decode
+        self.draft_edge = fast_draft_edge(self.image_spec) if self.fast else None
         self.url_policy = self.config.url_policy()
         model = self._load_weights(path)
         self._pool = self._decode_pool()
@@ -57,17 +50,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
     def preprocess_row(self, img):
         """A decoded row -> (3, H, W) float32 (NaFlex: patches, mask, grid), or its InvalidInput."""
         try:
-            if self.image_spec.naflex:
-                import numpy as np
-
-                if isinstance(img, np.ndarray):  # a JPEG from the fast path; NaFlex resizes with PIL
-                    from PIL import Image
-
-                    img = Image.fromarray(img)
-                return image_to_patches(resize_for_patches(img, self.image_spec, self.reducing_gap), self.image_spec)
-            if self.reducing_gap:
-                return crop_to_array(resize_and_crop_fast(img, self.image_spec, self.reducing_gap), self.image_spec)
-            return crop_to_array(resize_and_crop(img, self.image_spec), self.image_spec)
+            return preprocess_image(img, self.image_spec, fast=self.fast)
         except InvalidInput as e:
             return e
 

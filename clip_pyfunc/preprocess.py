@@ -25,8 +25,13 @@ _MAX_FULL_RESIZE = 8
 # PIL resampling filters (by number) that torch resamples with PIL's antialiased kernels.
 _TORCH_FILTERS = {2: "bilinear", 3: "bicubic"}
 # The fast path's integer pre-shrink keeps at least this many times the target (PIL's reducing_gap;
-# 3 is close to exact).
+# 3 is close to exact). Used only for images PIL resizes (not JPEGs).
 REDUCING_GAP = 3.0
+# The fast path decodes a JPEG at a reduced DCT scale (1/2, 1/4, 1/8) only while its shorter edge
+# stays >= this many times the target edge. Measured on grainy camera-like JPEGs (docs/BENCHMARKS.md,
+# "Fast path pixels"): at 2x, a 12 MP photo's preprocessed tensor was a mean 0.33 levels from the
+# reference processor's; at 4x, 0.14 levels (max 2).
+DRAFT_GAP = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +188,61 @@ def resize_and_crop(img, spec: ImageSpec, reducing_gap: float | None = None):
     return img.resize((crop_w, crop_h), spec.resample, box=window)
 
 
+def fast_draft_edge(spec: ImageSpec) -> int:
+    """The shorter edge a JPEG decoded at a reduced DCT scale must keep on the fast path (DRAFT_GAP x the target)."""
+    return DRAFT_GAP * spec.draft_edge
+
+
+def preprocess_image(img, spec: ImageSpec, *, fast: bool):
+    """One decoded RGB image -> what the vision tower takes.
+
+    Args:
+        img: A PIL RGB image, or on the fast path a JPEG's (H, W, 3) uint8 array
+            (`decode.open_pixels`).
+        spec: The checkpoint's image preprocessing.
+        fast: Resample arrays with torch's antialiased kernels and shrink large PIL images by an
+            integer factor first (REDUCING_GAP); otherwise exactly the reference processor's PIL steps.
+
+    Returns:
+        (3, H, W) float32; NaFlex: (patches (max_num_patches, p*p*3) float32, mask (max_num_patches,)
+        int32, (rows, cols)).
+
+    Raises:
+        InvalidInput: The image resizes to less than the crop.
+    """
+    if spec.naflex:
+        if fast:
+            return image_to_patches(_resize_fast(img, *naflex_size(*_size(img), spec), spec), spec)
+        return image_to_patches(resize_for_patches(img, spec), spec)
+    if fast:
+        return crop_to_array(resize_and_crop_fast(img, spec, REDUCING_GAP), spec)
+    return crop_to_array(resize_and_crop(img, spec), spec)
+
+
+def _size(img) -> tuple[int, int]:
+    """(width, height) of a PIL image or an (H, W, 3) array."""
+    return (img.shape[1], img.shape[0]) if hasattr(img, "shape") else img.size
+
+
+def _resize_fast(img, new_w: int, new_h: int, spec: ImageSpec):
+    """Resize to (new_w, new_h) on the fast path: arrays by torch's antialiased kernels, PIL images by PIL."""
+    import numpy as np
+
+    if not isinstance(img, np.ndarray) or spec.resample not in _TORCH_FILTERS:
+        from PIL import Image
+
+        pil = img if not isinstance(img, np.ndarray) else Image.fromarray(img)
+        return pil if pil.size == (new_w, new_h) else pil.resize((new_w, new_h), spec.resample, reducing_gap=REDUCING_GAP)
+    if (new_w, new_h) == (img.shape[1], img.shape[0]):
+        return img
+    import torch
+
+    pixels = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)  # NCHW view of channels-last memory
+    resized = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode=_TORCH_FILTERS[spec.resample],
+                                              antialias=True)
+    return resized[0].permute(1, 2, 0).numpy()
+
+
 def resize_and_crop_fast(image, spec: ImageSpec, reducing_gap: float):
     """`resize_and_crop` for the fast path, returning an (H, W, 3) uint8 array.
 
@@ -203,13 +263,7 @@ def resize_and_crop_fast(image, spec: ImageSpec, reducing_gap: float):
         from PIL import Image
 
         return np.asarray(resize_and_crop(Image.fromarray(image), spec, reducing_gap))
-    out = image
-    if (new_w, new_h) != (width, height):
-        import torch
-
-        pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # NCHW view of channels-last memory
-        resized = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode=mode, antialias=True)
-        out = resized[0].permute(1, 2, 0).numpy()
+    out = _resize_fast(image, new_w, new_h, spec)
     return out[box[1] : box[3], box[0] : box[2]] if box else out
 
 

@@ -78,7 +78,7 @@ def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> byt
     return buf.getvalue()
 
 
-def camera_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+def camera_jpeg(width: int, height: int, seed: int = 0, quality: int = 90, subsampling: str = "4:2:0") -> bytes:
     """A JPEG with what camera files have and smooth test images lack: fine texture at every scale
     (grass, fabric, foliage-like detail) and per-pixel sensor grain, saved at camera quality.
 
@@ -97,5 +97,6 @@ def camera_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> by
     grain = rng.normal(0, 6, (height, width, 3)).astype(np.float32)
     pixels = scene + texture[..., None] + grain
     buf = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buf, format="JPEG", quality=quality)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buf, format="JPEG", quality=quality,
+                                                                          subsampling=subsampling)
     return buf.getvalue()

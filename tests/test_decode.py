@@ -121,12 +121,15 @@ def test_fast_path_turns_jpegs_as_exif_transpose_does(orientation):
     assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
 
 
-def test_fast_path_decodes_at_the_smallest_scale_above_the_draft_edge():
+def test_fast_path_decodes_at_the_smallest_power_of_two_scale_above_the_draft_edge():
+    # libjpeg-turbo's other M/8 scales (3/8, 5/8, ...) ring on grain: only 1/2, 1/4 and 1/8 are used.
     data = encode(photo(1632, 1224), "JPEG", quality=90)
     got = open_pixels(data, LIMITS, draft_edge=448)
-    assert got.shape == (459, 612, 3)  # 3/8 scale: 1224 * 3/8 = 459 >= 448 > 1224 * 2/8
+    assert got.shape == (612, 816, 3)  # 1/2: 1224 / 2 = 612 >= 448 > 1224 / 4 (3/8 would give 459)
     portrait = open_pixels(encode(photo(1224, 1632), "JPEG", quality=90), LIMITS, draft_edge=448)
-    assert portrait.shape == (612, 459, 3)
+    assert portrait.shape == (816, 612, 3)
+    assert open_pixels(data, LIMITS, draft_edge=300).shape == (306, 408, 3)  # 1/4
+    assert open_pixels(data, LIMITS, draft_edge=1000).shape == (1224, 1632, 3)  # full size
 
 
 def test_fast_path_hands_other_images_to_pil():

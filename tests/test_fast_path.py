@@ -45,6 +45,30 @@ def test_fast_decode_on_camera_like_jpegs(registered, image_model):
     assert cos.min() >= 0.999, cos
 
 
+@pytest.fixture(scope="module")
+def reference_processors():
+    from clip_pyfunc.benchmarks.fast_path import reference_processors
+
+    return reference_processors()
+
+
+@pytest.mark.parametrize("subsampling", ["4:2:0", "4:4:4"])
+@pytest.mark.parametrize("size", [(300, 225), (1224, 1632), (2400, 1800), (4000, 3000)])
+def test_fast_path_pixels_stay_within_3_levels_of_the_reference_processor(reference_processors, size, subsampling):
+    """Judged by pixels, not one model's cosine: grainy camera-like JPEGs from 300 px to 12 MP, through
+    every resize kind (shortest edge + crop, squash, NaFlex, ALIGN's resize + crop), at real shapes."""
+    from clip_pyfunc.benchmarks.fast_path import fast_pixels, level_error, reference_pixels
+    from clip_pyfunc.samples import camera_jpeg
+
+    data = camera_jpeg(*size, seed=sum(size), quality=92, subsampling=subsampling)
+    for kind, (processor, spec) in reference_processors.items():
+        fast = fast_pixels(data, spec)
+        reference = reference_pixels(data, processor)
+        assert fast.shape[1:] == reference.shape[1:], kind
+        worst, mean = level_error(fast, reference, spec)
+        assert worst <= 3 and mean <= 0.25, (kind, worst, mean)
+
+
 @pytest.mark.parametrize("precision", sorted(PRECISION_COSINE))
 def test_precision_within_its_cosine_of_fp32(registered, image_model, text_model, photos, precision):
     texts = pd.DataFrame({"input": ["a photo of a cat", "a red bicycle on a bridge", ""]})
