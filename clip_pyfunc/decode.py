@@ -37,8 +37,19 @@ class ImageLimits:
 
 
 def is_missing(value: object) -> bool:
-    """True for None and float NaN (what pandas puts in a column for a missing value)."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """True for every missing value pandas, numpy and Arrow put in a column: None, NaN (float or
+    numpy float), `pd.NA`, `pd.NaT` and numpy's NaT; False for anything else, strings and bytes included."""
+    if value is None:
+        return True
+    if isinstance(value, (str, bytes, bytearray, memoryview, list, tuple, dict)):
+        return False
+    import pandas as pd
+
+    try:
+        missing = pd.isna(value)
+    except (TypeError, ValueError):
+        return False
+    return missing is True or (type(missing).__name__ == "bool_" and bool(missing))
 
 
 def decode_texts(values: Iterable[object]) -> list[str | InvalidInput]:

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from clip_pyfunc.decode import is_missing
 from clip_pyfunc.errors import InvalidInput, ModelLoadError
 
 FORMATS = ("negatives", "pairs", "labels")
@@ -113,7 +114,7 @@ def _read_folder(path: str):
 
 
 def _text(value):
-    if not isinstance(value, str) or not value.strip():
+    if is_missing(value) or not isinstance(value, str) or not value.strip():
         return InvalidInput(f"empty or missing text: {value!r}")
     return value
 
@@ -121,7 +122,7 @@ def _text(value):
 def _negatives(value):
     if isinstance(value, str):  # CSV: a JSON list, or captions separated by "|"
         value = json.loads(value) if value.strip().startswith("[") else value.split("|")
-    values = list(value) if value is not None and not isinstance(value, str) else []
+    values = list(value) if not is_missing(value) and hasattr(value, "__iter__") and not isinstance(value, str) else []
     if not values or not all(isinstance(v, str) and v.strip() for v in values):
         return InvalidInput(f"negatives must be a non-empty list of captions, got {value!r}")
     return values

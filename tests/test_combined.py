@@ -182,3 +182,17 @@ def test_spark_job_with_urls_and_error_rows(azure, models, tmp_path):
                 assert row[col] is None
             else:
                 np.testing.assert_allclose(row[col], local[col][i], atol=1e-6)
+
+
+def test_nullable_dtypes_read_as_object_columns(models):
+    """pandas' convert_dtypes() (pd.NA in string[python] columns) and Arrow strings: the same answer."""
+    import pyarrow as pa
+
+    frame = pd.DataFrame({"image": [IMAGES[0], None], "text": [None, "a red bicycle"]})
+    want = models["combined"].predict(frame)
+    for converted in (frame.convert_dtypes(), frame.astype("string[pyarrow]"), frame.astype(pd.ArrowDtype(pa.string())),
+                      frame.astype("str")):
+        got = models["combined"].predict(converted)
+        assert got["image_features"][1] is None and got["text_features"][0] is None
+        assert np.array_equal(np.array(got["image_features"][0]), np.array(want["image_features"][0]))
+        assert np.array_equal(np.array(got["text_features"][1]), np.array(want["text_features"][1]))

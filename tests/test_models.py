@@ -264,3 +264,34 @@ def test_raw_bytes_column_works(image_model):
     a = image_model.predict(pd.DataFrame({"input": [data]}))
     b = image_model.predict(pd.DataFrame({"input": [b64(data)]}))
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# --- Issue 24.5: every missing value and every string dtype pandas produces is read alike ---
+
+def _string_dtypes():
+    import pyarrow as pa
+
+    return {"object": object, "str": "str", "string_python": "string[python]", "string_pyarrow": "string[pyarrow]",
+            "arrow_string": pd.ArrowDtype(pa.string()), "arrow_large_string": pd.ArrowDtype(pa.large_string())}
+
+
+@pytest.mark.parametrize("dtype", sorted(_string_dtypes()))
+def test_text_string_dtypes_give_the_same_vectors(text_model, dtype):
+    want = text_model.predict(pd.DataFrame({"input": TEXTS}))
+    got = text_model.predict(pd.DataFrame({"input": pd.Series(TEXTS, dtype=_string_dtypes()[dtype])}))
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), pd.NA, pd.NaT, np.float32("nan")],
+                         ids=["None", "nan", "NA", "NaT", "float32_nan"])
+def test_every_missing_value_is_a_null_row(text_model, image_model, missing):
+    for model, good in ((text_model, "ok"), (image_model, b64(encode(photo(40, 30), "PNG")))):
+        with pytest.raises(MlflowException, match=r"row 1: input is null"):
+            model.predict(pd.DataFrame({"input": pd.Series([good, missing], dtype=object)}))
+
+
+@pytest.mark.parametrize("dtype", ["string[python]", "string[pyarrow]", "str"])
+def test_nullable_string_column_nulls_are_null_rows(text_model, image_model, dtype):
+    for model, good in ((text_model, "ok"), (image_model, b64(encode(photo(40, 30), "PNG")))):
+        with pytest.raises(MlflowException, match=r"row 1: input is null"):
+            model.predict(pd.DataFrame({"input": pd.Series([good, None], dtype=dtype)}))
