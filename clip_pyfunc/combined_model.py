@@ -14,6 +14,7 @@ import mlflow.pyfunc
 
 from clip_pyfunc.decode import is_missing
 from clip_pyfunc.errors import InvalidInput, combine_row_errors, preview
+from clip_pyfunc.loader import served_row_limit
 
 IMAGE_COLUMN, TEXT_COLUMN = "image", "text"
 OUTPUT_COLUMNS = ("image_features", "text_features")
@@ -58,7 +59,7 @@ class ClipImageTextEmbedding(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
 
         try:
-            images, texts = split_rows(model_input, self.image.config.max_rows)
+            images, texts = split_rows(model_input, served_row_limit(self.image.config.max_rows))
             columns, errors = self.embed_pairs(images, texts, self.image.read_params(params)["normalize"], True)
             if errors:
                 raise combine_row_errors(errors)
@@ -95,16 +96,16 @@ class ClipImageTextEmbedding(mlflow.pyfunc.PythonModel):
 
     def table_columns(self, frame, *, normalize: bool | None = None):
         """Per-row output columns for table jobs (Spark), from a frame with `image` and/or `text`."""
-        images, texts = split_rows(frame, len(frame))
+        images, texts = split_rows(frame, None)
         return self.embed_pairs(images, texts, self.image.config.normalize if normalize is None else normalize)
 
 
-def split_rows(model_input, max_rows: int) -> tuple[list[object], list[object]]:
+def split_rows(model_input, max_rows: int | None) -> tuple[list[object], list[object]]:
     """Return the `image` and `text` cells of a request, one of each per row (None where a column is absent).
 
     Raises:
         InvalidInput: Neither column, columns of different lengths, an unsupported type, or more
-            rows than `max_rows`.
+            rows than `max_rows` (None: no limit).
     """
     import numpy as np
     import pandas as pd
@@ -124,7 +125,7 @@ def split_rows(model_input, max_rows: int) -> tuple[list[object], list[object]]:
     names = [str(c) for c in frame.columns]
     if IMAGE_COLUMN not in names and TEXT_COLUMN not in names:
         raise InvalidInput(f"expected columns {IMAGE_COLUMN!r} and/or {TEXT_COLUMN!r}, got columns {names}")
-    if len(frame) > max_rows:
+    if max_rows is not None and len(frame) > max_rows:
         raise InvalidInput(f"{len(frame)} rows, over the limit of {max_rows} rows per call (max_rows)")
     empty = [None] * len(frame)
     images = frame[IMAGE_COLUMN].tolist() if IMAGE_COLUMN in names else empty

@@ -75,7 +75,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
 
         try:
-            values = input_values(model_input, self.config.max_rows)
+            values = input_values(model_input, served_row_limit(self.config.max_rows))
             return self.respond(values, self.read_params(params))
         except InvalidInput as e:
             raise MlflowException.invalid_parameter_value(str(e)) from e
@@ -143,7 +143,29 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         raise NotImplementedError
 
 
-def input_values(model_input, max_rows: int) -> list[object]:
+# Environment variables Spark sets for its Python workers (and that a scoring server which
+# `spark_udf` starts in a restored environment inherits from the worker).
+_SPARK_WORKER_ENV = ("SPARK_JOB_ARTIFACT_UUID", "SPARK_REUSE_WORKER", "PYTHON_WORKER_FACTORY_SECRET")
+
+
+def served_row_limit(max_rows: int) -> int | None:
+    """`max_rows` when this predict call answers a served request, None for batch and in-process calls.
+
+    The row limit protects a server from one oversized request. MLflow's scoring server (`mlflow
+    models serve`, `clip-pyfunc serve`, and platforms built on it) sets
+    `_MLFLOW_IS_IN_SERVING_ENVIRONMENT` when it starts; in-process calls (notebooks, evaluate,
+    index) never have it. Spark hands a pandas UDF Arrow batches of up to 10,000 rows, and
+    `spark_udf` with a restored environment (uv, virtualenv, conda) does so through a scoring
+    server of its own, which inherits the Spark worker's environment: no limit there either.
+    """
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+
+    if not _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() or any(name in os.environ for name in _SPARK_WORKER_ENV):
+        return None
+    return max_rows
+
+
+def input_values(model_input, max_rows: int | None) -> list[object]:
     """Return the rows to embed as a list, checking the shape of the request and the row limit.
 
     The logged models declare no input schema (see `registry.model_signature`), so MLflow
@@ -157,7 +179,7 @@ def input_values(model_input, max_rows: int) -> list[object]:
 
     Raises:
         InvalidInput: A DataFrame with several columns and none named `input`, an unsupported
-            type, or more rows than `max_rows`.
+            type, or more rows than `max_rows` (None: no limit).
     """
     import numpy as np
     import pandas as pd
@@ -191,7 +213,7 @@ def input_values(model_input, max_rows: int) -> list[object]:
             f"expected a DataFrame with a column {INPUT_COLUMN!r}, a list, a Series or a 1-D array, "
             f"got {type(model_input).__name__}{shape}"
         )
-    if len(values) > max_rows:
+    if max_rows is not None and len(values) > max_rows:
         raise InvalidInput(f"{len(values)} rows, over the limit of {max_rows} rows per call (max_rows)")
     return values
 

@@ -236,7 +236,8 @@ def test_text_over_context_length(registered, text_model):
                                text_model.predict(pd.DataFrame({"input": ["short"]})), atol=1e-6)
 
 
-def test_limits_come_from_model_config(registered):
+def test_limits_come_from_model_config(registered, monkeypatch):
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")  # what MLflow's scoring server sets
     uri = registered["models"]["image"]["uri"]
     small = mlflow.pyfunc.load_model(uri, model_config={"max_image_pixels": 1000, "max_image_bytes": 5000,
                                                         "max_rows": 2})
@@ -295,3 +296,14 @@ def test_nullable_string_column_nulls_are_null_rows(text_model, image_model, dty
     for model, good in ((text_model, "ok"), (image_model, b64(encode(photo(40, 30), "PNG")))):
         with pytest.raises(MlflowException, match=r"row 1: input is null"):
             model.predict(pd.DataFrame({"input": pd.Series([good, None], dtype=dtype)}))
+
+
+def test_row_limit_applies_to_served_requests_only(registered, monkeypatch):
+    """max_rows protects a server; in-process and Spark calls (batches of 10,000) are not limited."""
+    small = mlflow.pyfunc.load_model(registered["models"]["text"]["uri"], model_config={"max_rows": 2})
+    assert small.predict(pd.DataFrame({"input": ["a", "b", "c"]})).shape[0] == 3
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    with pytest.raises(MlflowException, match=r"3 rows, over the limit of 2 rows per call \(max_rows\)"):
+        small.predict(pd.DataFrame({"input": ["a", "b", "c"]}))
+    monkeypatch.setenv("SPARK_REUSE_WORKER", "1")  # a scoring server spark_udf started inside a Spark worker
+    assert small.predict(pd.DataFrame({"input": ["a", "b", "c"]})).shape[0] == 3

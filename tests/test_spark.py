@@ -99,6 +99,27 @@ def test_stock_spark_udf_with_a_positional_column(spark, image_table, image_mode
     assert np.abs(np.stack(got["e"].to_list()) - text_model.predict(texts)).max() <= 1e-6
 
 
+def test_stock_spark_udf_takes_spark_default_batches_of_10000_rows(spark, registered, text_model):
+    """The guide's call on Spark's default Arrow batches (10,000 rows): 12,000 texts in one partition
+    must all come back, although a served request is limited to max_rows (1024)."""
+    import mlflow
+
+    texts = [f"a photo of item {i}" for i in range(12_000)]
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(key)
+    spark.conf.unset(key)  # Spark's default
+    try:
+        assert int(spark.conf.get(key)) == 10_000
+        udf = mlflow.pyfunc.spark_udf(spark, registered["models"]["text"]["uri"], result_type="array<float>")
+        frame = spark.createDataFrame(pd.DataFrame({"k": range(len(texts)), "input": texts})).coalesce(1)
+        got = frame.select("k", udf("input").alias("e")).toPandas().sort_values("k")
+    finally:
+        spark.conf.set(key, previous)
+    assert len(got) == 12_000 and got["e"].notna().all()
+    sample = [0, 1023, 1024, 9_999, 10_000, 11_999]
+    assert np.abs(np.stack(got["e"].iloc[sample].to_list()) - text_model.predict([texts[i] for i in sample])).max() <= 1e-6
+
+
 def test_model_loads_once_per_worker_not_per_task(spark, image_table, registered):
     path, _ = image_table
     df = spark.read.parquet(path).repartition(8)  # 8 tasks on 2 worker slots
