@@ -14,7 +14,7 @@ import mlflow.pyfunc
 
 from clip_pyfunc.decode import is_missing
 from clip_pyfunc.errors import InvalidInput, combine_row_errors, preview
-from clip_pyfunc.loader import served_row_limit
+from clip_pyfunc.loader import array_cells, served_row_limit
 
 IMAGE_COLUMN, TEXT_COLUMN = "image", "text"
 OUTPUT_COLUMNS = ("image_features", "text_features")
@@ -112,7 +112,7 @@ def split_rows(model_input, max_rows: int | None) -> tuple[list[object], list[ob
 
     frame = model_input
     if isinstance(frame, dict):  # served `inputs`/`instances` arrive as {column: numpy array}
-        columns = {k: np.atleast_1d(v).tolist() if isinstance(v, (np.ndarray, pd.Series)) else
+        columns = {k: array_cells(np.atleast_1d(np.asarray(v))) if isinstance(v, (np.ndarray, pd.Series)) else
                    (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in frame.items()}
         try:
             frame = pd.DataFrame(columns)

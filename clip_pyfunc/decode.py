@@ -147,9 +147,9 @@ def image_bytes(value: object, max_bytes: int) -> bytes:
 
 def _b64decode(text: str, max_bytes: int) -> bytes:
     body = text.strip()
-    if body.startswith("data:"):
+    if body[:5].lower() == "data:":  # RFC 2397: the scheme and ";base64" are case-insensitive
         header, sep, body = body.partition(",")
-        if not sep or not header.endswith(";base64"):
+        if not sep or not header.lower().endswith(";base64"):
             raise InvalidInput(f"data URL must be 'data:image/...;base64,<data>', got {preview(text)}")
     if len(body) // 4 * 3 <= max_bytes + 3:
         try:

@@ -137,7 +137,7 @@ def _image_ref(value, base: str):
     if value.startswith(("http://", "https://")):
         return InvalidInput(f"image URL {value[:60]!r}: evaluate reads files and base64; download the images first")
     full = value if os.path.isabs(value) else os.path.join(base, value)
-    if value.startswith("data:") or (len(value) > 255 and not os.path.exists(full)):
+    if value[:5].lower() == "data:" or (len(value) > 255 and not os.path.exists(full)):
         return value  # base64 (too long for a file name): the decode stage checks it
     try:
         with open(full, "rb") as f:

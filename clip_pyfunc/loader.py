@@ -202,9 +202,9 @@ def input_values(model_input, max_rows: int | None) -> list[object]:
     elif isinstance(model_input, (str, bytes)):
         values = [model_input]
     elif isinstance(model_input, np.ndarray) and (model_input.ndim == 1 or model_input.shape[1:] == (1,)):
-        values = model_input.reshape(-1).tolist()
+        values = array_cells(model_input)
     elif isinstance(model_input, pd.Series):
-        values = model_input.tolist()
+        values = array_cells(model_input.to_numpy()) if model_input.dtype.kind == "S" else model_input.tolist()
     elif isinstance(model_input, (list, tuple)):
         values = list(model_input)
     else:
@@ -216,6 +216,21 @@ def input_values(model_input, max_rows: int | None) -> list[object]:
     if max_rows is not None and len(values) > max_rows:
         raise InvalidInput(f"{len(values)} rows, over the limit of {max_rows} rows per call (max_rows)")
     return values
+
+
+def array_cells(array) -> list[object]:
+    """The cells of a numpy array as a flat list, fixed-width bytes (dtype `S`) at their full width.
+
+    numpy strips trailing zero bytes from each element of an `S` array it hands out
+    (`np.array([png_bytes])`), and an image whose last bytes are zeros (a BMP or TIFF with dark
+    pixels at the end) would then be cut short. Each element is padded back to the array's
+    width: every allowed format's decoder ignores zero bytes past the image's end.
+    """
+    flat = array.reshape(-1)
+    if flat.dtype.kind == "S":
+        width = flat.dtype.itemsize
+        return [bytes(v).ljust(width, b"\0") for v in flat.tolist()]
+    return flat.tolist()
 
 
 def as_bool(name: str, value: object) -> bool:

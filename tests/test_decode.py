@@ -179,7 +179,8 @@ def test_large_photo_decodes_within_limits():
     assert open_image(data, LIMITS).size == (6000, 4000)
 
 
-@pytest.mark.parametrize("variant", ["plain", "data_url", "url_safe", "newlines", "unpadded"])
+@pytest.mark.parametrize("variant", ["plain", "data_url", "url_safe", "newlines", "unpadded", "DATA_URL_UPPER",
+                                     "data_url_mixed"])
 def test_base64_variants(variant):
     data = encode(photo(17, 13), "PNG") + b"\xfb\xff"  # trailing bytes force '+'/'/' in the alphabet
     text = base64.b64encode(data).decode()
@@ -190,6 +191,8 @@ def test_base64_variants(variant):
         "url_safe": base64.urlsafe_b64encode(data).decode(),
         "newlines": "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n",
         "unpadded": text.rstrip("="),
+        "DATA_URL_UPPER": "DATA:IMAGE/PNG;BASE64," + text,  # RFC 2397: scheme and ;base64 are case-insensitive
+        "data_url_mixed": "Data:image/png;Base64," + text,
     }[variant]
     assert image_bytes(text, LIMITS.max_bytes) == data
 

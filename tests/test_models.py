@@ -307,3 +307,28 @@ def test_row_limit_applies_to_served_requests_only(registered, monkeypatch):
         small.predict(pd.DataFrame({"input": ["a", "b", "c"]}))
     monkeypatch.setenv("SPARK_REUSE_WORKER", "1")  # a scoring server spark_udf started inside a Spark worker
     assert small.predict(pd.DataFrame({"input": ["a", "b", "c"]})).shape[0] == 3
+
+
+# --- Issue 24: numpy's fixed-width bytes arrays drop trailing zero bytes ---
+
+def _ends_in_zeros():
+    """Images in every allowed format whose encoded bytes end with zero bytes (dark last pixels)."""
+    from PIL import Image
+
+    dark = Image.new("RGB", (8, 6), (0, 0, 0))
+    dark.paste((200, 40, 40), (0, 2, 8, 4))  # dark first and last rows (BMP stores bottom-up)
+    out = {fmt: encode(dark, fmt) for fmt in ("BMP", "TIFF")}
+    out["PNG"] = encode(photo(30, 20), "PNG")
+    out["JPEG"] = encode(photo(30, 20), "JPEG")
+    return out
+
+
+def test_fixed_width_bytes_array_keeps_trailing_zero_bytes(image_model):
+    images = _ends_in_zeros()
+    assert images["BMP"].endswith(b"\0\0\0") and images["TIFF"].endswith(b"\0")
+    want = image_model.predict([images[f] for f in sorted(images)])
+    array = np.array([images[f] for f in sorted(images)])  # dtype S: numpy strips each element's trailing zeros
+    assert array.dtype.kind == "S" and bytes(array[0]) != images[sorted(images)[0]]
+    for request in (array, pd.Series(array), {"input": array}):
+        got = image_model.predict(request)
+        assert np.abs(got - want).max() <= 1e-6
