@@ -1,9 +1,11 @@
-"""The demo web app and JSON API: a FastAPI edge over the registered models and the index.
+"""The demo web app and JSON API: a FastAPI edge over the registered models and, when there is one, the index.
 
 The models are loaded in-process once, at start; every endpoint chains the same functions the
 pyfunc models, the CLI and Spark use (`embed_rows`, the classifier's `predict`, `index.Searcher`).
-Each response carries `request_id`, the client's `X-Request-ID` or a new UUID, and so does
-every log line written while answering it.
+Each endpoint needs only what it uses: /embeddings the text and image models, /classify the
+classifier, /search and thumbnails the index; without one of them, that endpoint answers a JSON
+error saying how to make it. Each response carries `request_id`, the client's `X-Request-ID` (or
+`request_id`) header or a new UUID, and so does every log line written while answering it.
 """
 
 
@@ -14,17 +16,18 @@ import os
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from clip_pyfunc.config import AppConfig
+from clip_pyfunc.config import AppConfig, IndexConfig
 from clip_pyfunc.errors import InvalidInput
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 _REQUEST_ID = contextvars.ContextVar("request_id", default="-")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_OPEN_PATHS = ("/", "/health")
-MAX_K = 1000  # results per query  # the page itself asks for the key; health checks need none
+_ID_HEADERS = ("x-request-id", "request_id")  # clip_syte's clients send `request_id`
+_OPEN_PATHS = ("/", "/health")  # the page itself asks for the key; health checks need none
+MAX_K = 1000  # results per query
 log = logging.getLogger("clip_pyfunc.app")
 
 
@@ -36,35 +39,126 @@ class _RequestIdFilter(logging.Filter):
 
 @dataclass
 class Loaded:
-    """What the app serves, loaded once: the text and image models, the classifier and the index."""
+    """What the app serves, loaded once: the text and image models, and the classifier and index when present."""
 
     text: Any
     image: Any
-    classifier: Any
-    searcher: Any  # index.Searcher, or None without an index
+    classifier: Any  # None: /classify answers 503 with `no_classifier`
+    searcher: Any  # index.Searcher, or None: /search answers 404 with `no_index`
     warning: str | None = None  # toy or random weights: said on the page and in /health
+    uris: dict[str, str | None] = field(default_factory=dict)  # {"text", "image", "classifier"}
+    no_index: str | None = None  # why there is no index, and how to make one
+    no_classifier: str | None = None  # why there is no classifier, and how to register one
 
 
-def load(collection: str, client, classifier_uri: str | None) -> Loaded:
-    """Load the collection's text and image models (its embedding space) and the classifier, once.
+def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, classifier_required: bool = True,
+         index: IndexConfig | None = None) -> Loaded:
+    """Load the text and image models, the classifier and the index (each once), for `create_app`.
+
+    Args:
+        text_uri: The text model (e.g. models:/clip_text_embedding@champion).
+        image_uri: The image model of the same run.
+        classifier_uri: The zero-shot classifier; None runs without /classify.
+        classifier_required: False: a classifier the registry does not hold is left out (a warning)
+            instead of stopping the app.
+        index: Where the index is; None, no local-mode folder, or no such collection runs without
+            /search. A collection is opened only when its embedding space is the models'.
 
     Raises:
-        IndexRefused: No such collection. ModelLoadError: A model cannot be loaded.
+        ModelLoadError: A model cannot be found or loaded.
+        IndexRefused: The collection holds another embedding space, or the index is locked by
+            another process or its server cannot be reached.
     """
-    import mlflow
+    from clip_pyfunc.index import Searcher, load_model, model_info
 
-    from clip_pyfunc.index import Searcher
-
-    searcher = Searcher(client, collection)
-    text, image = searcher.model("text"), searcher.model("image")
-    classifier = mlflow.pyfunc.load_model(classifier_uri) if classifier_uri else None
+    client, no_index = _open_index(index)  # first: a locked folder or an unreachable server fails at once
+    try:
+        infos = {"text": model_info(text_uri, "text model"), "image": model_info(image_uri, "image model")}
+        found, no_classifier = _find_classifier(classifier_uri, classifier_required)
+        if client is not None and (no_index := _check_collection(client, index.collection, infos)):
+            client.close()  # no collection: leave the folder free for `clip-pyfunc index`
+            client = None
+        text = load_model(text_uri, "text model")  # every URI and the index checked before any model loads
+        image = load_model(image_uri, "image model")
+        classifier = load_model(found, "classifier") if found else None
+        searcher = None if client is None else Searcher(client, index.collection, text_model=text, image_model=image)
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
+    # Said once the app will start, not before an error that stops it.
+    for asked, missing, why in ((index, searcher is None, no_index),
+                                (classifier_uri, classifier is None, no_classifier)):
+        if asked and missing:
+            log.warning("%s", why)
     metadata = image.metadata.metadata or {}
     warning = None
     if metadata.get("toy_checkpoint"):
         warning = f"Toy checkpoint ({metadata['toy_checkpoint']}): it knows only generated coloured shapes."
     elif metadata.get("random_init"):
         warning = "Random weights: the vectors, labels and scores here are meaningless."
-    return Loaded(text=text, image=image, classifier=classifier, searcher=searcher, warning=warning)
+    return Loaded(text=text, image=image, classifier=classifier, searcher=searcher, warning=warning,
+                  uris={"text": text_uri, "image": image_uri, "classifier": found},
+                  no_index=no_index, no_classifier=no_classifier)
+
+
+def _open_index(index: IndexConfig | None) -> tuple[Any, str | None]:
+    """(a client of the index, or None; why there is none).
+
+    Raises:
+        IndexRefused: The local folder is open in another process, or the server cannot be reached.
+    """
+    from clip_pyfunc.index import NoIndex, open_client
+
+    if index is None:
+        return None, "no index: the app was started with --no-index; restart it without"
+    try:
+        return open_client(index.path, index.url, must_exist=True), None
+    except NoIndex as e:
+        return None, f"{e}, then restart the app"
+
+
+def _check_collection(client, collection: str, infos: dict) -> str | None:
+    """None when the collection holds the models' embedding space; why there is no index when it does not exist.
+
+    Raises:
+        IndexRefused: The collection holds another embedding space.
+    """
+    from clip_pyfunc.index import IndexRefused, NoIndex, collection_space, require_space
+
+    try:
+        space = collection_space(client, collection)
+    except NoIndex as e:
+        return f"{e}, then restart the app"
+    for kind, info in infos.items():
+        try:
+            require_space(space, collection, kind, info)
+        except IndexRefused as e:
+            raise IndexRefused(f"{e}; or start the app with --text-name/--image-name/--alias naming the "
+                               "collection's models, or with --no-index") from e
+    return None
+
+
+def _find_classifier(uri: str | None, required: bool) -> tuple[str | None, str | None]:
+    """(the classifier's URI or None, why there is none); one the registry lacks is left out unless `required`."""
+    from mlflow.exceptions import ErrorCode, MlflowException
+
+    from clip_pyfunc.errors import ModelLoadError
+    from clip_pyfunc.index import model_info
+
+    if not uri:
+        return None, "no classifier: the app was started with --no-classifier"
+    try:
+        model_info(uri, "classifier")
+        return uri, None
+    except ModelLoadError as e:
+        cause = e.__cause__
+        missing = isinstance(cause, MlflowException) and cause.error_code == ErrorCode.Name(
+            ErrorCode.RESOURCE_DOES_NOT_EXIST)
+        if required or not missing:
+            raise
+    return None, (f"no classifier {uri} in the registry: register one with `clip-pyfunc register-classifier`, or "
+                  "start the app with --classifier URI")
 
 
 class _Refused(Exception):
@@ -86,8 +180,8 @@ def create_app(loaded: Loaded, config: AppConfig):
 
     @app.middleware("http")
     async def request_id(request: Request, call_next):
-        sent = request.headers.get("x-request-id", "")
-        rid = sent if _ID_PATTERN.match(sent) else str(uuid.uuid4())
+        sent = (request.headers.get(name, "") for name in _ID_HEADERS)
+        rid = next((value for value in sent if _ID_PATTERN.match(value)), None) or str(uuid.uuid4())
         token = _REQUEST_ID.set(rid)
         request.state.request_id = rid
         try:
@@ -117,12 +211,14 @@ def create_app(loaded: Loaded, config: AppConfig):
 
     @app.get("/health")
     async def health(request: Request):
+        """Status, the loaded models, and the index (null with `no_index` saying how to make one)."""
         searcher = loaded.searcher
+        index = None if searcher is None else {
+            "collection": searcher.collection, "points": searcher.client.count(searcher.collection).count,
+            "space": searcher.space.models}
         return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
-                "collection": searcher.collection if searcher else None,
-                "points": searcher.client.count(searcher.collection).count if searcher else 0,
-                "models": {"space": searcher.space.models if searcher else {},
-                           "classifier": bool(loaded.classifier)}}
+                "models": loaded.uris, "index": index, "no_index": loaded.no_index,
+                "no_classifier": loaded.no_classifier}
 
     @app.post("/embeddings")
     async def embeddings(request: Request):
@@ -149,7 +245,7 @@ def create_app(loaded: Loaded, config: AppConfig):
     async def classify(request: Request):
         """One image file (field `image`) -> its top categories from the registered classifier."""
         if loaded.classifier is None:
-            raise _Refused(503, "no classifier loaded; start the app with --classifier URI")
+            raise _Refused(503, loaded.no_classifier or "no classifier loaded; start the app with --classifier URI")
         fields = await _form(request, config)
         image = _one_image(fields)
         top_k = _int_field(fields, "top_k", 3)
@@ -164,7 +260,7 @@ def create_app(loaded: Loaded, config: AppConfig):
     async def search(request: Request):
         """Fields `text`, an image file `image`, or `like` (an item id); `k`, repeated `filter` key=value."""
         if loaded.searcher is None:
-            raise _Refused(503, "no index loaded; start the app with --collection")
+            raise _Refused(404, loaded.no_index or "no index")
         fields = await _form(request, config)
         query = {name: fields[name] for name in ("text", "image", "like") if name in fields}
         if len(query) != 1:
@@ -190,7 +286,7 @@ def create_app(loaded: Loaded, config: AppConfig):
         from clip_pyfunc.index import ID_KEY
 
         if loaded.searcher is None:
-            raise _Refused(404, "no index loaded", ID_KEY)
+            raise _Refused(404, loaded.no_index or "no index", ID_KEY)
         data = await run_in_threadpool(_thumbnail, loaded.searcher, item_id, loaded.image)
         return Response(data, media_type="image/jpeg")
 
@@ -320,7 +416,9 @@ def _thumbnail_url(hit: dict) -> str | None:
 
 
 def configure_logging() -> None:
-    """Log lines with the request id, on stderr."""
+    """Log lines with the request id, on stderr (once, however often it is called)."""
+    if any(isinstance(f, _RequestIdFilter) for h in log.handlers for f in h.filters):
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
     handler.addFilter(_RequestIdFilter())

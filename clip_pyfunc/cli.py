@@ -59,6 +59,13 @@ def _settings(args: argparse.Namespace):
     })
 
 
+def _require_model(uri: str, flag: str) -> None:
+    """Refuse a model URI MLflow cannot resolve before a server or a Spark job starts on it."""
+    from clip_pyfunc.index import model_info
+
+    model_info(uri, flag)
+
+
 def cmd_register(args: argparse.Namespace) -> dict:
     from clip_pyfunc.registry import register_models
 
@@ -108,7 +115,10 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 def cmd_random_checkpoint(args: argparse.Namespace) -> dict:
     from clip_pyfunc.random_checkpoint import save_random_checkpoint
 
-    path = save_random_checkpoint(args.path, args.arch, seed=args.seed)
+    try:
+        path = save_random_checkpoint(args.path, args.arch, seed=args.seed)
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the checkpoint to {args.path}: {e}") from e
     return {"path": path, "arch": args.arch,
             "warning": "random weights: a stand-in with real shapes, its vectors are meaningless"}
 
@@ -118,6 +128,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     from clip_pyfunc.config import load_settings
 
     conf = load_settings(args.conf).evaluate
+    for spec in args.models:
+        if spec.startswith(("models:/", "runs:/")):
+            _require_model(spec, "--models")
     result = evaluate.run(args.models, args.data, kind=args.kind, experiment=args.experiment or conf.experiment,
                           templates=conf.templates, batch_size=conf.batch_size, out_dir=args.out,
                           tag_versions=args.tag_versions, image_embeddings=args.image_embeddings)
@@ -130,7 +143,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 def cmd_toy_checkpoint(args: argparse.Namespace) -> dict:
     from clip_pyfunc.toy_checkpoint import train_toy_checkpoint
 
-    result = train_toy_checkpoint(args.path, seed=args.seed, log=lambda line: print(line, file=sys.stderr))
+    try:
+        result = train_toy_checkpoint(args.path, seed=args.seed, log=lambda line: print(line, file=sys.stderr))
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the checkpoint to {args.path}: {e}") from e
     result["warning"] = "toy checkpoint: trained only on generated coloured shapes; its vectors mean nothing else"
     return result
 
@@ -146,10 +162,10 @@ def _index_settings(args: argparse.Namespace):
                                                "collection": args.collection}})
 
 
-def _client(settings):
+def _client(settings, must_exist: bool = False):
     from clip_pyfunc.index import open_client
 
-    return open_client(settings.index.path, settings.index.url)
+    return open_client(settings.index.path, settings.index.url, must_exist=must_exist)
 
 
 def cmd_index(args: argparse.Namespace) -> dict:
@@ -167,7 +183,6 @@ def cmd_search(args: argparse.Namespace) -> JsonLines:
     from clip_pyfunc.index import Searcher
 
     settings = _index_settings(args)
-    client = _client(settings)
     image = None
     if args.image:
         try:
@@ -175,6 +190,7 @@ def cmd_search(args: argparse.Namespace) -> JsonLines:
                 image = f.read()
         except OSError as e:
             raise ModelLoadError(f"--image {args.image}: {e}") from e
+    client = _client(settings, must_exist=True)
     try:
         hits = Searcher(client, settings.index.collection).search(text=args.text, image=image, like=args.like,
                                                                  k=args.k, filters=args.filter)
@@ -187,7 +203,7 @@ def cmd_duplicates(args: argparse.Namespace) -> JsonLines:
     from clip_pyfunc.index import duplicate_groups
 
     settings = _index_settings(args)
-    client = _client(settings)
+    client = _client(settings, must_exist=True)
     try:
         return JsonLines(duplicate_groups(client, settings.index.collection, args.threshold))
     finally:
@@ -201,13 +217,17 @@ def cmd_app(args: argparse.Namespace) -> dict:
     from clip_pyfunc.config import load_settings
 
     settings = load_settings(args.conf, {
+        "registry": {"text_name": args.text_name, "image_name": args.image_name, "alias": args.alias},
         "index": {"path": args.index_path, "url": args.qdrant_url, "collection": args.collection},
         "app": {"host": args.host, "port": args.port, "classifier": args.classifier, "api_key": args.api_key}})
-    config = settings.app
+    config, names = settings.app, settings.registry
     classifier = None if args.no_classifier else (
         config.classifier or f"models:/{settings.classifier.name}@{settings.classifier.alias}")
     config = dataclasses.replace(config, api_key=config.api_key or os.environ.get("CLIP_PYFUNC_API_KEY"))
-    loaded = app.load(settings.index.collection, _client(settings), classifier)
+    app.configure_logging()  # what load() warns about (no index, no classifier) carries the app's format
+    loaded = app.load(f"models:/{names.text_name}@{names.alias}", f"models:/{names.image_name}@{names.alias}",
+                      classifier, classifier_required=bool(config.classifier),  # the conf default may be absent
+                      index=None if args.no_index else settings.index)
     app.run(loaded, config)  # serves until stopped
     return {}
 
@@ -218,6 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 
     settings = load_settings(args.conf, {"serve": {"host": args.host, "port": args.port, "workers": args.workers,
                                                    "timeout": args.timeout, "env_manager": args.env_manager}})
+    _require_model(args.model_uri, "--model-uri")  # before this process becomes the server
     serve(args.model_uri, settings.serve)  # does not return
     return {}
 
@@ -225,6 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 def cmd_bench_serving(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import serving
 
+    _require_model(args.model_uri, "--model-uri")
     if args.compare_workers:
         return serving.compare_workers(args.model_uri, seconds=args.seconds)
     return serving.run(args.model_uri, requests_n=args.requests, seconds=args.seconds)
@@ -234,8 +256,17 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    from clip_pyfunc.spark import is_local, planned_master, prepare_model, run_job, spark_session, stop_session
+    from pyspark.errors import AnalysisException
 
+    from clip_pyfunc.spark import (EmbedJobError, is_local, planned_master, prepare_model, run_job, spark_session,
+                                   stop_session)
+
+    # Found out before the JVM starts: a model MLflow cannot find, an input path that is not there.
+    _require_model(args.model_uri, "--model-uri")
+    looks_like_path = "/" in args.input or args.input.endswith(".parquet")  # table names have neither
+    if args.input_format != "table" and looks_like_path and "://" not in args.input and not os.path.exists(args.input):
+        raise EmbedJobError(f"--input {args.input}: no such file or folder; give a parquet path, a folder of "
+                            "images or a table name")
     overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir, ThreadPoolExecutor(1) as pool:
         # A local job's workers share this disk: copy the model there while the JVM starts.
@@ -245,6 +276,9 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
             return run_job(spark, model_uri=model.result() if model else args.model_uri, source=args.input,
                            output=args.output, id_col=args.id_col, input_col=args.input_col,
                            input_format=args.input_format, fail_on_error=args.fail_on_error, model_config=overrides)
+        except AnalysisException as e:  # no such table or path, as Spark reads it
+            reason = " ".join(str(e).split())
+            raise EmbedJobError(f"--input {args.input} / --output {args.output}: {reason[:300]}") from e
         finally:
             stop_session(spark)
 
@@ -258,6 +292,7 @@ def cmd_bench_classifier(args: argparse.Namespace) -> dict:
 def cmd_bench_spark(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import spark
 
+    _require_model(args.model_uri, "--model-uri")
     return spark.run(args.model_uri, rows=args.rows, master=args.master, tasks=args.tasks)
 
 
@@ -318,12 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_flags(p)
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that links two items")
     p.set_defaults(func=cmd_duplicates)
-    p = sub.add_parser("app", help="the web page and JSON API (FastAPI on uvicorn) over the index and models")
+    p = sub.add_parser("app", help="the web page and JSON API (FastAPI on uvicorn) over the models and the index")
     _add_index_flags(p)
     p.add_argument("--host", help="interface (default 127.0.0.1; anything else logs a warning)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--classifier", help="classifier model URI (default models:/<classifier.name>@<alias>)")
+    p.add_argument("--text-name", help="registered name of the text model (default from conf: clip_text_embedding)")
+    p.add_argument("--image-name", help="registered name of the image model (default: clip_image_embedding)")
+    p.add_argument("--alias", help="alias of both models (default: champion)")
+    p.add_argument("--classifier", help="classifier model URI (default models:/<classifier.name>@<alias>, "
+                                        "left out when not registered)")
     p.add_argument("--no-classifier", action="store_true", help="run without /classify")
+    p.add_argument("--no-index", action="store_true", help="run without /search even where an index exists")
     p.add_argument("--api-key", help="require X-API-Key (or set CLIP_PYFUNC_API_KEY)")
     p.set_defaults(func=cmd_app)
     p = sub.add_parser("bench-search", help="search latency in Qdrant local mode; the app's added latency")
@@ -432,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         with stdout_to_stderr():
             result = args.func(args)
     except ClipPyfuncError as e:  # what the user sent or configured: one line, exit 2
-        print(f"clip-pyfunc {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).splitlines())  # a library's reason may span lines
+        print(f"clip-pyfunc {args.command}: error: {message}", file=sys.stderr)
         return 2
     if isinstance(result, JsonLines):
         for item in result:

@@ -25,7 +25,15 @@ _ID_NAMESPACE = uuid.UUID("6f1e2d1c-0b7a-4e55-9c3e-2f1f6f3a9d10")
 
 
 class IndexRefused(ClipPyfuncError):
-    """An index operation was refused: another embedding space, a bad table, a missing collection."""
+    """An index operation was refused: another embedding space, a bad table, a locked or unreachable store."""
+
+
+class NoIndex(IndexRefused):
+    """There is no index to read: no local-mode folder, or no such collection."""
+
+
+MAKE_INDEX = ("Make one with `clip-pyfunc embed-table --model-uri MODEL --input PHOTOS --output TABLE` "
+              "then `clip-pyfunc index --input TABLE --model-uri MODEL`")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,27 +56,119 @@ class Space:
     def of_model(cls, model_uri: str) -> Space:
         """The space of a registered (or logged) model, read from the registry."""
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         from clip_pyfunc.registry import pin_model_uri, run_models
 
-        info = mlflow.models.get_model_info(model_uri)
-        dim = int((info.metadata or {}).get("embedding_dim", 0))
-        return cls(model_uri=pin_model_uri(model_uri), run_id=info.run_id or "", models=run_models(model_uri),
-                   embedding_dim=dim)
+        try:
+            info = mlflow.models.get_model_info(model_uri)
+            dim = int((info.metadata or {}).get("embedding_dim", 0))
+            return cls(model_uri=pin_model_uri(model_uri), run_id=info.run_id or "", models=run_models(model_uri),
+                       embedding_dim=dim)
+        except MlflowException as e:
+            raise model_error("--model-uri", model_uri, e) from e
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_uri": self.model_uri, "run_id": self.run_id, "models": dict(self.models),
                 "embedding_dim": self.embedding_dim}
 
 
-def open_client(path: str | None = None, url: str | None = None):
-    """A Qdrant client: a server at `url` (or QDRANT_URL, with QDRANT_API_KEY), else local mode under `path`."""
+def open_client(path: str | None = None, url: str | None = None, *, must_exist: bool = False):
+    """A Qdrant client: a server at `url` (or QDRANT_URL, with QDRANT_API_KEY), else local mode under `path`.
+
+    Args:
+        path: The local-mode folder (default ./clip-index).
+        url: A Qdrant server; wins over `path`.
+        must_exist: Refuse a local-mode folder that does not exist instead of creating it (readers).
+
+    Raises:
+        NoIndex: `must_exist` and there is no folder at `path`.
+        IndexRefused: The folder is open in another process (local mode allows one), it cannot be
+            opened, or the server cannot be reached or refuses the API key.
+    """
+    import warnings
+
     from qdrant_client import QdrantClient
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
     url = url or os.environ.get("QDRANT_URL")
     if url:
-        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"))
-    return QdrantClient(path=path or "clip-index")
+        with warnings.catch_warnings(record=True) as caught:  # its version-check warning, when unreachable
+            warnings.simplefilter("always")
+            client = QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"))
+            try:
+                client.get_collections()  # the client connects lazily: find out now
+            except (ResponseHandlingException, UnexpectedResponse) as e:
+                client.close()
+                raise IndexRefused(f"cannot use the Qdrant server at {url} ({_one_line(e)}): start it, or check "
+                                   "--qdrant-url / QDRANT_URL and QDRANT_API_KEY") from e
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return client
+    path = path or "clip-index"
+    if must_exist and not os.path.isdir(path):
+        raise NoIndex(f"no index at {path} (local mode folder; --index-path, or --qdrant-url for a server). "
+                      f"{MAKE_INDEX}")
+    try:
+        return QdrantClient(path=path)
+    except RuntimeError as e:
+        if "already accessed" not in str(e):
+            raise
+        raise IndexRefused(
+            f"the index folder {path} is open in another process (a running `clip-pyfunc app`, or another "
+            "command), and local mode allows one process at a time: query the running app's POST /search "
+            "instead, stop that process, or serve the index from a Qdrant server (--qdrant-url)") from e
+    except OSError as e:
+        raise IndexRefused(f"cannot open the index folder {path}: {e}") from e
+
+
+def load_model(uri: str, what: str):
+    """Load a pyfunc model, turning a bad or unregistered URI into ModelLoadError.
+
+    Args:
+        uri: A model URI (models:/name@alias, models:/name/1, runs:/..., a path).
+        what: What the URI is, for the message (a flag, or "the collection's text model").
+
+    Raises:
+        ModelLoadError: The URI names no model MLflow can find.
+    """
+    import mlflow
+
+    return _resolved(mlflow.pyfunc.load_model, uri, what)
+
+
+def model_info(uri: str, what: str):
+    """Resolve a model URI (mlflow.models.get_model_info: the registry and MLmodel only, no weights).
+
+    Raises:
+        ModelLoadError: The URI names no model MLflow can find.
+    """
+    import mlflow
+
+    return _resolved(mlflow.models.get_model_info, uri, what)
+
+
+def _resolved(read, uri: str, what: str):
+    """read(uri), with MLflow's error for an unknown URI turned into ModelLoadError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return read(uri)
+    except MlflowException as e:
+        raise model_error(what, uri, e) from e
+
+
+def model_error(what: str, uri: str, e: Exception) -> ModelLoadError:
+    """The one-line error for a model URI that MLflow cannot resolve, with where it looked."""
+    import mlflow
+
+    return ModelLoadError(f"{what} {uri}: {_one_line(e)} (registry: {mlflow.get_registry_uri()}). Check the name, "
+                          "version or alias and MLFLOW_TRACKING_URI; `clip-pyfunc register` registers the models")
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    text = " ".join((getattr(e, "message", None) or str(e) or type(e).__name__).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def point_id(item_id: object) -> str:
@@ -80,15 +180,37 @@ def collection_space(client, collection: str) -> Space:
     """The space a collection records.
 
     Raises:
-        IndexRefused: The collection does not exist or was not made by `clip-pyfunc index`.
+        NoIndex: The collection does not exist.
+        IndexRefused: It was not made by `clip-pyfunc index`.
     """
     if not client.collection_exists(collection):
         names = [c.name for c in client.get_collections().collections]
-        raise IndexRefused(f"no collection {collection!r}; collections here: {names}. Make one with `clip-pyfunc index`")
+        raise NoIndex(f"no collection {collection!r}; collections here: {names}. {MAKE_INDEX}")
     meta = (client.get_collection(collection).config.metadata or {}).get(META_KEY)
     if not meta:
         raise IndexRefused(f"collection {collection!r} was not made by clip-pyfunc: it records no embedding model")
     return Space(**meta)
+
+
+def require_space(space: Space, collection: str, kind: str, metadata) -> None:
+    """Refuse a model of another run or dimension than the collection's: its queries would land elsewhere.
+
+    Args:
+        space: The collection's space (collection_space).
+        collection: Its name, for the message.
+        kind: "text" or "image", for the message.
+        metadata: The model's MLflow metadata: a ModelInfo (before loading) or a loaded model's `metadata`.
+
+    Raises:
+        IndexRefused: Another run or dimension.
+    """
+    run_id = metadata.run_id or ""
+    dim = int((metadata.metadata or {}).get("embedding_dim", 0))
+    if run_id != space.run_id or dim != space.embedding_dim:
+        raise IndexRefused(
+            f"collection {collection!r} holds vectors of {space.model_uri} (run {space.run_id}, dim "
+            f"{space.embedding_dim}); the {kind} model is of run {run_id or '?'}, dim {dim}: another embedding "
+            f"space. Query with the collection's models {space.models}, or re-index with this one")
 
 
 def ensure_collection(client, collection: str, space: Space) -> None:
@@ -113,21 +235,46 @@ def ensure_collection(client, collection: str, space: Space) -> None:
 
 
 def read_table(source: str, batch_rows: int = 1024) -> Iterator[Any]:
-    """Read an embed-table output in batches: a parquet file or directory, or a Spark table name."""
+    """Read an embed-table output in batches: a parquet file or directory, or a Spark table name.
+
+    A parquet path is opened, and a missing one refused, at the call; a table is read (and Spark
+    started) only when the batches are iterated.
+
+    Raises:
+        IndexRefused: No such file or folder, a file that is not parquet, or no such table.
+    """
     if os.path.exists(source):
+        import pyarrow
         import pyarrow.dataset as ds
 
-        for batch in ds.dataset(source, format="parquet").to_batches(batch_size=batch_rows):
-            yield batch.to_pandas()
-        return
+        try:
+            dataset = ds.dataset(source, format="parquet")
+        except (pyarrow.ArrowInvalid, OSError) as e:
+            raise IndexRefused(f"--input {source} is not a parquet file or folder ({_one_line(e)}); give an "
+                               "embed-table output") from e
+        return (batch.to_pandas() for batch in dataset.to_batches(batch_size=batch_rows))
+    if "/" in source or os.sep in source or source.endswith(".parquet"):  # a path: table names have neither
+        raise IndexRefused(f"--input {source}: no such file or folder; give an embed-table output (a parquet "
+                           "file or folder) or a table name")
+    return _read_spark_table(source, batch_rows)
+
+
+def _read_spark_table(source: str, batch_rows: int) -> Iterator[Any]:
+    """Batches of a Spark table, read through the JVM (no Python workers)."""
+    from pyspark.errors import AnalysisException
+
     from clip_pyfunc.spark import spark_session
 
-    spark = spark_session(start_workers=False)  # reads through the JVM: no Python workers
+    spark = spark_session(start_workers=False)
     rows = []
-    columns = spark.table(source).columns
+    try:
+        table = spark.table(source)
+    except AnalysisException as e:
+        raise IndexRefused(f"--input {source}: no such parquet path or table ({_one_line(e)})") from e
+    columns = table.columns
     import pandas as pd
 
-    for row in spark.table(source).toLocalIterator():
+    for row in table.toLocalIterator():
         rows.append(tuple(row))
         if len(rows) == batch_rows:
             yield pd.DataFrame(rows, columns=columns)
@@ -154,18 +301,20 @@ def index_table(client, collection: str, source: str, model_uri: str, *, id_col:
         "updated", "points"}.
 
     Raises:
-        IndexRefused: Another embedding space, a vector of the wrong size, or a missing column.
+        IndexRefused: Another embedding space, a vector of the wrong size, a missing column, or no such table.
+        ModelLoadError: MLflow cannot find `model_uri`.
     """
     import numpy as np
     from qdrant_client import models
     from tqdm import tqdm
 
+    frames = read_table(source, batch_rows)  # a missing path is refused before the registry is asked
     space = Space.of_model(model_uri)
     ensure_collection(client, collection, space)
     before = client.count(collection, exact=True).count
     rows = indexed = skipped = 0
     bar = tqdm(desc=f"index {collection}", unit=" rows", disable=not progress)
-    for frame in read_table(source, batch_rows):
+    for frame in frames:
         id_col = id_col or frame.columns[0]
         for col in (id_col, EMBEDDING_COL):
             if col not in frame.columns:
@@ -236,21 +385,37 @@ class Searcher:
     """Queries one collection, embedding them with the models its space records (loaded once)."""
 
     def __init__(self, client, collection: str, text_model=None, image_model=None):
-        """Args: text_model/image_model: loaded pyfunc models to reuse; None loads the space's own on first use."""
+        """Open a collection for queries.
+
+        Args:
+            client: From `open_client`.
+            collection: The collection name.
+            text_model: A loaded text pyfunc model to embed queries with; None loads the space's own on first use.
+            image_model: The same for images.
+
+        Raises:
+            NoIndex: No such collection.
+            IndexRefused: A given model is of another embedding space than the collection's vectors.
+        """
         self.client, self.collection = client, collection
         self.space = collection_space(client, collection)
         self._models = {"text": text_model, "image": image_model}
+        for kind, model in self._models.items():
+            if model is not None:
+                self._require_space(kind, model)
+
+    def _require_space(self, kind: str, model) -> None:
+        """Refuse a loaded model of another embedding space than the collection's."""
+        require_space(self.space, self.collection, kind, model.metadata)
 
     def model(self, kind: str):
         """The space's text or image pyfunc model."""
         if self._models.get(kind) is None:
-            import mlflow
-
             uri = self.space.models.get(kind)
             if not uri:
                 raise ModelLoadError(f"the collection's run {self.space.run_id} registered no {kind} model to embed "
                                      f"queries with; it holds {sorted(self.space.models)}")
-            self._models[kind] = mlflow.pyfunc.load_model(uri)
+            self._models[kind] = load_model(uri, f"collection {self.collection!r}: its {kind} model")
         return self._models[kind]
 
     def query_vector(self, *, text: str | None = None, image: bytes | str | None = None, like: object = None):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
+from conftest import free_port
+
+NO_MODEL = "models:/no_such_model@champion"
 
 
 def _run(args, cwd, **env):
@@ -54,3 +58,84 @@ def test_mlproject_main_entry_point(tmp_path, tiny_checkpoint):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"uri": "models:/clip_text_embedding@staging"' in out.stdout
+
+
+def _fails_in_one_line(args, cwd) -> str:
+    """Run the CLI on a foreseeable bad input: exit 2, one line on stderr (no traceback), nothing on stdout."""
+    out = _run(args, cwd)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stdout == "" and lines[0].startswith(f"clip-pyfunc {args[0]}: error: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, tracking_uri):
+    """Files for the bad-input cases: a good parquet and evaluate data, a file that is not parquet."""
+    import pandas as pd
+
+    pd.DataFrame({"id": ["a"], "embedding": [[0.1, 0.2]], "error": [None]}).to_parquet(tmp_path / "table.parquet")
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    (tmp_path / "pairs.csv").write_text("image,caption\na.jpg,a cat\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", [
+    "search: no index folder", "duplicates: no index folder", "duplicates: Qdrant server unreachable",
+    "index: missing input", "index: input not parquet", "index: unregistered model", "app: unregistered text model",
+    "app: unregistered classifier named", "serve: unregistered model", "embed-table: unregistered model",
+    "evaluate: unregistered model", "bench-serving: unregistered model", "random-checkpoint: unwritable path",
+])
+def test_foreseeable_errors_are_one_line_and_exit_2(case, bad_inputs, request):
+    """Each command that takes paths or URIs: a bad one is one line on stderr naming what to do, exit 2."""
+    if case == "app: unregistered classifier named":
+        request.getfixturevalue("registered")  # the text and image models the app starts with
+    d = str(bad_inputs)
+    args, expected = {
+        "search: no index folder": (["search", "--index-path", f"{d}/none", "--text", "x"],
+                                    ["no index at", "clip-pyfunc index --input"]),
+        "duplicates: no index folder": (["duplicates", "--index-path", f"{d}/none"],
+                                        ["no index at", "clip-pyfunc index"]),
+        "duplicates: Qdrant server unreachable": (["duplicates", "--qdrant-url", f"http://127.0.0.1:{free_port()}"],
+                                                  ["cannot use the Qdrant server", "--qdrant-url"]),
+        "index: missing input": (["index", "--input", f"{d}/missing.parquet", "-m", NO_MODEL,
+                                  "--index-path", f"{d}/q"], ["missing.parquet: no such file or folder"]),
+        "index: input not parquet": (["index", "--input", f"{d}/fake.parquet", "-m", NO_MODEL,
+                                      "--index-path", f"{d}/q"], ["is not a parquet file"]),
+        "index: unregistered model": (["index", "--input", f"{d}/table.parquet", "-m", NO_MODEL,
+                                       "--index-path", f"{d}/q"],
+                                      [f"--model-uri {NO_MODEL}", "not found", "clip-pyfunc register"]),
+        "app: unregistered text model": (["app", "--text-name", "no_such_model", "--index-path", f"{d}/none"],
+                                         [f"text model {NO_MODEL}", "not found", "clip-pyfunc register"]),
+        "app: unregistered classifier named": (["app", "--classifier", NO_MODEL, "--index-path", f"{d}/none"],
+                                               [f"classifier {NO_MODEL}", "not found"]),
+        "serve: unregistered model": (["serve", "-m", NO_MODEL], [f"--model-uri {NO_MODEL}", "not found"]),
+        "embed-table: unregistered model": (["embed-table", "-m", NO_MODEL, "--input", f"{d}/photos", "--output",
+                                             f"{d}/out.parquet"], [f"--model-uri {NO_MODEL}", "not found"]),
+        "evaluate: unregistered model": (["evaluate", "--models", NO_MODEL, "--data", f"{d}/pairs.csv", "--out",
+                                          f"{d}/eval"], [f"--models {NO_MODEL}", "not found"]),
+        "bench-serving: unregistered model": (["bench-serving", "-m", NO_MODEL], [f"--model-uri {NO_MODEL}"]),
+        "random-checkpoint: unwritable path": (["random-checkpoint", "/proc/no/such/dir"],
+                                               ["cannot write the checkpoint to /proc/no/such/dir"]),
+    }[case]
+    line = _fails_in_one_line(args, d)
+    assert all(e in line for e in expected), line
+    assert not os.path.exists(f"{d}/none") and not os.path.exists(f"{d}/clip-index")  # readers create no index
+
+
+def test_commands_on_an_index_another_process_holds(tmp_path, tracking_uri):
+    """qdrant-client's local mode lets one process open a folder: the others say what to do instead."""
+    path = str(tmp_path / "held")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qdrant_client import QdrantClient\n"
+                               "client = QdrantClient(path=sys.argv[1])\nprint('open', flush=True)\ntime.sleep(600)",
+                               path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for args in (["search", "--text", "x"], ["duplicates"], ["app", "--port", str(free_port())],
+                     ["index", "--input", str(tmp_path), "-m", NO_MODEL]):
+            line = _fails_in_one_line([*args, "--index-path", path], str(tmp_path))
+            assert f"index folder {path} is open in another process" in line, line
+            assert all(hint in line for hint in ("POST /search", "stop that process", "--qdrant-url")), line
+    finally:
+        holder.kill()
+        holder.wait()

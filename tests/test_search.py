@@ -31,12 +31,21 @@ pytestmark = [pytest.mark.spark]
 PER_LABEL = 3
 API_KEY = "s3cret-key"
 LABELS_FILE = os.path.join(os.path.dirname(__file__), "..", "conf", "labels", "toy_shapes.yaml")
+WEARABLES_FILE = os.path.join(os.path.dirname(__file__), "..", "conf", "labels", "wearables.yaml")
 
 
 def _cli(*args, timeout=600):
     out = subprocess.run(["clip-pyfunc", *args], capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def _cli_error(*args, timeout=120) -> str:
+    """A command refused: exit 2 and one line on stderr, no traceback; that line."""
+    out = subprocess.run(["clip-pyfunc", *args], capture_output=True, text=True, timeout=timeout)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +179,16 @@ def test_bad_queries_are_named(indexed):
     assert out.returncode == 2 and "exactly one of text, image or like" in out.stderr
 
 
+def test_app_refuses_an_index_of_another_space(indexed, registered, tmp_path):
+    """The conf's models (the tiny random CLIP) may not query the toy collection: the app says so and stops."""
+    copy = str(tmp_path / "qdrant")
+    shutil.copytree(indexed["path"], copy)  # the app fixture may hold the original
+    line = _cli_error("app", "--index-path", copy, "--collection", "shapes", "--no-classifier",
+                      "--port", str(free_port()))
+    assert "another embedding space" in line and "search_image" in line, line
+    assert all(hint in line for hint in ("--text-name", "--no-index")), line
+
+
 def test_duplicates(indexed, folder):
     groups = [json.loads(line) for line in _cli("duplicates", "--index-path", indexed["path"], "--collection",
                                                  "shapes", "--threshold", "0.999").stdout.splitlines()]
@@ -193,6 +212,7 @@ def app(indexed, space, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     proc = start_server(["clip-pyfunc", "app", "--index-path", indexed["path"], "--collection", "shapes",
+                         "--text-name", "search_text", "--image-name", "search_image",
                          "--classifier", space["classifier"], "--port", str(port), "--api-key", API_KEY], log)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, log, path="/health")
@@ -244,7 +264,7 @@ def test_app_classify_and_search(app, folder, space):
 def test_app_request_ids_and_logs(app):
     r = requests.get(f"{app['url']}/health", headers={"X-Request-ID": "trace-123"}, timeout=30)
     assert r.json()["request_id"] == "trace-123" and r.headers["X-Request-ID"] == "trace-123"
-    assert r.json()["points"] == len(LABELS) * PER_LABEL + 1
+    assert r.json()["index"]["points"] == len(LABELS) * PER_LABEL + 1 and r.json()["no_index"] is None
     fresh = _post(app, "/search", data={"text": "a red circle"}).json()["request_id"]
     assert re.fullmatch(r"[0-9a-f-]{36}", fresh)
     assert fresh in open(app["log"]).read()
@@ -306,5 +326,83 @@ def test_app_in_a_real_browser(app, folder):
                                    ".every(i => i.complete && i.naturalWidth > 0)", timeout=30000)
             os.makedirs("docs", exist_ok=True)
             page.screenshot(path=os.path.join(os.path.dirname(__file__), "..", "docs", "app.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_cli_search_while_the_app_holds_the_index(app, indexed):
+    """Local mode: one process per folder. `search` beside the running app says what to do instead."""
+    line = _cli_error("search", "--index-path", indexed["path"], "--collection", "shapes", "--text", "a red circle")
+    assert f"index folder {indexed['path']} is open in another process" in line, line
+    assert all(hint in line for hint in ("POST /search", "stop that process", "--qdrant-url")), line
+
+
+# ---------------------------------------------------------------- the app without an index (clip_syte's demo)
+
+
+@pytest.fixture(scope="module")
+def bare_app(registered, tiny_checkpoint, tmp_path_factory):
+    """`clip-pyfunc app` with the models conf/ names (clip_*_embedding@champion), a wearables classifier, no index."""
+    classifier = register_classifier(load_settings(None, {"model": {"source": tiny_checkpoint}, "classifier": {
+        "name": "bare_app_classifier"}}), WEARABLES_FILE)["models"]["classifier"]["uri"]
+    work = tmp_path_factory.mktemp("bare-app")
+    port = free_port()
+    proc = start_server(["clip-pyfunc", "app", "--index-path", str(work / "no-index"), "--classifier", classifier,
+                         "--port", str(port)], work / "app.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc, work / "app.log", path="/health")
+    yield {"url": url, "classifier": classifier, "index_path": work / "no-index"}
+    stop_server(proc)
+
+
+def test_app_without_an_index_embeds_and_classifies(bare_app, text_model, image_model):
+    """Embeddings of images and texts in one multipart request and the top 3 labels work; /search says how to index."""
+    url = bare_app["url"]
+    health = requests.get(f"{url}/health", timeout=30).json()
+    assert health["index"] is None and "clip-pyfunc index --input" in health["no_index"], health
+    assert health["models"] == {"text": "models:/clip_text_embedding@champion",
+                                "image": "models:/clip_image_embedding@champion", "classifier": bare_app["classifier"]}
+    photo = sample_image("red", "circle")
+    r = requests.post(f"{url}/embeddings", files={"photo": ("p.jpg", photo, "image/jpeg")},
+                      data={"caption": "a red dress", "other": "a straw hat"}, headers={"request_id": "syte-42"},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Request-ID"] == "syte-42" and r.json()["request_id"] == "syte-42"
+    vectors = r.json()["embeddings"]
+    np.testing.assert_allclose(vectors["photo"], image_model.predict([photo])[0], atol=1e-6)
+    np.testing.assert_allclose(vectors["caption"], text_model.predict(["a red dress"])[0], atol=1e-6)
+    np.testing.assert_allclose(vectors["other"], text_model.predict(["a straw hat"])[0], atol=1e-6)
+    r = requests.post(f"{url}/classify", files={"image": ("p.jpg", photo, "image/jpeg")}, timeout=60)
+    direct = mlflow.pyfunc.load_model(bare_app["classifier"]).predict([photo], params={"top_k": 3})
+    assert [t["label"] for t in r.json()["top_categories"]] == list(direct["labels"][0]), r.text
+    for response in (requests.post(f"{url}/search", data={"text": "a red dress"}, headers={"request_id": "bad id!"},
+                                   timeout=30),
+                     requests.get(f"{url}/items/anything/thumbnail", timeout=30)):
+        body = response.json()
+        assert response.status_code == 404 and "clip-pyfunc index --input" in body["error"]["message"], body
+        assert re.fullmatch(r"[0-9a-f-]{36}", body["request_id"]) and response.headers["X-Request-ID"] == body[
+            "request_id"]
+    assert not bare_app["index_path"].exists()  # the app made no empty index folder
+
+
+def test_app_page_without_an_index(bare_app, tmp_path):
+    """The page hides search without an index, and still shows an uploaded photo's top 3 labels."""
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "install Debian's chromium (.ci/run does)"
+    photo = tmp_path / "upload.jpg"
+    photo.write_bytes(sample_image("blue", "triangle"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(bare_app["url"])
+            expect(page.locator("#no-index")).to_contain_text("clip-pyfunc index")
+            expect(page.locator("#search-part")).to_be_hidden()
+            expect(page.locator("#text-form")).to_be_hidden()
+            page.set_input_files("#image-input", str(photo))
+            expect(page.locator("#labels li")).to_have_count(3, timeout=30000)
+            expect(page.locator("#status")).to_have_text("")
         finally:
             browser.close()
