@@ -302,6 +302,12 @@ def cmd_bench_search(args: argparse.Namespace) -> dict:
     return search.run(sizes=args.sizes, requests_n=args.requests)
 
 
+def cmd_bench_pixels(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import fast_path
+
+    return fast_path.run()
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import bench
 
@@ -366,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-index", action="store_true", help="run without /search even where an index exists")
     p.add_argument("--api-key", help="require X-API-Key (or set CLIP_PYFUNC_API_KEY)")
     p.set_defaults(func=cmd_app)
+    p = sub.add_parser("bench-pixels", help="fast path vs each resize kind's reference processor, in levels")
+    p.set_defaults(func=cmd_bench_pixels)
+
     p = sub.add_parser("bench-search", help="search latency in Qdrant local mode; the app's added latency")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 20000], help="points per collection")
     p.add_argument("--requests", type=int, default=30, help="timed requests per app endpoint")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import tempfile
-import time
 
 # One reference processor per resize kind transformers ships, at its class's defaults
 # (the shapes of openai/clip-vit-base-patch32, google/siglip-base-patch16-224,
@@ -94,30 +93,11 @@ def measure_pixels(sizes=SIZES, subsamplings=SUBSAMPLINGS, quality: int = 92) ->
     return rows
 
 
-def measure_speed(sizes=((640, 480), (1632, 1224), (4000, 3000)), images: int = 8, rounds: int = 5) -> list[dict]:
-    """ms per image of decode + preprocess (one thread), fast and exact path, shortest-edge-crop kind;
-    median of `rounds` interleaved rounds."""
-    import statistics
+def run() -> dict:
+    """`clip-pyfunc bench-pixels`: every size, subsampling and resize kind, with the worst of each."""
+    from clip_pyfunc.benchmarks.common import machine_info
 
-    import torch
-
-    from clip_pyfunc.decode import ImageLimits, decode_image
-    from clip_pyfunc.preprocess import fast_draft_edge, preprocess_image
-    from clip_pyfunc.samples import camera_jpeg
-
-    torch.set_num_threads(1)
-    spec = reference_processors()["shortest_edge_crop"][1]
-    limits = ImageLimits(max_bytes=1 << 30, max_pixels=1 << 30)
-    rows = []
-    for width, height in sizes:
-        data = [camera_jpeg(width, height, seed=i) for i in range(images)]
-        paths = {"fast": (fast_draft_edge(spec), True), "exact": (None, False)}
-        times = {name: [] for name in paths}
-        for _ in range(rounds):
-            for name, (edge, fast) in paths.items():
-                start = time.perf_counter()
-                for d in data:
-                    preprocess_image(decode_image(d, limits, edge), spec, fast=fast)
-                times[name].append((time.perf_counter() - start) / images * 1000)
-        rows.append({"size": f"{width}x{height}", **{f"{n}_ms": round(statistics.median(t), 2) for n, t in times.items()}})
-    return rows
+    rows = measure_pixels()
+    return {"benchmark": "fast_path_pixels", "machine": machine_info(), "rows": rows,
+            "max_levels": max(r["max_levels"] for r in rows), "max_mean_levels": max(r["mean_levels"] for r in rows),
+            "bound": {"max_levels": 3, "mean_levels": 0.25}}
