@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 
 from clip_pyfunc.errors import ClipPyfuncError, ModelLoadError
@@ -263,8 +264,12 @@ def cmd_embed_table(args: argparse.Namespace) -> dict:
 
     # Found out before the JVM starts: a model MLflow cannot find, an input path that is not there.
     _require_model(args.model_uri, "--model-uri")
+    # Only a local job reads this machine's disk; a scheme (dbfs:, s3://) or a cluster's default file
+    # system is Spark's to resolve, and its AnalysisException below names what is missing.
     looks_like_path = "/" in args.input or args.input.endswith(".parquet")  # table names have neither
-    if args.input_format != "table" and looks_like_path and "://" not in args.input and not os.path.exists(args.input):
+    has_scheme = re.match(r"^[A-Za-z][\w+.-]*:", args.input) is not None
+    if (args.input_format != "table" and looks_like_path and not has_scheme and is_local(planned_master(args.master))
+            and not os.path.exists(args.input)):
         raise EmbedJobError(f"--input {args.input}: no such file or folder; give a parquet path, a folder of "
                             "images or a table name")
     overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}

@@ -112,6 +112,10 @@ def split_rows(model_input, max_rows: int | None) -> tuple[list[object], list[ob
 
     frame = model_input
     if isinstance(frame, dict):  # served `inputs`/`instances` arrive as {column: numpy array}
+        for name, value in frame.items():
+            shape = np.shape(value) if isinstance(value, (np.ndarray, pd.Series)) else ()
+            if len(shape) > 1 and shape[1:] != (1,):
+                raise InvalidInput(f"column {str(name)!r} has shape {shape}; send one cell per row")
         columns = {k: array_cells(np.atleast_1d(np.asarray(v))) if isinstance(v, (np.ndarray, pd.Series)) else
                    (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in frame.items()}
         try:

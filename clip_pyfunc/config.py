@@ -33,10 +33,11 @@ class RuntimeConfig:
         batch_size: Rows per forward pass (micro-batch).
         num_threads: torch intra-op threads; None keeps torch's default (the cores available).
         truncate_text: Truncate text over the checkpoint's context length; False makes it an error.
-        fast_decode: JPEGs decode at a reduced scale (simplejpeg, >= 2x the resize edge) and are
-            resized by torch's antialiased kernels (within one level of PIL); false is PIL's
-            reference path, bit for bit.
-        max_rows: Most rows one predict call accepts.
+        fast_decode: JPEGs decode at 1/2, 1/4 or 1/8 scale (simplejpeg, >= 6x the resize edge) and are
+            resized by torch's antialiased kernels (within 3 levels, mean 0.25, of the reference
+            processor); false is PIL's reference path, bit for bit.
+        max_rows: Most rows one served request may hold (see loader.served_row_limit); batch and
+            in-process calls are not limited.
         max_image_bytes: Most bytes of one encoded image (after base64 decoding).
         max_image_pixels: Most pixels (width x height) of one image, checked before decoding.
         label_cache_size: Classifier with dynamic labels: how many (labels, template) sets keep

@@ -49,7 +49,9 @@ def is_missing(value: object) -> bool:
         missing = pd.isna(value)
     except (TypeError, ValueError):
         return False
-    return missing is True or (type(missing).__name__ == "bool_" and bool(missing))
+    import numpy as np
+
+    return isinstance(missing, (bool, np.bool_)) and bool(missing)
 
 
 def decode_texts(values: Iterable[object]) -> list[str | InvalidInput]:
@@ -198,7 +200,10 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
             if scale >= 2:
                 img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
         rawmode = _png_rawmode(img)
-        img.load()
+        try:
+            img.load()
+        except (struct.error, TypeError) as e:  # a loader that reads damaged EXIF while loading (TIFF)
+            raise InvalidInput(f"image metadata could not be read ({type(e).__name__}: {e})") from e
         # Read after loading: a loader that turns the image upright itself (Pillow 13's TIFF) also
         # removes the tag, so every container is turned exactly once, whatever Pillow does.
         turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -213,8 +218,6 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
         raise InvalidInput(f"image is over the limit of {limits.max_pixels} pixels (max_image_pixels): {e}") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise InvalidInput(f"image could not be decoded ({type(e).__name__}: {e})") from e
-    except (struct.error, TypeError) as e:  # a loader that reads damaged EXIF while loading (TIFF)
-        raise InvalidInput(f"image metadata could not be read ({type(e).__name__}: {e})") from e
 
 
 def _png_rawmode(img) -> str | None:
@@ -227,13 +230,14 @@ def _png_rawmode(img) -> str | None:
 
 def open_pixels(data: bytes, limits: ImageLimits, draft_edge: int):
     """The fast path's decode: a JPEG straight into an upright (H, W, 3) uint8 array, at the
-    smallest libjpeg-turbo scale (M/8) whose shorter edge stays >= `draft_edge`; any other image
-    as `open_image` returns it.
+    smallest of libjpeg-turbo's 1/1, 1/2, 1/4 and 1/8 scales whose shorter edge stays >=
+    `draft_edge`; any other image as `open_image` returns it.
 
     simplejpeg decodes into numpy (PIL's conversion of a decoded image to an array costs about
-    as much as resizing it), and its M/8 scales land closer to the target than PIL's 1/2, 1/4,
-    1/8. JPEGs it does not take (CMYK, 12-bit, damaged) go through `open_image`, which decodes
-    them or says why not.
+    as much as resizing it). Its other M/8 scales (3/8, 5/8, ...) are not used: they ring on
+    photo grain, up to 9 levels from the reference (docs/BENCHMARKS.md, "Fast path pixels").
+    JPEGs it does not take (CMYK, 12-bit, damaged) go through `open_image`, which decodes them
+    or says why not.
 
     Raises:
         InvalidInput: As `open_image`.
@@ -308,7 +312,9 @@ def to_rgb(img, rawmode: str | None = None):
     channel (RGBA, LA, PA), palette alpha, and a tRNS colour at any bit depth. A 16-bit grey
     tRNS value is compared with the 16-bit samples (PNG spec, 11.3.2.1). Pillow reduces 16-bit
     RGB samples to their high byte while keeping the 16-bit tRNS colour; that colour is reduced
-    the same way (`rawmode` 'RGB;16B' tells), as the image's 8-bit twin would carry it.
+    the same way (`rawmode` 'RGB;16B' tells), as the image's 8-bit twin would carry it. This is
+    an approximation: a pixel that differs from the tRNS colour only in its low bytes is made
+    transparent too, since Pillow keeps no 16-bit RGB samples to compare.
     """
     from PIL import Image
 

@@ -157,6 +157,8 @@ def served_row_limit(max_rows: int) -> int | None:
     index) never have it. Spark hands a pandas UDF Arrow batches of up to 10,000 rows, and
     `spark_udf` with a restored environment (uv, virtualenv, conda) does so through a scoring
     server of its own, which inherits the Spark worker's environment: no limit there either.
+    `mlflow models predict` and `mlflow.models.predict` simulate the serving environment, so
+    they are limited as a served request is.
     """
     from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 

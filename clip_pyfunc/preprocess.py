@@ -28,9 +28,10 @@ _TORCH_FILTERS = {2: "bilinear", 3: "bicubic"}
 # 3 is close to exact). Used only for images PIL resizes (not JPEGs).
 REDUCING_GAP = 3.0
 # The fast path decodes a JPEG at a reduced DCT scale (1/2, 1/4, 1/8) only while its shorter edge
-# stays >= this many times the target edge. Measured on grainy camera-like JPEGs (docs/BENCHMARKS.md,
-# "Fast path pixels"): at 2x, a 12 MP photo's preprocessed tensor was a mean 0.33 levels from the
-# reference processor's; at 4x, 0.14 levels (max 2).
+# stays >= this many times the target edge. Measured on grainy camera-like JPEGs against the
+# reference processor (docs/BENCHMARKS.md, "Fast path pixels"): a 12 MP photo at 1/4 scale (2x)
+# was a mean 0.33 levels off; at the 4x boundary (2400x1800 at 1/2) still 0.20, close to the
+# 0.25 bound; at 6x the worst case measured is 0.16 (max 2 levels).
 DRAFT_GAP = 6
 
 

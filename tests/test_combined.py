@@ -196,3 +196,10 @@ def test_nullable_dtypes_read_as_object_columns(models):
         assert got["image_features"][1] is None and got["text_features"][0] is None
         assert np.array_equal(np.array(got["image_features"][0]), np.array(want["image_features"][0]))
         assert np.array_equal(np.array(got["text_features"][1]), np.array(want["text_features"][1]))
+
+
+def test_two_dimensional_columns_are_refused_not_flattened(models):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match=r"column 'text' has shape \(2, 2\); send one cell per row"):
+        models["combined"].predict({"text": np.array([["a", "b"], ["c", "d"]])})
