@@ -123,6 +123,22 @@ def test_foreseeable_errors_are_one_line_and_exit_2(case, bad_inputs, request):
     assert not os.path.exists(f"{d}/none") and not os.path.exists(f"{d}/clip-index")  # readers create no index
 
 
+@pytest.mark.spark
+def test_embed_table_input_errors_are_one_line(bad_inputs, registered):
+    d = str(bad_inputs)
+    args = ["embed-table", "-m", registered["models"]["image"]["uri"], "--output", f"{d}/out.parquet",
+            "--master", "local[1]"]
+    # A missing local path is found before the JVM starts: one line, nothing else.
+    line = _fails_in_one_line(args + ["--input", f"{d}/missing.parquet"], d)
+    assert "missing.parquet: no such file or folder" in line
+    # A path with a scheme (dbfs:, s3a://) is Spark's to resolve, so the job starts and logs as Spark does;
+    # its error still ends the command as one error line, exit 2, no traceback.
+    out = _run(args + ["--input", "dbfs:/mnt/photos"], d)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("clip-pyfunc embed-table: error: --input dbfs:/mnt/photos"), last
+
+
 def test_commands_on_an_index_another_process_holds(tmp_path, tracking_uri):
     """qdrant-client's local mode lets one process open a folder: the others say what to do instead."""
     path = str(tmp_path / "held")
