@@ -224,7 +224,7 @@ def _png_rawmode(img) -> str | None:
     """The raw mode a PNG's pixels are stored in (e.g. 'RGB;16B'), read before loading clears it."""
     if img.format != "PNG" or not img.tile:
         return None
-    args = img.tile[0].args if hasattr(img.tile[0], "args") else img.tile[0][3]
+    args = img.tile[0][3]  # (codec, extents, offset, args): a tuple in every Pillow, named from 11 on
     return args[0] if isinstance(args, tuple) else args
 
 
