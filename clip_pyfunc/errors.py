@@ -39,6 +39,10 @@ class ModelLoadError(ClipPyfuncError):
     """What the operator configured (checkpoint, device, precision, settings) cannot be loaded."""
 
 
+class EmbedJobError(ClipPyfuncError):
+    """A batch job refused its arguments, or to publish its output (bad rows with --fail-on-error)."""
+
+
 def combine_row_errors(errors: list[InvalidInput], limit: int = 5) -> InvalidInput:
     """Fold several per-row errors into one, naming the first few rows."""
     shown = "; ".join(str(e) for e in errors[:limit])
@@ -48,3 +52,9 @@ def combine_row_errors(errors: list[InvalidInput], limit: int = 5) -> InvalidInp
     combined = InvalidInput(f"{head}: {shown}{more}")
     combined.row = errors[0].row
     return combined
+
+
+def one_line(e: Exception, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (for one-line CLI and log errors)."""
+    text = " ".join((getattr(e, "message", None) or str(e) or type(e).__name__).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from clip_pyfunc.config import CONF_ENV, load_settings
+from clip_pyfunc.settings import CONF_ENV, load_settings
 
 # Every settings read in the tests (and in the CLI subprocesses they start) pins fp32; see the file.
 os.environ[CONF_ENV] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_pyfunc.yaml")
@@ -26,7 +26,7 @@ os.environ[CONF_ENV] = os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
-    from clip_pyfunc.random_checkpoint import save_random_checkpoint
+    from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
 
     return save_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-clip"), "tiny", seed=0)
 
@@ -34,7 +34,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def toy_checkpoint(tmp_path_factory) -> str:
     """The trained toy CLIP (coloured shapes), for tests that check meaning (about a minute)."""
-    from clip_pyfunc.toy_checkpoint import train_toy_checkpoint
+    from clip_pyfunc.dev.toy_checkpoint import train_toy_checkpoint
 
     path = str(tmp_path_factory.mktemp("toy") / "clip-toy")
     train_toy_checkpoint(path, log=lambda line: None)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from clip_pyfunc.random_checkpoint import (
+from clip_pyfunc.dev.random_checkpoint import (
     _pretrained_like_scalars, build_tokenizer, gemma_tokenizer, save_checkpoint, sentencepiece_tokenizer,
     unigram_tokenizer, wordpiece_tokenizer,
 )

@@ -13,12 +13,12 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from conftest import b64, encode, free_port, photo, start_server, stop_server, wait_ready
-from clip_pyfunc.config import load_settings
-from clip_pyfunc.decode import ImageLimits, open_image
+from clip_pyfunc.settings import load_settings
+from clip_pyfunc.stages.decode import ImageLimits, open_image
 from clip_pyfunc.errors import ModelLoadError
-from clip_pyfunc.labels import read_label_file
+from clip_pyfunc.artifacts.labels import read_label_file
 from clip_pyfunc.registry import register_classifier
-from clip_pyfunc.toy_checkpoint import LABELS, draw
+from clip_pyfunc.dev.toy_checkpoint import LABELS, draw
 
 PARITY_LABELS = ["cat", "dog", "red car", "mountain", "beach"]
 TEMPLATE = "This is a photo of {}."  # the pipeline's default hypothesis_template
@@ -183,7 +183,7 @@ def test_shipped_wearables_file(tmp_path):
 
 @pytest.mark.spark
 def test_spark_job_gives_labels_scores_and_errors(toy_classifier, tmp_path):
-    from clip_pyfunc.spark import run_job, spark_session, stop_session
+    from clip_pyfunc.batch.spark import run_job, spark_session, stop_session
 
     rows, truth = _held_out(20, seed=9)
     rows[4] = "%%% not base64"

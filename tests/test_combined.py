@@ -13,7 +13,7 @@ import requests
 from conftest import b64, encode, model_server, photo
 from http_images import JPEG, serve_images
 
-from clip_pyfunc.config import load_settings
+from clip_pyfunc.settings import load_settings
 from clip_pyfunc.registry import register_models
 
 IMAGES = [b64(encode(photo(90, 70, seed), "JPEG")) for seed in range(3)]
@@ -156,7 +156,7 @@ def test_served_azure_request_with_one_word_changed(combined_server, models):
 @pytest.mark.spark
 def test_spark_job_with_urls_and_error_rows(azure, models, tmp_path):
     """The combined model in Spark: image and text columns, URLs allowed for the job, bad rows named."""
-    from clip_pyfunc.spark import embed_dataframe, spark_session, stop_session
+    from clip_pyfunc.batch.spark import embed_dataframe, spark_session, stop_session
 
     with serve_images() as (base, _):
         rows = [("a", IMAGES[0], ""), ("b", None, TEXTS[0]), ("c", IMAGES[1], TEXTS[2]), ("d", "", None),

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clip_pyfunc.evaluate import read_data, run
-from clip_pyfunc.toy_checkpoint import COLOURS, LABELS, SHAPES, draw, train_toy_checkpoint
+from clip_pyfunc.batch.evaluate.data import read_data
+from clip_pyfunc.batch.evaluate.run import run
+from clip_pyfunc.dev.toy_checkpoint import COLOURS, LABELS, SHAPES, draw, train_toy_checkpoint
 
 pytestmark = [pytest.mark.slow]
 
@@ -91,7 +92,7 @@ def test_toy_scores_high_and_random_near_chance(shape_data, toy_checkpoint, rand
 
 def test_registered_model_pairs_its_text_tower_and_tags_versions(shape_data, toy_checkpoint, tracking_uri,
                                                                  tmp_path):
-    from clip_pyfunc.config import load_settings
+    from clip_pyfunc.settings import load_settings
     from clip_pyfunc.registry import register_models
 
     summary = register_models(load_settings(None, {"model": {"source": toy_checkpoint},
@@ -104,7 +105,7 @@ def test_registered_model_pairs_its_text_tower_and_tags_versions(shape_data, toy
 
 
 def test_precomputed_image_embeddings_give_the_same_metrics(shape_data, toy_checkpoint, tracking_uri, tmp_path):
-    from clip_pyfunc.evaluate import load_candidate
+    from clip_pyfunc.batch.evaluate.run import load_candidate
 
     data = read_data(shape_data["pairs"])
     cand = load_candidate(toy_checkpoint, str(tmp_path / "w"))

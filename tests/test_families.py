@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 
 import family_checkpoints
 from conftest import b64, encode, photo
-from clip_pyfunc.checkpoint import features
-from clip_pyfunc.decode import ImageLimits, open_image
+from clip_pyfunc.stages.encode import features
+from clip_pyfunc.stages.decode import ImageLimits, open_image
 from clip_pyfunc.errors import ModelLoadError
 
 FAMILIES = sorted(family_checkpoints.BUILDERS)  # the checkpoints and registered_families fixtures: conftest
@@ -186,7 +186,7 @@ def test_every_request_shape_and_bad_rows_for_another_family(registered_families
 
 
 def test_unknown_model_type_lists_the_families(tmp_path):
-    from clip_pyfunc.checkpoint import resolve_checkpoint
+    from clip_pyfunc.artifacts.checkpoint import resolve_checkpoint
 
     for model_type, extra in (("bert", ""), ("blip-2", "BLIP-2 is out of scope")):
         (tmp_path / model_type).mkdir()

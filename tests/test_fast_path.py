@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import b64, encode, photo
-from clip_pyfunc.config import RuntimeConfig
-from clip_pyfunc.loader import cpu_has_native_bf16, pick_runtime
+from clip_pyfunc.settings import RuntimeConfig
+from clip_pyfunc.runtime import cpu_has_native_bf16, pick_runtime
 
 PRECISION_COSINE = {"bf16": 0.999, "int8": 0.99}
 
@@ -36,7 +36,7 @@ def test_fast_decode_stays_within_cosine_of_reference(registered, image_model, p
 def test_fast_decode_on_camera_like_jpegs(registered, image_model):
     """Fine texture and sensor grain (samples.camera_jpeg) at 640x480, 2 MP and 12 MP: the reduced-scale
     decode keeps 2x the target, so the exact antialiased resize still removes what would alias."""
-    from clip_pyfunc.samples import camera_jpeg
+    from clip_pyfunc.dev.samples import camera_jpeg
 
     exact = mlflow.pyfunc.load_model(registered["models"]["image"]["uri"], model_config={"fast_decode": False})
     frame = pd.DataFrame({"input": [b64(camera_jpeg(w, h, seed=i)) for i, (w, h) in
@@ -58,7 +58,7 @@ def test_fast_path_pixels_stay_within_3_levels_of_the_reference_processor(refere
     """Judged by pixels, not one model's cosine: grainy camera-like JPEGs from 300 px to 12 MP, through
     every resize kind (shortest edge + crop, squash, NaFlex, ALIGN's resize + crop), at real shapes."""
     from clip_pyfunc.benchmarks.fast_path import fast_pixels, level_error, reference_pixels
-    from clip_pyfunc.samples import camera_jpeg
+    from clip_pyfunc.dev.samples import camera_jpeg
 
     data = camera_jpeg(*size, seed=sum(size), quality=92, subsampling=subsampling)
     for kind, (processor, spec) in reference_processors.items():
@@ -97,7 +97,7 @@ def test_default_precision_is_the_fastest_that_held_its_cosine():
 def test_registration_measures_precisions_and_default_uses_them(registered):
     """Registration records each precision's lowest cosine to fp32 (tags, summary, artifact); a model
     loaded with precision "default" runs the fastest one that held 0.9999 on this hardware."""
-    from clip_pyfunc.loader import DEFAULT_PRECISION_COSINE
+    from clip_pyfunc.runtime import DEFAULT_PRECISION_COSINE
 
     measured = registered["precision_cosine_to_fp32"]
     assert set(measured) == ({"fp16", "bf16"} if torch.cuda.is_available() else {"bf16", "int8"})  # tiny CLIP runs all

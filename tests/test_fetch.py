@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from http_images import JPEG, serve_images
 
-from clip_pyfunc.config import RuntimeConfig
-from clip_pyfunc.decode import fetch_urls
+from clip_pyfunc.settings import RuntimeConfig
+from clip_pyfunc.stages.decode import fetch_urls
 from clip_pyfunc.errors import InvalidInput
-from clip_pyfunc.fetch import UrlPolicy, fetch, is_url, refused_address
+from clip_pyfunc.stages.fetch import UrlPolicy, fetch, is_url, refused_address, url_policy
 
 @pytest.fixture(scope="module")
 def server():
@@ -24,7 +24,7 @@ def allowed(**overrides) -> UrlPolicy:
     values = dict(allow_urls=True, allow_http=True, url_allow_private=["127.0.0.1"], url_read_timeout=1.0,
                   url_connect_timeout=1.0, max_image_bytes=1_000_000)
     values.update(overrides)
-    return RuntimeConfig.from_dict(values).url_policy()
+    return url_policy(RuntimeConfig.from_dict(values))
 
 
 def refusal(url: str, policy: UrlPolicy) -> str:
@@ -102,7 +102,7 @@ def test_default_settings_refuse_every_url_and_send_nothing(server):
     seen.clear()
     urls = [f"{base}/cat.jpg", f"http://10.0.0.7:{port}/x.jpg", "http://169.254.169.254/latest/meta-data/",
             f"https://localhost:{port}/cat.jpg"]
-    out = fetch_urls(urls, RuntimeConfig().url_policy())
+    out = fetch_urls(urls, url_policy(RuntimeConfig()))
     assert all(isinstance(o, InvalidInput) and "allow_urls: true" in o.reason for o in out)
     assert seen == []
 
@@ -140,8 +140,9 @@ def test_is_url_and_refused_address():
 
 def test_image_model_rows(server, tiny_checkpoint, tmp_path):
     """Through the image model: URLs embed like their bytes, bad URLs name their row, others are unaffected."""
-    from clip_pyfunc.checkpoint import export_towers, resolve_checkpoint
-    from clip_pyfunc.registry import local_models
+    from clip_pyfunc.artifacts.checkpoint import resolve_checkpoint
+    from clip_pyfunc.artifacts.towers import export_towers
+    from clip_pyfunc.registry.lookup import local_models
 
     base, _ = server
     _, towers = export_towers(resolve_checkpoint(tiny_checkpoint), str(tmp_path))

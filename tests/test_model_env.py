@@ -62,7 +62,7 @@ def test_sentencepiece_text_model_predicts_in_env_built_from_model_alone(tmp_pat
 def test_combined_model_predicts_in_env_built_from_model_alone(tmp_path, tiny_checkpoint, tracking_uri):
     import mlflow
 
-    from clip_pyfunc.config import load_settings
+    from clip_pyfunc.settings import load_settings
     from clip_pyfunc.registry import register_models
 
     summary = register_models(load_settings(None, {"model": {"source": tiny_checkpoint}, "registry": {

@@ -14,8 +14,8 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from conftest import b64, encode, photo
-from clip_pyfunc.decode import ImageLimits, open_image
-from clip_pyfunc.registry import model_signature
+from clip_pyfunc.stages.decode import ImageLimits, open_image
+from clip_pyfunc.registry.signatures import model_signature
 
 TEXTS = ["a photo of a cat", "", "ünïcödé ✓ 日本語のテキスト", "the cat is on the mat " * 30, "x"]
 

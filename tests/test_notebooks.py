@@ -43,7 +43,7 @@ def test_choose_a_checkpoint_notebook(tmp_path, toy_checkpoint, tiny_checkpoint,
 def test_zero_shot_classifier_notebook(tmp_path, toy_checkpoint, monkeypatch):
     import yaml
 
-    from clip_pyfunc.toy_checkpoint import LABELS
+    from clip_pyfunc.dev.toy_checkpoint import LABELS
 
     (tmp_path / "shapes.yaml").write_text(yaml.safe_dump({"name": "shapes", "labels": list(LABELS),
                                                           "templates": ["a {}"]}))

@@ -10,12 +10,12 @@ import sys
 import pytest
 import yaml
 
-from clip_pyfunc.config import DEFAULT_CONF_PATH, RuntimeConfig, Settings, load_settings
+from clip_pyfunc.settings import DEFAULT_CONF_PATH, RuntimeConfig, Settings, load_settings
 from clip_pyfunc.errors import ModelLoadError
 
 
 def test_import_does_not_load_heavy_libraries():
-    code = ("import sys, clip_pyfunc, clip_pyfunc.config, clip_pyfunc.decode, clip_pyfunc.errors; "
+    code = ("import sys, clip_pyfunc, clip_pyfunc.settings, clip_pyfunc.stages.decode, clip_pyfunc.errors; "
             "print(sorted(m for m in ('torch', 'transformers', 'pyspark', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

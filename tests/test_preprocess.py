@@ -9,7 +9,7 @@ import pytest
 
 from conftest import photo
 from clip_pyfunc.errors import ModelLoadError
-from clip_pyfunc.preprocess import (ImageSpec, TextSpec, crops_to_array, images_to_array, pad_ids, read_image_spec,
+from clip_pyfunc.stages.preprocess import (ImageSpec, TextSpec, crops_to_array, images_to_array, pad_ids, read_image_spec,
                                     resize_and_crop, resize_and_crop_fast, tokenize)
 
 

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import free_port, start_server, stop_server, wait_ready
-from clip_pyfunc.config import load_settings
+from clip_pyfunc.settings import load_settings
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.registry import register_models
 
@@ -122,7 +122,7 @@ def _fake_hub_cache(cache: str, repo: str, checkpoint: str, commit: str = "01234
     return commit
 
 
-RESOLVE = ("import json,sys; from clip_pyfunc.checkpoint import resolve_checkpoint as r; "
+RESOLVE = ("import json,sys; from clip_pyfunc.artifacts.checkpoint import resolve_checkpoint as r; "
            "c = r(sys.argv[1], cache_dir=sys.argv[2]); print(json.dumps([c.path, c.revision]))")
 
 

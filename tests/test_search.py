@@ -20,12 +20,13 @@ import pytest
 import requests
 from conftest import free_port, start_server, stop_server, wait_ready
 
-from clip_pyfunc.config import load_settings
+from clip_pyfunc.settings import load_settings
 from clip_pyfunc.errors import InvalidInput
-from clip_pyfunc.index import IndexRefused, duplicate_groups, index_table, open_client, point_id
+from clip_pyfunc.search.index import IndexRefused, index_table, open_client, point_id
+from clip_pyfunc.search.query import duplicate_groups
 from clip_pyfunc.registry import register_classifier, register_models
-from clip_pyfunc.samples import sample_image
-from clip_pyfunc.toy_checkpoint import LABELS, draw
+from clip_pyfunc.dev.samples import sample_image
+from clip_pyfunc.dev.toy_checkpoint import LABELS, draw
 
 pytestmark = [pytest.mark.spark]
 PER_LABEL = 3
@@ -143,7 +144,7 @@ def test_vectors_of_another_space_are_refused(indexed, registered):
 
 def test_search_by_words_finds_the_right_items_first(indexed):
     """Every toy label: the best hit shows it, and most of the top 3 do (the toy is 0.95 accurate, not perfect)."""
-    from clip_pyfunc.index import Searcher
+    from clip_pyfunc.search.query import Searcher
 
     client = open_client(indexed["path"])
     try:

@@ -18,9 +18,9 @@ import requests
 from PIL import Image
 
 from conftest import b64, encode, free_port, model_server, photo, start_server, stop_server, wait_ready
-from clip_pyfunc.config import ServeConfig, load_settings
+from clip_pyfunc.settings import ServeConfig, load_settings
 from clip_pyfunc.registry import register_models
-from clip_pyfunc.serve import serve_command, serve_env
+from clip_pyfunc.serving.serve import serve_command, serve_env
 
 pytestmark = [pytest.mark.serving]
 LIMITS = {"max_rows": 16, "max_image_bytes": 300_000, "max_image_pixels": 1_000_000}

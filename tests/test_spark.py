@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 
 from conftest import b64, encode, photo
-from clip_pyfunc.spark import (DAEMON_KEY, DAEMON_MODULE, EmbedJobError, _java_binary, class_archive_options,
-                               embed_dataframe, is_local, local_quick_start, prepare_model, run_job, spark_session,
-                               stop_session, worker_threads)
+from clip_pyfunc.batch.spark import embed_dataframe, prepare_model, run_job, spark_session, stop_session
+from clip_pyfunc.batch.spark.classes import _java_binary, class_archive_options
+from clip_pyfunc.batch.spark.session import DAEMON_KEY, DAEMON_MODULE, is_local, local_quick_start, worker_threads
+from clip_pyfunc.errors import EmbedJobError
 
 pytestmark = [pytest.mark.spark]
 
@@ -237,7 +238,7 @@ def test_spark_notebook(registered, tiny_checkpoint, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_spark_submit_of_the_same_job(image_table, registered, tmp_path):
     path, _ = image_table
-    job = os.path.join(os.path.dirname(__file__), "..", "clip_pyfunc", "spark.py")
+    job = os.path.join(os.path.dirname(__file__), "..", "clip_pyfunc", "cli", "spark_submit.py")
     out = subprocess.run(
         ["spark-submit", "--master", "local[2]", job, "--model-uri", registered["models"]["image"]["uri"],
          "--input", path, "--input-col", "image_b64", "--id-col", "product_id",
@@ -272,7 +273,7 @@ def test_spark_submit_keeps_the_submitted_master(image_table, registered, tmp_pa
     import sys
 
     path, _ = image_table
-    script = os.path.join(os.path.dirname(__file__), "..", "clip_pyfunc", "spark.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "clip_pyfunc", "cli", "spark_submit.py")
     out = subprocess.run(
         ["spark-submit", "--master", "local[1]", "--conf", f"spark.pyspark.python={sys.executable}", script,
          "--model-uri", registered["models"]["image"]["uri"], "--input", path, "--input-col", "image_b64",
@@ -350,7 +351,7 @@ def test_daemon_preloads_and_keeps_stdout_for_the_port(tmp_path):
     (tmp_path / "noisy_module.py").write_text("print('printed at import')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     # Fork safety: the imports start no Python thread and touch no CUDA device.
-    code = ("import sys, threading; from clip_pyfunc import spark_daemon as d; "
+    code = ("import sys, threading; from clip_pyfunc.batch.spark import daemon as d; "
             "failed = d.preload(d.PRELOAD + ('noisy_module', 'no_such_module')); import torch; "
             "assert threading.active_count() == 1 and not torch.cuda.is_initialized(); "
             "sys.stderr.write(repr([m for m in d.PRELOAD if m not in sys.modules]))")

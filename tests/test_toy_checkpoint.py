@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from clip_pyfunc.toy_checkpoint import LABELS, train_toy_checkpoint
+from clip_pyfunc.dev.toy_checkpoint import LABELS, train_toy_checkpoint
 
 
 def _digest(path: str) -> str:

@@ -22,7 +22,7 @@ NOTEBOOKS = {
                           "checkpoint as two MLflow pyfunc models, registers them as `clip_text_embedding` and "
                           "`clip_image_embedding`, and points the alias `champion` at the new versions."),
         new_code_cell(SETUP),
-        new_code_cell("from clip_pyfunc.config import load_settings\nfrom clip_pyfunc.registry import register_models\n\n"
+        new_code_cell("from clip_pyfunc.settings import load_settings\nfrom clip_pyfunc.registry import register_models\n\n"
                       "summary = register_models(load_settings(None, {\"model\": {\"source\": MODEL}}))\nsummary"),
         new_markdown_cell("The summary's `uri` fields (`models:/name@champion`) are what the serving endpoint, "
                           "the Spark job and the next notebook load."),
@@ -35,7 +35,7 @@ NOTEBOOKS = {
         new_code_cell("import mlflow\nimport pandas as pd\n\n"
                       "text_model = mlflow.pyfunc.load_model(\"models:/clip_text_embedding@champion\")\n"
                       "image_model = mlflow.pyfunc.load_model(\"models:/clip_image_embedding@champion\")"),
-        new_code_cell("from clip_pyfunc.samples import SAMPLE_TEXTS, sample_images_b64, sample_names\n\n"
+        new_code_cell("from clip_pyfunc.dev.samples import SAMPLE_TEXTS, sample_images_b64, sample_names\n\n"
                       "texts = pd.DataFrame({\"input\": list(SAMPLE_TEXTS)})\n"
                       "images = pd.DataFrame({\"input\": sample_images_b64()})  # base64 JPEGs\n"
                       "text_vectors = text_model.predict(texts)\nimage_vectors = image_model.predict(images)\n"
@@ -52,7 +52,7 @@ NOTEBOOKS = {
                           "The request and response are MLflow's scoring protocol, the same on a managed "
                           "serving endpoint (add its URL and an `Authorization: Bearer` header there)."),
         new_code_cell('import os\n\nENDPOINT = os.environ.get("CLIP_ENDPOINT", "http://127.0.0.1:5001")'),
-        new_code_cell("import numpy as np\nimport requests\n\nfrom clip_pyfunc.samples import sample_images_b64\n\n"
+        new_code_cell("import numpy as np\nimport requests\n\nfrom clip_pyfunc.dev.samples import sample_images_b64\n\n"
                       "payload = {\"dataframe_records\": [{\"input\": b} for b in sample_images_b64()]}\n"
                       "response = requests.post(f\"{ENDPOINT}/invocations\", json=payload, timeout=60)\n"
                       "response.raise_for_status()\n"
@@ -63,16 +63,16 @@ NOTEBOOKS = {
     ],
     "04_batch_embed_with_spark.ipynb": [
         new_markdown_cell("# Batch-embed a table with Spark, then search it by text\n\nRuns the registered image "
-                          "model over a table of images as a Spark job (`clip_pyfunc.spark.run_job`, what "
+                          "model over a table of images as a Spark job (`clip_pyfunc.batch.spark.job.run_job`, what "
                           "`clip-pyfunc embed-table` calls), then ranks the written embeddings against a text query."),
         new_code_cell(SETUP + '\nWORKDIR = os.path.abspath(os.environ.get("CLIP_WORKDIR", "spark-demo"))\n'
                       'os.makedirs(WORKDIR, exist_ok=True)'),
-        new_code_cell("import pandas as pd\n\nfrom clip_pyfunc.samples import sample_images_b64\n\n"
+        new_code_cell("import pandas as pd\n\nfrom clip_pyfunc.dev.samples import sample_images_b64\n\n"
                       "red_circle, blue_triangle, *_ = sample_images_b64()\n"
                       "catalogue = pd.DataFrame({\"product_id\": [f\"p{i}\" for i in range(8)],\n"
                       "                          \"image_b64\": [red_circle, blue_triangle] * 3 + [\"not an image\", None]})\n"
                       "catalogue.to_parquet(f\"{WORKDIR}/catalogue.parquet\")\ncatalogue.shape"),
-        new_code_cell("from clip_pyfunc.spark import run_job, spark_session\n\n"
+        new_code_cell("from clip_pyfunc.batch.spark import run_job, spark_session\n\n"
                       "spark = spark_session(\"local[2]\")\n"
                       "report = run_job(spark, model_uri=\"models:/clip_image_embedding@champion\",\n"
                       "                 source=f\"{WORKDIR}/catalogue.parquet\", output=f\"{WORKDIR}/embeddings.parquet\",\n"
@@ -92,7 +92,7 @@ NOTEBOOKS = {
     ],
     "05_choose_a_checkpoint.ipynb": [
         new_markdown_cell("# Choose a checkpoint on your own data\n\nRuns `clip-pyfunc evaluate` "
-                          "(`clip_pyfunc.evaluate.run`) over a few checkpoints on one labelled data set: zero-shot "
+                          "(`clip_pyfunc.batch.evaluate.run.run`) over a few checkpoints on one labelled data set: zero-shot "
                           "top-1/top-5 with the family's own scoring, images/s and texts/s on this machine, load time, "
                           "dimension and artifact size. Each model becomes one MLflow run in the `evaluate` "
                           "experiment, all on the same data set digest."),
@@ -100,10 +100,10 @@ NOTEBOOKS = {
                       'MODELS = os.environ.get("CLIP_MODELS", "openai/clip-vit-base-patch32,google/siglip-base-patch16-224")'
                       '.split(",")\n# Your labelled images: a folder with one subfolder per class (or a .jsonl/.csv/.parquet).\n'
                       'DATA = os.environ.get("CLIP_EVAL_DATA", "")'),
-        new_code_cell("from clip_pyfunc.samples import write_shape_dataset\n\n"
+        new_code_cell("from clip_pyfunc.dev.samples import write_shape_dataset\n\n"
                       "if not DATA:  # no data of your own given: generated coloured shapes, the toy checkpoint's world\n"
                       "    DATA = write_shape_dataset(\"shape-data\", n=150)\nDATA"),
-        new_code_cell("from clip_pyfunc import evaluate\n\n"
+        new_code_cell("from clip_pyfunc.batch.evaluate import run as evaluate\n\n"
                       "result = evaluate.run(MODELS, DATA, templates=(\"a {}\", \"a photo of a {}\"), out_dir=\"evaluate-out\")\n"
                       "[(m[\"model\"], m[\"metrics\"][\"top1_accuracy\"], m[\"metrics\"][\"images_per_s\"]) for m in result[\"models\"]]"),
         new_code_cell("from IPython.display import Image, Markdown, display\n\n"
@@ -117,10 +117,10 @@ NOTEBOOKS = {
                           "`clip_zero_shot_classifier` (the image tower, a label matrix made from the label file's "
                           "prompts, and the family's scoring), then asks it for the top 3 labels of a few images."),
         new_code_cell(SETUP + '\nLABELS = os.environ.get("CLIP_LABELS", "conf/labels/wearables.yaml")  # run from the repo root'),
-        new_code_cell("from clip_pyfunc.config import load_settings\nfrom clip_pyfunc.registry import register_classifier\n\n"
+        new_code_cell("from clip_pyfunc.settings import load_settings\nfrom clip_pyfunc.registry import register_classifier\n\n"
                       "summary = register_classifier(load_settings(None, {\"model\": {\"source\": MODEL}}), LABELS)\n"
                       "summary[\"models\"], summary[\"label_set\"]"),
-        new_code_cell("import mlflow\nimport pandas as pd\n\nfrom clip_pyfunc.samples import sample_images_b64, sample_names\n\n"
+        new_code_cell("import mlflow\nimport pandas as pd\n\nfrom clip_pyfunc.dev.samples import sample_images_b64, sample_names\n\n"
                       "clf = mlflow.pyfunc.load_model(\"models:/clip_zero_shot_classifier@champion\")\n"
                       "result = clf.predict(pd.DataFrame({\"input\": sample_images_b64()}), params={\"top_k\": 3})\n"
                       "result.insert(0, \"image\", sample_names())\nresult"),
@@ -130,9 +130,9 @@ NOTEBOOKS = {
     "07_search.ipynb": [
         new_markdown_cell("# Search: embed a folder with Spark, index it in Qdrant, query by words and by photo\n\nEmbeds every image of a folder with the registered image model (the Spark job), upserts the vectors into a Qdrant collection (qdrant-client's local mode under `./clip-index`; set `QDRANT_URL` for a server, same code), then searches it by text and by image and shows the hits as thumbnails. With the toy checkpoint (`clip-pyfunc toy-checkpoint ./clip-toy`), the folder is generated coloured shapes and the answers are right; its vectors mean nothing else."),
         new_code_cell('import os\n\n# A hub id, or a local directory in transformers format (e.g. ./clip-toy from `clip-pyfunc toy-checkpoint`).\nMODEL = os.environ.get("CLIP_MODEL", "./clip-toy")\n# Your folder of images; the default writes generated shapes (labelled subfolders) as a stand-in.\nFOLDER = os.environ.get("CLIP_IMAGES", "shapes")\nINDEX, COLLECTION = "clip-index", "shapes"\n# The registry: MLFLOW_TRACKING_URI when set, else MLflow\'s default sqlite:///mlflow.db here.'),
-        new_code_cell('from clip_pyfunc.config import load_settings\nfrom clip_pyfunc.registry import register_models\nfrom clip_pyfunc.samples import write_shape_dataset\n\nif not os.path.isdir(FOLDER):\n    write_shape_dataset(FOLDER, n=60)\nsummary = register_models(load_settings(None, {"model": {"source": MODEL}}))\nIMAGE_URI = summary["models"]["image"]["uri"]\nsummary.get("warning"), IMAGE_URI'),
-        new_code_cell('from clip_pyfunc.spark import run_job, spark_session\n\nspark = spark_session("local[2]")\nreport = run_job(spark, model_uri=IMAGE_URI, source=FOLDER, output="embeddings.parquet")\nspark.stop()\n{k: report[k] for k in ("rows", "embedded", "failed", "model_loads")}'),
-        new_code_cell('from clip_pyfunc.index import Searcher, index_table, open_client\n\nclient = open_client(INDEX)\nindexed = index_table(client, COLLECTION, "embeddings.parquet", IMAGE_URI)\nsearcher = Searcher(client, COLLECTION)  # embeds queries with the models the collection records\nindexed'),
+        new_code_cell('from clip_pyfunc.settings import load_settings\nfrom clip_pyfunc.registry import register_models\nfrom clip_pyfunc.dev.samples import write_shape_dataset\n\nif not os.path.isdir(FOLDER):\n    write_shape_dataset(FOLDER, n=60)\nsummary = register_models(load_settings(None, {"model": {"source": MODEL}}))\nIMAGE_URI = summary["models"]["image"]["uri"]\nsummary.get("warning"), IMAGE_URI'),
+        new_code_cell('from clip_pyfunc.batch.spark import run_job, spark_session\n\nspark = spark_session("local[2]")\nreport = run_job(spark, model_uri=IMAGE_URI, source=FOLDER, output="embeddings.parquet")\nspark.stop()\n{k: report[k] for k in ("rows", "embedded", "failed", "model_loads")}'),
+        new_code_cell('from clip_pyfunc.search.index import index_table, open_client\nfrom clip_pyfunc.search.query import Searcher\n\nclient = open_client(INDEX)\nindexed = index_table(client, COLLECTION, "embeddings.parquet", IMAGE_URI)\nsearcher = Searcher(client, COLLECTION)  # embeds queries with the models the collection records\nindexed'),
         new_code_cell('import glob\n\nimport pandas as pd\n\nby_text = searcher.search(text="a red circle", k=6)\nquery_image = sorted(glob.glob(os.path.join(FOLDER, "**", "*.png"), recursive=True))[0]\nby_image = searcher.search(image=open(query_image, "rb").read(), k=6)\n# The folder\'s subfolder names are the shapes\' labels: the hits should show the query\'s.\npd.DataFrame([{"query": q, "hit": os.path.relpath(h["id"].removeprefix("file:"), os.path.abspath(FOLDER)),\n               "score": round(h["score"], 3)}\n              for q, hits in (("a red circle", by_text), (os.path.relpath(query_image, FOLDER), by_image))\n              for h in hits])'),
         new_code_cell('import matplotlib.pyplot as plt\nfrom PIL import Image\n\nfig, axes = plt.subplots(2, 6, figsize=(12, 4.6))\nfor row, (title, hits) in enumerate((("text: a red circle", by_text), (f"image: {os.path.basename(query_image)}", by_image))):\n    for ax, hit in zip(axes[row], hits):\n        ax.imshow(Image.open(hit["id"].removeprefix("file:")))\n        ax.set_title(f"{hit[\'score\']:.3f}", fontsize=9)\n        ax.axis("off")\n    axes[row][0].set_title(f"{title}\\n{hits[0][\'score\']:.3f}", fontsize=9, loc="left")\nplt.tight_layout()\nplt.show()\nclient.close()'),
     ],

@@ -13,10 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
-from clip_pyfunc.benchmarks.common import b64, machine_info, photo_jpeg, time_calls
+from clip_pyfunc.benchmarks.common import b64, machine_info, photo_jpeg, temporary_registry, time_calls
 
 IMAGE_WORKLOADS = {"jpeg_640x480": (640, 480), "jpeg_2mp": (1632, 1224), "jpeg_12mp": (4000, 3000),
                    "png_screenshot": (1440, 900),
@@ -45,7 +44,7 @@ def _screenshot(width: int, height: int, seed: int) -> bytes:
 
 def _images(name: str, n: int) -> list[str]:
     w, h = IMAGE_WORKLOADS[name]
-    from clip_pyfunc.samples import camera_jpeg
+    from clip_pyfunc.dev.samples import camera_jpeg
 
     make = _screenshot if name.startswith("png") else camera_jpeg if name.startswith("camera") else (
         lambda w, h, s: photo_jpeg(w, h, seed=s))
@@ -75,7 +74,7 @@ def _rates(fns: dict, rows: int, rounds: int = 5) -> dict:
 
 # What a process that serves or embeds has imported before it loads a model (transformers'
 # CLIP modelling code alone takes about 2.5 s to import here).
-_IMPORTS = "import torch, mlflow, transformers, clip_pyfunc.image_model, clip_pyfunc.text_model\n"
+_IMPORTS = "import torch, mlflow, transformers, clip_pyfunc.models.image, clip_pyfunc.models.text\n"
 
 
 def _imports(model_class: str) -> str:
@@ -96,7 +95,7 @@ def _rss_subprocess(imports: str, load: str) -> dict:
 def memory(image_uri: str, text_uri: str, checkpoint: str, model_class: str) -> dict:
     """Resident memory of each model after loading and one forward (weights load lazily, so a
     forward is what makes them resident), vs the family's full model doing both forwards."""
-    base = _imports(model_class) + "\nimport pandas as pd\nfrom clip_pyfunc.registry import input_example"
+    base = _imports(model_class) + "\nimport pandas as pd\nfrom clip_pyfunc.registry.signatures import input_example"
     full = (f"(m := transformers.{model_class}.from_pretrained({checkpoint!r}).eval(), "
             "m.get_text_features(input_ids=torch.tensor([[1, 2]])), "
             f"m.get_image_features(**transformers.AutoImageProcessor.from_pretrained({checkpoint!r}, backend='pil')"
@@ -118,33 +117,29 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     import pandas as pd
     import torch
 
-    from clip_pyfunc.checkpoint import features, resolve_checkpoint
+    from clip_pyfunc.artifacts.checkpoint import RANDOM_WARNING, resolve_checkpoint
     from clip_pyfunc.errors import ModelLoadError
     from clip_pyfunc.families import family_for
-    from clip_pyfunc.config import load_settings
-    from clip_pyfunc.encode import encode_pixels, encode_token_ids
-    from clip_pyfunc.postprocess import finish
-    from clip_pyfunc.preprocess import pad_ids, tokenize
-    from clip_pyfunc.random_checkpoint import save_random_checkpoint
+    from clip_pyfunc.settings import load_settings
+    from clip_pyfunc.stages.encode import encode_pixels, encode_token_ids, features
+    from clip_pyfunc.stages.postprocess import finish
+    from clip_pyfunc.stages.preprocess import pad_ids, tokenize
+    from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry import register_models
 
     os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="clip-bench-")
+    tmp = temporary_registry("clip-bench-")
     if random_init:
         path = save_random_checkpoint(os.path.join(tmp, random_init), random_init)
     else:
         path = resolve_checkpoint(model).path
-    uri = f"sqlite:///{tmp}/bench.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.create_experiment("clip-pyfunc", artifact_location=os.path.join(tmp, "artifacts"))
     summary = register_models(load_settings(None, {"model": {"source": path}}))
     image_uri, text_uri = summary["models"]["image"]["uri"], summary["models"]["text"]["uri"]
     model_class = family_for(summary["family"]).model_class
     result = {"benchmark": "bench", "checkpoint": model or f"random-init {random_init}",
               "random_weights": bool(random_init), "machine": machine_info(), "batch_sizes": list(batch_sizes)}
     if random_init:
-        result["note"] = "randomly initialised weights with real shapes: same compute, meaningless vectors"
+        result["note"] = RANDOM_WARNING + " (same compute as real weights)"
 
     # Load time of the registered image model, in a fresh interpreter, after imports.
     load_code = (f"import time\n{_imports(model_class)}\n"

@@ -8,7 +8,6 @@ the label matrix product, the scoring and building the labels/scores columns.
 from __future__ import annotations
 
 import os
-import tempfile
 
 
 def run(random_init: str = "vit-b-32", rows: int = 32, labels: int = 20, rounds: int = 5) -> dict:
@@ -17,17 +16,13 @@ def run(random_init: str = "vit-b-32", rows: int = 32, labels: int = 20, rounds:
     import yaml
 
     from clip_pyfunc.benchmarks.bench import _images, _rates
-    from clip_pyfunc.benchmarks.common import machine_info
-    from clip_pyfunc.config import load_settings
-    from clip_pyfunc.random_checkpoint import save_random_checkpoint
+    from clip_pyfunc.benchmarks.common import machine_info, temporary_registry
+    from clip_pyfunc.settings import load_settings
+    from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry import register_classifier, register_models
 
-    tmp = tempfile.mkdtemp(prefix="clip-bench-clf-")
+    tmp = temporary_registry("clip-bench-clf-")
     path = save_random_checkpoint(os.path.join(tmp, random_init), random_init)
-    uri = f"sqlite:///{tmp}/bench.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.create_experiment("clip-pyfunc", artifact_location=os.path.join(tmp, "artifacts"))
     label_file = os.path.join(tmp, "labels.yaml")
     with open(label_file, "w", encoding="utf-8") as f:
         yaml.safe_dump({"name": "bench", "labels": [f"category {i}" for i in range(labels)]}, f)

@@ -5,26 +5,22 @@ from __future__ import annotations
 import base64
 import os
 import platform
+import tempfile
 import time
 from typing import Callable
 
-from clip_pyfunc.samples import photo_jpeg  # noqa: F401 - the benchmarks' photos
+from clip_pyfunc.dev.samples import photo_jpeg  # noqa: F401 - the benchmarks' photos
 
 
 def machine_info() -> dict:
     """CPU model, core count, SIMD flags that matter for torch, torch's CPU capability, GPU."""
     import torch
 
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("unknown", "", "x86_64"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from clip_pyfunc.runtime import cpu_has_native_bf16, cpu_info
+
+    model, flags = cpu_info()
+    if model == "unknown":
+        model = platform.processor() or "unknown"
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "fma")
     return {
         "cpu": model,
@@ -32,11 +28,24 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_flags": [f for f in wanted if f in flags],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "native_bf16": cpu_has_native_bf16(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def temporary_registry(prefix: str) -> str:
+    """A new temporary folder holding an MLflow sqlite store, made this process's (and its children's)
+    tracking and registry URI, with the experiment "clip-pyfunc"; returns the folder."""
+    import mlflow
+
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    uri = f"sqlite:///{tmp}/bench.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("clip-pyfunc", artifact_location=os.path.join(tmp, "artifacts"))
+    return tmp
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -29,7 +29,7 @@ def reference_processors() -> dict:
     """{resize kind: (transformers' processor, the ImageSpec clip-pyfunc reads from its saved config)}."""
     import transformers
 
-    from clip_pyfunc.preprocess import read_image_spec
+    from clip_pyfunc.stages.preprocess import read_image_spec
 
     out = {}
     for kind, name in RESIZE_KINDS.items():
@@ -42,9 +42,9 @@ def reference_processors() -> dict:
 
 def fast_pixels(data: bytes, spec, limits=None):
     """The tensor the fast path feeds the tower for these JPEG bytes ((3, H, W), or NaFlex's patches)."""
-    from clip_pyfunc.decode import ImageLimits, decode_image
+    from clip_pyfunc.stages.decode import ImageLimits, decode_image
     from clip_pyfunc.errors import InvalidInput
-    from clip_pyfunc.preprocess import fast_draft_edge, preprocess_image
+    from clip_pyfunc.stages.preprocess import fast_draft_edge, preprocess_image
 
     limits = limits or ImageLimits(max_bytes=1 << 30, max_pixels=1 << 30)
     img = decode_image(data, limits, fast_draft_edge(spec))
@@ -79,7 +79,7 @@ def level_error(fast, reference, spec) -> tuple[float, float]:
 def measure_pixels(sizes=SIZES, subsamplings=SUBSAMPLINGS, quality: int = 92) -> list[dict]:
     """Levels from the reference for camera-like JPEGs (samples.camera_jpeg: texture and grain) of
     each size and chroma subsampling, through each resize kind."""
-    from clip_pyfunc.samples import camera_jpeg
+    from clip_pyfunc.dev.samples import camera_jpeg
 
     processors = reference_processors()
     rows = []

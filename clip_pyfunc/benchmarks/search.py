@@ -59,17 +59,14 @@ def app_overhead(requests_n: int = 30) -> dict:
     import pandas as pd
     import requests
 
-    from clip_pyfunc.benchmarks.common import free_port, percentile, photo_jpeg, time_calls, wait_ready
-    from clip_pyfunc.config import load_settings
-    from clip_pyfunc.index import Searcher, index_table, open_client
-    from clip_pyfunc.random_checkpoint import save_random_checkpoint
+    from clip_pyfunc.benchmarks.common import free_port, percentile, photo_jpeg, temporary_registry, time_calls, wait_ready
+    from clip_pyfunc.settings import load_settings
+    from clip_pyfunc.search.index import index_table, open_client
+    from clip_pyfunc.search.query import Searcher
+    from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry import register_models
 
-    tmp = tempfile.mkdtemp(prefix="clip-bench-app-")
-    uri = f"sqlite:///{tmp}/bench.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.create_experiment("clip-pyfunc", artifact_location=os.path.join(tmp, "artifacts"))
+    tmp = temporary_registry("clip-bench-app-")
     ckpt = save_random_checkpoint(os.path.join(tmp, "vit-b-32"), "vit-b-32")
     models_ = register_models(load_settings(None, {"model": {"source": ckpt}}))["models"]
     vectors = _unit(1000, seed=3)

@@ -110,8 +110,8 @@ def compare_workers(model_uri: str, seconds: float = 20.0, clients: int = 4, req
     import psutil
     import requests
 
-    from clip_pyfunc.config import ServeConfig
-    from clip_pyfunc.serve import serve_command, serve_env
+    from clip_pyfunc.settings import ServeConfig
+    from clip_pyfunc.serving.serve import serve_command, serve_env
 
     cores = os.cpu_count() or 1
     body = json.dumps({"dataframe_records": [{"input": b64(photo_jpeg(640, 480, seed=1))}]})

@@ -14,7 +14,7 @@ def _ours_vs_spark_udf(spark, model_uri: str, src: str, tmp: str, tasks: int) ->
     import mlflow
     from pyspark.sql.types import ArrayType, FloatType
 
-    from clip_pyfunc.spark import embed_dataframe
+    from clip_pyfunc.batch.spark import embed_dataframe
 
     df = spark.read.parquet(src).repartition(tasks)
     start = time.perf_counter()
@@ -37,7 +37,7 @@ def run(model_uri: str, rows: int = 128, master: str = "local[2]", width: int = 
     import mlflow
     import pandas as pd
 
-    from clip_pyfunc.spark import run_job, spark_session, stop_session
+    from clip_pyfunc.batch.spark import run_job, spark_session, stop_session
 
     images = [b64(photo_jpeg(width, height, seed=i % 16)) for i in range(rows)]
     frame = pd.DataFrame({"id": range(rows), "input": images})

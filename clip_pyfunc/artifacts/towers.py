@@ -1,0 +1,219 @@
+"""Tower artifacts: split a checkpoint into one directory per tower, describe it once, load a tower back.
+
+A tower artifact is the only file layout the package knows: the full config.json,
+`model.safetensors` (that tower's weights under the full model's names), its tokenizer or
+image processor, and `clip_pyfunc.json` (the CheckpointInfo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint
+from clip_pyfunc.errors import ModelLoadError
+from clip_pyfunc.stages.encode import features
+
+TOWERS = ("text", "image")
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "clip_pyfunc.json"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports and progress bars while we split towers on purpose."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointInfo:
+    """What a checkpoint is, read once at registration and stored in each tower artifact.
+
+    Attributes:
+        family: The family's model_type (see clip_pyfunc.families).
+        embedding_dim: Length of the vectors, as the full model class computes them.
+        scoring: "softmax" over labels or per-label "sigmoid".
+        scale: Multiplier of cosine similarities in scores (exp(logit_scale), 1/temperature).
+        bias: Added to scaled similarities (SigLIP's logit_bias; 0 otherwise).
+        context_length: Most text tokens (special tokens included); longer text is truncated.
+        pad_to: Pad every text to this many tokens, or None to pad to the longest row.
+        lowercase: Lowercase text before tokenising.
+        attention_mask: Pass an attention mask to the text tower.
+        image_inputs: "pixels" or "naflex".
+        max_num_patches: NaFlex only: the patch budget images are resized to fit.
+        precision_cosine: Per precision ("bf16", "int8", "fp16"), the lowest cosine to fp32 measured
+            on sample texts and images at registration; the loader's "default" precision uses it.
+    """
+
+    family: str
+    embedding_dim: int
+    scoring: str
+    scale: float
+    bias: float
+    context_length: int
+    pad_to: int | None
+    lowercase: bool
+    attention_mask: bool
+    image_inputs: str = "pixels"
+    max_num_patches: int | None = None
+    precision_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write(self, artifact_dir: str) -> None:
+        """Write `clip_pyfunc.json` into a tower artifact."""
+        with open(os.path.join(artifact_dir, INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def read(cls, artifact_dir: str) -> CheckpointInfo:
+        """Read the `clip_pyfunc.json` an artifact carries.
+
+        Raises:
+            ModelLoadError: Missing or malformed.
+        """
+        path = os.path.join(artifact_dir, INFO_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls(**json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"cannot read the checkpoint description {path}: {e}") from e
+
+
+def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[CheckpointInfo, dict[str, str]]:
+    """Load the checkpoint once with its family's full model class and write one artifact per tower.
+
+    Each artifact holds the full config.json, `model.safetensors` with only the weights its
+    tower needs (the encoder, the projection or head the family keeps at the top level, and
+    the scoring scalars) under the full model's own names, its tokenizer or image processor,
+    and `clip_pyfunc.json` (the CheckpointInfo). Weights are saved in fp32, the reference
+    precision. Because the full model class is what loads the checkpoint, shapes follow it
+    whatever the sub-configs say.
+
+    Returns:
+        (the checkpoint's description, {"text": dir, "image": dir}).
+
+    Raises:
+        ModelLoadError: The checkpoint lacks files or weights, or its towers disagree on the dimension.
+    """
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from clip_pyfunc.families import family_for
+
+    family = family_for(checkpoint.model_type, where=checkpoint.source)
+    try:
+        with quiet_transformers():
+            model = getattr(transformers, family.model_class).from_pretrained(checkpoint.path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+            image_processor = AutoImageProcessor.from_pretrained(checkpoint.path, backend="pil")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load {checkpoint.source} as a {family.model_class}: {e}") from e
+    model.eval()
+    info = describe(model, family, tokenizer, image_processor)
+    scalars = [name for name, p in model.named_parameters(recurse=False)]
+    state = model.state_dict()
+    dirs = {}
+    for tower in TOWERS:
+        target = os.path.join(workdir, f"{tower}_tower")
+        os.makedirs(target, exist_ok=True)
+        keep = set(family.children(tower))
+        tensors = {k: v.contiguous() for k, v in state.items() if k.split(".")[0] in keep or k in scalars}
+        if not any(k.split(".")[0] in keep for k in tensors):
+            raise ModelLoadError(f"{checkpoint.source} has no weights for the {tower} tower ({sorted(keep)})")
+        save_file(tensors, os.path.join(target, WEIGHTS_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(target)
+        (tokenizer if tower == "text" else image_processor).save_pretrained(target)
+        with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump(info.to_dict(), f, indent=2)
+        dirs[tower] = target
+    return info, dirs
+
+
+def describe(model, family, tokenizer, image_processor) -> CheckpointInfo:
+    """Describe a loaded full model: dimension (from one forward per tower), scoring, text rules."""
+    import torch
+    from PIL import Image
+
+    scalars = {name: float(p.detach().reshape(-1)[0]) for name, p in model.named_parameters(recurse=False)
+               if p.numel() == 1}
+    text_cfg = model.config.text_config
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    context = int(text_cfg.max_position_embeddings) - family.position_offset
+    if isinstance(tok_max, int) and 0 < tok_max < context:
+        context = tok_max  # the tokenizer's own limit (e.g. 64 for ALIGN's BERT) is the reference's
+    lowercase = bool(family.lowercase(tokenizer))
+    attention_mask = "attention_mask" in getattr(tokenizer, "model_input_names", ["attention_mask"])
+    with torch.inference_mode():
+        ids = tokenizer(["a photo"], return_tensors="pt")
+        text_kwargs = {"input_ids": ids["input_ids"]}
+        if attention_mask:
+            text_kwargs["attention_mask"] = ids["attention_mask"]
+        text_dim = features(model.get_text_features(**text_kwargs)).shape[-1]
+        pixels = image_processor(images=[Image.new("RGB", (64, 48), (120, 30, 200))], return_tensors="pt")
+        image_dim = features(model.get_image_features(**dict(pixels))).shape[-1]
+    if text_dim != image_dim:
+        raise ModelLoadError(f"text vectors have {text_dim} dimensions but image vectors {image_dim}; not one space")
+    return CheckpointInfo(
+        family=family.model_type, embedding_dim=int(text_dim), scoring=family.scoring,
+        scale=float(family.scale(scalars)), bias=float(family.bias(scalars)),
+        context_length=context, pad_to=int(text_cfg.max_position_embeddings) if family.pad_to_max_length else None,
+        lowercase=lowercase, attention_mask=attention_mask, image_inputs=family.image_inputs,
+        max_num_patches=getattr(image_processor, "max_num_patches", None) if family.image_inputs == "naflex" else None,
+    )
+
+
+def load_tower(artifact_dir: str, tower: str):
+    """Build the family's full model class holding only one tower, with the artifact's weights.
+
+    The other tower is never materialised: the class is built without weight initialisation
+    (untouched memory), the other tower's submodules are dropped, and the saved weights are
+    assigned strictly, so every remaining parameter comes from the artifact. Its
+    get_text_features / get_image_features are then the family's own code.
+
+    Raises:
+        ModelLoadError: The config is not a supported family, or weights are missing or extra.
+    """
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+    from transformers.initialization import no_init_weights
+
+    from clip_pyfunc.families import family_for
+
+    config = transformers.AutoConfig.from_pretrained(artifact_dir)
+    family = family_for(config.model_type, where=artifact_dir)
+    with quiet_transformers(), no_init_weights():
+        model = getattr(transformers, family.model_class)(config)
+    keep = family.children(tower)
+    for name, _ in list(model.named_children()):
+        if name not in keep:
+            delattr(model, name)
+    try:
+        state = load_file(os.path.join(artifact_dir, WEIGHTS_FILE))
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the {tower} weights in {artifact_dir}: {e}") from e
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"the {tower} artifact in {artifact_dir} does not match its {family.model_class}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(torch.float32).eval().requires_grad_(False)

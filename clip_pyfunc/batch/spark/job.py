@@ -1,0 +1,90 @@
+"""Batch-embed a table with a registered model: reader -> embed (pyfunc in mapInPandas) -> writer.
+
+`run_job` chains the three (reader.read_input, embed.embed_dataframe, writer) in a session
+from session.spark_session, and reports what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+from clip_pyfunc.batch.spark.embed import ModelSource, embed_dataframe, prepare_model
+from clip_pyfunc.batch.spark.reader import read_input
+from clip_pyfunc.batch.spark.session import is_local
+from clip_pyfunc.batch.spark.writer import _count_written, _drop, _looks_like_path, _publish
+from clip_pyfunc.errors import EmbedJobError
+from clip_pyfunc.models.request import ERROR_COL
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobCounts:
+    """What a finished job reports."""
+
+    rows: int
+    embedded: int
+    failed: int
+    model_loads: int
+    seconds: float
+
+
+def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id_col: str | None = None,
+            input_col: str | None = None, input_format: str = "auto", fail_on_error: bool = False,
+            normalize: bool | None = None, model_config: dict | None = None) -> dict:
+    """Embed a table and publish the result only when the job succeeded.
+
+    `model_uri` is a model URI or a ModelSource from prepare_model (the CLI prepares it while
+    Spark starts). With a URI and a local master, the model is copied to local disk once for
+    the job's workers, and the copy is removed at the end.
+
+    The output is written to a staging location first, counted, then swapped in for the
+    previous output (a re-run replaces it; a failed run leaves the old output untouched and
+    no partial output behind).
+
+    Returns:
+        A JSON-ready report: rows, embedded, failed, model loads, seconds, rows/s, output.
+
+    Raises:
+        EmbedJobError: Bad arguments, or bad rows with `fail_on_error`.
+    """
+    from pyspark.sql import functions as F
+
+    start = time.perf_counter()
+    local = is_local(spark.sparkContext.master)
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir:
+        model = model_uri if isinstance(model_uri, ModelSource) else prepare_model(
+            model_uri, copy_dir if local else None)
+        if not local and model.load_from != model.uri:  # a driver-side copy is not on the executors' disks
+            model = dataclasses.replace(model, load_from=model.uri, checked=False)
+        df, id_col, input_col = read_input(spark, source, input_format, id_col, input_col)
+        embedded, loads = embed_dataframe(df, model, input_col=input_col, normalize=normalize,
+                                          model_config=model_config)
+        is_table = not _looks_like_path(output)
+        staging = f"{output}__staging_{uuid.uuid4().hex[:8]}" if is_table else f"{output}.staging-{uuid.uuid4().hex[:8]}"
+        try:
+            if is_table:
+                embedded.write.mode("error").saveAsTable(staging)
+            else:
+                embedded.write.mode("error").parquet(staging)
+            rows, failed = _count_written(spark, staging, is_table)
+            counts = JobCounts(rows=rows, embedded=rows - failed, failed=failed,
+                               model_loads=loads.value, seconds=round(time.perf_counter() - start, 2))
+            if fail_on_error and counts.failed:
+                written = spark.table(staging) if is_table else spark.read.parquet(staging)
+                examples = [f"{r[id_col]}: {r[ERROR_COL]}" for r in written.where(F.col(ERROR_COL).isNotNull())
+                            .select(id_col, ERROR_COL).limit(5).collect()]
+                raise EmbedJobError(f"{counts.failed} of {counts.rows} rows failed (--fail-on-error); "
+                                    f"nothing was written. First: {examples}")
+            _publish(spark, staging, output, is_table)
+        finally:
+            _drop(spark, staging, is_table)
+    report = dict(counts.__dict__, output=output, model_uri=model.requested, model_version_uri=model.uri,
+                  master=spark.sparkContext.master,
+                  rows_per_s=round(counts.rows / counts.seconds, 2) if counts.seconds else None)
+    print(f"clip-pyfunc embed-table: {counts.rows} rows, {counts.embedded} embedded, {counts.failed} failed, "
+          f"model loaded {counts.model_loads}x, {counts.seconds}s", file=sys.stderr, flush=True)
+    return report

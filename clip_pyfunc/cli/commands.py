@@ -1,0 +1,268 @@
+"""`clip-pyfunc` commands: each a thin edge over the package's functions, returning its JSON result.
+
+Settings come from conf/clip_pyfunc.yaml (or --conf FILE); the flags that name a setting
+override it (see parser.settings_of).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from clip_pyfunc.artifacts.checkpoint import RANDOM_WARNING, TOY_WARNING
+from clip_pyfunc.errors import EmbedJobError, ModelLoadError
+
+
+def settings_of(args: argparse.Namespace):
+    """The command's settings: the conf file, then every flag whose `dest` names a setting ("section.key")."""
+    from clip_pyfunc.settings import load_settings
+
+    overrides: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        section, dot, key = dest.partition(".")
+        if dot:
+            overrides.setdefault(section, {})[key] = value
+    return load_settings(getattr(args, "conf", None), overrides)
+
+
+def _require_model(uri: str, flag: str) -> None:
+    """Refuse a model URI MLflow cannot resolve before a server or a Spark job starts on it."""
+    from clip_pyfunc.registry.lookup import model_info
+
+    model_info(uri, flag)
+
+
+def cmd_register(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.registry import register_models
+
+    return register_models(settings_of(args))
+
+
+def cmd_register_classifier(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.registry import register_classifier
+
+    settings = settings_of(args)
+    return register_classifier(settings, args.labels, dynamic_labels=args.dynamic_labels)
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """Register, then embed the sample texts and images through the registered models."""
+    import mlflow
+    import pandas as pd
+
+    from clip_pyfunc.dev.samples import SAMPLE_TEXTS, sample_images_b64, sample_names
+
+    summary = cmd_register(args)
+    text = mlflow.pyfunc.load_model(summary["models"]["text"]["uri"])
+    image = mlflow.pyfunc.load_model(summary["models"]["image"]["uri"])
+    t = text.predict(pd.DataFrame({"input": list(SAMPLE_TEXTS)}))
+    i = image.predict(pd.DataFrame({"input": sample_images_b64()}))
+    scores = t @ i.T
+    summary["demo"] = {
+        "texts": list(SAMPLE_TEXTS),
+        "images": [f"{name} (JPEG)" for name in sample_names()],
+        "best_image_for_text": {text: sample_names()[int(row.argmax())] for text, row in zip(SAMPLE_TEXTS, scores)},
+        "text_vectors": list(t.shape),
+        "image_vectors": list(i.shape),
+        "dtype": str(t.dtype),
+        "cosine_text_x_image": [[round(float(x), 4) for x in row] for row in scores],
+    }
+    return summary
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
+
+    try:
+        path = save_random_checkpoint(args.path, args.arch, seed=args.seed)
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the checkpoint to {args.path}: {e}") from e
+    return {"path": path, "arch": args.arch, "warning": RANDOM_WARNING}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.batch.evaluate import run as evaluate
+    conf = settings_of(args).evaluate
+    for spec in args.models:
+        if spec.startswith(("models:/", "runs:/")):
+            _require_model(spec, "--models")
+    result = evaluate.run(args.models, args.data, kind=args.kind, experiment=conf.experiment,
+                          templates=conf.templates, batch_size=conf.batch_size, out_dir=args.out,
+                          tag_versions=args.tag_versions, image_embeddings=args.image_embeddings)
+    kind = result["data"]["kind"]
+    print(open(result["table"]).read(), file=sys.stderr)
+    result["headline_metric"] = evaluate.HEADLINE[kind]
+    return result
+
+
+def cmd_toy_checkpoint(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.dev.toy_checkpoint import train_toy_checkpoint
+
+    try:
+        result = train_toy_checkpoint(args.path, seed=args.seed, log=lambda line: print(line, file=sys.stderr))
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the checkpoint to {args.path}: {e}") from e
+    result["warning"] = TOY_WARNING
+    return result
+
+
+class JsonLines(list):
+    """A command result printed as one JSON object per line (search hits, duplicate groups)."""
+
+
+def _client(settings, must_exist: bool = False):
+    from clip_pyfunc.search.index import open_client
+
+    return open_client(settings.index.path, settings.index.url, must_exist=must_exist)
+
+
+def cmd_index(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.search.index import index_table
+
+    settings = settings_of(args)
+    client = _client(settings)
+    try:
+        return index_table(client, settings.index.collection, args.input, args.model_uri, id_col=args.id_col)
+    finally:
+        client.close()
+
+
+def cmd_search(args: argparse.Namespace) -> JsonLines:
+    from clip_pyfunc.search.query import Searcher
+
+    settings = settings_of(args)
+    image = None
+    if args.image:
+        try:
+            with open(args.image, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise ModelLoadError(f"--image {args.image}: {e}") from e
+    client = _client(settings, must_exist=True)
+    try:
+        hits = Searcher(client, settings.index.collection).search(text=args.text, image=image, like=args.like,
+                                                                 k=args.k, filters=args.filter)
+    finally:
+        client.close()
+    return JsonLines(hits)
+
+
+def cmd_duplicates(args: argparse.Namespace) -> JsonLines:
+    from clip_pyfunc.search.query import duplicate_groups
+
+    settings = settings_of(args)
+    client = _client(settings, must_exist=True)
+    try:
+        return JsonLines(duplicate_groups(client, settings.index.collection, args.threshold))
+    finally:
+        client.close()
+
+
+def cmd_app(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from clip_pyfunc.serving import app as app
+
+    settings = settings_of(args)
+    config, names = settings.app, settings.registry
+    classifier = None if args.no_classifier else (
+        config.classifier or f"models:/{settings.classifier.name}@{settings.classifier.alias}")
+    config = dataclasses.replace(config, api_key=config.api_key or os.environ.get("CLIP_PYFUNC_API_KEY"))
+    app.configure_logging()  # what load() warns about (no index, no classifier) carries the app's format
+    loaded = app.load(f"models:/{names.text_name}@{names.alias}", f"models:/{names.image_name}@{names.alias}",
+                      classifier, classifier_required=bool(config.classifier),  # the conf default may be absent
+                      index=None if args.no_index else settings.index)
+    app.run(loaded, config)  # serves until stopped
+    return {}
+
+
+def cmd_serve(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.serving.serve import serve
+
+    settings = settings_of(args)
+    _require_model(args.model_uri, "--model-uri")  # before this process becomes the server
+    serve(args.model_uri, settings.serve)  # does not return
+    return {}
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import serving
+
+    _require_model(args.model_uri, "--model-uri")
+    if args.compare_workers:
+        return serving.compare_workers(args.model_uri, seconds=args.seconds)
+    return serving.run(args.model_uri, requests_n=args.requests, seconds=args.seconds)
+
+
+def cmd_embed_table(args: argparse.Namespace) -> dict:
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyspark.errors import AnalysisException
+
+    from clip_pyfunc.batch.spark import prepare_model, run_job, spark_session, stop_session
+    from clip_pyfunc.batch.spark.session import is_local, planned_master
+
+    # Found out before the JVM starts: a model MLflow cannot find, an input path that is not there.
+    _require_model(args.model_uri, "--model-uri")
+    # Only a local job reads this machine's disk; a scheme (dbfs:, s3://) or a cluster's default file
+    # system is Spark's to resolve, and its AnalysisException below names what is missing.
+    looks_like_path = "/" in args.input or args.input.endswith(".parquet")  # table names have neither
+    has_scheme = re.match(r"^[A-Za-z][\w+.-]*:", args.input) is not None
+    if (args.input_format != "table" and looks_like_path and not has_scheme and is_local(planned_master(args.master))
+            and not os.path.exists(args.input)):
+        raise EmbedJobError(f"--input {args.input}: no such file or folder; give a parquet path, a folder of "
+                            "images or a table name")
+    overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir, ThreadPoolExecutor(1) as pool:
+        # A local job's workers share this disk: copy the model there while the JVM starts.
+        model = pool.submit(prepare_model, args.model_uri, copy_dir) if is_local(planned_master(args.master)) else None
+        spark = spark_session(args.master, batch_rows=args.arrow_batch_rows)
+        try:
+            return run_job(spark, model_uri=model.result() if model else args.model_uri, source=args.input,
+                           output=args.output, id_col=args.id_col, input_col=args.input_col,
+                           input_format=args.input_format, fail_on_error=args.fail_on_error, model_config=overrides)
+        except AnalysisException as e:  # no such table or path, as Spark reads it
+            reason = " ".join(str(e).split())
+            raise EmbedJobError(f"--input {args.input} / --output {args.output}: {reason[:300]}") from e
+        finally:
+            stop_session(spark)
+
+
+def cmd_bench_classifier(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import classifier
+
+    return classifier.run(args.random_init, rows=args.rows, labels=args.labels)
+
+
+def cmd_bench_spark(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import spark
+
+    _require_model(args.model_uri, "--model-uri")
+    return spark.run(args.model_uri, rows=args.rows, master=args.master, tasks=args.tasks)
+
+
+def cmd_bench_search(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import search
+
+    return search.run(sizes=args.sizes, requests_n=args.requests)
+
+
+def cmd_bench_pixels(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import fast_path
+
+    return fast_path.run()
+
+
+def cmd_bench(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import bench
+
+    if bool(args.model) == bool(args.random_init):
+        raise ModelLoadError("pass exactly one of --model (hub id or directory) and --random-init NAME")
+    result = bench.run(args.model, args.random_init, out_dir=args.out,
+                       batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions),
+                       workloads=args.workloads)
+    print(bench.table(result), file=sys.stderr)
+    return result

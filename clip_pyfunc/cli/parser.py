@@ -1,0 +1,182 @@
+"""`clip-pyfunc`'s argument parser, and the settings its flags override.
+
+A flag that overrides a setting names it in its `dest` (`--batch-size` -> "runtime.batch_size"),
+so `settings_of` builds every command's settings the same way: conf/clip_pyfunc.yaml (or --conf
+FILE), then the flags that were given.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from clip_pyfunc.cli import commands
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows a setting flag's value by its key alone: `--batch-size BATCH_SIZE`, not RUNTIME.BATCH_SIZE."""
+
+    def _get_default_metavar_for_optional(self, action):
+        return action.dest.rpartition(".")[2].upper()
+
+
+def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--model", dest="model.source", metavar="MODEL", help="hub id or local directory of a transformers checkpoint (any supported family)")
+    p.add_argument("--revision", dest="model.revision", help="hub branch, tag or commit")
+    p.add_argument("--cache-dir", dest="model.cache_dir", help="Hugging Face hub cache directory")
+    if names:
+        p.add_argument("--text-name", dest="registry.text_name", help="registered name of the text model")
+        p.add_argument("--image-name", dest="registry.image_name", help="registered name of the image model")
+        p.add_argument("--alias", dest="registry.alias", help="alias to point at the new versions")
+        p.add_argument("--with-combined", dest="registry.with_combined", action="store_true", default=None,
+                       help="also register the combined image+text model (clip_image_text_embedding)")
+        p.add_argument("--azure-compatible", dest="registry.azure_compatible", action="store_true", default=None,
+                       help="register the combined model with normalize: false, as Azure ML's CLIP model answers")
+    p.add_argument("--experiment", dest="registry.experiment", help="MLflow experiment for the logging run")
+    p.add_argument("--device", dest="runtime.device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", dest="runtime.precision", help="default | auto | fp32 | bf16 | fp16 | int8")
+    p.add_argument("--batch-size", dest="runtime.batch_size", type=int, help="rows per forward pass")
+    p.add_argument("--num-threads", dest="runtime.num_threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-truncate-text", dest="runtime.truncate_text", action="store_false", default=None,
+                   help="refuse text over the context length instead of truncating it")
+    p.add_argument("--allow-urls", dest="runtime.allow_urls", action="store_true", default=None,
+                   help="image cells may be https URLs, fetched by the model with address checks (see README)")
+
+
+def _add_index_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--index-path", dest="index.path", help="qdrant-client local mode directory (default ./clip-index)")
+    p.add_argument("--qdrant-url", dest="index.url", help="a Qdrant server instead of local mode (or QDRANT_URL)")
+    p.add_argument("--collection", dest="index.collection", help="collection name (default clip)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clip_pyfunc.dev.random_checkpoint import ARCHITECTURES
+    from clip_pyfunc.benchmarks.bench import IMAGE_WORKLOADS
+
+    parser = argparse.ArgumentParser(prog="clip-pyfunc", description=commands.__doc__, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("register", help="log and register the text and image models, move the alias")
+    _add_settings_flags(p)
+    p.set_defaults(func=commands.cmd_register)
+    p = sub.add_parser("register-classifier", help="register the zero-shot image classifier (labels from a file)")
+    _add_settings_flags(p, names=False)
+    p.add_argument("--labels", help="label file (default from conf: conf/labels/wearables.yaml)")
+    p.add_argument("--name", dest="classifier.name", help="registered model name (default clip_zero_shot_classifier)")
+    p.add_argument("--alias", dest="classifier.alias", help="alias to point at the new version")
+    p.add_argument("--top-k", dest="classifier.top_k", type=int, help="default of the top_k param (0 = every label)")
+    p.add_argument("--dynamic-labels", action="store_true",
+                   help="ship the text tower too, so requests may send candidate_labels / hypothesis_template")
+    p.set_defaults(func=commands.cmd_register_classifier)
+    p = sub.add_parser("demo", help="register, then embed sample texts and images through the registry")
+    _add_settings_flags(p)
+    p.set_defaults(func=commands.cmd_demo)
+    p = sub.add_parser("index", help="upsert an embed-table output into a Qdrant collection")
+    _add_index_flags(p)
+    p.add_argument("--input", required=True, help="embed-table output: parquet path or table (id, embedding, error, ...)")
+    p.add_argument("--model-uri", "-m", required=True, help="the model that made the embeddings")
+    p.add_argument("--id-col", help="id column (default: the table's first column)")
+    p.set_defaults(func=commands.cmd_index)
+    p = sub.add_parser("search", help="query a collection by words, a photo or a stored item; JSON lines out")
+    _add_index_flags(p)
+    p.add_argument("--text", help="words to search for")
+    p.add_argument("--image", help="an image file to search by")
+    p.add_argument("--like", help="the id of an indexed item to find items like")
+    p.add_argument("--k", type=int, default=10, help="results (default 10)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="payload must match (repeatable)")
+    p.set_defaults(func=commands.cmd_search)
+    p = sub.add_parser("duplicates", help="near-duplicate groups in a collection; JSON lines out")
+    _add_index_flags(p)
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that links two items")
+    p.set_defaults(func=commands.cmd_duplicates)
+    p = sub.add_parser("app", help="the web page and JSON API (FastAPI on uvicorn) over the models and the index")
+    _add_index_flags(p)
+    p.add_argument("--host", dest="app.host", help="interface (default 127.0.0.1; anything else logs a warning)")
+    p.add_argument("--port", dest="app.port", type=int, help="port (default 8000)")
+    p.add_argument("--text-name", dest="registry.text_name", help="registered name of the text model (default from conf: clip_text_embedding)")
+    p.add_argument("--image-name", dest="registry.image_name", help="registered name of the image model (default: clip_image_embedding)")
+    p.add_argument("--alias", dest="registry.alias", help="alias of both models (default: champion)")
+    p.add_argument("--classifier", dest="app.classifier", help="classifier model URI (default models:/<classifier.name>@<alias>, "
+                                        "left out when not registered)")
+    p.add_argument("--no-classifier", action="store_true", help="run without /classify")
+    p.add_argument("--no-index", action="store_true", help="run without /search even where an index exists")
+    p.add_argument("--api-key", dest="app.api_key", help="require X-API-Key (or set CLIP_PYFUNC_API_KEY)")
+    p.set_defaults(func=commands.cmd_app)
+    p = sub.add_parser("bench-pixels", help="fast path vs each resize kind's reference processor, in levels")
+    p.set_defaults(func=commands.cmd_bench_pixels)
+
+    p = sub.add_parser("bench-search", help="search latency in Qdrant local mode; the app's added latency")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 20000], help="points per collection")
+    p.add_argument("--requests", type=int, default=30, help="timed requests per app endpoint")
+    p.set_defaults(func=commands.cmd_bench_search)
+    p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--model-uri", "-m", required=True, help="models:/name@alias, models:/name/1, runs:/..., a path")
+    p.add_argument("--host", dest="serve.host", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", "-p", dest="serve.port", type=int, help="port (default 5001)")
+    p.add_argument("--workers", "-w", dest="serve.workers", type=int, help="uvicorn workers")
+    p.add_argument("--timeout", "-t", dest="serve.timeout", type=int, help="seconds per request before a 504")
+    p.add_argument("--env-manager", dest="serve.env_manager", help="local (default) | uv | virtualenv | conda")
+    p.set_defaults(func=commands.cmd_serve)
+    p = sub.add_parser("bench-serving", help="served vs in-process latency and throughput (one run)")
+    p.add_argument("--model-uri", "-m", required=True)
+    p.add_argument("--requests", type=int, default=40, help="timed single-image requests per side")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds per throughput measurement")
+    p.add_argument("--compare-workers", action="store_true",
+                   help="1 worker x all threads against one worker per core x 1 thread (throughput, p50, memory)")
+    p.set_defaults(func=commands.cmd_bench_serving)
+    p = sub.add_parser("embed-table", help="embed a table (parquet, image directory or table) with Spark")
+    p.add_argument("--model-uri", "-m", required=True, help="e.g. models:/clip_image_embedding@champion")
+    p.add_argument("--input", required=True, help="parquet path, directory of image files, or table name")
+    p.add_argument("--input-format", default="auto", choices=["auto", "parquet", "images", "table"])
+    p.add_argument("--input-col", help="column to embed (image directories: content)")
+    p.add_argument("--id-col", help="key column kept in the output (image directories: path)")
+    p.add_argument("--output", required=True, help="parquet path, or a table name (saveAsTable)")
+    p.add_argument("--master", help="Spark master URL (default local[*]; spark-submit's when submitted)")
+    p.add_argument("--fail-on-error", action="store_true", help="any bad row fails the job; nothing is written")
+    p.add_argument("--precision", help="override the model's precision (fp32, bf16, int8, auto, ...)")
+    p.add_argument("--batch-size", type=int, help="override the model's forward batch size")
+    p.add_argument("--arrow-batch-rows", type=int, default=64, help="rows per Arrow batch sent to Python")
+    p.set_defaults(func=commands.cmd_embed_table)
+    p = sub.add_parser("bench-classifier", help="classify request vs image-model request, same rows (one run)")
+    p.add_argument("--random-init", default="vit-b-32", choices=sorted(ARCHITECTURES))
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--labels", type=int, default=20)
+    p.set_defaults(func=commands.cmd_bench_classifier)
+    p = sub.add_parser("bench-spark", help="Spark job rows/s vs in-process predict (one run)")
+    p.add_argument("--model-uri", "-m", required=True)
+    p.add_argument("--rows", type=int, default=128)
+    p.add_argument("--master", default="local[2]")
+    p.add_argument("--tasks", type=int, default=8, help="tasks for the per-task reload comparison")
+    p.set_defaults(func=commands.cmd_bench_spark)
+    p = sub.add_parser("bench", help="end-to-end vs raw forward vs naive baseline; writes JSON and a PNG plot")
+    p.add_argument("--model", help="hub id or local directory")
+    p.add_argument("--random-init", choices=sorted(ARCHITECTURES), help="random weights with real shapes")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
+    p.add_argument("--workloads", nargs="+", choices=sorted(IMAGE_WORKLOADS), help="image workloads (default all)")
+    p.set_defaults(func=commands.cmd_bench)
+    p = sub.add_parser("evaluate", help="compare checkpoints on your own data (one MLflow run each)")
+    p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="registered model URIs (the other tower is paired through its run), directories or hub ids")
+    p.add_argument("--data", required=True, help=".jsonl, .csv or .parquet file, or a folder of images")
+    p.add_argument("--kind", default="auto", choices=["auto", "negatives", "pairs", "labels"])
+    p.add_argument("--experiment", dest="evaluate.experiment", help="MLflow experiment (default from conf: evaluate)")
+    p.add_argument("--out", default="evaluate-out", help="directory for evaluate.md and evaluate.png")
+    p.add_argument("--tag-versions", action="store_true", help="put the headline metric on the registered versions")
+    p.add_argument("--image-embeddings", help="parquet from embed-table (id, embedding) instead of embedding images")
+    p.set_defaults(func=commands.cmd_evaluate)
+    p = sub.add_parser("toy-checkpoint", help="train a tiny CLIP on generated coloured shapes (about a minute)")
+    p.add_argument("path", help="directory to write (transformers CLIP format)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=commands.cmd_toy_checkpoint)
+    p = sub.add_parser("random-checkpoint", help="write a randomly initialised CLIP (stand-in for the hub)")
+    p.add_argument("path", help="directory to write")
+    p.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=commands.cmd_random_checkpoint)
+    for command in sub.choices.values():
+        command.formatter_class = _Formatter
+    return parser

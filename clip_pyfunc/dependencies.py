@@ -1,0 +1,85 @@
+"""The package's one dependency list: it feeds setup.py, conda.yaml and each logged model's requirements.
+
+`setup.py` reads it for `install_requires` and the extras; `tools/make_conda_env.py` writes
+`conda.yaml` (the MLproject's environment) from it, and a test keeps the file equal; the
+registry pins the MODEL names to the versions installed when a model is logged. No imports:
+setup.py runs this file before the package is installed.
+"""
+
+# name -> version range, in setup.py's terms.
+RANGES = {
+    # torch: install `torch==2.13.0` first (a local CPU build here); this range accepts it.
+    "torch": ">=2.1,<3",
+    "transformers": ">=5.0,<6",
+    "tokenizers": ">=0.20",
+    "safetensors": ">=0.4",
+    "huggingface-hub": ">=0.30",
+    "mlflow": ">=3.1,<4",
+    "pillow": ">=10",
+    "pybase64": ">=1.3",
+    "simplejpeg": ">=1.7",
+    "numpy": ">=1.26",
+    "pandas": ">=2",
+    "sentencepiece": ">=0.2",
+    "protobuf": ">=4",
+    "pyyaml": ">=6",
+    "tqdm": ">=4.60",
+    "matplotlib": ">=3.8",
+    "qdrant-client": ">=1.16",
+    "pyarrow": ">=15",
+    "fastapi": ">=0.110",
+    "uvicorn": ">=0.30",
+    "python-multipart": ">=0.0.9",
+    "pyspark": ">=4.0,<5",
+    "pytest": ">=8",
+    "nbclient": ">=0.10",
+    "nbformat": ">=5.9",
+    "ipykernel": ">=6",
+    "requests": ">=2.31",
+    "uv": ">=0.5",
+    "psutil": ">=5.9",
+    # the web page's browser test drives Debian's chromium (tools/install-system-packages.sh installs it)
+    "playwright": ">=1.40",
+}
+
+# What a served model imports, and nothing else: no pyspark, no pytest. Logged pinned to what logged it.
+# sentencepiece and protobuf: SigLIP's tokenizer is SentencePiece-only and needs both to load.
+# simplejpeg: the fast path's JPEG decode (libjpeg-turbo into numpy, at M/8 scales).
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
+                      "pillow", "pybase64", "simplejpeg", "numpy", "pandas", "sentencepiece", "protobuf")
+# The rest of `pip install clip-pyfunc`: settings (pyyaml); evaluate's progress bar and plot (tqdm,
+# matplotlib); index, search, duplicates and the app (qdrant-client, pyarrow, FastAPI).
+PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("pyyaml", "tqdm", "matplotlib", "qdrant-client", "pyarrow", "fastapi",
+                                             "uvicorn", "python-multipart")
+EXTRAS = {
+    "spark": ("pyspark", "pyarrow"),
+    "test": ("pytest", "pyspark", "pyarrow", "nbclient", "nbformat", "ipykernel", "uvicorn", "requests", "uv",
+             "psutil", "playwright"),
+    "bench": ("matplotlib", "psutil"),
+}
+# conda.yaml runs the MLproject's entry points: register (the package), embed_table (spark) and bench.
+CONDA_EXTRAS = ("spark", "bench")
+CONDA_PYTHON = "3.11"
+CONDA_TORCH = "2.13.0"  # pinned first-class there: the CPU build where a local wheel is offered, CUDA elsewhere
+
+
+def _spec(name: str) -> str:
+    return name + RANGES[name]
+
+
+def install_requires() -> list[str]:
+    """setup.py's install_requires: the package's dependencies with their ranges."""
+    return [_spec(name) for name in PACKAGE_REQUIREMENTS]
+
+
+def extras_require() -> dict[str, list[str]]:
+    """setup.py's extras_require."""
+    return {extra: [_spec(name) for name in names] for extra, names in EXTRAS.items()}
+
+
+def conda_env() -> dict:
+    """The MLproject environment (conda.yaml's content): the package plus the spark and bench extras."""
+    names = list(PACKAGE_REQUIREMENTS) + [n for e in CONDA_EXTRAS for n in EXTRAS[e]]
+    pip = [f"torch=={CONDA_TORCH}"] + [_spec(n) for n in dict.fromkeys(names) if n != "torch"]
+    return {"name": "clip-pyfunc", "channels": ["conda-forge"],
+            "dependencies": [f"python={CONDA_PYTHON}", "pip", {"pip": pip}]}

@@ -1,7 +1,0 @@
-"""Models-from-code entry for the zero-shot classifier (logged as `python_model=` this file)."""
-
-from mlflow.models import set_model
-
-from clip_pyfunc.classifier import ClipZeroShotClassifier
-
-set_model(ClipZeroShotClassifier())

@@ -1,7 +1,0 @@
-"""Models-from-code entry for the combined image+text model (logged as `python_model=` this file)."""
-
-from mlflow.models import set_model
-
-from clip_pyfunc.combined_model import ClipImageTextEmbedding
-
-set_model(ClipImageTextEmbedding())

@@ -1,0 +1,132 @@
+"""The shared CLIP loader: the pyfunc base class both embedding models subclass.
+
+`load_context` turns the logged artifacts into a ready tower once: it reads the tower
+directory, picks the device and precision, sets threads, and puts the tower in eval mode.
+`predict` is stateless: it validates the `input` column, runs the subclass's stages in
+micro-batches and turns domain errors into MLflow's invalid-parameter errors (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import mlflow.pyfunc
+
+from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors
+from clip_pyfunc.models.request import EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400, served_row_limit
+from clip_pyfunc.runtime import apply_precision, pick_runtime
+from clip_pyfunc.settings import RuntimeConfig
+
+
+class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
+    """Base pyfunc model for one tower of a dual encoder (any family in clip_pyfunc.families). Subclasses set `tower` and implement the stages.
+
+    Subclasses implement:
+        `_load_tower(path)`: load weights and pre-processing from the artifact directory.
+        `_embed_valid(values, stop_on_error=...)`: decode, preprocess and encode rows,
+            yielding (positions of good rows, their embeddings tensor, list of InvalidInput).
+    """
+
+    tower: str = ""
+    params_schema: dict[str, Any] = {"normalize": True}
+
+    def load_context(self, context) -> None:
+        """Load the tower once: artifacts, device, precision, threads, eval mode."""
+        import torch
+
+        self.config = RuntimeConfig.from_dict(getattr(context, "model_config", None))
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        path = context.artifacts[self.tower]
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"artifact {self.tower!r} is not a directory: {path}")
+        from clip_pyfunc.artifacts.towers import CheckpointInfo
+
+        self.runtime = pick_runtime(self.config, CheckpointInfo.read(path).precision_cosine)
+        self.model = self._load_tower(path)
+
+    def _load_weights(self, path: str):
+        """Read the artifact's description and its tower, on the chosen device and precision."""
+        from clip_pyfunc.artifacts.towers import CheckpointInfo, load_tower
+
+        self.info = CheckpointInfo.read(path)
+        return apply_precision(load_tower(path, self.tower), self.runtime)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        """Embed the `input` column.
+
+        Args:
+            context: MLflow's context (unused; everything was loaded in load_context).
+            model_input: DataFrame with a column `input`, a single-column DataFrame, a list,
+                a Series or a 1-D array of cells (see `input_values`).
+            params: `normalize` (bool; default the model_config's `normalize`, True unless set).
+
+        Returns:
+            float32 numpy array (n, dim).
+
+        Raises:
+            MlflowException: INVALID_PARAMETER_VALUE naming the bad rows or argument.
+        """
+        with invalid_input_as_400():
+            values = input_values(model_input, served_row_limit(self.config.max_rows))
+            return self.respond(values, self.read_params(params))
+
+    def respond(self, values: Sequence[object], params: dict[str, Any]):
+        """Answer a checked request: the float32 vectors (n, dim), or one error naming every bad row."""
+        vectors, errors = self.embed_rows(values, normalize=params["normalize"], stop_on_error=True)
+        if errors:
+            raise combine_row_errors(errors)
+        return vectors
+
+    def embed_rows(self, values: Sequence[object], *, normalize: bool = True, stop_on_error: bool = False):
+        """Embed rows, keeping going past bad ones.
+
+        Args:
+            values: One cell per row (see the subclass for what a cell holds).
+            normalize: L2-normalise each vector.
+            stop_on_error: Skip forward passes once a row has failed (its caller will refuse
+                the whole batch); every row is still checked so all bad rows are named.
+
+        Returns:
+            (float32 array (n, dim) with NaN rows where a row failed, list of InvalidInput).
+        """
+        import numpy as np
+
+        from clip_pyfunc.stages.postprocess import finish
+
+        dim = self.embedding_dim
+        out = np.full((len(values), dim), np.nan, dtype=np.float32)
+        errors: list[InvalidInput] = []
+        for positions, embeddings, bad in self._embed_valid(values, stop_on_error=stop_on_error):
+            errors.extend(bad)
+            if embeddings is not None and len(positions):
+                out[positions] = finish(embeddings, normalize)
+        errors.sort(key=lambda e: e.row)
+        return out, errors
+
+    def table_columns(self, values: Sequence[object], *, normalize: bool | None = None):
+        """Per-row output columns for table jobs (Spark): {"embedding": vectors or None} and the row errors.
+
+        `normalize` None keeps the model_config's default, as a request without params does.
+        """
+        vectors, errors = self.embed_rows(values, normalize=self.config.normalize if normalize is None else normalize)
+        bad = {e.row for e in errors}
+        return {EMBEDDING_COL: [None if row in bad else vectors[row] for row in range(len(values))]}, errors
+
+    def read_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
+        """Validate predict-time params against `params_schema`; unknown names are an error."""
+        params = check_params(params, self.params_schema)
+        defaults = {**self.params_schema, "normalize": self.config.normalize}
+        return {name: as_bool(name, params.get(name, defaults[name])) for name in self.params_schema}
+
+    @property
+    def embedding_dim(self) -> int:
+        """Output dimension, as the family's full model computes it (recorded at registration)."""
+        return self.info.embedding_dim
+
+    def _load_tower(self, path: str):
+        raise NotImplementedError
+
+    def _embed_valid(self, values, *, stop_on_error: bool):
+        raise NotImplementedError

@@ -1,0 +1,85 @@
+"""The image embedding pyfunc model: base64 (or raw) image bytes -> image vectors of any supported family."""
+
+from __future__ import annotations
+
+from clip_pyfunc.stages.decode import ImageLimits, decode_image, fetch_urls
+from clip_pyfunc.stages.fetch import url_policy
+from clip_pyfunc.stages.encode import encode_patches, encode_pixels
+from clip_pyfunc.errors import InvalidInput
+from clip_pyfunc.models.base import ClipEmbeddingModel
+from clip_pyfunc.stages.preprocess import fast_draft_edge, preprocess_image, read_image_spec
+
+
+class ClipImageEmbedding(ClipEmbeddingModel):
+    """A dual encoder's image tower as a pyfunc model (fixed-size pixels, or NaFlex patches).
+
+    Input: DataFrame with a column `input` of base64 strings (plain, url-safe, data URL,
+    with newlines) or raw bytes (Spark's binaryFile `content`).
+    Output: float32 (n, dim), L2-normalised unless `params={"normalize": False}`.
+    Images are decoded one micro-batch at a time, so memory stays bounded by the batch size;
+    within a batch, rows are base64-decoded, decoded, resized and normalised on as many threads
+    as torch uses (pybase64, PIL and numpy release the GIL there), so the forward stays the floor.
+    """
+
+    tower = "image"
+
+    def _load_tower(self, path: str):
+        self.image_spec = read_image_spec(path)
+        self.limits = ImageLimits(max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
+        self.fast = self.config.fast_decode
+        self.draft_edge = fast_draft_edge(self.image_spec) if self.fast else None
+        self.url_policy = url_policy(self.config)
+        model = self._load_weights(path)
+        self._pool = self._decode_pool()
+        return model
+
+    def _decode_pool(self):
+        import torch
+
+        threads = torch.get_num_threads()
+        if threads < 2:
+            return None
+        from concurrent.futures import ThreadPoolExecutor
+
+        return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clip-decode")
+
+    def decode_row(self, value):
+        """One cell -> an upright RGB image (PIL, or on the fast path a JPEG's uint8 array), or its
+        InvalidInput (without row)."""
+        return decode_image(value, self.limits, self.draft_edge)
+
+    def preprocess_row(self, img):
+        """A decoded row -> (3, H, W) float32 (NaFlex: patches, mask, grid), or its InvalidInput."""
+        try:
+            return preprocess_image(img, self.image_spec, fast=self.fast)
+        except InvalidInput as e:
+            return e
+
+    def _prepare(self, value):
+        """Decode and preprocess one row (see decode_row and preprocess_row)."""
+        img = self.decode_row(value)
+        return img if isinstance(img, InvalidInput) else self.preprocess_row(img)
+
+    def _embed_valid(self, values, *, stop_on_error: bool):
+        """Yield (positions, embeddings, errors) per micro-batch: decode, preprocess, encode."""
+        import numpy as np
+
+        size = self.runtime.batch_size
+        failed = False
+        for start in range(0, len(values), size):
+            chunk = fetch_urls(values[start : start + size], self.url_policy)
+            rows = list(self._pool.map(self._prepare, chunk)) if self._pool and len(chunk) > 1 else [
+                self._prepare(v) for v in chunk]
+            errors = [InvalidInput(r.reason, start + j) for j, r in enumerate(rows) if isinstance(r, InvalidInput)]
+            failed = failed or bool(errors)
+            positions = [start + j for j, r in enumerate(rows) if not isinstance(r, InvalidInput)]
+            if not positions or (stop_on_error and failed):
+                yield [], None, errors
+                continue
+            good = [rows[p - start] for p in positions]
+            if self.image_spec.naflex:
+                patches, masks, shapes = zip(*good)
+                yield positions, encode_patches(self.model, np.stack(patches), np.stack(masks),
+                                                np.asarray(shapes, dtype=np.int64), self.runtime), errors
+            else:
+                yield positions, encode_pixels(self.model, np.stack(good), self.runtime), errors

@@ -1,0 +1,109 @@
+"""Registry lookups: what a logged model is, which models share its run (its embedding space),
+pinning an alias to its version, and loading or resolving a URI with a one-line error."""
+
+from __future__ import annotations
+
+from clip_pyfunc.errors import ModelLoadError, one_line
+from clip_pyfunc.settings import RuntimeConfig
+
+def model_kind(model_uri: str) -> str:
+    """What a logged model is, from its artifacts: "text", "image", "combined" or "classifier"."""
+    import mlflow
+
+    artifacts = set(mlflow.models.get_model_info(model_uri).flavors["python_function"].get("artifacts") or {})
+    if "labels" in artifacts:
+        return "classifier"
+    if {"text", "image"} <= artifacts:
+        return "combined"
+    if artifacts in ({"text"}, {"image"}):
+        return artifacts.pop()
+    raise ModelLoadError(f"{model_uri} is not a clip-pyfunc model (artifacts {sorted(artifacts)})")
+
+
+def run_models(model_uri: str) -> dict[str, str]:
+    """The registered models logged in the same run as `model_uri` (one embedding space), by kind.
+
+    Returns:
+        {"text": "models:/name/version", "image": ..., "combined": ..., as registered}; the model
+        itself is always included (under its pinned version when it is registered).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = mlflow.models.get_model_info(model_uri)
+    found = {model_kind(model_uri): pin_model_uri(model_uri)}
+    if info.run_id:
+        for mv in MlflowClient().search_model_versions(f"run_id='{info.run_id}'"):
+            uri = f"models:/{mv.name}/{mv.version}"
+            found.setdefault(model_kind(uri), uri)
+    return found
+
+
+def pin_model_uri(model_uri: str) -> str:
+    """`models:/name@alias` -> `models:/name/version` (the version the alias points at now); others unchanged."""
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        from mlflow import MlflowClient
+
+        name, alias = model_uri[len("models:/"):].rsplit("@", 1)
+        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+    return model_uri
+
+
+def local_models(towers: dict[str, str], runtime: RuntimeConfig | None = None, which=("text", "image")):
+    """The models (text, image, in `which` order) of exported tower directories, loaded here without MLflow."""
+    from types import SimpleNamespace
+
+    from clip_pyfunc.models.image import ClipImageEmbedding
+    from clip_pyfunc.models.text import ClipTextEmbedding
+
+    context = SimpleNamespace(artifacts=towers, model_config=runtime.to_dict() if runtime else None)
+    models = []
+    for tower in which:
+        model = ClipTextEmbedding() if tower == "text" else ClipImageEmbedding()
+        model.load_context(context)
+        models.append(model)
+    return tuple(models)
+
+
+def load_model(uri: str, what: str):
+    """Load a pyfunc model, turning a bad or unregistered URI into ModelLoadError.
+
+    Args:
+        uri: A model URI (models:/name@alias, models:/name/1, runs:/..., a path).
+        what: What the URI is, for the message (a flag, or "the collection's text model").
+
+    Raises:
+        ModelLoadError: The URI names no model MLflow can find.
+    """
+    import mlflow
+
+    return _resolved(mlflow.pyfunc.load_model, uri, what)
+
+
+def model_info(uri: str, what: str):
+    """Resolve a model URI (mlflow.models.get_model_info: the registry and MLmodel only, no weights).
+
+    Raises:
+        ModelLoadError: The URI names no model MLflow can find.
+    """
+    import mlflow
+
+    return _resolved(mlflow.models.get_model_info, uri, what)
+
+
+def _resolved(read, uri: str, what: str):
+    """read(uri), with MLflow's error for an unknown URI turned into ModelLoadError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return read(uri)
+    except MlflowException as e:
+        raise model_error(what, uri, e) from e
+
+
+def model_error(what: str, uri: str, e: Exception) -> ModelLoadError:
+    """The one-line error for a model URI that MLflow cannot resolve, with where it looked."""
+    import mlflow
+
+    return ModelLoadError(f"{what} {uri}: {one_line(e)} (registry: {mlflow.get_registry_uri()}). Check the name, "
+                          "version or alias and MLFLOW_TRACKING_URI; `clip-pyfunc register` registers the models")

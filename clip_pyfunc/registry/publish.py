@@ -1,0 +1,251 @@
+"""Log both towers as models-from-code pyfunc models and register them under an alias.
+
+The tracking and registry URI is MLflow's own: MLFLOW_TRACKING_URI when set, else
+MLflow's default (`sqlite:///mlflow.db` in the working directory).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+from clip_pyfunc.artifacts.towers import CheckpointInfo, export_towers
+from clip_pyfunc.registry.lookup import local_models
+from clip_pyfunc.registry.precision import TAG_COSINE, measure_precisions
+from clip_pyfunc.registry.requirements import copy_model_code, entry_file, pip_requirements
+from clip_pyfunc.registry.signatures import (INPUT_CONTRACT, classifier_signature, combined_signature, input_example,
+                                             model_signature)
+from clip_pyfunc.settings import RegistryConfig, RuntimeConfig, Settings
+TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
+TAG_FAMILY, TAG_SCORING, TAG_SCALE, TAG_BIAS = "family", "scoring", "score_scale", "score_bias"
+TAG_TOY = "toy_checkpoint"
+TAG_LABEL_SET, TAG_LABEL_HASH = "label_set", "label_set_hash"
+
+
+def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> dict[str, str]:
+    """What both models and their registry versions record: source, dimension, family and scoring.
+
+    The scoring constants are what the zero-shot classifier and `evaluate` use: softmax over
+    labels of scale*cos (CLIP-like; scale = exp(logit_scale), or 1/temperature for ALIGN), or
+    an independent sigmoid(scale*cos + bias) per label (SigLIP).
+    """
+    tags = {TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: str(info.embedding_dim),
+            TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale), TAG_BIAS: repr(info.bias)}
+    for precision, cosine in info.precision_cosine.items():
+        tags[TAG_COSINE + precision] = repr(cosine)
+    if checkpoint.random_init:
+        tags[TAG_RANDOM] = checkpoint.random_init
+    if checkpoint.toy:
+        tags[TAG_TOY] = f"zero-shot accuracy {checkpoint.toy['zero_shot_accuracy']} on generated shapes"
+    return tags
+
+
+def log_tower(
+    checkpoint: ResolvedCheckpoint, info: CheckpointInfo, tower: str, artifact: str, runtime: RuntimeConfig,
+    workdir: str, registered_name: str | None = None,
+):
+    """Log one exported tower as a pyfunc model in the active run; register it when a name is given.
+
+    Returns:
+        mlflow's ModelInfo.
+    """
+    return _log_model(tower, f"clip_{tower}_embedding", {tower: artifact}, model_signature(runtime.normalize),
+                      input_example(tower), runtime, workdir, registered_name,
+                      {**model_metadata(checkpoint, info), "input": INPUT_CONTRACT})
+
+
+def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
+               registered_name: str | None, metadata: dict):
+    """Log a models-from-code pyfunc (entry file model_code/<entry>.py) with the package as code."""
+    import mlflow
+
+    code_dir = os.path.join(workdir, "code")
+    package = os.path.join(code_dir, "clip_pyfunc")
+    if not os.path.isdir(package):
+        copy_model_code(code_dir)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=entry_file(entry),
+        artifacts=artifacts,
+        code_paths=[package],
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        model_config=runtime.to_dict(),
+        registered_model_name=registered_name,
+        metadata=metadata,
+    )
+
+
+def register_classifier(settings: Settings, labels_path: str | None = None, dynamic_labels: bool = False) -> dict:
+    """Register the zero-shot classifier: the image tower, the label matrix and the family's scoring.
+
+    Args:
+        settings: Checkpoint source, runtime config and the `classifier` section.
+        labels_path: A label file; None uses the conf's.
+        dynamic_labels: Also ship the text tower, so requests may send candidate_labels.
+
+    Returns:
+        A JSON-ready summary like register_models', with the label set's name, digest and size.
+
+    Raises:
+        ModelLoadError: A bad label file or checkpoint.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from clip_pyfunc.artifacts.labels import read_label_file, save_labels
+    from clip_pyfunc.models.classifier import label_vectors
+
+    cfg = settings.classifier
+    labels = read_label_file(labels_path or cfg.labels, cfg.templates)
+    checkpoint = resolve_checkpoint(settings.model.source, settings.model.revision, settings.model.cache_dir)
+    mlflow.set_experiment(settings.registry.experiment)
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
+        info, towers = export_towers(checkpoint, workdir)
+        info = measure_precisions(info, towers)
+        (text,) = local_models(towers, settings.runtime, ("text",))
+        labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
+        artifacts = {"image": towers["image"], "labels": labels_dir}
+        if dynamic_labels:
+            artifacts["text"] = towers["text"]
+        tags = {**model_metadata(checkpoint, info), TAG_LABEL_SET: labels.name, TAG_LABEL_HASH: labels.digest,
+                "labels": str(len(labels.labels)), "templates": str(len(labels.templates)),
+                "dynamic_labels": str(dynamic_labels).lower()}
+        with mlflow.start_run(run_name=f"register classifier {checkpoint.source}") as run:
+            mlflow.log_params({"checkpoint": checkpoint.source, "label_set": labels.name, "labels": len(labels.labels),
+                               "family": info.family, "dynamic_labels": dynamic_labels})
+            model_info = _log_model("classifier", "clip_zero_shot_classifier", artifacts,
+                                    classifier_signature(cfg.top_k), input_example("image"), settings.runtime,
+                                    workdir, cfg.name, {**tags, "input": INPUT_CONTRACT})
+    version = str(model_info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.name, version, key, value)
+    client.update_model_version(cfg.name, version, description=(
+        f"Zero-shot image classifier over {len(labels.labels)} labels ({labels.name}, {labels.digest}) with "
+        f"{info.family} {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, of base64 images or "
+        f"raw bytes. Output: labels and scores, best first ({info.scoring} scoring); params top_k"
+        f"{', candidate_labels, hypothesis_template' if dynamic_labels else ''}.{_warning(checkpoint)}"))
+    client.set_registered_model_alias(cfg.name, cfg.alias, version)
+    summary = {
+        "tracking_uri": mlflow.get_tracking_uri(), "registry_uri": mlflow.get_registry_uri(),
+        "run_id": run.info.run_id, "checkpoint": checkpoint.source, "revision": checkpoint.revision,
+        "family": info.family, "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
+        "label_set": {"name": labels.name, "digest": labels.digest, "labels": len(labels.labels),
+                      "templates": len(labels.templates)},
+        "dynamic_labels": dynamic_labels, "alias": cfg.alias,
+        "models": {"classifier": {"name": cfg.name, "version": version, "uri": f"models:/{cfg.name}@{cfg.alias}",
+                                  "model_uri": model_info.model_uri}},
+    }
+    if checkpoint.warning:
+        summary["warning"] = checkpoint.warning
+    return summary
+
+
+def register_models(settings: Settings) -> dict[str, Any]:
+    """Log the text and image models in one run, register both, point the alias at them.
+
+    Args:
+        settings: Checkpoint source, registry names and alias, runtime config.
+
+    Returns:
+        A JSON-ready summary: names, versions, `models:/name@alias` URIs, dimension, family,
+        scoring, checkpoint and revision, and whether the weights are random.
+
+    Raises:
+        ModelLoadError: The checkpoint cannot be found or read, or is not a supported family.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    checkpoint = resolve_checkpoint(settings.model.source, settings.model.revision, settings.model.cache_dir)
+    reg: RegistryConfig = settings.registry
+    mlflow.set_experiment(reg.experiment)
+    client = MlflowClient()
+    models = {}
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
+        info, artifacts = export_towers(checkpoint, workdir)
+        info = measure_precisions(info, artifacts)
+        tags = model_metadata(checkpoint, info)
+        with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
+            mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
+                               "embedding_dim": info.embedding_dim, "family": info.family})
+            for tower, name in (("text", reg.text_name), ("image", reg.image_name)):
+                model_info = log_tower(checkpoint, info, tower, artifacts[tower], settings.runtime, workdir,
+                                       registered_name=name)
+                version = str(model_info.registered_model_version)
+                for key, value in tags.items():
+                    client.set_model_version_tag(name, version, key, value)
+                client.update_model_version(name, version, description=_description(tower, checkpoint, info))
+                client.set_registered_model_alias(name, reg.alias, version)
+                models[tower] = {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}",
+                                 "model_uri": model_info.model_uri}
+            if reg.with_combined:
+                models["combined"] = _register_combined(checkpoint, info, artifacts, settings, workdir, tags)
+    summary = {
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "registry_uri": mlflow.get_registry_uri(),
+        "run_id": run.info.run_id,
+        "checkpoint": checkpoint.source,
+        "revision": checkpoint.revision,
+        "family": info.family,
+        "embedding_dim": info.embedding_dim,
+        "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
+        "precision_cosine_to_fp32": info.precision_cosine,
+        "alias": reg.alias,
+        "models": models,
+    }
+    if checkpoint.random_init:
+        summary["random_init"] = checkpoint.random_init
+    if checkpoint.toy:
+        summary["toy"] = {k: checkpoint.toy[k] for k in ("task", "zero_shot_accuracy", "held_out_images")}
+    if checkpoint.warning:
+        summary["warning"] = checkpoint.warning
+    return summary
+
+
+def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, artifacts: dict[str, str],
+                       settings: Settings, workdir: str, tags: dict[str, str]) -> dict[str, str]:
+    """Log and register the combined image+text model (both tower artifacts) in the active run."""
+    import dataclasses
+
+    from mlflow import MlflowClient
+
+    from clip_pyfunc.models.combined import CONTRACT
+
+    reg = settings.registry
+    runtime = dataclasses.replace(settings.runtime, normalize=False) if reg.azure_compatible else settings.runtime
+    tags = {**tags, "azure_compatible": str(reg.azure_compatible).lower()}
+    model_info = _log_model("combined", "clip_image_text_embedding", dict(artifacts),
+                            combined_signature(runtime.normalize), input_example("combined"), runtime, workdir,
+                            reg.combined_name, {**tags, "input": CONTRACT})
+    client, name = MlflowClient(), reg.combined_name
+    version = str(model_info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    norm = "L2-normalised" if runtime.normalize else "not normalised (Azure ML compatible)"
+    client.update_model_version(name, version, description=(
+        f"{info.family} image and text embeddings of {checkpoint.source} @ {checkpoint.revision} in one request. "
+        f"Input: {CONTRACT}. Output: image_features and text_features, float32 [{info.embedding_dim}] or null, "
+        f"{norm} by default (param normalize).{_warning(checkpoint)}"))
+    client.set_registered_model_alias(name, reg.alias, version)
+    return {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}", "model_uri": model_info.model_uri,
+            "normalize": runtime.normalize}
+
+
+def _warning(checkpoint: ResolvedCheckpoint) -> str:
+    """A version description's closing warning for toy or random weights."""
+    return f" WARNING: {checkpoint.warning}." if checkpoint.warning else ""
+
+
+def _description(tower: str, checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> str:
+    dim = info.embedding_dim
+    what = "text (string)" if tower == "text" else "image (base64 string or raw bytes; an https URL with allow_urls)"
+    return (
+        f"{info.family} {tower} embeddings of {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, "
+        f"of {what}. Output: float32 [{dim}], L2-normalised (param normalize=false for raw). "
+        f"Text and image vectors of this checkpoint share one space.{_warning(checkpoint)}"
+    )

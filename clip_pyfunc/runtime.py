@@ -1,0 +1,137 @@
+"""Device, precision and threads: the only place that picks them.
+
+`pick_runtime` resolves a model_config's device and precision against the hardware found at
+load time (and the precision cosines measured at registration); `apply_precision` puts a
+tower there. The stages take the resulting `Runtime` and only run forwards with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from clip_pyfunc.errors import ModelLoadError
+from clip_pyfunc.settings import RuntimeConfig
+
+# The cosine to fp32 a precision must have held on the sample inputs (measured at registration,
+# see registry.precision.measure_precisions) to be the "default" precision.
+DEFAULT_PRECISION_COSINE = 0.9999
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """Where and how forwards run.
+
+    Attributes:
+        device: torch.device the tower lives on.
+        precision: Resolved precision: "fp32", "fp16", "bf16" or "int8".
+        input_dtype: dtype of floating inputs (pixel values) fed to the tower.
+        autocast_dtype: dtype for torch.autocast around the forward, or None.
+        batch_size: Rows per forward.
+    """
+
+    device: object
+    precision: str
+    input_dtype: object
+    autocast_dtype: object | None
+    batch_size: int
+
+    def forward_context(self):
+        """Inference mode, plus autocast when the precision asks for it."""
+        import torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        return stack
+
+
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags as /proc/cpuinfo lists them (("unknown", {}) elsewhere)."""
+    model, flags = "unknown", frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
+    flags = cpu_info()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_runtime(config: RuntimeConfig, measured: dict[str, float] | None = None):
+    """Resolve device and precision from the config and the hardware found now.
+
+    "default" is the fastest precision this hardware runs natively that held a cosine of at
+    least DEFAULT_PRECISION_COSINE to fp32 on the sample inputs measured at registration
+    (`measured`, from the artifact): bf16 on CPUs with AVX512_BF16 or AMX, else fp32; on CUDA
+    fp16, else bf16, else fp32. Without a measurement it is fp32 on CPU and fp16 on CUDA.
+
+    Raises:
+        ModelLoadError: CUDA asked for but absent, or a precision the device cannot run.
+    """
+    import torch
+
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {config.device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+    else:
+        device = torch.device(config.device)
+    cuda = device.type == "cuda"
+    precision = config.precision
+    if precision == "default":
+        precision = _default_precision(cuda, measured)
+    elif precision == "auto":
+        if cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ModelLoadError("precision 'fp16' needs a CUDA device; on CPU choose 'fp32', 'bf16', 'int8' or 'auto'")
+    if precision == "int8" and cuda:
+        raise ModelLoadError("precision 'int8' (dynamic quantisation) runs on CPU only; on CUDA choose 'fp16' or 'bf16'")
+    input_dtype = torch.float16 if precision == "fp16" else torch.float32
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    return Runtime(
+        device=device, precision=precision, input_dtype=input_dtype,
+        autocast_dtype=autocast, batch_size=config.batch_size,
+    )
+
+
+def _default_precision(cuda: bool, measured: dict[str, float] | None) -> str:
+    import torch
+
+    if not measured:
+        return "fp16" if cuda else "fp32"
+    if cuda:
+        if "fp16" not in measured:  # registered on a CPU: nothing measured for CUDA, keep fp16
+            return "fp16"
+        native = ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    else:
+        native = ["bf16"] if cpu_has_native_bf16() else []
+    held = [p for p in native if measured.get(p, 0.0) >= DEFAULT_PRECISION_COSINE]
+    return held[0] if held else "fp32"
+
+
+def apply_precision(model, runtime):
+    """Move a tower to its device and precision (fp16 weights, int8 dynamic quantisation)."""
+    import torch
+
+    if runtime.precision == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if runtime.precision == "fp16":
+        model = model.half()
+    return model.to(runtime.device)

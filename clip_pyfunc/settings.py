@@ -1,0 +1,340 @@
+"""Frozen configuration dataclasses and the YAML reader that fills them at the edge.
+
+The dataclass defaults are the package defaults; `conf/clip_pyfunc.yaml` states the same
+values for operators to copy and edit (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from clip_pyfunc.errors import ModelLoadError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("default", "auto", "fp32", "bf16", "fp16", "int8")
+ENV_MANAGERS = ("local", "uv", "virtualenv", "conda")
+DEFAULT_CONF_PATH = os.path.join("conf", "clip_pyfunc.yaml")
+CONF_ENV = "CLIP_PYFUNC_CONF"  # a settings file to read instead of conf/clip_pyfunc.yaml
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """How a logged model runs where it is loaded; stored as the model's `model_config`.
+
+    Attributes:
+        device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+        precision: "default" (the fastest native precision that held cosine >= 0.9999 to fp32 when
+            measured at registration: bf16 on CPUs with AVX512_BF16/AMX, else fp32; fp16 or bf16
+            on CUDA), "auto" (fastest native, unmeasured), "fp32",
+            "bf16", "fp16" (CUDA only) or "int8" (dynamic quantisation of linear layers, CPU).
+        batch_size: Rows per forward pass (micro-batch).
+        num_threads: torch intra-op threads; None keeps torch's default (the cores available).
+        truncate_text: Truncate text over the checkpoint's context length; False makes it an error.
+        fast_decode: JPEGs decode at 1/2, 1/4 or 1/8 scale (simplejpeg, >= 6x the resize edge) and are
+            resized by torch's antialiased kernels (within 3 levels, mean 0.25, of the reference
+            processor); false is PIL's reference path, bit for bit.
+        max_rows: Most rows one served request may hold (see loader.served_row_limit); batch and
+            in-process calls are not limited.
+        max_image_bytes: Most bytes of one encoded image (after base64 decoding).
+        max_image_pixels: Most pixels (width x height) of one image, checked before decoding.
+        label_cache_size: Classifier with dynamic labels: how many (labels, template) sets keep
+            their vectors between requests.
+        normalize: Default of the `normalize` param (L2-normalised vectors); a request may override it.
+        allow_urls: Image cells may be http(s) URLs, fetched by the model (see clip_pyfunc.stages.fetch).
+        allow_http: With allow_urls, also plain http (https only otherwise).
+        url_allow_private: Hosts exempt from the public-address check (in-house image stores).
+        url_connect_timeout: Seconds to connect to an image URL's host.
+        url_read_timeout: Seconds for an image URL's whole answer.
+        url_max_redirects: Redirects followed per image URL.
+        url_concurrency: Image URLs fetched at once per request.
+    """
+
+    device: str = "auto"
+    precision: str = "default"
+    batch_size: int = 32
+    num_threads: int | None = None
+    truncate_text: bool = True
+    fast_decode: bool = True
+    max_rows: int = 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 8192 * 8192
+    label_cache_size: int = 256
+    normalize: bool = True
+    allow_urls: bool = False
+    allow_http: bool = False
+    url_allow_private: tuple[str, ...] = ()
+    url_connect_timeout: float = 5.0
+    url_read_timeout: float = 15.0
+    url_max_redirects: int = 3
+    url_concurrency: int = 8
+
+    def __post_init__(self):
+        device = self.device
+        if not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ModelLoadError(f"device {device!r} is not one of {DEVICES} or 'cuda:N'")
+        if self.precision not in PRECISIONS:
+            raise ModelLoadError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        for name in ("batch_size", "max_rows", "max_image_bytes", "max_image_pixels", "label_cache_size"):
+            _require_positive_int(name, getattr(self, name))
+        if self.num_threads is not None:
+            _require_positive_int("num_threads", self.num_threads)
+        for name in ("truncate_text", "fast_decode", "normalize", "allow_urls", "allow_http"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelLoadError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        hosts = self.url_allow_private
+        if isinstance(hosts, list):
+            object.__setattr__(self, "url_allow_private", hosts := tuple(hosts))
+        if not isinstance(hosts, tuple) or not all(isinstance(h, str) and h for h in hosts):
+            raise ModelLoadError(f"url_allow_private must be a list of host names, got {hosts!r}")
+        for name in ("url_connect_timeout", "url_read_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ModelLoadError(f"{name} must be a positive number of seconds, got {value!r}")
+        _require_positive_int("url_concurrency", self.url_concurrency)
+        if isinstance(self.url_max_redirects, bool) or not isinstance(self.url_max_redirects, int) \
+                or self.url_max_redirects < 0:
+            raise ModelLoadError(f"url_max_redirects must be a whole number >= 0, got {self.url_max_redirects!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> RuntimeConfig:
+        """Build from a `model_config` dict, rejecting unknown keys by name."""
+        return _from_dict(cls, values or {}, "model_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the plain dict that is logged as the model's `model_config`."""
+        values = dataclasses.asdict(self)
+        values["url_allow_private"] = list(self.url_allow_private)
+        return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Where the CLIP checkpoint comes from.
+
+    Attributes:
+        source: A Hugging Face hub id or a local directory in transformers CLIP format.
+        revision: A hub branch, tag or commit; None means the default branch.
+        cache_dir: The hub cache; None means the Hugging Face default (HF_HUB_CACHE / HF_HOME).
+    """
+
+    source: str = "openai/clip-vit-base-patch32"
+    revision: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryConfig:
+    """Where and under which names the models are registered.
+
+    Attributes:
+        text_name: Registered model name of the text model (dots pass through, as in Unity Catalog).
+        image_name: Registered model name of the image model.
+        alias: Alias pointed at the new versions.
+        experiment: MLflow experiment that holds the logging run.
+        with_combined: Also register the combined image+text model (both towers, Azure ML's
+            `image`/`text` contract).
+        combined_name: Registered model name of the combined model.
+        azure_compatible: Register the combined model with `normalize: false`, matching Azure
+            ML's unnormalised vectors (a request's `normalize` param still overrides it).
+    """
+
+    text_name: str = "clip_text_embedding"
+    image_name: str = "clip_image_embedding"
+    alias: str = "champion"
+    experiment: str = "clip-pyfunc"
+    with_combined: bool = False
+    combined_name: str = "clip_image_text_embedding"
+    azure_compatible: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """How `clip-pyfunc serve` runs `mlflow models serve`.
+
+    Attributes:
+        host: Interface to bind (127.0.0.1 local only, 0.0.0.0 all).
+        port: TCP port.
+        workers: uvicorn worker processes (each loads its own copy of the model); torch threads
+            per worker are cores // workers. 2 serves more than 1 on 2 cores (docs/SERVING.md)
+            at the cost of a second model copy in memory and about twice the latency of a lone request.
+        timeout: Seconds a request may take before the server answers 504.
+        env_manager: "local" (this environment) or "uv"/"virtualenv"/"conda" (built from the model).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 5001
+    workers: int = 2
+    timeout: int = 60
+    env_manager: str = "local"
+
+    def __post_init__(self):
+        for name in ("port", "workers", "timeout"):
+            _require_positive_int(name, getattr(self, name))
+        if self.env_manager not in ENV_MANAGERS:
+            raise ModelLoadError(f"env_manager {self.env_manager!r} is not one of {ENV_MANAGERS}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """How `clip-pyfunc evaluate` compares checkpoints.
+
+    Attributes:
+        experiment: MLflow experiment that holds one run per evaluated model.
+        templates: Prompt templates for zero-shot labels ("{}" is the label); the label's
+            vector is the re-normalised mean of its templates' vectors (OpenAI's ensembling).
+        batch_size: Rows embedded per call, which bounds memory on large data sets.
+    """
+
+    experiment: str = "evaluate"
+    templates: tuple[str, ...] = ("a photo of a {}.", "a {}.", "an image of a {}.")
+    batch_size: int = 256
+
+    def __post_init__(self):
+        templates = self.templates
+        if isinstance(templates, list):
+            object.__setattr__(self, "templates", tuple(templates))
+        if not self.templates or not all(is_template(t) for t in self.templates):
+            raise ModelLoadError(f"templates must be a non-empty list of strings with one '{{}}' each, got {templates!r}")
+        _require_positive_int("batch_size", self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierConfig:
+    """How `clip-pyfunc register-classifier` registers the zero-shot classifier.
+
+    Attributes:
+        name: Registered model name.
+        alias: Alias pointed at the new version.
+        labels: The label file (YAML; see clip_pyfunc.artifacts.labels).
+        templates: Prompt templates for labels without prompts of their own ("{}" is the label).
+        top_k: Default of the `top_k` param (0 returns every label).
+    """
+
+    name: str = "clip_zero_shot_classifier"
+    alias: str = "champion"
+    labels: str = os.path.join("conf", "labels", "wearables.yaml")
+    templates: tuple[str, ...] = ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.")
+    top_k: int = 3
+
+    def __post_init__(self):
+        if isinstance(self.templates, list):
+            object.__setattr__(self, "templates", tuple(self.templates))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ModelLoadError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """Where `clip-pyfunc index`, `search`, `duplicates` and `app` keep the vectors.
+
+    Attributes:
+        path: Directory of qdrant-client's embedded local mode (brute-force search).
+        url: A Qdrant server instead (QDRANT_URL overrides a null here); same code path.
+        collection: Collection name.
+    """
+
+    path: str = "clip-index"
+    url: str | None = None
+    collection: str = "clip"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppConfig:
+    """How `clip-pyfunc app` (the FastAPI demo and JSON API) runs.
+
+    Attributes:
+        host: Interface to bind; anything but loopback logs a warning.
+        port: TCP port.
+        classifier: Model URI of the zero-shot classifier; null uses the conf's classifier name@alias.
+        max_upload_bytes: Most bytes of one uploaded file or field.
+        max_fields: Most form fields (files and texts) per request.
+        api_key: When set, every API call must send it as `X-API-Key` (the page asks for it).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    classifier: str | None = None
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_fields: int = 16
+    api_key: str | None = None
+
+    def __post_init__(self):
+        for name in ("port", "max_upload_bytes", "max_fields"):
+            _require_positive_int(name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the CLI reads from conf/: one section per dataclass."""
+
+    model: ModelSource = field(default_factory=ModelSource)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+
+
+_SECTIONS = {"model": ModelSource, "registry": RegistryConfig, "runtime": RuntimeConfig, "serve": ServeConfig,
+             "evaluate": EvaluateConfig, "classifier": ClassifierConfig, "index": IndexConfig, "app": AppConfig}
+
+
+def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Read a YAML settings file and apply overrides on top.
+
+    Args:
+        path: A YAML file; None reads the file named by CLIP_PYFUNC_CONF, else
+            `conf/clip_pyfunc.yaml` in the working directory when it exists, else the built-in defaults.
+        overrides: {section: {key: value}}; a None value leaves the file's value in place.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ModelLoadError: The file is missing or malformed, or a key or value is not allowed.
+    """
+    data: dict[str, Any] = {}
+    if path is None:
+        path = os.environ.get(CONF_ENV) or (DEFAULT_CONF_PATH if os.path.exists(DEFAULT_CONF_PATH) else None)
+    if path is not None:
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ModelLoadError(f"could not read settings file {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"settings file {path} must hold a mapping of sections {sorted(_SECTIONS)}")
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ModelLoadError(f"unknown section(s) {sorted(unknown)} in {path}; allowed: {sorted(_SECTIONS)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = dict(data.get(name) or {})
+        values.update({k: v for k, v in ((overrides or {}).get(name) or {}).items() if v is not None})
+        sections[name] = _from_dict(cls, values, f"{path or 'settings'}: {name}")
+    return Settings(**sections)
+
+
+def is_template(value: object) -> bool:
+    """A prompt template: a string with exactly one "{}", where the label goes."""
+    return isinstance(value, str) and value.count("{}") == 1
+
+
+def _from_dict(cls, values: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ModelLoadError(f"unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(names)}")
+    return cls(**values)
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"{name} must be a positive integer, got {value!r}")
