@@ -12,6 +12,15 @@ from nbclient import NotebookClient
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
 
 
+@pytest.mark.parametrize("name", sorted(os.listdir(NOTEBOOKS)))
+def test_the_generator_writes_the_committed_notebooks(name):
+    import runpy
+
+    generator = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "make_notebooks.py"))
+    with open(os.path.join(NOTEBOOKS, name), encoding="utf-8") as f:
+        assert f.read() == generator["render"](name), "run `python tools/make_notebooks.py` and commit the notebooks"
+
+
 def _execute(name: str, cwd) -> nbformat.NotebookNode:
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()

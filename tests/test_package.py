@@ -69,3 +69,21 @@ def test_ci_runs_the_readme_test_command():
     with open("tools/install-system-packages.sh") as f:
         script = f.read()
     assert "openjdk-17-jre-headless" in script and "chromium" in script
+
+
+def test_one_dependency_list_feeds_setup_conda_and_the_models():
+    import runpy
+
+    from clip_pyfunc.dependencies import MODEL_REQUIREMENTS, conda_env, extras_require, install_requires
+    from clip_pyfunc.registry.requirements import pip_requirements
+
+    with open("conda.yaml") as f:
+        text = f.read()
+    assert text == runpy.run_path("tools/make_conda_env.py")["render"](), "run `python tools/make_conda_env.py`"
+    assert yaml.safe_load(text) == json.loads(json.dumps(conda_env()))
+    pip = conda_env()["dependencies"][-1]["pip"]
+    for name in ("pyspark", "matplotlib", "psutil", "mlflow"):  # MLproject's embed_table and bench need them
+        assert any(p.startswith(name) for p in pip), name
+    assert [r.split("==")[0] for r in pip_requirements()] == list(MODEL_REQUIREMENTS)
+    assert {r.split(">")[0].split("<")[0].split("=")[0] for r in install_requires()} >= set(MODEL_REQUIREMENTS)
+    assert "pyspark" in " ".join(extras_require()["spark"])

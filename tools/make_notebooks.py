@@ -1,6 +1,8 @@
 """Write the notebooks in notebooks/ from the cell sources below (keeps them reviewable as code).
 
-Run `python tools/make_notebooks.py` after editing; the tests execute the written notebooks.
+Run `python tools/make_notebooks.py` after editing; the tests execute the written notebooks, and
+tests/test_notebooks.py checks that the committed files are exactly what this writes (cell ids
+are the notebook's name and the cell's position, so a rewrite changes only what was edited).
 """
 
 import os
@@ -72,7 +74,7 @@ NOTEBOOKS = {
                       "catalogue = pd.DataFrame({\"product_id\": [f\"p{i}\" for i in range(8)],\n"
                       "                          \"image_b64\": [red_circle, blue_triangle] * 3 + [\"not an image\", None]})\n"
                       "catalogue.to_parquet(f\"{WORKDIR}/catalogue.parquet\")\ncatalogue.shape"),
-        new_code_cell("from clip_pyfunc.batch.spark import run_job, spark_session\n\n"
+        new_code_cell("from clip_pyfunc.batch.spark import run_job, spark_session, stop_session\n\n"
                       "spark = spark_session(\"local[2]\")\n"
                       "report = run_job(spark, model_uri=\"models:/clip_image_embedding@champion\",\n"
                       "                 source=f\"{WORKDIR}/catalogue.parquet\", output=f\"{WORKDIR}/embeddings.parquet\",\n"
@@ -85,7 +87,7 @@ NOTEBOOKS = {
                       "found = embeddings.dropna(subset=[\"embedding\"]).copy()\n"
                       "found[\"score\"] = [float(np.dot(query, v)) for v in found[\"embedding\"]]\n"
                       "top = found.sort_values(\"score\", ascending=False)[[\"product_id\", \"score\"]].head(3)\n"
-                      "spark.stop()\ntop"),
+                      "stop_session(spark)\ntop"),
         new_markdown_cell("With the toy checkpoint or real weights the red-circle products rank first; a random stand-in "
                           "checkpoint ranks arbitrarily. Rows that could not be embedded keep their id, a null "
                           "embedding and the reason in `error`."),
@@ -131,15 +133,26 @@ NOTEBOOKS = {
         new_markdown_cell("# Search: embed a folder with Spark, index it in Qdrant, query by words and by photo\n\nEmbeds every image of a folder with the registered image model (the Spark job), upserts the vectors into a Qdrant collection (qdrant-client's local mode under `./clip-index`; set `QDRANT_URL` for a server, same code), then searches it by text and by image and shows the hits as thumbnails. With the toy checkpoint (`clip-pyfunc toy-checkpoint ./clip-toy`), the folder is generated coloured shapes and the answers are right; its vectors mean nothing else."),
         new_code_cell('import os\n\n# A hub id, or a local directory in transformers format (e.g. ./clip-toy from `clip-pyfunc toy-checkpoint`).\nMODEL = os.environ.get("CLIP_MODEL", "./clip-toy")\n# Your folder of images; the default writes generated shapes (labelled subfolders) as a stand-in.\nFOLDER = os.environ.get("CLIP_IMAGES", "shapes")\nINDEX, COLLECTION = "clip-index", "shapes"\n# The registry: MLFLOW_TRACKING_URI when set, else MLflow\'s default sqlite:///mlflow.db here.'),
         new_code_cell('from clip_pyfunc.settings import load_settings\nfrom clip_pyfunc.registry import register_models\nfrom clip_pyfunc.dev.samples import write_shape_dataset\n\nif not os.path.isdir(FOLDER):\n    write_shape_dataset(FOLDER, n=60)\nsummary = register_models(load_settings(None, {"model": {"source": MODEL}}))\nIMAGE_URI = summary["models"]["image"]["uri"]\nsummary.get("warning"), IMAGE_URI'),
-        new_code_cell('from clip_pyfunc.batch.spark import run_job, spark_session\n\nspark = spark_session("local[2]")\nreport = run_job(spark, model_uri=IMAGE_URI, source=FOLDER, output="embeddings.parquet")\nspark.stop()\n{k: report[k] for k in ("rows", "embedded", "failed", "model_loads")}'),
+        new_code_cell('from clip_pyfunc.batch.spark import run_job, spark_session, stop_session\n\nspark = spark_session("local[2]")\nreport = run_job(spark, model_uri=IMAGE_URI, source=FOLDER, output="embeddings.parquet")\nstop_session(spark)\n{k: report[k] for k in ("rows", "embedded", "failed", "model_loads")}'),
         new_code_cell('from clip_pyfunc.search.index import index_table, open_client\nfrom clip_pyfunc.search.query import Searcher\n\nclient = open_client(INDEX)\nindexed = index_table(client, COLLECTION, "embeddings.parquet", IMAGE_URI)\nsearcher = Searcher(client, COLLECTION)  # embeds queries with the models the collection records\nindexed'),
         new_code_cell('import glob\n\nimport pandas as pd\n\nby_text = searcher.search(text="a red circle", k=6)\nquery_image = sorted(glob.glob(os.path.join(FOLDER, "**", "*.png"), recursive=True))[0]\nby_image = searcher.search(image=open(query_image, "rb").read(), k=6)\n# The folder\'s subfolder names are the shapes\' labels: the hits should show the query\'s.\npd.DataFrame([{"query": q, "hit": os.path.relpath(h["id"].removeprefix("file:"), os.path.abspath(FOLDER)),\n               "score": round(h["score"], 3)}\n              for q, hits in (("a red circle", by_text), (os.path.relpath(query_image, FOLDER), by_image))\n              for h in hits])'),
         new_code_cell('import matplotlib.pyplot as plt\nfrom PIL import Image\n\nfig, axes = plt.subplots(2, 6, figsize=(12, 4.6))\nfor row, (title, hits) in enumerate((("text: a red circle", by_text), (f"image: {os.path.basename(query_image)}", by_image))):\n    for ax, hit in zip(axes[row], hits):\n        ax.imshow(Image.open(hit["id"].removeprefix("file:")))\n        ax.set_title(f"{hit[\'score\']:.3f}", fontsize=9)\n        ax.axis("off")\n    axes[row][0].set_title(f"{title}\\n{hits[0][\'score\']:.3f}", fontsize=9, loc="left")\nplt.tight_layout()\nplt.show()\nclient.close()'),
     ],
 }
 
+
+
+def render(name: str) -> str:
+    """The text of notebooks/`name` as this file writes it."""
+    cells = NOTEBOOKS[name]
+    for i, cell in enumerate(cells):
+        cell.id = f"{name.split('_', 1)[0]}-{i}"
+    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                            "language": "python"}})
+    return nbformat.writes(nb) + "\n"
+
+
 if __name__ == "__main__":
-    for name, cells in NOTEBOOKS.items():
-        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                "language": "python"}})
-        nbformat.write(nb, os.path.join(HERE, name))
+    for name in NOTEBOOKS:
+        with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
+            f.write(render(name))

@@ -1,5 +1,5 @@
 """Chinese-CLIP: a BERT text tower pooled at [CLS] under the attention mask, top-level projections."""
 
-from clip_pyfunc.families import Family, register
+from clip_pyfunc.families.base import Family
 
-CHINESE_CLIP = register(Family(model_type="chinese_clip", model_class="ChineseCLIPModel"))
+CHINESE_CLIP = Family(model_type="chinese_clip", model_class="ChineseCLIPModel")

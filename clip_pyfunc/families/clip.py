@@ -5,6 +5,6 @@ The projections sit at the top level and are sized by the top-level `projection_
 the sub-configs say (LAION's bigG export keeps 512 there beside 1280; transformers issue 25622).
 """
 
-from clip_pyfunc.families import Family, register
+from clip_pyfunc.families.base import Family
 
-CLIP = register(Family(model_type="clip", model_class="CLIPModel"))
+CLIP = Family(model_type="clip", model_class="CLIPModel")

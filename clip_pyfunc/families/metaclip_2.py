@@ -1,5 +1,5 @@
 """MetaCLIP 2: CLIP's architecture with a multilingual (XLM-R style) tokenizer; EOS pooling."""
 
-from clip_pyfunc.families import Family, register
+from clip_pyfunc.families.base import Family
 
-METACLIP_2 = register(Family(model_type="metaclip_2", model_class="MetaClip2Model"))
+METACLIP_2 = Family(model_type="metaclip_2", model_class="MetaClip2Model")

@@ -7,7 +7,7 @@ does, so text is lowercased where the tokenizer is a Gemma one. Scores are an in
 sigmoid per label of exp(logit_scale)*cos + logit_bias.
 """
 
-from clip_pyfunc.families import Family, register, _exp
+from clip_pyfunc.families.base import Family, exp
 
 
 def gemma_tokenizer(tokenizer) -> bool:
@@ -15,9 +15,9 @@ def gemma_tokenizer(tokenizer) -> bool:
     return type(tokenizer).__name__.startswith("Gemma")
 
 
-SIGLIP = register(Family(
+SIGLIP = Family(
     model_type="siglip", model_class="SiglipModel",
     text_children=("text_model",), image_children=("vision_model",),  # heads live inside the towers
     pad_to_max_length=True, lowercase=gemma_tokenizer,
-    scoring="sigmoid", scale=lambda p: _exp(p["logit_scale"]), bias=lambda p: p["logit_bias"],
-))
+    scoring="sigmoid", scale=lambda p: exp(p["logit_scale"]), bias=lambda p: p["logit_bias"],
+)

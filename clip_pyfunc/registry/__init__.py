@@ -4,6 +4,6 @@ The public face is `register_models` and `register_classifier`; the rooms beside
 `signatures`, `requirements`, `precision`, `publish` and `lookup`.
 """
 
-from clip_pyfunc.registry import register_classifier, register_models
+from clip_pyfunc.registry.publish import register_classifier, register_models
 
 __all__ = ["register_classifier", "register_models"]

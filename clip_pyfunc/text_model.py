@@ -1,0 +1,10 @@
+"""Where models logged before the regrouping by role find `ClipTextEmbedding` (now clip_pyfunc.models.text).
+
+Their models-from-code file imports `clip_pyfunc.text_model`. A fresh process loads their own copy of
+the package; a process that has imported today's package already (a notebook, the app, a Spark
+worker) finds the class here instead.
+"""
+
+from clip_pyfunc.models.text import ClipTextEmbedding
+
+__all__ = ["ClipTextEmbedding"]

@@ -1,0 +1,189 @@
+"""The package's architecture, as tests: rooms import downward only and without circles, light
+imports stay light, a logged model carries and imports only the rooms below the edges, and models
+logged before the regrouping (with their own copy of the code) still load and predict."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from clip_pyfunc.settings import load_settings
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+PACKAGE = os.path.join(ROOT, "clip_pyfunc")
+# Lowest first: a room may import itself and the rooms before it, never one after it. The edges
+# (registry, batch, search, serving, cli) and the developer rooms (dev, benchmarks) come after
+# `models`, so nothing a served model imports can reach them; the CLI runs the benchmarks.
+ROOMS = ("errors", "dependencies", "stdio", "settings", "families", "runtime", "stages", "artifacts", "models",
+         "dev", "registry", "batch", "search", "serving", "benchmarks", "cli")
+# The rooms a logged model ships (registry.requirements.MODEL_CODE) and imports.
+MODEL_ROOMS = {"errors", "settings", "runtime", "families", "stages", "artifacts", "models"}
+HEAVY = ("torch", "transformers", "mlflow", "pyspark")
+# clip_pyfunc as it was on main before the regrouping (git archive 01cb923 clip_pyfunc).
+PRE_LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "clip_pyfunc-01cb923.tar.gz")
+
+
+def _modules() -> dict[str, str]:
+    """{dotted module name: file} for every module of the package."""
+    out = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), ROOT)[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = os.path.join(folder, name)
+    return out
+
+
+def _imports(path: str) -> set[str]:
+    """The clip_pyfunc modules a file imports, at the top or inside functions (TYPE_CHECKING included)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clip_pyfunc"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("clip_pyfunc"))
+    return found
+
+
+# Where models logged before the regrouping find their class in today's package (see each file).
+LEGACY = {"text_model": "models", "image_model": "models", "classifier": "models", "combined_model": "models"}
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return LEGACY.get(parts[1], parts[1]) if len(parts) > 1 else None
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: {i for i in _imports(path) if i in modules and i != m} for m, path in modules.items()}
+
+
+def test_every_room_is_in_the_order():
+    rooms = {_room(m) for m in _modules()} - {None}
+    assert rooms == set(ROOMS), rooms ^ set(ROOMS)
+
+
+def test_rooms_import_downward_only():
+    wrong = []
+    for module, imported in _graph().items():
+        room = _room(module)
+        for target in imported:
+            other = _room(target)
+            if other is not None and room is not None and ROOMS.index(other) > ROOMS.index(room):
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, wrong
+
+
+def test_no_import_circles():
+    graph = _graph()
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                circles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not circles, circles
+
+
+def test_light_imports_stay_light():
+    stages = sorted(m for m in _modules() if m.startswith("clip_pyfunc.stages."))
+    code = (f"import sys, clip_pyfunc, clip_pyfunc.settings, clip_pyfunc.errors, {', '.join(stages)}; "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_logged_model_ships_and_imports_only_the_rooms_below_the_edges(registered, tmp_path):
+    import mlflow
+
+    for kind in ("text", "image"):
+        root = mlflow.artifacts.download_artifacts(registered["models"][kind]["uri"], dst_path=str(tmp_path / kind))
+        shipped = os.listdir(os.path.join(root, "code", "clip_pyfunc"))
+        assert {name.removesuffix(".py") for name in shipped} == MODEL_ROOMS | {"__init__"}, shipped
+        # A fresh interpreter loads the model from its own code (MLflow puts code/ first on sys.path).
+        cell = "a photo" if kind == "text" else __import__("base64").b64encode(_png()).decode()
+        code = ("import json, sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); v = m.predict([sys.argv[2]]); "
+                "import clip_pyfunc; print(json.dumps({'file': clip_pyfunc.__file__, 'shape': list(v.shape), "
+                "'rooms': sorted({n.split('.')[1] for n in sys.modules if n.startswith('clip_pyfunc.')})}))")
+        out = subprocess.run([sys.executable, "-c", code, root, cell], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["file"].startswith(os.path.join(root, "code")), got["file"]
+        assert got["shape"] == [1, registered["embedding_dim"]]
+        assert set(got["rooms"]) <= MODEL_ROOMS, got["rooms"]
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_models_logged_before_the_regrouping_still_load_and_predict(tiny_checkpoint, tmp_path):
+    # Register with the package as it was on main before the move, in its own process and registry...
+    old = tmp_path / "old"
+    with tarfile.open(PRE_LAYOUT) as tar:
+        tar.extractall(old, filter="data")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/old.db", "PYTHONPATH": str(old)}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    register = ("import json, sys, clip_pyfunc; from clip_pyfunc.config import load_settings; "
+                "from clip_pyfunc.registry import register_models; "
+                "s = register_models(load_settings(None, {'model': {'source': sys.argv[1]}})); "
+                "print(json.dumps({'file': clip_pyfunc.__file__, 'models': s['models']}))")
+    out = subprocess.run([sys.executable, "-c", register, tiny_checkpoint], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["file"].startswith(str(old))
+    # ...then load and predict with today's package installed: a fresh process runs each model's own
+    # copy; one that has imported today's package already (a notebook, the app, a Spark worker) runs today's.
+    env["PYTHONPATH"] = ""
+    texts, image = ["a photo of a cat", "", "ünïcode"], __import__("base64").b64encode(_png()).decode()
+    results = {}
+    for first in ("", "import clip_pyfunc.models; "):
+        predict = (f"import json, sys, mlflow; {first}"
+                   "t = mlflow.pyfunc.load_model(sys.argv[1]).predict(json.loads(sys.argv[3])); "
+                   "i = mlflow.pyfunc.load_model(sys.argv[2]).predict([sys.argv[4]]); "
+                   "print(json.dumps({'file': sys.modules['clip_pyfunc'].__file__, 'text': t.tolist(), "
+                   "'image': i.tolist()}))")
+        out = subprocess.run([sys.executable, "-c", predict, summary["models"]["text"]["uri"],
+                              summary["models"]["image"]["uri"], json.dumps(texts), image],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results[first] = json.loads(out.stdout.strip().splitlines()[-1])
+    own, today = results[""], results["import clip_pyfunc.models; "]
+    assert "code" in own["file"].split(os.sep) and not own["file"].startswith(str(old)), own["file"]
+    assert today["file"] == os.path.join(os.path.abspath(PACKAGE), "__init__.py"), today["file"]
+    # The vectors are today's: the same checkpoint through today's package gives them too.
+    from clip_pyfunc.artifacts.checkpoint import resolve_checkpoint
+    from clip_pyfunc.artifacts.towers import export_towers
+    from clip_pyfunc.registry.lookup import local_models
+
+    _, towers = export_towers(resolve_checkpoint(tiny_checkpoint), str(tmp_path / "towers"))
+    text, image_model = local_models(towers, load_settings().runtime)
+    for got in (own, today):
+        np.testing.assert_allclose(np.asarray(got["text"]), text.embed_rows(texts)[0], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got["image"]), image_model.embed_rows([image])[0], atol=1e-5)
