@@ -191,3 +191,31 @@ def model_server(model_uri: str, log_path):
         yield url, proc
     finally:
         stop_server(proc)
+
+
+# Batch forms of the per-row stages, for tests that check many rows at once (the package runs rows
+# through decode_image and preprocess_image one at a time).
+def decode_images(values, limits, draft_edge=None):
+    """decode_image per row, errors carrying their row."""
+    from clip_pyfunc.errors import InvalidInput
+    from clip_pyfunc.stages.decode import decode_image
+
+    out = []
+    for row, value in enumerate(values):
+        item = decode_image(value, limits, draft_edge)
+        out.append(InvalidInput(item.reason, row) if isinstance(item, InvalidInput) else item)
+    return out
+
+
+def crops_to_array(crops, spec):
+    """Rescale and normalise resized and cropped RGB images into (n, 3, H, W) float32."""
+    from clip_pyfunc.stages.preprocess import crop_to_array
+
+    return np.stack([crop_to_array(crop, spec) for crop in crops]).astype(np.float32)
+
+
+def images_to_array(images, spec):
+    """The reference path's pixels of RGB images, (n, 3, H, W) float32."""
+    from clip_pyfunc.stages.preprocess import resize_and_crop
+
+    return crops_to_array([resize_and_crop(img, spec) for img in images], spec)

@@ -10,8 +10,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import b64, encode, photo
-from clip_pyfunc.stages.decode import ImageLimits, decode_image, decode_images, decode_texts, image_bytes, open_image, open_pixels
+from conftest import b64, decode_images, encode, photo
+from clip_pyfunc.stages.decode import ImageLimits, decode_image, decode_texts, image_bytes, open_image, open_pixels
 from clip_pyfunc.errors import InvalidInput
 
 LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_pixels=8192 * 8192)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import photo
+from conftest import crops_to_array, images_to_array, photo
 from clip_pyfunc.errors import ModelLoadError
-from clip_pyfunc.stages.preprocess import (ImageSpec, TextSpec, crops_to_array, images_to_array, pad_ids, read_image_spec,
-                                    resize_and_crop, resize_and_crop_fast, tokenize)
+from clip_pyfunc.stages.preprocess import (ImageSpec, TextSpec, pad_ids, read_image_spec, resize_and_crop,
+                                           resize_and_crop_fast, tokenize)
 
 
 def test_spec_comes_from_checkpoint(tiny_checkpoint):

@@ -39,34 +39,19 @@ class Architecture:
     mlp_width: int | None = None  # None: 4x the width (CLIP); SigLIP so400m uses 4304 for 1152
 
 
-ARCHITECTURES = {
-    "tiny": Architecture(
-        embed_dim=32, text_width=32, text_layers=2, text_heads=4,
-        vision_width=32, vision_layers=2, vision_heads=4, image_size=32, patch_size=8,
-    ),
-    "vit-b-32": Architecture(
-        embed_dim=512, text_width=512, text_layers=12, text_heads=8,
-        vision_width=768, vision_layers=12, vision_heads=12, image_size=224, patch_size=32,
-    ),
-    "vit-b-16": Architecture(
-        embed_dim=512, text_width=512, text_layers=12, text_heads=8,
-        vision_width=768, vision_layers=12, vision_heads=12, image_size=224, patch_size=16,
-    ),
-    "vit-l-14": Architecture(
-        embed_dim=768, text_width=768, text_layers=12, text_heads=12,
-        vision_width=1024, vision_layers=24, vision_heads=16, image_size=224, patch_size=14,
-    ),
-    # SigLIP shapes (google/siglip-base-patch16-224, google/siglip-so400m-patch14-384).
-    "siglip-base-patch16-224": Architecture(
-        embed_dim=768, text_width=768, text_layers=12, text_heads=12, vision_width=768, vision_layers=12,
-        vision_heads=12, image_size=224, patch_size=16, vocab_size=32000, context_length=64, family="siglip",
-    ),
-    "siglip-so400m-patch14-384": Architecture(
-        embed_dim=1152, text_width=1152, text_layers=27, text_heads=16, vision_width=1152, vision_layers=27,
-        vision_heads=16, image_size=384, patch_size=14, vocab_size=32000, context_length=64, family="siglip",
-        mlp_width=4304,
-    ),
+# The shapes of real checkpoints (openai/clip-vit-*, google/siglip-*), in Architecture's field order.
+_FIELDS = ("embed_dim", "text_width", "text_layers", "text_heads", "vision_width", "vision_layers", "vision_heads",
+           "image_size", "patch_size")
+_SIGLIP = {"vocab_size": 32000, "context_length": 64, "family": "siglip"}
+_SHAPES = {
+    "tiny": ((32, 32, 2, 4, 32, 2, 4, 32, 8), {}),
+    "vit-b-32": ((512, 512, 12, 8, 768, 12, 12, 224, 32), {}),
+    "vit-b-16": ((512, 512, 12, 8, 768, 12, 12, 224, 16), {}),
+    "vit-l-14": ((768, 768, 12, 12, 1024, 24, 16, 224, 14), {}),
+    "siglip-base-patch16-224": ((768, 768, 12, 12, 768, 12, 12, 224, 16), _SIGLIP),
+    "siglip-so400m-patch14-384": ((1152, 1152, 27, 16, 1152, 27, 16, 384, 14), {**_SIGLIP, "mlp_width": 4304}),
 }
+ARCHITECTURES = {name: Architecture(**dict(zip(_FIELDS, shape)), **extra) for name, (shape, extra) in _SHAPES.items()}
 CORPUS = [
     "a photo of a cat", "a photo of a dog", "a photo of a bird", "a picture of an apple", "a red circle",
     "a small blue triangle on a grey background", "this is a photo of a red car", "a blurry photo of a house",

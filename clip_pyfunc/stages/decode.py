@@ -67,26 +67,6 @@ def decode_texts(values: Iterable[object]) -> list[str | InvalidInput]:
     return out
 
 
-def decode_images(values: Iterable[object], limits: ImageLimits, draft_edge: int | None = None) -> list[Decoded]:
-    """Decode each row (base64 text or raw bytes) into an upright RGB PIL image.
-
-    Args:
-        values: The `input` column: base64 strings (optionally a `data:image/...;base64,` URL,
-            url-safe alphabet, embedded newlines) or raw bytes.
-        limits: Byte and pixel limits.
-        draft_edge: When set (the fast path), JPEGs decode at a reduced scale whose shorter edge
-            stays at least this many pixels, into (H, W, 3) uint8 arrays (see `open_pixels`).
-
-    Returns:
-        One RGB image (PIL, or an array for a JPEG on the fast path) or InvalidInput per row.
-    """
-    out: list[Decoded] = []
-    for row, value in enumerate(values):
-        item = decode_image(value, limits, draft_edge)
-        out.append(InvalidInput(item.reason, row) if isinstance(item, InvalidInput) else item)
-    return out
-
-
 def fetch_urls(values: list[object], policy) -> list[object]:
     """Replace the cells that hold an image URL with the fetched bytes, or with their InvalidInput.
 

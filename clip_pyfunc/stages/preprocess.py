@@ -268,22 +268,6 @@ def resize_and_crop_fast(image, spec: ImageSpec, reducing_gap: float):
     return out[box[1] : box[3], box[0] : box[2]] if box else out
 
 
-def images_to_array(images: Sequence, spec: ImageSpec):
-    """Preprocess RGB images into one float32 array (n, 3, H, W) ready for the vision tower."""
-    return crops_to_array([resize_and_crop(img, spec) for img in images], spec)
-
-
-def crops_to_array(crops: Sequence, spec: ImageSpec):
-    """Rescale and normalise already resized and cropped RGB images into (n, 3, H, W) float32."""
-    import numpy as np
-
-    out_h, out_w = spec.output_hw
-    batch = np.empty((len(crops), 3, out_h, out_w), dtype=np.float32)
-    for i, crop in enumerate(crops):
-        batch[i] = crop_to_array(crop, spec)
-    return batch
-
-
 def crop_to_array(crop, spec: ImageSpec):
     """Rescale and normalise one resized and cropped RGB image into (3, H, W) float32.
 
