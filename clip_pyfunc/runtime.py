@@ -28,6 +28,7 @@ class Runtime:
         input_dtype: dtype of floating inputs (pixel values) fed to the tower.
         autocast_dtype: dtype for torch.autocast around the forward, or None.
         batch_size: Rows per forward.
+        threads: torch's intra-op threads in this process (the decode pool uses as many).
     """
 
     device: object
@@ -35,6 +36,7 @@ class Runtime:
     input_dtype: object
     autocast_dtype: object | None
     batch_size: int
+    threads: int = 1
 
     def forward_context(self):
         """Inference mode, plus autocast when the precision asks for it."""
@@ -70,7 +72,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pick_runtime(config: RuntimeConfig, measured: dict[str, float] | None = None):
-    """Resolve device and precision from the config and the hardware found now.
+    """Resolve device, precision and threads from the config and the hardware found now.
+
+    `num_threads`, when set, becomes torch's intra-op thread count for the process.
 
     "default" is the fastest precision this hardware runs natively that held a cosine of at
     least DEFAULT_PRECISION_COSINE to fp32 on the sample inputs measured at registration
@@ -82,6 +86,8 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, float] | None = None
     """
     import torch
 
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -105,7 +111,7 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, float] | None = None
     autocast = torch.bfloat16 if precision == "bf16" else None
     return Runtime(
         device=device, precision=precision, input_dtype=input_dtype,
-        autocast_dtype=autocast, batch_size=config.batch_size,
+        autocast_dtype=autocast, batch_size=config.batch_size, threads=torch.get_num_threads(),
     )
 
 

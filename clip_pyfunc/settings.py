@@ -36,7 +36,7 @@ class RuntimeConfig:
         fast_decode: JPEGs decode at 1/2, 1/4 or 1/8 scale (simplejpeg, >= 6x the resize edge) and are
             resized by torch's antialiased kernels (within 3 levels, mean 0.25, of the reference
             processor); false is PIL's reference path, bit for bit.
-        max_rows: Most rows one served request may hold (see loader.served_row_limit); batch and
+        max_rows: Most rows one served request may hold (see models.request.served_row_limit); batch and
             in-process calls are not limited.
         max_image_bytes: Most bytes of one encoded image (after base64 decoding).
         max_image_pixels: Most pixels (width x height) of one image, checked before decoding.

@@ -40,9 +40,9 @@ class ResolvedCheckpoint:
         path: Local directory in transformers CLIP format.
         source: What the user asked for (hub id or directory).
         revision: The hub commit of the snapshot, or "local" for a directory.
-        random_init: The architecture name when the weights are random (see random_checkpoint).
+        random_init: The architecture name when the weights are random (see dev.random_checkpoint).
         toy: The toy checkpoint's record (task, labels, zero-shot accuracy) when it is the
-            trained toy (see toy_checkpoint); None otherwise.
+            trained toy (see dev.toy_checkpoint); None otherwise.
         model_type: The config's `model_type`, checked to be a supported family.
     """
 

@@ -56,7 +56,7 @@ class CheckpointInfo:
         image_inputs: "pixels" or "naflex".
         max_num_patches: NaFlex only: the patch budget images are resized to fit.
         precision_cosine: Per precision ("bf16", "int8", "fp16"), the lowest cosine to fp32 measured
-            on sample texts and images at registration; the loader's "default" precision uses it.
+            on sample texts and images at registration; the runtime's "default" precision uses it.
     """
 
     family: str

@@ -1,4 +1,4 @@
-"""The shared CLIP loader: the pyfunc base class both embedding models subclass.
+"""The pyfunc base class both embedding models subclass (one tower of any family).
 
 `load_context` turns the logged artifacts into a ready tower once: it reads the tower
 directory, picks the device and precision, sets threads, and puts the tower in eval mode.
@@ -32,12 +32,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
     params_schema: dict[str, Any] = {"normalize": True}
 
     def load_context(self, context) -> None:
-        """Load the tower once: artifacts, device, precision, threads, eval mode."""
-        import torch
-
+        """Load the tower once: artifacts, device, precision, threads (clip_pyfunc.runtime), eval mode."""
         self.config = RuntimeConfig.from_dict(getattr(context, "model_config", None))
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
         path = context.artifacts[self.tower]
         if not os.path.isdir(path):
             raise ModelLoadError(f"artifact {self.tower!r} is not a directory: {path}")

@@ -34,9 +34,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
         return model
 
     def _decode_pool(self):
-        import torch
-
-        threads = torch.get_num_threads()
+        threads = self.runtime.threads
         if threads < 2:
             return None
         from concurrent.futures import ThreadPoolExecutor

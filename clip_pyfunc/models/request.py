@@ -71,7 +71,7 @@ def served_row_limit(max_rows: int) -> int | None:
 def input_values(model_input, max_rows: int | None) -> list[object]:
     """Return the rows to embed as a list, checking the shape of the request and the row limit.
 
-    The logged models declare no input schema (see `registry.model_signature`), so MLflow
+    The logged models declare no input schema (see `registry.signatures.model_signature`), so MLflow
     hands over what the caller sent, in any of the shapes users send:
 
     - a DataFrame with a column `input` (other columns are ignored), or with exactly one

@@ -14,7 +14,7 @@ def measure_precisions(info: CheckpointInfo, towers: dict[str, str], device: str
 
     The lowest cosine over sample texts and images (toy shapes and photo-like JPEGs) per precision
     ("bf16" and "int8" on CPU, "fp16" and "bf16" on CUDA) is written into both towers'
-    `clip_pyfunc.json`, where the loader's "default" precision reads it.
+    `clip_pyfunc.json`, where the runtime's "default" precision reads it.
 
     Returns:
         The description with `precision_cosine` filled in.

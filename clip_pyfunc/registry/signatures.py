@@ -20,7 +20,7 @@ def model_signature(normalize: bool = True):
     users send: a named `input` column refuses `predict(["a cat"])` and Series, and an unnamed
     column makes MLflow pass on only the first column of a wider DataFrame, so a frame whose
     first column is an id would be embedded silently. Without an input schema MLflow passes the
-    request through untouched and `loader.input_values` reads every shape, naming the columns
+    request through untouched and `models.request.input_values` reads every shape, naming the columns
     of a frame it cannot read. Output and params are still declared and enforced (Unity
     Catalog needs the output schema), and the input contract is in the metadata and description.
     The `normalize` default is the model_config's, because MLflow fills in a param's declared

@@ -1,7 +1,7 @@
 """The demo web app and JSON API: a FastAPI edge over the registered models and, when there is one, the index.
 
 The models are loaded in-process once, at start; every endpoint chains the same functions the
-pyfunc models, the CLI and Spark use (`embed_rows`, the classifier's `predict`, `index.Searcher`).
+pyfunc models, the CLI and Spark use (`embed_rows`, the classifier's `predict`, `search.query.Searcher`).
 Each endpoint needs only what it uses: /embeddings the text and image models, /classify the
 classifier, /search and thumbnails the index; without one of them, that endpoint answers a JSON
 error saying how to make it. Each response carries `request_id`, the client's `X-Request-ID` (or
@@ -45,7 +45,7 @@ class Loaded:
     text: Any
     image: Any
     classifier: Any  # None: /classify answers 503 with `no_classifier`
-    searcher: Any  # index.Searcher, or None: /search answers 404 with `no_index`
+    searcher: Any  # search.query.Searcher, or None: /search answers 404 with `no_index`
     warning: str | None = None  # toy or random weights: said on the page and in /health
     uris: dict[str, str | None] = field(default_factory=dict)  # {"text", "image", "classifier"}
     no_index: str | None = None  # why there is no index, and how to make one
