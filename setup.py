@@ -15,5 +15,5 @@ setup(
     python_requires=">=3.10",
     install_requires=deps["install_requires"](),
     extras_require=deps["extras_require"](),
-    entry_points={"console_scripts": ["clip-pyfunc=clip_pyfunc.cli.__main__:main"]},
+    entry_points={"console_scripts": ["clip-pyfunc=clip_pyfunc.cli:main"]},
 )

@@ -21,7 +21,7 @@ PACKAGE = os.path.join(ROOT, "clip_pyfunc")
 # Lowest first: a room may import itself and the rooms before it, never one after it. The edges
 # (registry, batch, search, serving, cli) and the developer rooms (dev, benchmarks) come after
 # `models`, so nothing a served model imports can reach them; the CLI runs the benchmarks.
-ROOMS = ("errors", "dependencies", "stdio", "settings", "families", "runtime", "stages", "artifacts", "models",
+ROOMS = ("errors", "settings", "families", "runtime", "stages", "artifacts", "models", "dependencies", "stdio",
          "dev", "registry", "batch", "search", "serving", "benchmarks", "cli")
 # The rooms a logged model ships (registry.requirements.MODEL_CODE) and imports.
 MODEL_ROOMS = {"errors", "settings", "runtime", "families", "stages", "artifacts", "models"}
@@ -81,6 +81,33 @@ def test_rooms_import_downward_only():
             if other is not None and room is not None and ROOMS.index(other) > ROOMS.index(room):
                 wrong.append(f"{module} -> {target}")
     assert not wrong, wrong
+
+
+def test_the_rooms_a_model_ships_import_only_each_other():
+    from clip_pyfunc.registry.requirements import MODEL_CODE
+
+    assert {name.removesuffix(".py") for name in MODEL_CODE} == MODEL_ROOMS | {"__init__"}
+    wrong = [f"{module} -> {target}" for module, imported in _graph().items() if _room(module) in MODEL_ROOMS | {None}
+             for target in imported if _room(target) not in MODEL_ROOMS | {None}]
+    assert not wrong, wrong
+
+
+def test_a_process_that_loaded_a_model_finds_the_other_rooms_installed(tmp_path):
+    # MLflow puts a model's code (the rooms it ships) first on sys.path; the installed package comes after.
+    import shutil
+
+    from clip_pyfunc.registry.requirements import copy_model_code
+
+    shipped = copy_model_code(str(tmp_path / "code"))
+    shutil.copytree(PACKAGE, tmp_path / "site" / "clip_pyfunc", ignore=shutil.ignore_patterns("__pycache__"))
+    code = (f"import sys; sys.path[:0] = [{str(tmp_path / 'code')!r}, {str(tmp_path / 'site')!r}]; "
+            "import clip_pyfunc.errors, clip_pyfunc.dev, clip_pyfunc.stdio; "
+            "print(clip_pyfunc.errors.__file__, clip_pyfunc.dev.__file__, clip_pyfunc.stdio.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors, dev, stdio = out.stdout.split()
+    site = str(tmp_path / "site")
+    assert errors.startswith(shipped) and dev.startswith(site) and stdio.startswith(site)
 
 
 def test_no_import_circles():

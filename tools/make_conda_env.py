@@ -12,8 +12,9 @@ import runpy
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADER = ("# Environment of the MLproject entry points (`mlflow run .`): the package with its spark and\n"
-          "# bench extras. Written by tools/make_conda_env.py from clip_pyfunc/dependencies.py; do not edit.\n")
+HEADER = ("# Environment of the MLproject entry points (`mlflow run .`): the package's dependencies and its\n"
+          "# spark and bench extras; the project code runs from the checkout. Written by tools/make_conda_env.py\n"
+          "# from clip_pyfunc/dependencies.py; do not edit.\n")
 
 
 def render() -> str:

@@ -105,8 +105,8 @@ NOTEBOOKS = {
         new_code_cell("from clip_pyfunc.dev.samples import write_shape_dataset\n\n"
                       "if not DATA:  # no data of your own given: generated coloured shapes, the toy checkpoint's world\n"
                       "    DATA = write_shape_dataset(\"shape-data\", n=150)\nDATA"),
-        new_code_cell("from clip_pyfunc.batch.evaluate import run as evaluate\n\n"
-                      "result = evaluate.run(MODELS, DATA, templates=(\"a {}\", \"a photo of a {}\"), out_dir=\"evaluate-out\")\n"
+        new_code_cell("from clip_pyfunc.batch.evaluate.run import run as evaluate\n\n"
+                      "result = evaluate(MODELS, DATA, templates=(\"a {}\", \"a photo of a {}\"), out_dir=\"evaluate-out\")\n"
                       "[(m[\"model\"], m[\"metrics\"][\"top1_accuracy\"], m[\"metrics\"][\"images_per_s\"]) for m in result[\"models\"]]"),
         new_code_cell("from IPython.display import Image, Markdown, display\n\n"
                       "display(Markdown(open(result[\"table\"]).read()))\ndisplay(Image(result[\"plot\"]))"),

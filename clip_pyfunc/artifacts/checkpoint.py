@@ -18,17 +18,20 @@ _HUB_FALLBACK_WEIGHTS = ["pytorch_model.bin"]
 # shapes, or the toy trained on generated shapes. Their vectors must never pass for real ones.
 RANDOM_INIT_KEY = "clip_pyfunc_random_init"
 TOY_KEY = "clip_pyfunc_toy"
-# What every summary, description, page and report says of such weights, in these words.
-TOY_WARNING = "toy checkpoint: trained only on generated coloured shapes; its vectors mean nothing else"
-RANDOM_WARNING = "random weights with real shapes: a stand-in, its vectors and scores are meaningless"
+# What every summary, description, page and report says of such weights: (heading, reason).
+TOY_CAVEAT = ("toy checkpoint", "trained only on generated coloured shapes; its vectors mean nothing else")
+RANDOM_CAVEAT = ("random weights", "a stand-in with real shapes; its vectors and scores are meaningless")
+TOY_WARNING, RANDOM_WARNING = (": ".join(c) for c in (TOY_CAVEAT, RANDOM_CAVEAT))
 
 
-def weights_warning(*, random_init: object = None, toy: object = None) -> str | None:
-    """The warning for toy or random weights (a checkpoint's record, or a model's tags), None for real ones."""
+def weights_caveat(*, random_init: object = None, toy: object = None) -> tuple[str, str] | None:
+    """(heading, reason) for toy or random weights (a checkpoint's record, or a model's tags), None for
+    real ones. Summaries say "heading: reason", version descriptions "HEADING: reason.", pages
+    "Heading: reason."."""
     if toy:
-        return TOY_WARNING
+        return TOY_CAVEAT
     if random_init:
-        return RANDOM_WARNING
+        return RANDOM_CAVEAT
     return None
 
 
@@ -54,9 +57,14 @@ class ResolvedCheckpoint:
     model_type: str = "clip"
 
     @property
+    def caveat(self) -> tuple[str, str] | None:
+        """(heading, reason) for toy or random weights (weights_caveat), None for real weights."""
+        return weights_caveat(random_init=self.random_init, toy=self.toy)
+
+    @property
     def warning(self) -> str | None:
-        """The toy or random weights warning (weights_warning), None for real weights."""
-        return weights_warning(random_init=self.random_init, toy=self.toy)
+        """The caveat as one line ("heading: reason"), None for real weights."""
+        return ": ".join(self.caveat) if self.caveat else None
 
 
 def resolve_checkpoint(source: str, revision: str | None = None, cache_dir: str | None = None) -> ResolvedCheckpoint:

@@ -1,7 +1,6 @@
 """`clip-pyfunc` commands: each a thin edge over the package's functions, returning its JSON result.
 
-Settings come from conf/clip_pyfunc.yaml (or --conf FILE); the flags that name a setting
-override it (see parser.settings_of).
+Settings come from conf/clip_pyfunc.yaml (or --conf FILE); flags override them.
 """
 
 from __future__ import annotations
@@ -83,17 +82,19 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from clip_pyfunc.batch.evaluate import run as evaluate
+    from clip_pyfunc.batch.evaluate.metrics import HEADLINE
+    from clip_pyfunc.batch.evaluate.run import run
+
     conf = settings_of(args).evaluate
     for spec in args.models:
         if spec.startswith(("models:/", "runs:/")):
             _require_model(spec, "--models")
-    result = evaluate.run(args.models, args.data, kind=args.kind, experiment=conf.experiment,
-                          templates=conf.templates, batch_size=conf.batch_size, out_dir=args.out,
-                          tag_versions=args.tag_versions, image_embeddings=args.image_embeddings)
+    result = run(args.models, args.data, kind=args.kind, experiment=conf.experiment, templates=conf.templates,
+                 batch_size=conf.batch_size, out_dir=args.out, tag_versions=args.tag_versions,
+                 image_embeddings=args.image_embeddings)
     kind = result["data"]["kind"]
     print(open(result["table"]).read(), file=sys.stderr)
-    result["headline_metric"] = evaluate.HEADLINE[kind]
+    result["headline_metric"] = HEADLINE[kind]
     return result
 
 

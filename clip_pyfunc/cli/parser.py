@@ -1,7 +1,7 @@
 """`clip-pyfunc`'s argument parser, and the settings its flags override.
 
 A flag that overrides a setting names it in its `dest` (`--batch-size` -> "runtime.batch_size"),
-so `settings_of` builds every command's settings the same way: conf/clip_pyfunc.yaml (or --conf
+so `commands.settings_of` builds every command's settings the same way: conf/clip_pyfunc.yaml (or --conf
 FILE), then the flags that were given.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from clip_pyfunc.cli import commands
+import clip_pyfunc.cli.commands as commands
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -21,7 +21,8 @@ class _Formatter(argparse.HelpFormatter):
 
 def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
-    p.add_argument("--model", dest="model.source", metavar="MODEL", help="hub id or local directory of a transformers checkpoint (any supported family)")
+    p.add_argument("--model", dest="model.source", metavar="MODEL",
+                   help="hub id or local directory of a transformers checkpoint (any supported family)")
     p.add_argument("--revision", dest="model.revision", help="hub branch, tag or commit")
     p.add_argument("--cache-dir", dest="model.cache_dir", help="Hugging Face hub cache directory")
     if names:
@@ -45,8 +46,10 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
 
 def _add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
-    p.add_argument("--index-path", dest="index.path", help="qdrant-client local mode directory (default ./clip-index)")
-    p.add_argument("--qdrant-url", dest="index.url", help="a Qdrant server instead of local mode (or QDRANT_URL)")
+    p.add_argument("--index-path", dest="index.path", metavar="INDEX_PATH",
+                   help="qdrant-client local mode directory (default ./clip-index)")
+    p.add_argument("--qdrant-url", dest="index.url", metavar="QDRANT_URL",
+                   help="a Qdrant server instead of local mode (or QDRANT_URL)")
     p.add_argument("--collection", dest="index.collection", help="collection name (default clip)")
 
 
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_demo)
     p = sub.add_parser("index", help="upsert an embed-table output into a Qdrant collection")
     _add_index_flags(p)
-    p.add_argument("--input", required=True, help="embed-table output: parquet path or table (id, embedding, error, ...)")
+    p.add_argument("--input", required=True,
+                   help="embed-table output: parquet path or table (id, embedding, error, ...)")
     p.add_argument("--model-uri", "-m", required=True, help="the model that made the embeddings")
     p.add_argument("--id-col", help="id column (default: the table's first column)")
     p.set_defaults(func=commands.cmd_index)
@@ -93,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_flags(p)
     p.add_argument("--host", dest="app.host", help="interface (default 127.0.0.1; anything else logs a warning)")
     p.add_argument("--port", dest="app.port", type=int, help="port (default 8000)")
-    p.add_argument("--text-name", dest="registry.text_name", help="registered name of the text model (default from conf: clip_text_embedding)")
-    p.add_argument("--image-name", dest="registry.image_name", help="registered name of the image model (default: clip_image_embedding)")
+    p.add_argument("--text-name", dest="registry.text_name",
+                   help="registered name of the text model (default from conf: clip_text_embedding)")
+    p.add_argument("--image-name", dest="registry.image_name",
+                   help="registered name of the image model (default: clip_image_embedding)")
     p.add_argument("--alias", dest="registry.alias", help="alias of both models (default: champion)")
-    p.add_argument("--classifier", dest="app.classifier", help="classifier model URI (default models:/<classifier.name>@<alias>, "
+    p.add_argument("--classifier", dest="app.classifier",
+                   help="classifier model URI (default models:/<classifier.name>@<alias>, "
                                         "left out when not registered)")
     p.add_argument("--no-classifier", action="store_true", help="run without /classify")
     p.add_argument("--no-index", action="store_true", help="run without /search even where an index exists")

@@ -5,7 +5,7 @@ It takes embed-table's flags (see `clip-pyfunc embed-table --help`) and prints t
 
 import sys
 
-from clip_pyfunc.cli.__main__ import main
+from clip_pyfunc.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["embed-table", *sys.argv[1:]]))

@@ -14,13 +14,16 @@ from typing import Any, Sequence
 import mlflow.pyfunc
 
 from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors
-from clip_pyfunc.models.request import EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400, served_row_limit
+from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
+                                        served_row_limit)
 from clip_pyfunc.runtime import apply_precision, pick_runtime
 from clip_pyfunc.settings import RuntimeConfig
 
 
 class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
-    """Base pyfunc model for one tower of a dual encoder (any family in clip_pyfunc.families). Subclasses set `tower` and implement the stages.
+    """Base pyfunc model for one tower of a dual encoder (any family in clip_pyfunc.families).
+
+    Subclasses set `tower` and implement the stages.
 
     Subclasses implement:
         `_load_tower(path)`: load weights and pre-processing from the artifact directory.

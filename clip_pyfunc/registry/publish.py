@@ -58,7 +58,8 @@ def log_tower(
 
 def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
                registered_name: str | None, metadata: dict):
-    """Log a models-from-code pyfunc (entry file model_code/<entry>.py) with the package as code."""
+    """Log a models-from-code pyfunc (entry file models/entry/<entry>.py) with the rooms it imports as code
+    (registry.requirements.MODEL_CODE)."""
     import mlflow
 
     code_dir = os.path.join(workdir, "code")
@@ -237,8 +238,12 @@ def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, art
 
 
 def _warning(checkpoint: ResolvedCheckpoint) -> str:
-    """A version description's closing warning for toy or random weights."""
-    return f" WARNING: {checkpoint.warning}." if checkpoint.warning else ""
+    """A version description's closing caveat for toy or random weights: "HEADING (architecture): reason."."""
+    if not checkpoint.caveat:
+        return ""
+    heading, reason = checkpoint.caveat
+    arch = f" ({checkpoint.random_init})" if checkpoint.random_init and not checkpoint.toy else ""
+    return f" {heading.upper()}{arch}: {reason}."
 
 
 def _description(tower: str, checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> str:

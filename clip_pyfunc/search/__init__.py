@@ -1,0 +1,3 @@
+"""Search: Qdrant collections that record their embedding space (index), and queries over them
+(query).
+"""

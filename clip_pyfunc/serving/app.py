@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from clip_pyfunc.artifacts.checkpoint import weights_warning
+from clip_pyfunc.artifacts.checkpoint import weights_caveat
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.settings import AppConfig, IndexConfig
 
@@ -94,9 +94,8 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
         if asked and missing:
             log.warning("%s", why)
     metadata = image.metadata.metadata or {}
-    warning = weights_warning(random_init=metadata.get("random_init"), toy=metadata.get("toy_checkpoint"))
-    if warning:
-        warning = warning[0].upper() + warning[1:] + "."  # a sentence on the page
+    caveat = weights_caveat(random_init=metadata.get("random_init"), toy=metadata.get("toy_checkpoint"))
+    warning = f"{caveat[0].capitalize()}: {caveat[1]}." if caveat else None
     return Loaded(text=text, image=image, classifier=classifier, searcher=searcher, warning=warning,
                   uris={"text": text_uri, "image": image_uri, "classifier": found},
                   no_index=no_index, no_classifier=no_classifier)

@@ -136,7 +136,7 @@ def _image_ref(value, base: str):
         return InvalidInput(f"cannot read image file {full!r}: {e.strerror or e}")
 
 
-def _read_embeddings(path: str, data: EvalData):
+def read_embeddings(path: str, data: EvalData):
     """Image vectors from an `embed-table` output (id = the data's image column, embedding)."""
     import numpy as np
     import pandas as pd

@@ -24,7 +24,7 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _plot(results: list[dict], kind: str, path: str) -> None:
+def plot(results: list[dict], kind: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,9 +8,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from clip_pyfunc.batch.evaluate.data import _read_embeddings, read_data
+from clip_pyfunc.batch.evaluate.data import read_embeddings, read_data
 from clip_pyfunc.batch.evaluate.metrics import HEADLINE, evaluate_candidate
-from clip_pyfunc.batch.evaluate.report import _plot, markdown
+from clip_pyfunc.batch.evaluate.report import plot, markdown
 from clip_pyfunc.errors import InvalidInput, ModelLoadError
 from clip_pyfunc.registry.lookup import local_models, model_kind, run_models
 
@@ -98,7 +98,7 @@ def run(models: list[str], data_path: str, *, kind: str = "auto", experiment: st
     data = read_data(data_path, kind)
     if image_embeddings and len(models) != 1:
         raise InvalidInput("--image-embeddings belong to one model: pass exactly one --models with them")
-    precomputed = _read_embeddings(image_embeddings, data) if image_embeddings else None
+    precomputed = read_embeddings(image_embeddings, data) if image_embeddings else None
     dataset = mlflow.data.from_pandas(_loggable(data.frame), source=data.source, name=os.path.basename(data.source))
     os.makedirs(out_dir, exist_ok=True)
     mlflow.set_experiment(experiment)
@@ -128,7 +128,7 @@ def run(models: list[str], data_path: str, *, kind: str = "auto", experiment: st
     with open(table_path, "w", encoding="utf-8") as f:
         f.write(markdown(results, data.kind) + "\n")
     plot_path = os.path.join(out_dir, "evaluate.png")
-    _plot(results, data.kind, plot_path)
+    plot(results, data.kind, plot_path)
     return {"data": {"source": data.source, "kind": data.kind, "rows": len(data.images), "digest": dataset.digest},
             "models": [{"model": r["model"], "run_id": r["run_id"], "metrics": r["metrics"],
                         "skipped": r["skipped"]} for r in results],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from clip_pyfunc.batch.spark.embed import ModelSource, embed_dataframe, prepare_model
 from clip_pyfunc.batch.spark.reader import read_input
 from clip_pyfunc.batch.spark.session import is_local
-from clip_pyfunc.batch.spark.writer import _count_written, _drop, _looks_like_path, _publish
+from clip_pyfunc.batch.spark.writer import count_written, drop, looks_like_path, publish
 from clip_pyfunc.errors import EmbedJobError
 from clip_pyfunc.models.request import ERROR_COL
 
@@ -63,14 +63,14 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
         df, id_col, input_col = read_input(spark, source, input_format, id_col, input_col)
         embedded, loads = embed_dataframe(df, model, input_col=input_col, normalize=normalize,
                                           model_config=model_config)
-        is_table = not _looks_like_path(output)
+        is_table = not looks_like_path(output)
         staging = f"{output}__staging_{uuid.uuid4().hex[:8]}" if is_table else f"{output}.staging-{uuid.uuid4().hex[:8]}"
         try:
             if is_table:
                 embedded.write.mode("error").saveAsTable(staging)
             else:
                 embedded.write.mode("error").parquet(staging)
-            rows, failed = _count_written(spark, staging, is_table)
+            rows, failed = count_written(spark, staging, is_table)
             counts = JobCounts(rows=rows, embedded=rows - failed, failed=failed,
                                model_loads=loads.value, seconds=round(time.perf_counter() - start, 2))
             if fail_on_error and counts.failed:
@@ -79,9 +79,9 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
                             .select(id_col, ERROR_COL).limit(5).collect()]
                 raise EmbedJobError(f"{counts.failed} of {counts.rows} rows failed (--fail-on-error); "
                                     f"nothing was written. First: {examples}")
-            _publish(spark, staging, output, is_table)
+            publish(spark, staging, output, is_table)
         finally:
-            _drop(spark, staging, is_table)
+            drop(spark, staging, is_table)
     report = dict(counts.__dict__, output=output, model_uri=model.requested, model_version_uri=model.uri,
                   master=spark.sparkContext.master,
                   rows_per_s=round(counts.rows / counts.seconds, 2) if counts.seconds else None)

@@ -9,14 +9,14 @@ from clip_pyfunc.errors import EmbedJobError
 from clip_pyfunc.models.request import ERROR_COL
 
 
-def _count_written(spark, staging: str, is_table: bool) -> tuple[int, int]:
+def count_written(spark, staging: str, is_table: bool) -> tuple[int, int]:
     """Rows, and rows with an error, read back from the written output.
 
     A local job's parquet output is counted from its files' footers: row counts, and the
     error column's null counts, which Spark writes. That is milliseconds, where a Spark job
     is about 0.8 s. Anything else, or footers without those counts, is counted by Spark.
     """
-    counted = None if is_table else _count_footers(spark, staging)
+    counted = None if is_table else count_footers(spark, staging)
     if counted is not None:
         return counted
     from pyspark.sql import functions as F
@@ -26,13 +26,13 @@ def _count_written(spark, staging: str, is_table: bool) -> tuple[int, int]:
     return row["rows"], row["failed"]
 
 
-def _count_footers(spark, location: str) -> tuple[int, int] | None:
+def count_footers(spark, location: str) -> tuple[int, int] | None:
     """(rows, failed) from the footers of a parquet directory on this machine; None where it is
     elsewhere (a cluster's executors wrote to their own disks or to another file system) or a
     footer lacks the counts."""
     if not is_local(spark.sparkContext.master):
         return None
-    fs, path = _hadoop_fs(spark, location)
+    fs, path = hadoop_fs(spark, location)
     if fs.getUri().getScheme() != "file":
         return None
     import pyarrow
@@ -58,16 +58,22 @@ def _count_footers(spark, location: str) -> tuple[int, int] | None:
     return rows, failed
 
 
-def _looks_like_path(output: str) -> bool:
+def looks_like_path(output: str) -> bool:
+    """True for a parquet path (a folder, a .parquet name or a URI); a table name has none of them."""
     return "/" in output or output.endswith(".parquet") or "://" in output
 
 
-def _publish(spark, staging: str, output: str, is_table: bool) -> None:
+def publish(spark, staging: str, output: str, is_table: bool) -> None:
+    """Swap the staging table or folder in for `output` (a previous output is replaced).
+
+    Raises:
+        EmbedJobError: The file system refused the rename.
+    """
     if is_table:
         spark.sql(f"DROP TABLE IF EXISTS {output}")
         spark.sql(f"ALTER TABLE {staging} RENAME TO {output}")
         return
-    fs, path = _hadoop_fs(spark, output)
+    fs, path = hadoop_fs(spark, output)
     jvm = spark.sparkContext._jvm
     if fs.exists(path):
         fs.delete(path, True)
@@ -75,16 +81,17 @@ def _publish(spark, staging: str, output: str, is_table: bool) -> None:
         raise EmbedJobError(f"could not move {staging} to {output}")
 
 
-def _drop(spark, staging: str, is_table: bool) -> None:
+def drop(spark, staging: str, is_table: bool) -> None:
+    """Remove the staging table or folder, where it is still there."""
     if is_table:
         spark.sql(f"DROP TABLE IF EXISTS {staging}")
         return
-    fs, path = _hadoop_fs(spark, staging)
+    fs, path = hadoop_fs(spark, staging)
     if fs.exists(path):
         fs.delete(path, True)
 
 
-def _hadoop_fs(spark, location: str):
+def hadoop_fs(spark, location: str):
     jvm = spark.sparkContext._jvm
     path = jvm.org.apache.hadoop.fs.Path(location)
     return path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), path
