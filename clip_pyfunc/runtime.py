@@ -2,7 +2,8 @@
 
 `pick_runtime` resolves a model_config's device and precision against the hardware found at
 load time (and the precision cosines measured at registration); `apply_precision` puts a
-tower there. The stages take the resulting `Runtime` and only run forwards with it.
+tower there, and `TorchEngine` runs its forwards. The stages hand the engine arrays and never
+ask which engine it is.
 """
 
 from __future__ import annotations
@@ -47,6 +48,58 @@ class Runtime:
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
         return stack
+
+
+def features(output):
+    """The vectors of a get_*_features call: `.pooler_output` in transformers 5, the tensor before."""
+    return getattr(output, "pooler_output", output)
+
+
+class TorchEngine:
+    """The torch engine: a family's full model class holding one tower, on the Runtime's device and precision.
+
+    The stages hand it numpy arrays and never ask which engine it is; each call runs one forward
+    (inference mode, autocast where the precision asks for it) and returns the tower's vectors as
+    an fp32 torch tensor (n, dim), the family's own `get_text_features` / `get_image_features`.
+    """
+
+    name = "torch"
+
+    def __init__(self, module, runtime: Runtime):
+        """Args: module: the tower, already on the runtime's device and precision (apply_precision)."""
+        self.module, self.runtime = module, runtime
+
+    def text_features(self, input_ids, attention_mask=None):
+        """Token ids int64 (n, L) and, where the family takes one, their mask (n, L) -> vectors (n, dim)."""
+        import torch
+
+        device = self.runtime.device
+        kwargs = {"input_ids": torch.from_numpy(input_ids).to(device)}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.from_numpy(attention_mask).to(device)
+        with self.runtime.forward_context():
+            return features(self.module.get_text_features(**kwargs)).float()
+
+    def image_features(self, pixels):
+        """Pixels float32 (n, 3, H, W) -> vectors (n, dim)."""
+        import torch
+
+        batch = torch.from_numpy(pixels).to(self.runtime.device, self.runtime.input_dtype, non_blocking=True)
+        with self.runtime.forward_context():
+            return features(self.module.get_image_features(pixel_values=batch)).float()
+
+    def patch_features(self, patches, mask, shapes):
+        """NaFlex: patch sequences float32 (n, P, D), their mask (n, P) and grid shapes (n, 2) -> vectors (n, dim)."""
+        import torch
+
+        device = self.runtime.device
+        with self.runtime.forward_context():
+            out = self.module.get_image_features(
+                pixel_values=torch.from_numpy(patches).to(device, self.runtime.input_dtype),
+                pixel_attention_mask=torch.from_numpy(mask).to(device),
+                spatial_shapes=torch.from_numpy(shapes).to(device),
+            )
+            return features(out).float()
 
 
 def cpu_info() -> tuple[str, frozenset[str]]:

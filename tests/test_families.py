@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 import family_checkpoints
 from conftest import b64, encode, photo
-from clip_pyfunc.stages.encode import features
+from clip_pyfunc.runtime import features
 from clip_pyfunc.stages.decode import ImageLimits, open_image
 from clip_pyfunc.errors import ModelLoadError
 

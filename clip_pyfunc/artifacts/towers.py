@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint
 from clip_pyfunc.errors import ModelLoadError
-from clip_pyfunc.stages.encode import features
+from clip_pyfunc.runtime import features
 
 TOWERS = ("text", "image")
 WEIGHTS_FILE = "model.safetensors"

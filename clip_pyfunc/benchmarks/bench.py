@@ -121,7 +121,8 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     from clip_pyfunc.errors import ModelLoadError
     from clip_pyfunc.families import family_for
     from clip_pyfunc.settings import load_settings
-    from clip_pyfunc.stages.encode import encode_pixels, encode_token_ids, features
+    from clip_pyfunc.runtime import features
+    from clip_pyfunc.stages.encode import encode_pixels, encode_token_ids
     from clip_pyfunc.stages.postprocess import finish
     from clip_pyfunc.stages.preprocess import pad_ids, tokenize
     from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
@@ -187,7 +188,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             frame = pd.DataFrame({"input": values})
             pixels = _pixels(ip, values)
             r = _rates({"e2e": lambda: image_model.predict(frame),
-                        "raw": lambda: encode_pixels(ip.model, pixels, ip.runtime),
+                        "raw": lambda: encode_pixels(ip.engine, pixels),
                         "naive": lambda: naive_images(values)}, bs, rounds=5)
             e2e, raw, naive = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2),
@@ -218,7 +219,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
                 return f / f.norm(dim=-1, keepdim=True)
 
             r = _rates({"e2e": lambda: text_model.predict(frame),
-                        "raw": lambda: encode_token_ids(tp.model, ids, tp.text_spec, tp.runtime),
+                        "raw": lambda: encode_token_ids(tp.engine, ids, tp.text_spec),
                         "naive": naive}, bs, rounds=5)
             e2e, raw, nv = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2), "naive_per_s": round(nv, 2),
@@ -242,7 +243,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     for p, m in loaded.items():
         unwrapped = m.unwrap_python_model()
         fns[p] = lambda m=m: m.predict(frame)
-        fns[f"{p} raw"] = lambda u=unwrapped: encode_pixels(u.model, pixels, u.runtime)
+        fns[f"{p} raw"] = lambda u=unwrapped: encode_pixels(u.engine, pixels)
     rates = _rates(fns, len(values))
     for p, m in loaded.items():
         cos = float(np.min(np.sum(m.predict(frame) * ref, axis=1)))
@@ -295,7 +296,7 @@ def _image_stages(ip, values, encode_pixels, finish) -> dict:
     t1 = time.perf_counter()
     pixels = np.stack([ip.preprocess_row(img) for img in decoded])
     t2 = time.perf_counter()
-    emb = encode_pixels(ip.model, pixels, ip.runtime)
+    emb = encode_pixels(ip.engine, pixels)
     t3 = time.perf_counter()
     finish(emb, True)
     t4 = time.perf_counter()

@@ -16,7 +16,7 @@ import mlflow.pyfunc
 from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors
 from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
                                         served_row_limit)
-from clip_pyfunc.runtime import apply_precision, pick_runtime
+from clip_pyfunc.runtime import TorchEngine, apply_precision, pick_runtime
 from clip_pyfunc.settings import RuntimeConfig
 
 
@@ -44,6 +44,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         self.runtime = pick_runtime(self.config, CheckpointInfo.read(path).precision_cosine)
         self.model = self._load_tower(path)
+        self.engine = TorchEngine(self.model, self.runtime)
 
     def _load_weights(self, path: str):
         """Read the artifact's description and its tower, on the chosen device and precision."""

@@ -77,7 +77,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
             good = [rows[p - start] for p in positions]
             if self.image_spec.naflex:
                 patches, masks, shapes = zip(*good)
-                yield positions, encode_patches(self.model, np.stack(patches), np.stack(masks),
-                                                np.asarray(shapes, dtype=np.int64), self.runtime), errors
+                yield positions, encode_patches(self.engine, np.stack(patches), np.stack(masks),
+                                                np.asarray(shapes, dtype=np.int64)), errors
             else:
-                yield positions, encode_pixels(self.model, np.stack(good), self.runtime), errors
+                yield positions, encode_pixels(self.engine, np.stack(good)), errors

@@ -53,4 +53,4 @@ class ClipTextEmbedding(ClipEmbeddingModel):
             return
         for batch in length_sorted_batches([len(item) for _, item in good], self.runtime.batch_size):
             rows = [good[i][0] for i in batch]
-            yield rows, encode_token_ids(self.model, [good[i][1] for i in batch], self.text_spec, self.runtime), []
+            yield rows, encode_token_ids(self.engine, [good[i][1] for i in batch], self.text_spec), []
