@@ -9,6 +9,8 @@ ask which engine it is.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from dataclasses import dataclass
 
 from clip_pyfunc.errors import ModelLoadError
@@ -17,6 +19,8 @@ from clip_pyfunc.settings import RuntimeConfig
 # The cosine to fp32 a precision must have held on the sample inputs (measured at registration,
 # see registry.precision.measure_precisions) to be the "default" precision.
 DEFAULT_PRECISION_COSINE = 0.9999
+# The cosine an int8 IR must hold on held-out calibration data to be offered as `precision: int8`.
+INT8_OFFER_COSINE = 0.999
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,7 +28,8 @@ class Runtime:
     """Where and how forwards run.
 
     Attributes:
-        device: torch.device the tower lives on.
+        engine: "torch" or "openvino".
+        device: torch.device the tower lives on ("cpu", a string, for OpenVINO).
         precision: Resolved precision: "fp32", "fp16", "bf16" or "int8".
         input_dtype: dtype of floating inputs (pixel values) fed to the tower.
         autocast_dtype: dtype for torch.autocast around the forward, or None.
@@ -32,6 +37,7 @@ class Runtime:
         threads: torch's intra-op threads in this process (the decode pool uses as many).
     """
 
+    engine: str = "torch"
     device: object
     precision: str
     input_dtype: object
@@ -60,7 +66,7 @@ class TorchEngine:
 
     The stages hand it numpy arrays and never ask which engine it is; each call runs one forward
     (inference mode, autocast where the precision asks for it) and returns the tower's vectors as
-    an fp32 torch tensor (n, dim), the family's own `get_text_features` / `get_image_features`.
+    a float32 numpy array (n, dim), the family's own `get_text_features` / `get_image_features`.
     """
 
     name = "torch"
@@ -78,7 +84,7 @@ class TorchEngine:
         if attention_mask is not None:
             kwargs["attention_mask"] = torch.from_numpy(attention_mask).to(device)
         with self.runtime.forward_context():
-            return features(self.module.get_text_features(**kwargs)).float()
+            return _numpy(features(self.module.get_text_features(**kwargs)))
 
     def image_features(self, pixels):
         """Pixels float32 (n, 3, H, W) -> vectors (n, dim)."""
@@ -86,7 +92,7 @@ class TorchEngine:
 
         batch = torch.from_numpy(pixels).to(self.runtime.device, self.runtime.input_dtype, non_blocking=True)
         with self.runtime.forward_context():
-            return features(self.module.get_image_features(pixel_values=batch)).float()
+            return _numpy(features(self.module.get_image_features(pixel_values=batch)))
 
     def patch_features(self, patches, mask, shapes):
         """NaFlex: patch sequences float32 (n, P, D), their mask (n, P) and grid shapes (n, 2) -> vectors (n, dim)."""
@@ -99,7 +105,52 @@ class TorchEngine:
                 pixel_attention_mask=torch.from_numpy(mask).to(device),
                 spatial_shapes=torch.from_numpy(shapes).to(device),
             )
-            return features(out).float()
+            return _numpy(features(out))
+
+
+def _numpy(tensor):
+    """A torch tensor -> float32 numpy array on the CPU."""
+    return tensor.float().cpu().numpy()
+
+
+class OpenVINOEngine:
+    """The OpenVINO engine: a tower's IR (exported at registration, artifacts.openvino) compiled for the CPU.
+
+    The same three calls as TorchEngine, from numpy arrays to float32 numpy vectors (n, dim).
+    MLflow's scoring server calls predict from several threads at once, and an infer request
+    is not safe to share, so each calling thread gets its own request on the one compiled model.
+    """
+
+    name = "openvino"
+
+    def __init__(self, compiled, runtime: Runtime):
+        """Args: compiled: an openvino.CompiledModel of the tower (artifacts.openvino.compile_tower)."""
+        self.compiled, self.runtime = compiled, runtime
+        self._local = threading.local()
+
+    def _infer(self, inputs: dict):
+        import numpy as np
+
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        request.infer(inputs)
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+
+    def text_features(self, input_ids, attention_mask=None):
+        """Token ids int64 (n, L) and, where the family takes one, their mask (n, L) -> vectors (n, dim)."""
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return self._infer(inputs)
+
+    def image_features(self, pixels):
+        """Pixels float32 (n, 3, H, W) -> vectors (n, dim)."""
+        return self._infer({"pixel_values": pixels})
+
+    def patch_features(self, patches, mask, shapes):
+        """NaFlex: patch sequences float32 (n, P, D), their mask (n, P) and grid shapes (n, 2) -> vectors (n, dim)."""
+        return self._infer({"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes})
 
 
 def cpu_info() -> tuple[str, frozenset[str]]:
@@ -124,63 +175,139 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_runtime(config: RuntimeConfig, measured: dict[str, float] | None = None):
-    """Resolve device, precision and threads from the config and the hardware found now.
+# Engine-and-precision pairs, fastest first, as measured on ViT-B/32 shapes (docs/BENCHMARKS.md,
+# "Engines"): "default" takes the first one the hardware runs natively that held
+# DEFAULT_PRECISION_COSINE to torch fp32 at registration.
+CPU_SPEED_ORDER = (("openvino", "int8"), ("openvino", "bf16"), ("torch", "bf16"), ("openvino", "fp32"),
+                   ("torch", "fp32"))
+CUDA_SPEED_ORDER = (("torch", "fp16"), ("torch", "bf16"), ("torch", "fp32"))
 
-    `num_threads`, when set, becomes torch's intra-op thread count for the process.
 
-    "default" is the fastest precision this hardware runs natively that held a cosine of at
-    least DEFAULT_PRECISION_COSINE to fp32 on the sample inputs measured at registration
-    (`measured`, from the artifact): bf16 on CPUs with AVX512_BF16 or AMX, else fp32; on CUDA
-    fp16, else bf16, else fp32. Without a measurement it is fp32 on CPU and fp16 on CUDA.
+def torch_available() -> bool:
+    """True where torch imports (a model logged for the OpenVINO engine alone is served without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | None = None,
+                 engines: frozenset[str] = frozenset({"torch"})):
+    """Resolve engine, device, precision and threads from the config and the hardware found now.
+
+    Args:
+        config: The model_config.
+        measured: Per engine, per precision, the lowest cosine to torch fp32 measured on sample
+            inputs at registration ({"torch": {"bf16": ...}, "openvino": {"fp32": ...}}); torch fp32
+            is the reference and is never listed.
+        engines: The engines this artifact and environment can run ("torch" where torch imports,
+            "openvino" where the artifact holds IR and openvino imports).
+
+    "default" is the first pair of CPU_SPEED_ORDER (CUDA_SPEED_ORDER on CUDA) that this hardware
+    runs natively, that `config.engine` allows, and that held a cosine of at least
+    DEFAULT_PRECISION_COSINE: OpenVINO int8 where it held that much, then bf16 on CPUs with
+    AVX512_BF16 or AMX (OpenVINO, then torch), then OpenVINO fp32, then torch fp32. Without a
+    measurement it is torch fp32 on CPU and fp16 on CUDA. An explicit precision with engine
+    "auto" runs on OpenVINO where that pair held the same cosine, on torch otherwise.
+    `num_threads`, when set, becomes torch's intra-op thread count and OpenVINO's inference threads.
+
+    Returns:
+        A Runtime.
 
     Raises:
-        ModelLoadError: CUDA asked for but absent, or a precision the device cannot run.
+        ModelLoadError: CUDA asked for but absent, a precision the device cannot run, or an
+            engine this artifact or environment lacks (OpenVINO on CUDA, torch where it is not installed).
     """
-    import torch
+    measured = measured or {}
+    has_torch = "torch" in engines
+    if config.engine == "torch" and not has_torch:
+        raise ModelLoadError("engine 'torch' asked for, but torch is not installed in this environment; "
+                             "use engine 'openvino' or 'auto'")
+    if config.engine == "openvino" and "openvino" not in engines:
+        raise ModelLoadError("engine 'openvino' asked for, but this model has no OpenVINO IR or openvino is "
+                             "not installed; use engine 'torch' or 'auto'")
+    if config.engine == "openvino" and config.device.startswith("cuda"):
+        raise ModelLoadError(f"engine 'openvino' runs on CPU; use device 'cpu' or 'auto', not {config.device!r}")
+    if has_torch:
+        import torch
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {config.device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        threads = torch.get_num_threads()
     else:
-        device = torch.device(config.device)
-    cuda = device.type == "cuda"
-    precision = config.precision
+        threads = config.num_threads or len(os.sched_getaffinity(0))
+    cuda = _wants_cuda(config, has_torch)
+    allowed = engines if config.engine == "auto" else frozenset({config.engine})
+    precision, engine = config.precision, None
     if precision == "default":
-        precision = _default_precision(cuda, measured)
+        engine, precision = _default_pair(cuda, measured, allowed)
     elif precision == "auto":
         if cuda:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if engine is None:
+        engine = _engine_for(precision, cuda, measured, allowed, config.engine)
     if precision == "fp16" and not cuda:
         raise ModelLoadError("precision 'fp16' needs a CUDA device; on CPU choose 'fp32', 'bf16', 'int8' or 'auto'")
     if precision == "int8" and cuda:
-        raise ModelLoadError("precision 'int8' (dynamic quantisation) runs on CPU only; on CUDA choose 'fp16' or 'bf16'")
-    input_dtype = torch.float16 if precision == "fp16" else torch.float32
-    autocast = torch.bfloat16 if precision == "bf16" else None
+        raise ModelLoadError("precision 'int8' runs on CPU only; on CUDA choose 'fp16' or 'bf16'")
+    if engine == "openvino":
+        return Runtime(engine="openvino", device="cpu", precision=precision, input_dtype=None, autocast_dtype=None,
+                       batch_size=config.batch_size, threads=threads)
+    device = torch.device(("cuda" if config.device == "auto" else config.device) if cuda else "cpu")
     return Runtime(
-        device=device, precision=precision, input_dtype=input_dtype,
-        autocast_dtype=autocast, batch_size=config.batch_size, threads=torch.get_num_threads(),
+        engine="torch", device=device, precision=precision, input_dtype=torch.float16 if precision == "fp16"
+        else torch.float32, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+        batch_size=config.batch_size, threads=threads,
     )
 
 
-def _default_precision(cuda: bool, measured: dict[str, float] | None) -> str:
+def _wants_cuda(config: RuntimeConfig, has_torch: bool) -> bool:
+    """Whether the forwards run on CUDA (never for the OpenVINO engine)."""
+    if config.engine == "openvino" or not has_torch:
+        return False
     import torch
 
-    if not measured:
-        return "fp16" if cuda else "fp32"
+    if config.device == "auto":
+        return torch.cuda.is_available()
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {config.device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return config.device.startswith("cuda")
+
+
+def _default_pair(cuda: bool, measured: dict[str, dict[str, float]], allowed: frozenset[str]) -> tuple[str, str]:
+    """The "default" (engine, precision): see pick_runtime."""
     if cuda:
-        if "fp16" not in measured:  # registered on a CPU: nothing measured for CUDA, keep fp16
-            return "fp16"
-        native = ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+        import torch
+
+        found = measured.get("torch", {})
+        if not found or "fp16" not in found:  # nothing measured for CUDA (registered on a CPU): keep fp16
+            return "torch", "fp16"
+        native = {"fp16", "fp32"} | ({"bf16"} if torch.cuda.is_bf16_supported() else set())
+        order = [pair for pair in CUDA_SPEED_ORDER if pair[1] in native]
     else:
-        native = ["bf16"] if cpu_has_native_bf16() else []
-    held = [p for p in native if measured.get(p, 0.0) >= DEFAULT_PRECISION_COSINE]
-    return held[0] if held else "fp32"
+        native = {"fp32", "int8"} | ({"bf16"} if cpu_has_native_bf16() else set())
+        order = [pair for pair in CPU_SPEED_ORDER if pair[1] in native]
+    for engine, precision in order:
+        if engine not in allowed:
+            continue
+        if precision == "fp32" and engine == "torch":
+            return engine, precision
+        if measured.get(engine, {}).get(precision, 0.0) >= DEFAULT_PRECISION_COSINE:
+            return engine, precision
+    return ("torch", "fp32") if "torch" in allowed else ("openvino", "fp32")
+
+
+def _engine_for(precision: str, cuda: bool, measured: dict, allowed: frozenset[str], asked: str) -> str:
+    """The engine for an explicit precision: the one asked for, else OpenVINO where that pair held."""
+    if asked != "auto":
+        return asked
+    if not cuda and "openvino" in allowed and precision != "fp16":
+        bar = INT8_OFFER_COSINE if precision == "int8" else DEFAULT_PRECISION_COSINE
+        held = measured.get("openvino", {}).get(precision, 0.0) >= bar
+        if held or "torch" not in allowed:
+            return "openvino"
+    return "torch"
 
 
 def apply_precision(model, runtime):

@@ -15,6 +15,7 @@ from clip_pyfunc.errors import ModelLoadError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("default", "auto", "fp32", "bf16", "fp16", "int8")
+ENGINES = ("auto", "torch", "openvino")
 ENV_MANAGERS = ("local", "uv", "virtualenv", "conda")
 DEFAULT_CONF_PATH = os.path.join("conf", "clip_pyfunc.yaml")
 CONF_ENV = "CLIP_PYFUNC_CONF"  # a settings file to read instead of conf/clip_pyfunc.yaml
@@ -26,12 +27,18 @@ class RuntimeConfig:
 
     Attributes:
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+        engine: What runs the towers: "auto" (the fastest engine that held cosine >= 0.9999 to torch fp32
+            at the chosen precision when measured at registration; OpenVINO on CPU where it did, torch
+            otherwise), "torch" (the reference, and the only engine on CUDA) or "openvino" (the OpenVINO
+            IR exported at registration, CPU; see clip_pyfunc.artifacts.openvino).
         precision: "default" (the fastest native precision that held cosine >= 0.9999 to fp32 when
             measured at registration: bf16 on CPUs with AVX512_BF16/AMX, else fp32; fp16 or bf16
             on CUDA), "auto" (fastest native, unmeasured), "fp32",
-            "bf16", "fp16" (CUDA only) or "int8" (dynamic quantisation of linear layers, CPU).
+            "bf16", "fp16" (CUDA only) or "int8" (torch: dynamic quantisation of linear layers; OpenVINO:
+            the image tower's static int8 IR from `register --int8`, offered where it held cosine >= 0.999).
         batch_size: Rows per forward pass (micro-batch).
-        num_threads: torch intra-op threads; None keeps torch's default (the cores available).
+        num_threads: The engine's threads (torch intra-op, OpenVINO's inference threads); None keeps
+            the engine's default (the cores available).
         truncate_text: Truncate text over the checkpoint's context length; False makes it an error.
         fast_decode: JPEGs decode at 1/2, 1/4 or 1/8 scale (simplejpeg, >= 6x the resize edge) and are
             resized by torch's antialiased kernels (within 3 levels, mean 0.25, of the reference
@@ -53,6 +60,7 @@ class RuntimeConfig:
     """
 
     device: str = "auto"
+    engine: str = "auto"
     precision: str = "default"
     batch_size: int = 32
     num_threads: int | None = None
@@ -75,6 +83,8 @@ class RuntimeConfig:
         device = self.device
         if not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ModelLoadError(f"device {device!r} is not one of {DEVICES} or 'cuda:N'")
+        if self.engine not in ENGINES:
+            raise ModelLoadError(f"engine {self.engine!r} is not one of {ENGINES}")
         if self.precision not in PRECISIONS:
             raise ModelLoadError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         for name in ("batch_size", "max_rows", "max_image_bytes", "max_image_pixels", "label_cache_size"):

@@ -56,7 +56,15 @@ class CheckpointInfo:
         image_inputs: "pixels" or "naflex".
         max_num_patches: NaFlex only: the patch budget images are resized to fit.
         precision_cosine: Per precision ("bf16", "int8", "fp16"), the lowest cosine to fp32 measured
-            on sample texts and images at registration; the runtime's "default" precision uses it.
+            on sample texts and images at registration on the torch engine; the runtime's "default" uses it.
+        openvino_cosine: The same per precision on the OpenVINO engine ("fp32", "bf16"; "int8" for the
+            int8 image IR, measured on held-out calibration images), against torch fp32.
+        openvino_fallback: Per tower that has no OpenVINO IR, why (it runs on torch).
+        pad_id: The id padded text positions take (the tokenizer's pad token, else its EOS).
+        tokenizer: "tokenizers" where the bare `tokenizer.json` gave the same ids as the family's
+            transformers tokenizer on the sample texts at registration (then no transformers is
+            needed to serve), else "transformers".
+        image_spec: The image preprocessing (stages.preprocess.ImageSpec.to_dict), read once.
     """
 
     family: str
@@ -71,9 +79,18 @@ class CheckpointInfo:
     image_inputs: str = "pixels"
     max_num_patches: int | None = None
     precision_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
+    openvino_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
+    openvino_fallback: dict[str, str] = dataclasses.field(default_factory=dict)
+    pad_id: int | None = None
+    tokenizer: str = "transformers"
+    image_spec: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def measured(self) -> dict[str, dict[str, float]]:
+        """Per engine, per precision, the lowest cosine to torch fp32 (runtime.pick_runtime's `measured`)."""
+        return {"torch": dict(self.precision_cosine), "openvino": dict(self.openvino_cosine)}
 
     def write(self, artifact_dir: str) -> None:
         """Write `clip_pyfunc.json` into a tower artifact."""
@@ -128,6 +145,9 @@ def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[Checkpo
         raise ModelLoadError(f"could not load {checkpoint.source} as a {family.model_class}: {e}") from e
     model.eval()
     info = describe(model, family, tokenizer, image_processor)
+    from clip_pyfunc.stages.preprocess import read_image_spec
+
+    info = dataclasses.replace(info, image_spec=read_image_spec(checkpoint.path).to_dict())
     scalars = [name for name, p in model.named_parameters(recurse=False)]
     state = model.state_dict()
     dirs = {}
@@ -141,10 +161,30 @@ def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[Checkpo
         save_file(tensors, os.path.join(target, WEIGHTS_FILE), metadata={"format": "pt"})
         model.config.save_pretrained(target)
         (tokenizer if tower == "text" else image_processor).save_pretrained(target)
+        if tower == "text":
+            info = dataclasses.replace(info, tokenizer=_bare_tokenizer_matches(tokenizer, target))
         with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(info.to_dict(), f, indent=2)
         dirs[tower] = target
+    for target in dirs.values():  # both towers carry the same, final description
+        info.write(target)
     return info, dirs
+
+
+def _bare_tokenizer_matches(tokenizer, artifact_dir: str) -> str:
+    """"tokenizers" when the saved `tokenizer.json` alone gives the transformers tokenizer's ids on the
+    sample texts (so a served model needs no transformers), else "transformers"."""
+    from clip_pyfunc.stages.preprocess import load_fast_tokenizer
+
+    texts = ["a red circle", "a photo of a cat", "", "A PHOTO of a DOG, running!", "ünïcödé ✓ 一张猫的照片", "  spaced\tout\n text ",
+                                  "the cat is on the mat " * 40, "don't <b>tags</b> & emoji 🙂 1,234.5"]
+    try:
+        bare = load_fast_tokenizer(artifact_dir)
+    except ModelLoadError:
+        return "transformers"
+    want = tokenizer(texts, add_special_tokens=True, truncation=False, padding=False)["input_ids"]
+    got = [e.ids for e in bare.encode_batch(texts, add_special_tokens=True)]
+    return "tokenizers" if got == [list(w) for w in want] else "transformers"
 
 
 def describe(model, family, tokenizer, image_processor) -> CheckpointInfo:
@@ -176,6 +216,7 @@ def describe(model, family, tokenizer, image_processor) -> CheckpointInfo:
         scale=float(family.scale(scalars)), bias=float(family.bias(scalars)),
         context_length=context, pad_to=int(text_cfg.max_position_embeddings) if family.pad_to_max_length else None,
         lowercase=lowercase, attention_mask=attention_mask, image_inputs=family.image_inputs,
+        pad_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
         max_num_patches=getattr(image_processor, "max_num_patches", None) if family.image_inputs == "naflex" else None,
     )
 

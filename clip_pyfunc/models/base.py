@@ -8,6 +8,8 @@ micro-batches and turns domain errors into MLflow's invalid-parameter errors (HT
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from typing import Any, Sequence
 
@@ -16,8 +18,10 @@ import mlflow.pyfunc
 from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors
 from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
                                         served_row_limit)
-from clip_pyfunc.runtime import TorchEngine, apply_precision, pick_runtime
+from clip_pyfunc.runtime import OpenVINOEngine, TorchEngine, apply_precision, pick_runtime, torch_available
 from clip_pyfunc.settings import RuntimeConfig
+
+logger = logging.getLogger(__name__)
 
 
 class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
@@ -26,7 +30,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
     Subclasses set `tower` and implement the stages.
 
     Subclasses implement:
-        `_load_tower(path)`: load weights and pre-processing from the artifact directory.
+        `_load_tower(path)`: load the pre-processing from the artifact directory (the engine holds the weights).
         `_embed_valid(values, stop_on_error=...)`: decode, preprocess and encode rows,
             yielding (positions of good rows, their embeddings tensor, list of InvalidInput).
     """
@@ -35,23 +39,57 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
     params_schema: dict[str, Any] = {"normalize": True}
 
     def load_context(self, context) -> None:
-        """Load the tower once: artifacts, device, precision, threads (clip_pyfunc.runtime), eval mode."""
+        """Load the tower once: its description, engine, device, precision, threads (clip_pyfunc.runtime),
+        then the subclass's preprocessing."""
+        from clip_pyfunc.artifacts.towers import CheckpointInfo
+
         self.config = RuntimeConfig.from_dict(getattr(context, "model_config", None))
         path = context.artifacts[self.tower]
         if not os.path.isdir(path):
             raise ModelLoadError(f"artifact {self.tower!r} is not a directory: {path}")
-        from clip_pyfunc.artifacts.towers import CheckpointInfo
-
-        self.runtime = pick_runtime(self.config, CheckpointInfo.read(path).precision_cosine)
-        self.model = self._load_tower(path)
-        self.engine = TorchEngine(self.model, self.runtime)
-
-    def _load_weights(self, path: str):
-        """Read the artifact's description and its tower, on the chosen device and precision."""
-        from clip_pyfunc.artifacts.towers import CheckpointInfo, load_tower
-
         self.info = CheckpointInfo.read(path)
-        return apply_precision(load_tower(path, self.tower), self.runtime)
+        self.runtime, self.engine, self.engine_note = self._load_engine(path)
+        self._load_tower(path)
+
+    def _load_engine(self, path: str):
+        """Pick the engine and load the tower into it: (Runtime, engine, note).
+
+        An OpenVINO IR that is missing or does not compile falls back to torch where torch is
+        installed; the note says so (logged once here, shown in `runtime_summary`), else it is None.
+        """
+        from clip_pyfunc.artifacts.openvino import compile_tower, ir_path, openvino_available
+
+        engines = {"torch"} if torch_available() else set()
+        has_ir = os.path.exists(ir_path(path)) and openvino_available()
+        note = None
+        config = self.config
+        if config.engine == "openvino" and not has_ir and engines:
+            note = (f"engine 'openvino' asked for, but the {self.tower} artifact has no OpenVINO IR"
+                    f"{'' if openvino_available() else ' (openvino is not installed)'}; running on torch")
+            config = dataclasses.replace(config, engine="auto")
+        elif has_ir:
+            engines.add("openvino")
+        runtime = pick_runtime(config, self.info.measured(), frozenset(engines))
+        if runtime.engine == "openvino":
+            try:
+                return runtime, OpenVINOEngine(compile_tower(path, runtime.precision, runtime.threads), runtime), None
+            except ModelLoadError as e:
+                if "torch" not in engines:
+                    raise
+                note = f"{e}; running on torch"
+                runtime = pick_runtime(dataclasses.replace(config, engine="torch"), self.info.measured(),
+                                       frozenset({"torch"}))
+        if note:
+            logger.warning("%s model: %s", self.tower, note)
+        from clip_pyfunc.artifacts.towers import load_tower
+
+        return runtime, TorchEngine(apply_precision(load_tower(path, self.tower), runtime), runtime), note
+
+    def runtime_summary(self) -> dict[str, Any]:
+        """What runs this model, for health and metadata endpoints: engine, device, precision, threads,
+        and the fallback note (None when the engine is the one chosen)."""
+        return {"engine": self.runtime.engine, "device": str(self.runtime.device), "precision": self.runtime.precision,
+                "threads": self.runtime.threads, "note": self.engine_note}
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """Embed the `input` column.

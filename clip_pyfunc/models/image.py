@@ -7,7 +7,7 @@ from clip_pyfunc.stages.fetch import url_policy
 from clip_pyfunc.stages.encode import encode_patches, encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.models.base import ClipEmbeddingModel
-from clip_pyfunc.stages.preprocess import fast_draft_edge, preprocess_image, read_image_spec
+from clip_pyfunc.stages.preprocess import ImageSpec, fast_draft_edge, preprocess_image, read_image_spec
 
 
 class ClipImageEmbedding(ClipEmbeddingModel):
@@ -24,14 +24,14 @@ class ClipImageEmbedding(ClipEmbeddingModel):
     tower = "image"
 
     def _load_tower(self, path: str):
-        self.image_spec = read_image_spec(path)
+        """The image preprocessing (as registration read it, else from the processor config) and the decode pool."""
+        spec = self.info.image_spec
+        self.image_spec = ImageSpec.from_dict(spec) if spec else read_image_spec(path)
         self.limits = ImageLimits(max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
         self.fast = self.config.fast_decode
         self.draft_edge = fast_draft_edge(self.image_spec) if self.fast else None
         self.url_policy = url_policy(self.config)
-        model = self._load_weights(path)
         self._pool = self._decode_pool()
-        return model
 
     def _decode_pool(self):
         threads = self.runtime.threads

@@ -6,7 +6,7 @@ from clip_pyfunc.stages.decode import decode_texts
 from clip_pyfunc.stages.encode import encode_token_ids, length_sorted_batches
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.models.base import ClipEmbeddingModel
-from clip_pyfunc.stages.preprocess import TextSpec, tokenize
+from clip_pyfunc.stages.preprocess import TextSpec, load_fast_tokenizer, tokenize
 
 
 class ClipTextEmbedding(ClipEmbeddingModel):
@@ -21,20 +21,25 @@ class ClipTextEmbedding(ClipEmbeddingModel):
     tower = "text"
 
     def _load_tower(self, path: str):
-        from transformers import AutoTokenizer
+        """The tokenizer: the bare `tokenizer.json` where registration found it equal to the family's
+        transformers tokenizer (CheckpointInfo.tokenizer), else transformers' own."""
+        if self.info.tokenizer == "tokenizers":
+            self.tokenizer = load_fast_tokenizer(path)
+            pad_id = self.info.pad_id
+        else:
+            from transformers import AutoTokenizer
 
-        model = self._load_weights(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        pad_id = self.tokenizer.pad_token_id
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            pad_id = self.tokenizer.pad_token_id
+            pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
         self.text_spec = TextSpec(
             max_length=self.info.context_length,
-            pad_id=self.tokenizer.eos_token_id if pad_id is None else pad_id,
+            pad_id=pad_id,
             truncate=self.config.truncate_text,
             pad_to=self.info.pad_to,
             lowercase=self.info.lowercase,
             attention_mask=self.info.attention_mask,
         )
-        return model
 
     def _embed_valid(self, values, *, stop_on_error: bool):
         """Yield (positions, embeddings, errors): first all row errors, then length-grouped batches."""

@@ -11,6 +11,7 @@ import tempfile
 from typing import Any
 
 from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+from clip_pyfunc.artifacts.openvino import export_openvino
 from clip_pyfunc.artifacts.towers import CheckpointInfo, export_towers
 from clip_pyfunc.registry.lookup import local_models
 from clip_pyfunc.registry.precision import TAG_COSINE, measure_precisions
@@ -35,6 +36,10 @@ def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> dict
             TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale), TAG_BIAS: repr(info.bias)}
     for precision, cosine in info.precision_cosine.items():
         tags[TAG_COSINE + precision] = repr(cosine)
+    for precision, cosine in info.openvino_cosine.items():
+        tags[TAG_COSINE + "openvino_" + precision] = repr(cosine)
+    for tower, reason in info.openvino_fallback.items():
+        tags[f"openvino_fallback_{tower}"] = reason[:250]
     if checkpoint.random_init:
         tags[TAG_RANDOM] = checkpoint.random_init
     if checkpoint.toy:
@@ -107,7 +112,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
-        info = measure_precisions(info, towers)
+        info = measure_precisions(export_openvino(info, towers), towers)
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
@@ -169,7 +174,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
     models = {}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, artifacts = export_towers(checkpoint, workdir)
-        info = measure_precisions(info, artifacts)
+        info = measure_precisions(export_openvino(info, artifacts), artifacts)
         tags = model_metadata(checkpoint, info)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
@@ -196,6 +201,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
         "embedding_dim": info.embedding_dim,
         "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
         "precision_cosine_to_fp32": info.precision_cosine,
+        "engines": engines_summary(info),
         "alias": reg.alias,
         "models": models,
     }
@@ -235,6 +241,13 @@ def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, art
     client.set_registered_model_alias(name, reg.alias, version)
     return {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}", "model_uri": model_info.model_uri,
             "normalize": runtime.normalize}
+
+
+def engines_summary(info: CheckpointInfo) -> dict[str, Any]:
+    """The registration summary's engines: per engine, each measured precision's lowest cosine to torch
+    fp32, and the towers OpenVINO could not take, with why (they run on torch)."""
+    return {"torch": {"fp32": 1.0, **info.precision_cosine},
+            "openvino": {**info.openvino_cosine, "fallback": dict(info.openvino_fallback)}}
 
 
 def _warning(checkpoint: ResolvedCheckpoint) -> str:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 
 def finish(embeddings, normalize: bool):
-    """Return embeddings as a float32 numpy array (n, dim), L2-normalised in fp32 when asked.
+    """Return an engine's vectors (float32 numpy, (n, dim)) as a contiguous float32 array, L2-normalised
+    in fp32 when asked.
 
-    Normalisation matches transformers' CLIP (`x / x.norm(dim=-1, keepdim=True)`).
+    Normalisation is transformers' CLIP formula (`x / x.norm(dim=-1, keepdim=True)`); numpy's
+    norm may differ from torch's in the last bit.
     """
     import numpy as np
 
-    out = embeddings.float()
+    out = np.asarray(embeddings, dtype=np.float32)
     if normalize:
-        out = out / out.norm(p=2, dim=-1, keepdim=True)
-    return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
+        out = out / np.linalg.norm(out, ord=2, axis=-1, keepdims=True)
+    return np.ascontiguousarray(out, dtype=np.float32)

@@ -10,7 +10,9 @@ ratios, whose full resize would be huge.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,6 +66,15 @@ class ImageSpec:
     top_std: tuple[float, float, float] | None = None
     patch_size: int | None = None
     max_num_patches: int | None = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (stored in the artifact's CheckpointInfo at registration)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ImageSpec:
+        """Back from to_dict (lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     @property
     def naflex(self) -> bool:
@@ -379,7 +390,10 @@ def tokenize(tokenizer, texts: Sequence[str], spec: TextSpec) -> list[list[int] 
     max_length=...` does.
     """
     rows = [t.lower() for t in texts] if spec.lowercase else list(texts)
-    encoded = tokenizer(rows, add_special_tokens=True, truncation=False, padding=False)["input_ids"]
+    if hasattr(tokenizer, "encode_batch"):  # a tokenizers.Tokenizer (load_fast_tokenizer)
+        encoded = [e.ids for e in tokenizer.encode_batch(rows, add_special_tokens=True)]
+    else:
+        encoded = tokenizer(rows, add_special_tokens=True, truncation=False, padding=False)["input_ids"]
     out: list[list[int] | InvalidInput] = []
     for row, ids in enumerate(encoded):
         if len(ids) <= spec.max_length:
@@ -392,6 +406,28 @@ def tokenize(tokenizer, texts: Sequence[str], spec: TextSpec) -> list[list[int] 
                 "(truncate_text is false; shorten it or enable truncation)", row,
             ))
     return out
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_fast_tokenizer(artifact_dir: str):
+    """The artifact's `tokenizer.json` as a bare `tokenizers.Tokenizer` (no transformers), with its
+    own truncation and padding off: `tokenize` truncates and `pad_ids` pads.
+
+    Raises:
+        ModelLoadError: The file is missing or unreadable.
+    """
+    from tokenizers import Tokenizer
+
+    path = os.path.join(artifact_dir, TOKENIZER_FILE)
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+        raise ModelLoadError(f"cannot read the tokenizer {path}: {e}") from e
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def pad_ids(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
