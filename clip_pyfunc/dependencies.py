@@ -38,6 +38,8 @@ RANGES = {
     "requests": ">=2.31",
     "uv": ">=0.5",
     "psutil": ">=5.9",
+    "openvino": ">=2025.0",
+    "nncf": ">=2.14",
     # the web page's browser test drives Debian's chromium (tools/install-system-packages.sh installs it)
     "playwright": ">=1.40",
 }
@@ -45,11 +47,18 @@ RANGES = {
 # What a served model imports, and nothing else: no pyspark, no pytest. Logged pinned to what logged it.
 # sentencepiece and protobuf: SigLIP's tokenizer is SentencePiece-only and needs both to load.
 # simplejpeg: the fast path's JPEG decode (libjpeg-turbo into numpy, at M/8 scales).
+# openvino: the OpenVINO engine (IR exported at registration; runtime.engine).
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
-                      "pillow", "pybase64", "simplejpeg", "numpy", "pandas", "sentencepiece", "protobuf")
+                      "pillow", "pybase64", "simplejpeg", "numpy", "pandas", "sentencepiece", "protobuf", "openvino")
+# A model logged with `engine: openvino` runs without torch: the IR, the bare tokenizer.json and the
+# image preprocessing read at registration. transformers (with SigLIP's sentencepiece and protobuf)
+# comes back only where the tokenizer or NaFlex sizing needs it (TRANSFORMERS_REQUIREMENTS).
+TORCH_FREE_REQUIREMENTS = ("mlflow", "openvino", "tokenizers", "pillow", "pybase64", "simplejpeg", "numpy", "pandas")
+TRANSFORMERS_REQUIREMENTS = ("transformers", "huggingface-hub", "sentencepiece", "protobuf")
 # The rest of `pip install clip-pyfunc`: settings (pyyaml); evaluate's progress bar and plot (tqdm,
 # matplotlib); index, search, duplicates and the app (qdrant-client, pyarrow, FastAPI).
-PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("pyyaml", "tqdm", "matplotlib", "qdrant-client", "pyarrow", "fastapi",
+# nncf: `register --int8` (static post-training quantization of the image tower's IR).
+PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("nncf", "pyyaml", "tqdm", "matplotlib", "qdrant-client", "pyarrow", "fastapi",
                                              "uvicorn", "python-multipart")
 EXTRAS = {
     "spark": ("pyspark", "pyarrow"),

@@ -9,6 +9,7 @@ ask which engine it is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -183,6 +184,7 @@ CPU_SPEED_ORDER = (("openvino", "int8"), ("openvino", "bf16"), ("torch", "bf16")
 CUDA_SPEED_ORDER = (("torch", "fp16"), ("torch", "bf16"), ("torch", "fp32"))
 
 
+@functools.lru_cache(maxsize=1)
 def torch_available() -> bool:
     """True where torch imports (a model logged for the OpenVINO engine alone is served without it)."""
     import importlib.util
@@ -227,14 +229,6 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
                              "not installed; use engine 'torch' or 'auto'")
     if config.engine == "openvino" and config.device.startswith("cuda"):
         raise ModelLoadError(f"engine 'openvino' runs on CPU; use device 'cpu' or 'auto', not {config.device!r}")
-    if has_torch:
-        import torch
-
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        threads = torch.get_num_threads()
-    else:
-        threads = config.num_threads or len(os.sched_getaffinity(0))
     cuda = _wants_cuda(config, has_torch)
     allowed = engines if config.engine == "auto" else frozenset({config.engine})
     precision, engine = config.precision, None
@@ -242,6 +236,8 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
         engine, precision = _default_pair(cuda, measured, allowed)
     elif precision == "auto":
         if cuda:
+            import torch
+
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -251,9 +247,15 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
         raise ModelLoadError("precision 'fp16' needs a CUDA device; on CPU choose 'fp32', 'bf16', 'int8' or 'auto'")
     if precision == "int8" and cuda:
         raise ModelLoadError("precision 'int8' runs on CPU only; on CUDA choose 'fp16' or 'bf16'")
-    if engine == "openvino":
+    if engine == "openvino":  # torch is not imported for it: a torch-free model must not need it
+        threads = config.num_threads or len(os.sched_getaffinity(0))
         return Runtime(engine="openvino", device="cpu", precision=precision, input_dtype=None, autocast_dtype=None,
                        batch_size=config.batch_size, threads=threads)
+    import torch
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    threads = torch.get_num_threads()
     device = torch.device(("cuda" if config.device == "auto" else config.device) if cuda else "cpu")
     return Runtime(
         engine="torch", device=device, precision=precision, input_dtype=torch.float16 if precision == "fp16"

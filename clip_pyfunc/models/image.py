@@ -49,7 +49,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
     def preprocess_row(self, img):
         """A decoded row -> (3, H, W) float32 (NaFlex: patches, mask, grid), or its InvalidInput."""
         try:
-            return preprocess_image(img, self.image_spec, fast=self.fast)
+            return preprocess_image(img, self.image_spec, fast=self.fast, torch_resize=self.runtime.engine == "torch")
         except InvalidInput as e:
             return e
 

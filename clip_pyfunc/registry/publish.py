@@ -58,11 +58,21 @@ def log_tower(
     """
     return _log_model(tower, f"clip_{tower}_embedding", {tower: artifact}, model_signature(runtime.normalize),
                       input_example(tower), runtime, workdir, registered_name,
-                      {**model_metadata(checkpoint, info), "input": INPUT_CONTRACT})
+                      {**model_metadata(checkpoint, info), "input": INPUT_CONTRACT}, info)
+
+
+def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, towers) -> list[str]:
+    """A model's pip requirements: torch-free where it is logged with `engine: openvino` and every tower
+    it ships has OpenVINO IR; transformers then only where its tokenizer or NaFlex sizing needs it."""
+    towers = [t for t in towers if t in ("text", "image")]
+    torch_free = runtime.engine == "openvino" and not any(t in info.openvino_fallback for t in towers)
+    transformers = ("text" in towers and info.tokenizer != "tokenizers") or (
+        "image" in towers and info.image_inputs == "naflex")
+    return pip_requirements(torch_free=torch_free, transformers=transformers)
 
 
 def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
-               registered_name: str | None, metadata: dict):
+               registered_name: str | None, metadata: dict, info: CheckpointInfo):
     """Log a models-from-code pyfunc (entry file models/entry/<entry>.py) with the rooms it imports as code
     (registry.requirements.MODEL_CODE)."""
     import mlflow
@@ -78,7 +88,7 @@ def _log_model(entry: str, name: str, artifacts: dict, signature, example, runti
         code_paths=[package],
         signature=signature,
         input_example=example,
-        pip_requirements=pip_requirements(),
+        pip_requirements=requirements_for(runtime, info, artifacts),
         model_config=runtime.to_dict(),
         registered_model_name=registered_name,
         metadata=metadata,
@@ -126,7 +136,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
                                "family": info.family, "dynamic_labels": dynamic_labels})
             model_info = _log_model("classifier", "clip_zero_shot_classifier", artifacts,
                                     classifier_signature(cfg.top_k), input_example("image"), settings.runtime,
-                                    workdir, cfg.name, {**tags, "input": INPUT_CONTRACT})
+                                    workdir, cfg.name, {**tags, "input": INPUT_CONTRACT}, info)
     version = str(model_info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(cfg.name, version, key, value)
@@ -228,7 +238,7 @@ def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, art
     tags = {**tags, "azure_compatible": str(reg.azure_compatible).lower()}
     model_info = _log_model("combined", "clip_image_text_embedding", dict(artifacts),
                             combined_signature(runtime.normalize), input_example("combined"), runtime, workdir,
-                            reg.combined_name, {**tags, "input": CONTRACT})
+                            reg.combined_name, {**tags, "input": CONTRACT}, info)
     client, name = MlflowClient(), reg.combined_name
     version = str(model_info.registered_model_version)
     for key, value in tags.items():

@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 import shutil
 
-from clip_pyfunc.dependencies import MODEL_REQUIREMENTS
+from clip_pyfunc.dependencies import MODEL_REQUIREMENTS, TORCH_FREE_REQUIREMENTS, TRANSFORMERS_REQUIREMENTS
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The rooms a served model imports: everything below `models`, and `models` itself. A test
@@ -20,9 +20,17 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CODE = ("__init__.py", "errors.py", "settings.py", "runtime.py", "families", "stages", "artifacts", "models")
 
 
-def pip_requirements() -> list[str]:
-    """Exact pins of the model's runtime dependencies as installed now (local build tags dropped)."""
-    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+def pip_requirements(torch_free: bool = False, transformers: bool = True) -> list[str]:
+    """Exact pins of the model's runtime dependencies as installed now (local build tags dropped).
+
+    Args:
+        torch_free: The model runs on OpenVINO alone (TORCH_FREE_REQUIREMENTS).
+        transformers: With torch_free, the model still needs transformers (its tokenizer or NaFlex sizing).
+    """
+    names = MODEL_REQUIREMENTS
+    if torch_free:
+        names = TORCH_FREE_REQUIREMENTS + (TRANSFORMERS_REQUIREMENTS if transformers else ())
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
 def entry_file(model: str) -> str:

@@ -205,7 +205,7 @@ def fast_draft_edge(spec: ImageSpec) -> int:
     return DRAFT_GAP * spec.draft_edge
 
 
-def preprocess_image(img, spec: ImageSpec, *, fast: bool):
+def preprocess_image(img, spec: ImageSpec, *, fast: bool, torch_resize: bool = True):
     """One decoded RGB image -> what the vision tower takes.
 
     Args:
@@ -214,6 +214,8 @@ def preprocess_image(img, spec: ImageSpec, *, fast: bool):
         spec: The checkpoint's image preprocessing.
         fast: Resample arrays with torch's antialiased kernels and shrink large PIL images by an
             integer factor first (REDUCING_GAP); otherwise exactly the reference processor's PIL steps.
+        torch_resize: On the fast path, resample arrays with torch; False resamples them with PIL
+            (the OpenVINO engine's choice, so its vectors are the same with or without torch installed).
 
     Returns:
         (3, H, W) float32; NaFlex: (patches (max_num_patches, p*p*3) float32, mask (max_num_patches,)
@@ -224,10 +226,10 @@ def preprocess_image(img, spec: ImageSpec, *, fast: bool):
     """
     if spec.naflex:
         if fast:
-            return image_to_patches(_resize_fast(img, *naflex_size(*_size(img), spec), spec), spec)
+            return image_to_patches(_resize_fast(img, *naflex_size(*_size(img), spec), spec, torch_resize), spec)
         return image_to_patches(resize_for_patches(img, spec), spec)
     if fast:
-        return crop_to_array(resize_and_crop_fast(img, spec, REDUCING_GAP), spec)
+        return crop_to_array(resize_and_crop_fast(img, spec, REDUCING_GAP, torch_resize), spec)
     return crop_to_array(resize_and_crop(img, spec), spec)
 
 
@@ -236,11 +238,11 @@ def _size(img) -> tuple[int, int]:
     return (img.shape[1], img.shape[0]) if hasattr(img, "shape") else img.size
 
 
-def _resize_fast(img, new_w: int, new_h: int, spec: ImageSpec):
+def _resize_fast(img, new_w: int, new_h: int, spec: ImageSpec, torch_resize: bool = True):
     """Resize to (new_w, new_h) on the fast path: arrays by torch's antialiased kernels, PIL images by PIL."""
     import numpy as np
 
-    if not isinstance(img, np.ndarray) or spec.resample not in _TORCH_FILTERS:
+    if not isinstance(img, np.ndarray) or not torch_resize or spec.resample not in _TORCH_FILTERS:
         from PIL import Image
 
         pil = img if not isinstance(img, np.ndarray) else Image.fromarray(img)
@@ -255,7 +257,7 @@ def _resize_fast(img, new_w: int, new_h: int, spec: ImageSpec):
     return resized[0].permute(1, 2, 0).numpy()
 
 
-def resize_and_crop_fast(image, spec: ImageSpec, reducing_gap: float):
+def resize_and_crop_fast(image, spec: ImageSpec, reducing_gap: float, torch_resize: bool = True):
     """`resize_and_crop` for the fast path, returning an (H, W, 3) uint8 array.
 
     An array (a JPEG from `decode.open_pixels`) is resampled by torch's antialiased uint8
@@ -269,13 +271,13 @@ def resize_and_crop_fast(image, spec: ImageSpec, reducing_gap: float):
         return np.asarray(resize_and_crop(image, spec, reducing_gap))
     height, width = image.shape[:2]
     new_w, new_h, box = _resize_plan(width, height, spec)
-    mode = _TORCH_FILTERS.get(spec.resample)
+    mode = _TORCH_FILTERS.get(spec.resample) if torch_resize else None
     crop_area = (box[2] - box[0]) * (box[3] - box[1]) if box else new_w * new_h
     if mode is None or new_w * new_h > _MAX_FULL_RESIZE * crop_area:
         from PIL import Image
 
         return np.asarray(resize_and_crop(Image.fromarray(image), spec, reducing_gap))
-    out = _resize_fast(image, new_w, new_h, spec)
+    out = _resize_fast(image, new_w, new_h, spec, torch_resize)
     return out[box[1] : box[3], box[0] : box[2]] if box else out
 
 
