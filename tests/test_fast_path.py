@@ -52,17 +52,21 @@ def reference_processors():
     return reference_processors()
 
 
+@pytest.mark.parametrize("resize", ["torch", "pil"])
 @pytest.mark.parametrize("subsampling", ["4:2:0", "4:4:4"])
 @pytest.mark.parametrize("size", [(300, 225), (1224, 1632), (2400, 1800), (4000, 3000)])
-def test_fast_path_pixels_stay_within_3_levels_of_the_reference_processor(reference_processors, size, subsampling):
+def test_fast_path_pixels_stay_within_3_levels_of_the_reference_processor(reference_processors, size, subsampling,
+                                                                          resize):
     """Judged by pixels, not one model's cosine: grainy camera-like JPEGs from 300 px to 12 MP, through
-    every resize kind (shortest edge + crop, squash, NaFlex, ALIGN's resize + crop), at real shapes."""
+    every resize kind (shortest edge + crop, squash, NaFlex, ALIGN's resize + crop), at real shapes.
+    Both resamplers of the reduced-scale decode: torch's (torch engine) and PIL's (OpenVINO engine,
+    which a torch-free model serves with)."""
     from clip_pyfunc.benchmarks.fast_path import fast_pixels, level_error, reference_pixels
     from clip_pyfunc.dev.samples import camera_jpeg
 
     data = camera_jpeg(*size, seed=sum(size), quality=92, subsampling=subsampling)
     for kind, (processor, spec) in reference_processors.items():
-        fast = fast_pixels(data, spec)
+        fast = fast_pixels(data, spec, torch_resize=resize == "torch")
         reference = reference_pixels(data, processor)
         assert fast.shape[1:] == reference.shape[1:], kind
         worst, mean = level_error(fast, reference, spec)

@@ -40,8 +40,9 @@ def reference_processors() -> dict:
     return out
 
 
-def fast_pixels(data: bytes, spec, limits=None):
-    """The tensor the fast path feeds the tower for these JPEG bytes ((3, H, W), or NaFlex's patches)."""
+def fast_pixels(data: bytes, spec, limits=None, torch_resize: bool = True):
+    """The tensor the fast path feeds the tower for these JPEG bytes ((3, H, W), or NaFlex's patches);
+    `torch_resize` False is the OpenVINO engine's PIL resample."""
     from clip_pyfunc.stages.decode import ImageLimits, decode_image
     from clip_pyfunc.errors import InvalidInput
     from clip_pyfunc.stages.preprocess import fast_draft_edge, preprocess_image
@@ -50,7 +51,7 @@ def fast_pixels(data: bytes, spec, limits=None):
     img = decode_image(data, limits, fast_draft_edge(spec))
     if isinstance(img, InvalidInput):
         raise img
-    out = preprocess_image(img, spec, fast=True)
+    out = preprocess_image(img, spec, fast=True, torch_resize=torch_resize)
     return out[0] if spec.naflex else out
 
 

@@ -65,7 +65,7 @@ def measure_precisions(info: CheckpointInfo, towers: dict[str, str], device: str
             continue  # not measured, so never the default
         found[precision] = min(lowest_cosine(reference[t], got[t]) for t in got)
     openvino = {}
-    if len(info.openvino_fallback) < len(towers):
+    if any(tower not in info.openvino_fallback for tower in towers):
         for precision in ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",):
             got = vectors("openvino", precision, on="cpu")
             if got:

@@ -185,6 +185,10 @@ def register_models(settings: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, artifacts = export_towers(checkpoint, workdir)
         info = measure_precisions(export_openvino(info, artifacts), artifacts)
+        if reg.int8:
+            from clip_pyfunc.registry.quantize import quantize_image_tower
+
+            info = quantize_image_tower(info, artifacts, reg.calibration_data)
         tags = model_metadata(checkpoint, info)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
