@@ -247,6 +247,16 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
         raise ModelLoadError("precision 'fp16' needs a CUDA device; on CPU choose 'fp32', 'bf16', 'int8' or 'auto'")
     if precision == "int8" and cuda:
         raise ModelLoadError("precision 'int8' runs on CPU only; on CUDA choose 'fp16' or 'bf16'")
+    if engine == "openvino" and precision == "bf16" and not cpu_has_native_bf16():
+        raise ModelLoadError("OpenVINO runs bf16 only on CPUs with AVX512_BF16 or AMX, and this one has neither; "
+                             "choose 'fp32' or engine 'torch'")
+    if engine == "openvino" and precision == "int8":
+        held = measured.get("openvino", {}).get("int8")
+        if held is None or held < INT8_OFFER_COSINE:
+            raise ModelLoadError(
+                "precision 'int8' on OpenVINO needs an int8 IR that held cosine >= "
+                f"{INT8_OFFER_COSINE} at registration ({'none was made: register with --int8' if held is None else f'it held {held}'}); "
+                "choose 'fp32', or engine 'torch' for dynamic int8")
     if engine == "openvino":  # torch is not imported for it: a torch-free model must not need it
         threads = config.num_threads or len(os.sched_getaffinity(0))
         return Runtime(engine="openvino", device="cpu", precision=precision, input_dtype=None, autocast_dtype=None,

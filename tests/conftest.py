@@ -98,6 +98,19 @@ def image_model(registered):
     return mlflow.pyfunc.load_model(registered["models"]["image"]["uri"])
 
 
+ENGINES = ("torch", "openvino")
+
+
+def load_on_engine(uri: str, engine: str, **config):
+    """A registered model loaded on one engine (fp32, per tests/clip_pyfunc.yaml), checked to run there."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(uri, model_config={"engine": engine, **config})
+    runtime = model.unwrap_python_model().runtime
+    assert runtime.engine == engine, (engine, model.unwrap_python_model().engine_note)
+    return model
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint):
     """transformers' own full CLIPModel, tokenizer and PIL image processor on the same weights."""

@@ -110,8 +110,15 @@ def memory(image_uri: str, text_uri: str, checkpoint: str, model_class: str) -> 
 
 
 def run(model: str | None = None, random_init: str | None = None, out_dir: str = "bench-out",
-        batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8"), workloads=None) -> dict:
-    """Run every measurement; write bench.json and bench.png to `out_dir`; return the results."""
+        batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8"), workloads=None,
+        engines=("torch", "openvino"), int8: bool = False) -> dict:
+    """Run every measurement; write bench.json and bench.png to `out_dir`; return the results.
+
+    The image and text sections run torch fp32, the reference. The engines section times every
+    (engine, precision) pair of `engines` x `precisions` that loads, and "default", end to end
+    on 2 MP JPEGs and on the raw forward, at each batch size, with each pair's lowest cosine to
+    torch fp32; `int8` registers with `--int8` (built-in calibration samples) first.
+    """
     import mlflow
     import numpy as np
     import pandas as pd
@@ -134,7 +141,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         path = save_random_checkpoint(os.path.join(tmp, random_init), random_init)
     else:
         path = resolve_checkpoint(model).path
-    summary = register_models(load_settings(None, {"model": {"source": path}}))
+    summary = register_models(load_settings(None, {"model": {"source": path}, "registry": {"int8": int8}}))
     image_uri, text_uri = summary["models"]["image"]["uri"], summary["models"]["text"]["uri"]
     model_class = family_for(summary["family"]).model_class
     result = {"benchmark": "bench", "checkpoint": model or f"random-init {random_init}",
@@ -162,12 +169,14 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     tokenizer = AutoTokenizer.from_pretrained(path)
     # The image and text sections run fp32 (the reference); "default" is reported and timed below.
-    image_model = mlflow.pyfunc.load_model(image_uri, model_config={"precision": "fp32"})
-    text_model = mlflow.pyfunc.load_model(text_uri, model_config={"precision": "fp32"})
+    reference = {"engine": "torch", "precision": "fp32"}
+    image_model = mlflow.pyfunc.load_model(image_uri, model_config=reference)
+    text_model = mlflow.pyfunc.load_model(text_uri, model_config=reference)
     ip, tp = image_model.unwrap_python_model(), text_model.unwrap_python_model()
-    default = mlflow.pyfunc.load_model(image_uri).unwrap_python_model().runtime.precision
-    result["default_precision"] = {"resolves_to": default,
-                                   "measured_cosine_to_fp32": summary["precision_cosine_to_fp32"]}
+    default = mlflow.pyfunc.load_model(image_uri).unwrap_python_model().runtime
+    result["default_precision"] = {"resolves_to": default.precision, "engine": default.engine,
+                                   "measured_cosine_to_fp32": summary["precision_cosine_to_fp32"],
+                                   "engines": summary["engines"]}
     if ip.image_spec.naflex:
         raise ModelLoadError("the bench's raw-forward baseline takes fixed-size families; NaFlex is not benchmarked")
     result["family"] = summary["family"]
@@ -228,31 +237,9 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         texts[name] = {"by_batch": rows}
     result["texts"] = texts
 
-    # Precisions: end-to-end on 2 MP JPEGs at the largest batch, cosine to fp32 on the same rows.
-    values = _images("jpeg_2mp", batch_sizes[-1])
-    frame = pd.DataFrame({"input": values})
-    ref = image_model.predict(frame)
-    prec, loaded = {}, {}
-    for p in precisions:
-        try:
-            loaded[p] = mlflow.pyfunc.load_model(image_uri, model_config={"precision": p})
-        except Exception as e:  # noqa: BLE001 - report an unsupported precision, keep benchmarking
-            prec[p] = {"error": str(e)}
-    pixels = _pixels(ip, values)
-    fns = {}
-    for p, m in loaded.items():
-        unwrapped = m.unwrap_python_model()
-        fns[p] = lambda m=m: m.predict(frame)
-        fns[f"{p} raw"] = lambda u=unwrapped: encode_pixels(u.engine, pixels)
-    rates = _rates(fns, len(values))
-    for p, m in loaded.items():
-        cos = float(np.min(np.sum(m.predict(frame) * ref, axis=1)))
-        prec[p] = {"e2e_per_s": round(rates[p], 2), "raw_forward_per_s": round(rates[f"{p} raw"], 2),
-                   "e2e_over_raw": round(rates[p] / rates[f"{p} raw"], 3), "min_cosine_to_fp32": round(cos, 6)}
-        if "fp32" in rates:
-            prec[p]["speedup_over_fp32"] = round(rates[p] / rates["fp32"], 3)
-            prec[p]["raw_speedup_over_fp32"] = round(rates[f"{p} raw"] / rates["fp32 raw"], 3)
-    result["precisions_jpeg_2mp"] = prec
+    # Engines and precisions: end to end on 2 MP JPEGs and the raw forward, per batch size, cosine to torch fp32.
+    result["engines_jpeg_2mp"] = engine_rows(image_uri, text_uri, image_model, text_model, batch_sizes,
+                                             [(e, p) for e in engines for p in precisions] + [("auto", "default")])
     result["matmul_gflops"] = matmul_gflops()
     if not result["machine"]["native_bf16"]:
         result["precisions_note"] = "bf16 is not native on this CPU (no AVX512_BF16/AMX): it is emulated and slow"
@@ -261,6 +248,65 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         json.dump(result, f, indent=2)
     _plot(result, os.path.join(out_dir, "bench.png"))
     return result
+
+
+def engine_rows(image_uri: str, text_uri: str, image_ref, text_ref, batch_sizes, pairs) -> dict:
+    """Per (engine, precision) pair that loads: img/s end to end and on the raw forward at each batch
+    size (2 MP JPEGs), text/s end to end at the largest (short queries), the lowest cosine to torch
+    fp32, and the ratios to torch fp32 measured in the same rounds. A pair that falls back
+    (no IR, another engine chosen) is reported as such, not timed under the wrong name."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from clip_pyfunc.stages.encode import encode_pixels
+
+    rows, loaded = {}, {}
+    for engine, precision in pairs:
+        label = f"{engine} {precision}"
+        try:
+            image = mlflow.pyfunc.load_model(image_uri, model_config={"engine": engine, "precision": precision})
+            text = mlflow.pyfunc.load_model(text_uri, model_config={"engine": engine, "precision": precision})
+        except Exception as e:  # noqa: BLE001 - report a pair this machine or artifact cannot run, keep going
+            rows[label] = {"error": str(e).splitlines()[0]}
+            continue
+        runtime = image.unwrap_python_model().runtime
+        if engine != "auto" and (runtime.engine, runtime.precision) != (engine, precision):
+            rows[label] = {"error": f"runs as {runtime.engine} {runtime.precision}"}
+            continue
+        loaded[label] = (image, text)
+        rows[label] = {"runs_as": f"{runtime.engine} {runtime.precision}"}
+    pixels_of = {}
+    for bs in batch_sizes:
+        values = _images("jpeg_2mp", bs)
+        frame = pd.DataFrame({"input": values})
+        pixels = pixels_of.setdefault(bs, _pixels(image_ref.unwrap_python_model(), values))
+        fns = {}
+        for label, (image, _) in loaded.items():
+            fns[label] = lambda m=image, f=frame: m.predict(f)
+            fns[label + " raw"] = lambda u=image.unwrap_python_model(), x=pixels: encode_pixels(u.engine, x)
+        rates = _rates(fns, bs)
+        base = rates.get("torch fp32"), rates.get("torch fp32 raw")
+        for label in loaded:
+            r = {"e2e_per_s": round(rates[label], 2), "raw_forward_per_s": round(rates[label + " raw"], 2)}
+            if base[0]:
+                r["e2e_over_torch_fp32"] = round(rates[label] / base[0], 3)
+                r["raw_over_torch_fp32"] = round(rates[label + " raw"] / base[1], 3)
+            rows[label].setdefault("by_batch", {})[str(bs)] = r
+    values = _images("jpeg_2mp", batch_sizes[-1])
+    frame = pd.DataFrame({"input": values})
+    texts = pd.DataFrame({"input": [SHORT_QUERIES[i % len(SHORT_QUERIES)] + f" {i}" for i in range(batch_sizes[-1])]})
+    ref_image, ref_text = image_ref.predict(frame), text_ref.predict(texts)
+    text_rates = _rates({label: (lambda m=text: m.predict(texts)) for label, (_, text) in loaded.items()},
+                        len(texts))
+    for label, (image, text) in loaded.items():
+        cos = min(float(np.min(np.sum(image.predict(frame) * ref_image, axis=1))),
+                  float(np.min(np.sum(text.predict(texts) * ref_text, axis=1))))
+        rows[label]["min_cosine_to_torch_fp32"] = round(cos, 6)
+        rows[label]["text_e2e_per_s"] = round(text_rates[label], 2)
+        if "torch fp32" in text_rates:
+            rows[label]["text_over_torch_fp32"] = round(text_rates[label] / text_rates["torch fp32"], 3)
+    return rows
 
 
 def matmul_gflops(m: int = 1600, k: int = 768, n: int = 3072) -> dict:
@@ -337,10 +383,16 @@ def table(result: dict) -> str:
             for bs, r in data["by_batch"].items():
                 lines.append(f"{name:<16} {bs:>5} {r['e2e_per_s']:>8} {r['raw_forward_per_s']:>8} "
                              f"{r['naive_per_s']:>8} {r['e2e_over_raw']:>8} {r['e2e_over_naive']:>9}")
-    for p, r in result["precisions_jpeg_2mp"].items():
-        lines.append(f"precision {p:<6} " + (f"{r['e2e_per_s']} img/s, x{r.get('speedup_over_fp32')} vs fp32, "
-                                             f"min cosine {r['min_cosine_to_fp32']}, e2e/raw {r['e2e_over_raw']}"
-                                             if "e2e_per_s" in r else r["error"]))
+    lines.append(f"{'engine precision':<22} {'batch':>5} {'e2e/s':>8} {'raw/s':>8} {'e2e x':>7} {'raw x':>7} "
+                 f"{'text x':>7} {'min cos':>9}  (x: over torch fp32, 2 MP JPEGs; text: short queries)")
+    for label, r in result["engines_jpeg_2mp"].items():
+        if "error" in r:
+            lines.append(f"{label:<22} {r['error']}")
+            continue
+        for bs, b in r["by_batch"].items():
+            lines.append(f"{label:<22} {bs:>5} {b['e2e_per_s']:>8} {b['raw_forward_per_s']:>8} "
+                         f"{b.get('e2e_over_torch_fp32', ''):>7} {b.get('raw_over_torch_fp32', ''):>7} "
+                         f"{r.get('text_over_torch_fp32', ''):>7} {r['min_cosine_to_torch_fp32']:>9}")
     mm = result["matmul_gflops"]
     lines.append(f"matmul {mm['shape']}: fp32 {mm['float32']} GFLOP/s, bf16 {mm['bfloat16']} GFLOP/s "
                  f"(x{mm['bf16_over_fp32']}): the ceiling for bf16's gain")

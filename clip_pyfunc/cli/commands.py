@@ -264,6 +264,6 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         raise ModelLoadError("pass exactly one of --model (hub id or directory) and --random-init NAME")
     result = bench.run(args.model, args.random_init, out_dir=args.out,
                        batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions),
-                       workloads=args.workloads)
+                       workloads=args.workloads, engines=tuple(args.engines), int8=args.int8)
     print(bench.table(result), file=sys.stderr)
     return result

@@ -1,8 +1,9 @@
 """int8 at registration: NNCF's static post-training quantization of the image tower's OpenVINO IR.
 
 Calibrated on the user's own images (`register --int8 --calibration-data DIR_OR_TABLE`) or on
-the built-in samples, at most MAX_CALIBRATION_IMAGES. A held-out part of the same images
-measures the int8 model's cosine to torch fp32, end to end; the int8 IR is kept, and offered
+the built-in samples, at most MAX_CALIBRATION_IMAGES. A held-out part of the same images,
+preprocessed once, goes through torch fp32 and the int8 IR: their lowest cosine is what
+quantization costs. The int8 IR is kept, and offered
 as `precision: int8`, only where that cosine holds runtime.INT8_OFFER_COSINE.
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from clip_pyfunc.artifacts.openvino import IR_INT8_FILE, ir_path
+from clip_pyfunc.artifacts.openvino import IR_INT8_FILE, compile_tower, ir_path
 from clip_pyfunc.artifacts.towers import CheckpointInfo
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.registry.lookup import local_models
 from clip_pyfunc.registry.precision import lowest_cosine
-from clip_pyfunc.runtime import INT8_OFFER_COSINE
+from clip_pyfunc.runtime import INT8_OFFER_COSINE, OpenVINOEngine
+from clip_pyfunc.stages.postprocess import finish
 from clip_pyfunc.settings import RuntimeConfig
 
 MAX_CALIBRATION_IMAGES = 300
@@ -106,10 +108,19 @@ def quantize_image_tower(info: CheckpointInfo, towers: dict[str, str], source: s
     quantized = nncf.quantize(model, nncf.Dataset([inputs(r) for _, r in calibrate]),
                               model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibrate))
     ov.save_model(quantized, os.path.join(towers["image"], IR_INT8_FILE), compress_to_fp16=False)
+    # The same held-out pixels through torch fp32 and the int8 IR: the cosine is what quantization costs.
     (reference,) = local_models(towers, RuntimeConfig(device="cpu", engine="torch", precision="fp32"), ("image",))
-    (int8,) = local_models(towers, RuntimeConfig(device="cpu", engine="openvino", precision="int8"), ("image",))
-    cells = [cell for cell, _ in held_out]
-    cosine = lowest_cosine(reference.embed_rows(cells)[0], int8.embed_rows(cells)[0])
+    int8 = OpenVINOEngine(compile_tower(towers["image"], "int8", fp32.runtime.threads), fp32.runtime)
+    batch = [inputs(r) for _, r in held_out]
+    stacked = {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
+    if naflex:
+        want = reference.engine.patch_features(*stacked.values())
+        got = int8.patch_features(*stacked.values())
+    else:
+        want, got = reference.engine.image_features(stacked["pixel_values"]), int8.image_features(
+            stacked["pixel_values"])
+    cosine = lowest_cosine(finish(want, True), finish(got, True))
+    cells = held_out
     info = dataclasses.replace(info, openvino_cosine={**info.openvino_cosine, "int8": cosine})
     if cosine < INT8_OFFER_COSINE:
         os.remove(ir_path(towers["image"], "int8"))
