@@ -10,25 +10,11 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import ENGINES, b64, decode_images, encode, load_on_engine, photo
+from conftest import b64, decode_images, encode, photo
+from engine_fixtures import engine, image_model, text_model  # noqa: F401 - every test here runs on each engine
 from clip_pyfunc.stages.decode import ImageLimits, decode_image, decode_texts, image_bytes, open_image, open_pixels
 from clip_pyfunc.errors import InvalidInput
 
-
-# The input tests run on every engine: these override conftest's torch-only models for this module.
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def text_model(registered, engine):
-    return load_on_engine(registered["models"]["text"]["uri"], engine)
-
-
-@pytest.fixture(scope="module")
-def image_model(registered, engine):
-    return load_on_engine(registered["models"]["image"]["uri"], engine)
 
 LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_pixels=8192 * 8192)
 

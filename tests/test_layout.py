@@ -176,6 +176,7 @@ def test_models_logged_before_the_regrouping_still_load_and_predict(tiny_checkpo
         tar.extractall(old, filter="data")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/old.db", "PYTHONPATH": str(old)}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
+    env.pop("CLIP_PYFUNC_CONF", None)  # the tests' settings name keys (engine) the old package never had
     register = ("import json, sys, clip_pyfunc; from clip_pyfunc.config import load_settings; "
                 "from clip_pyfunc.registry import register_models; "
                 "s = register_models(load_settings(None, {'model': {'source': sys.argv[1]}})); "

@@ -13,25 +13,11 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from conftest import ENGINES, b64, encode, load_on_engine, photo
+from conftest import b64, encode, load_on_engine, photo
+from engine_fixtures import engine, image_model, text_model  # noqa: F401 - every test here runs on each engine
 from clip_pyfunc.stages.decode import ImageLimits, open_image
 from clip_pyfunc.registry.signatures import model_signature
 
-
-# The input tests run on every engine: these override conftest's torch-only models for this module.
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def text_model(registered, engine):
-    return load_on_engine(registered["models"]["text"]["uri"], engine)
-
-
-@pytest.fixture(scope="module")
-def image_model(registered, engine):
-    return load_on_engine(registered["models"]["image"]["uri"], engine)
 
 TEXTS = ["a photo of a cat", "", "ünïcödé ✓ 日本語のテキスト", "the cat is on the mat " * 30, "x"]
 

@@ -266,6 +266,8 @@ def test_app_request_ids_and_logs(app):
     r = requests.get(f"{app['url']}/health", headers={"X-Request-ID": "trace-123"}, timeout=30)
     assert r.json()["request_id"] == "trace-123" and r.headers["X-Request-ID"] == "trace-123"
     assert r.json()["index"]["points"] == len(LABELS) * PER_LABEL + 1 and r.json()["no_index"] is None
+    runtime = r.json()["runtime"]["image"]
+    assert runtime["engine"] in ("torch", "openvino") and runtime["precision"] and runtime["note"] is None
     fresh = _post(app, "/search", data={"text": "a red circle"}).json()["request_id"]
     assert re.fullmatch(r"[0-9a-f-]{36}", fresh)
     assert fresh in open(app["log"]).read()

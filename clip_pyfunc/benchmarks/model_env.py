@@ -50,8 +50,16 @@ def _env_vars(env_root: str, uv_cache: str | None) -> dict:
     return env
 
 
+def _venvs(env_root: str) -> list[str]:
+    """The virtual environments under an MLFLOW_ENV_ROOT (`models serve` puts them at its top level)."""
+    return sorted(os.path.dirname(os.path.dirname(p)) for p in glob.glob(os.path.join(env_root, "**", "bin", "activate"),
+                                                                         recursive=True))
+
+
 def _site_packages(env_root: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(env_root, "**", "site-packages"), recursive=True))
+    """site-packages folders under `env_root`, each once (lib64 is a link to lib)."""
+    found = glob.glob(os.path.join(env_root, "**", "site-packages"), recursive=True)
+    return sorted({os.path.realpath(p) for p in found})
 
 
 def _env_contents(env_root: str) -> dict:
@@ -60,7 +68,7 @@ def _env_contents(env_root: str) -> dict:
     has = lambda name: any(os.path.isdir(os.path.join(s, name)) for s in sites)  # noqa: E731
     dists = sorted({os.path.basename(d).split("-")[0].lower()
                     for s in sites for d in glob.glob(os.path.join(s, "*.dist-info"))})
-    venvs = sorted(glob.glob(os.path.join(env_root, "virtualenv_envs", "*")))
+    venvs = _venvs(env_root)
     return {"site_packages": sites, "venvs": venvs, "has_torch": has("torch"), "has_transformers": has("transformers"),
             "has_openvino": has("openvino"), "distributions": len(dists),
             "largest_packages_mib": _largest(sites)}
@@ -101,7 +109,7 @@ def _build(uri: str, work: str, env: dict, image: str) -> dict:
 
 
 def _env_size(env_root: str) -> dict:
-    venvs = glob.glob(os.path.join(env_root, "virtualenv_envs", "*"))
+    venvs = _venvs(env_root)
     return {"env_root_mib": round(_dir_bytes(env_root) / MIB, 1),
             "env_mib": round(sum(_dir_bytes(v) for v in venvs) / MIB, 1) if venvs else None,
             **_env_contents(env_root)}

@@ -210,13 +210,16 @@ def create_app(loaded: Loaded, config: AppConfig):
 
     @app.get("/health")
     async def health(request: Request):
-        """Status, the loaded models, and the index (null with `no_index` saying how to make one)."""
+        """Status, the loaded models and what runs them (engine, precision, a fallback note), and the index
+        (null with `no_index` saying how to make one)."""
         searcher = loaded.searcher
         index = None if searcher is None else {
             "collection": searcher.collection, "points": searcher.client.count(searcher.collection).count,
             "space": searcher.space.models}
         return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
                 "models": loaded.uris, "index": index, "no_index": loaded.no_index,
+                "runtime": {kind: model.unwrap_python_model().runtime_summary()
+                            for kind, model in (("text", loaded.text), ("image", loaded.image))},
                 "no_classifier": loaded.no_classifier}
 
     @app.post("/embeddings")

@@ -42,7 +42,7 @@ def load_candidate(spec: str, workdir: str) -> Candidate:
         versions = []
     info = text.info
     params = {"model": spec, "family": info.family, "embedding_dim": info.embedding_dim,
-              "precision": text.runtime.precision, "scoring": info.scoring}
+              "engine": text.runtime.engine, "precision": text.runtime.precision, "scoring": info.scoring}
     return Candidate(name=spec, text=text, image=image, params=params, versions=versions,
                      load_seconds=time.perf_counter() - start, artifact_bytes=size)
 
