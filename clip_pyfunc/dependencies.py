@@ -15,6 +15,7 @@ RANGES = {
     "safetensors": ">=0.4",
     "huggingface-hub": ">=0.30",
     "mlflow": ">=3.1,<4",
+    "mlflow-skinny": ">=3.1,<4",
     "pillow": ">=10",
     "pybase64": ">=1.3",
     "simplejpeg": ">=1.7",
@@ -53,7 +54,9 @@ MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetens
 # A model logged with `engine: openvino` runs without torch: the IR, the bare tokenizer.json and the
 # image preprocessing read at registration. transformers (with SigLIP's sentencepiece and protobuf)
 # comes back only where the tokenizer or NaFlex sizing needs it (TRANSFORMERS_REQUIREMENTS).
-TORCH_FREE_REQUIREMENTS = ("mlflow", "openvino", "tokenizers", "pillow", "pybase64", "simplejpeg", "numpy", "pandas")
+# mlflow-skinny: MLflow's pyfunc and scoring server without the tracking server's pyarrow, scipy and
+# scikit-learn (about 260 MiB of the serving environment).
+TORCH_FREE_REQUIREMENTS = ("mlflow-skinny", "openvino", "tokenizers", "pillow", "pybase64", "simplejpeg", "numpy", "pandas")
 TRANSFORMERS_REQUIREMENTS = ("transformers", "huggingface-hub", "sentencepiece", "protobuf")
 # The rest of `pip install clip-pyfunc`: settings (pyyaml); evaluate's progress bar and plot (tqdm,
 # matplotlib); index, search, duplicates and the app (qdrant-client, pyarrow, FastAPI).

@@ -222,8 +222,8 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
     measured = measured or {}
     has_torch = "torch" in engines
     if config.engine == "torch" and not has_torch:
-        raise ModelLoadError("engine 'torch' asked for, but torch is not installed in this environment; "
-                             "use engine 'openvino' or 'auto'")
+        raise ModelLoadError("engine 'torch' asked for, but torch is not installed here or the model was logged "
+                             "for OpenVINO alone (no torch weights); use engine 'openvino' or 'auto'")
     if config.engine == "openvino" and "openvino" not in engines:
         raise ModelLoadError("engine 'openvino' asked for, but this model has no OpenVINO IR or openvino is "
                              "not installed; use engine 'torch' or 'auto'")

@@ -157,7 +157,8 @@ def test_openvino_model_is_logged_and_served_without_torch(torch_free, registere
         reqs = open(os.path.join(mlflow.artifacts.download_artifacts(torch_free["models"][kind]["uri"]),
                                  "requirements.txt")).read()
         assert "openvino==" in reqs and "tokenizers==" in reqs, reqs
-        assert "torch" not in reqs and "transformers" not in reqs, reqs
+        assert "torch" not in reqs and "transformers" not in reqs and "mlflow-skinny==" in reqs, reqs
+        assert not os.path.exists(os.path.join(_artifact(torch_free["models"][kind]["uri"]), "model.safetensors"))
     code = (
         "import json, sys, mlflow\n"
         f"m = mlflow.pyfunc.load_model({torch_free['models']['combined']['uri']!r})\n"

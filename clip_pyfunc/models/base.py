@@ -58,8 +58,10 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         installed; the note says so (logged once here, shown in `runtime_summary`), else it is None.
         """
         from clip_pyfunc.artifacts.openvino import compile_tower, ir_path, openvino_available
+        from clip_pyfunc.artifacts.towers import WEIGHTS_FILE
 
-        engines = {"torch"} if torch_available() else set()
+        # torch needs torch here and the safetensors in the artifact (a model logged for OpenVINO alone has none)
+        engines = {"torch"} if torch_available() and os.path.exists(os.path.join(path, WEIGHTS_FILE)) else set()
         has_ir = os.path.exists(ir_path(path)) and openvino_available()
         note = None
         config = self.config

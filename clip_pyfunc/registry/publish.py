@@ -12,7 +12,7 @@ from typing import Any
 
 from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint, resolve_checkpoint
 from clip_pyfunc.artifacts.openvino import export_openvino
-from clip_pyfunc.artifacts.towers import CheckpointInfo, export_towers
+from clip_pyfunc.artifacts.towers import WEIGHTS_FILE, CheckpointInfo, export_towers
 from clip_pyfunc.registry.lookup import local_models
 from clip_pyfunc.registry.precision import TAG_COSINE, measure_precisions
 from clip_pyfunc.registry.requirements import copy_model_code, entry_file, pip_requirements
@@ -71,6 +71,17 @@ def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, towers) -> li
     return pip_requirements(torch_free=torch_free, transformers=transformers)
 
 
+def drop_torch_weights(runtime: RuntimeConfig, info: CheckpointInfo, towers: dict[str, str]) -> bool:
+    """For models logged for OpenVINO alone (`engine: openvino`, every tower with IR), remove the
+    safetensors from the tower artifacts once measured: a torch-free environment cannot load them,
+    and they would double what each serving start downloads. Returns whether it did."""
+    if runtime.engine != "openvino" or any(tower in info.openvino_fallback for tower in towers):
+        return False
+    for path in towers.values():
+        os.remove(os.path.join(path, WEIGHTS_FILE))
+    return True
+
+
 def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
                registered_name: str | None, metadata: dict, info: CheckpointInfo):
     """Log a models-from-code pyfunc (entry file models/entry/<entry>.py) with the rooms it imports as code
@@ -123,6 +134,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
         info = measure_precisions(export_openvino(info, towers), towers)
+        drop_torch_weights(settings.runtime, info, towers)
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
@@ -189,6 +201,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
             from clip_pyfunc.registry.quantize import quantize_image_tower
 
             info = quantize_image_tower(info, artifacts, reg.calibration_data)
+        drop_torch_weights(settings.runtime, info, artifacts)
         tags = model_metadata(checkpoint, info)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
