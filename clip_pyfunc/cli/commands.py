@@ -257,6 +257,14 @@ def cmd_bench_pixels(args: argparse.Namespace) -> dict:
     return fast_path.run()
 
 
+def cmd_bench_env(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import model_env
+
+    result = model_env.run(random_init=args.random_init, requests=args.requests)
+    print(model_env.table(result), file=sys.stderr)
+    return result
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import bench
 

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-pixels", help="fast path vs each resize kind's reference processor, in levels")
     p.set_defaults(func=commands.cmd_bench_pixels)
 
+    p = sub.add_parser("bench-env", help="the image model's torch environment vs its torch-free one: size, cold "
+                                         "start, memory after requests (builds both with uv)")
+    p.add_argument("--random-init", choices=sorted(ARCHITECTURES), default="vit-b-32")
+    p.add_argument("--requests", type=int, default=100, help="single-image requests before memory is read")
+    p.set_defaults(func=commands.cmd_bench_env)
+
     p = sub.add_parser("bench-search", help="search latency in Qdrant local mode; the app's added latency")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 20000], help="points per collection")
     p.add_argument("--requests", type=int, default=30, help="timed requests per app endpoint")
