@@ -119,24 +119,40 @@ class OpenVINOEngine:
 
     The same three calls as TorchEngine, from numpy arrays to float32 numpy vectors (n, dim).
     MLflow's scoring server calls predict from several threads at once, and an infer request
-    is not safe to share, so each calling thread gets its own request on the one compiled model.
+    is not safe to share. Requests are therefore pooled: at most as many as the compiled model's
+    OPTIMAL_NUMBER_OF_INFER_REQUESTS (one per stream; 1 under the LATENCY hint) run at once, and a
+    caller that finds none idle waits for one. Each request keeps its own buffers, so the pool
+    also bounds memory, however many threads call.
     """
 
     name = "openvino"
 
     def __init__(self, compiled, runtime: Runtime):
         """Args: compiled: an openvino.CompiledModel of the tower (artifacts.openvino.compile_tower)."""
+        import queue
+
         self.compiled, self.runtime = compiled, runtime
-        self._local = threading.local()
+        self._limit = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._idle: queue.Queue = queue.Queue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def _acquire(self):
+        with self._lock:
+            if self._idle.empty() and self._made < self._limit:
+                self._made += 1
+                return self.compiled.create_infer_request()
+        return self._idle.get()  # waits for a running request to finish
 
     def _infer(self, inputs: dict):
         import numpy as np
 
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        request.infer(inputs)
-        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        request = self._acquire()
+        try:
+            request.infer(inputs)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        finally:
+            self._idle.put(request)
 
     def text_features(self, input_ids, attention_mask=None):
         """Token ids int64 (n, L) and, where the family takes one, their mask (n, L) -> vectors (n, dim)."""

@@ -124,6 +124,21 @@ def test_missing_or_damaged_ir_loads_on_torch_and_says_so_once(registered, image
     np.testing.assert_allclose(got[0], image_model.predict(frame), atol=1e-6)
 
 
+def test_concurrent_predicts_on_openvino_share_a_bounded_request_pool(registered):
+    """MLflow's scoring server calls predict from many threads: each gets its own rows back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = load_on_engine(registered["models"]["image"]["uri"], "openvino")
+    requests = [[b64(encode(photo(64 + 7 * i, 48, i), "JPEG"))] * (1 + i % 3) for i in range(24)]
+    want = [model.predict(r) for r in requests]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        got = list(pool.map(model.predict, requests))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    engine = model.unwrap_python_model().engine
+    assert engine._made <= engine._limit
+
+
 def test_per_row_errors_are_the_same_on_every_engine(registered):
     cells = [b64(encode(photo(64, 48), "JPEG")), "not base64 !!", b64(b"not an image"), ""]
     messages = {}
