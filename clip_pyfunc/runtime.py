@@ -186,6 +186,13 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512_VNNI, AVX-VNNI or AMX-INT8). Without
+    them OpenVINO's int8 ran slower than its fp32 on ViT-B/32 (docs/BENCHMARKS.md, "Engines")."""
+    flags = cpu_info()[1]
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
     flags = cpu_info()[1]
@@ -222,9 +229,10 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
 
     "default" is the first pair of CPU_SPEED_ORDER (CUDA_SPEED_ORDER on CUDA) that this hardware
     runs natively, that `config.engine` allows, and that held a cosine of at least
-    DEFAULT_PRECISION_COSINE: OpenVINO int8 where it held that much, then bf16 on CPUs with
+    DEFAULT_PRECISION_COSINE: OpenVINO int8 where it held that much (VNNI or AMX CPUs), then bf16 on CPUs with
     AVX512_BF16 or AMX (OpenVINO, then torch), then OpenVINO fp32, then torch fp32. Without a
-    measurement it is torch fp32 on CPU and fp16 on CUDA. An explicit precision with engine
+    measurement it is torch fp32 on CPU and fp16 on CUDA. int8 counts only on CPUs with int8
+    dot products (VNNI or AMX): without them it measured slower than fp32. An explicit precision with engine
     "auto" runs on OpenVINO where that pair held the same cosine, on torch otherwise.
     `num_threads`, when set, becomes torch's intra-op thread count and OpenVINO's inference threads.
 
@@ -269,10 +277,9 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
     if engine == "openvino" and precision == "int8":
         held = measured.get("openvino", {}).get("int8")
         if held is None or held < INT8_OFFER_COSINE:
-            raise ModelLoadError(
-                "precision 'int8' on OpenVINO needs an int8 IR that held cosine >= "
-                f"{INT8_OFFER_COSINE} at registration ({'none was made: register with --int8' if held is None else f'it held {held}'}); "
-                "choose 'fp32', or engine 'torch' for dynamic int8")
+            why = "none was made: register with --int8" if held is None else f"it held {held}"
+            raise ModelLoadError(f"precision 'int8' on OpenVINO needs an int8 IR that held cosine >= {INT8_OFFER_COSINE} "
+                                 f"at registration ({why}); choose 'fp32', or engine 'torch' for dynamic int8")
     if engine == "openvino":  # torch is not imported for it: a torch-free model must not need it
         threads = config.num_threads or len(os.sched_getaffinity(0))
         return Runtime(engine="openvino", device="cpu", precision=precision, input_dtype=None, autocast_dtype=None,
@@ -314,7 +321,7 @@ def _default_pair(cuda: bool, measured: dict[str, dict[str, float]], allowed: fr
         native = {"fp16", "fp32"} | ({"bf16"} if torch.cuda.is_bf16_supported() else set())
         order = [pair for pair in CUDA_SPEED_ORDER if pair[1] in native]
     else:
-        native = {"fp32", "int8"} | ({"bf16"} if cpu_has_native_bf16() else set())
+        native = {"fp32"} | ({"bf16"} if cpu_has_native_bf16() else set()) | ({"int8"} if cpu_has_int8_dot() else set())
         order = [pair for pair in CPU_SPEED_ORDER if pair[1] in native]
     for engine, precision in order:
         if engine not in allowed:

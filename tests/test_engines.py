@@ -56,7 +56,8 @@ def test_every_family_on_openvino_matches_its_reference(registered_families, che
 def test_fidelity_is_recorded_and_default_takes_the_fastest_pair_that_held(registered):
     engines = registered["engines"]
     assert engines["openvino"]["fp32"] >= 0.99999  # same arithmetic as torch fp32, reordered
-    tags = mlflow.MlflowClient().get_model_version("clip_image_embedding", registered["models"]["image"]["version"]).tags
+    image = registered["models"]["image"]
+    tags = mlflow.MlflowClient().get_model_version(image["name"], image["version"]).tags
     assert float(tags["cosine_to_fp32_openvino_fp32"]) == engines["openvino"]["fp32"]
     model = mlflow.pyfunc.load_model(registered["models"]["image"]["uri"], model_config={"engine": "auto",
                                                                                           "precision": "default"})
