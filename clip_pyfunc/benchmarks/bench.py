@@ -238,7 +238,12 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     result["texts"] = texts
 
     # Engines and precisions: end to end on 2 MP JPEGs and the raw forward, per batch size, cosine to torch fp32.
-    result["engines_jpeg_2mp"] = engine_rows(image_uri, text_uri, image_model, text_model, batch_sizes,
+    def load(engine, precision):
+        config = {"engine": engine, "precision": precision}
+        return (mlflow.pyfunc.load_model(image_uri, model_config=config),
+                mlflow.pyfunc.load_model(text_uri, model_config=config))
+
+    result["engines_jpeg_2mp"] = engine_rows(load, image_model, text_model, batch_sizes,
                                              [(e, p) for e in engines for p in precisions] + [("auto", "default")])
     result["matmul_gflops"] = matmul_gflops()
     if not result["machine"]["native_bf16"]:
@@ -250,12 +255,18 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     return result
 
 
-def engine_rows(image_uri: str, text_uri: str, image_ref, text_ref, batch_sizes, pairs) -> dict:
+def engine_rows(load, image_ref, text_ref, batch_sizes, pairs, rounds: int = 5) -> dict:
     """Per (engine, precision) pair that loads: img/s end to end and on the raw forward at each batch
     size (2 MP JPEGs), text/s end to end at the largest (short queries), the lowest cosine to torch
     fp32, and the ratios to torch fp32 measured in the same rounds. A pair that falls back
-    (no IR, another engine chosen) is reported as such, not timed under the wrong name."""
-    import mlflow
+    (no IR, another engine chosen) is reported as such, not timed under the wrong name.
+
+    Args:
+        load: (engine, precision) -> (image model, text model), each with `predict(frame)` and
+            `unwrap_python_model()` as MLflow's loaded pyfuncs have.
+        image_ref, text_ref: torch fp32, the reference, loaded the same way.
+        rounds: Interleaved timing rounds (the median is kept).
+    """
     import numpy as np
     import pandas as pd
 
@@ -265,8 +276,7 @@ def engine_rows(image_uri: str, text_uri: str, image_ref, text_ref, batch_sizes,
     for engine, precision in pairs:
         label = f"{engine} {precision}"
         try:
-            image = mlflow.pyfunc.load_model(image_uri, model_config={"engine": engine, "precision": precision})
-            text = mlflow.pyfunc.load_model(text_uri, model_config={"engine": engine, "precision": precision})
+            image, text = load(engine, precision)
         except Exception as e:  # noqa: BLE001 - report a pair this machine or artifact cannot run, keep going
             rows[label] = {"error": str(e).splitlines()[0]}
             continue
@@ -285,7 +295,7 @@ def engine_rows(image_uri: str, text_uri: str, image_ref, text_ref, batch_sizes,
         for label, (image, _) in loaded.items():
             fns[label] = lambda m=image, f=frame: m.predict(f)
             fns[label + " raw"] = lambda u=image.unwrap_python_model(), x=pixels: encode_pixels(u.engine, x)
-        rates = _rates(fns, bs)
+        rates = _rates(fns, bs, rounds=rounds)
         base = rates.get("torch fp32"), rates.get("torch fp32 raw")
         for label in loaded:
             r = {"e2e_per_s": round(rates[label], 2), "raw_forward_per_s": round(rates[label + " raw"], 2)}
@@ -298,7 +308,7 @@ def engine_rows(image_uri: str, text_uri: str, image_ref, text_ref, batch_sizes,
     texts = pd.DataFrame({"input": [SHORT_QUERIES[i % len(SHORT_QUERIES)] + f" {i}" for i in range(batch_sizes[-1])]})
     ref_image, ref_text = image_ref.predict(frame), text_ref.predict(texts)
     text_rates = _rates({label: (lambda m=text: m.predict(texts)) for label, (_, text) in loaded.items()},
-                        len(texts))
+                        len(texts), rounds=rounds)
     for label, (image, text) in loaded.items():
         cos = min(float(np.min(np.sum(image.predict(frame) * ref_image, axis=1))),
                   float(np.min(np.sum(text.predict(texts) * ref_text, axis=1))))
