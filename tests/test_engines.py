@@ -236,3 +236,12 @@ def test_torch_free_image_model_predicts_in_env_built_from_model_alone(tmp_path,
     frame = pd.DataFrame({"input": [b64(encode(photo(640, 480, s), "JPEG")) for s in range(3)]})
     got = _predict_in_env_built_from_model_alone(uri, frame, tmp_path)
     np.testing.assert_allclose(got, mlflow.pyfunc.load_model(uri).predict(frame), atol=1e-6)
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_ir_holds_only_its_tower(registered, tower):
+    """The IR is exported from the tower alone: its weights are the safetensors' bytes, not the full model's."""
+    path = _artifact(registered["models"][tower]["uri"])
+    ir, weights = os.path.getsize(os.path.join(path, "openvino_model.bin")), os.path.getsize(
+        os.path.join(path, "model.safetensors"))
+    assert abs(ir - weights) <= 0.05 * weights, (ir, weights)
