@@ -139,10 +139,16 @@ class OpenVINOEngine:
 
     def _acquire(self):
         with self._lock:
-            if self._idle.empty() and self._made < self._limit:
-                self._made += 1
-                return self.compiled.create_infer_request()
-        return self._idle.get()  # waits for a running request to finish
+            create = self._idle.empty() and self._made < self._limit
+            self._made += create
+        if not create:
+            return self._idle.get()  # waits for a running request to finish
+        try:
+            return self.compiled.create_infer_request()
+        except BaseException:
+            with self._lock:
+                self._made -= 1  # the slot stays free for the next caller
+            raise
 
     def _infer(self, inputs: dict):
         import numpy as np
@@ -184,6 +190,12 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity on Linux, else all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
 
 
 def cpu_has_int8_dot() -> bool:
@@ -250,7 +262,7 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
                              "for OpenVINO alone (no torch weights); use engine 'openvino' or 'auto'")
     if config.engine == "openvino" and "openvino" not in engines:
         raise ModelLoadError("engine 'openvino' asked for, but this model has no OpenVINO IR or openvino is "
-                             "not installed; use engine 'torch' or 'auto'")
+                             f"not installed; engines available here: {sorted(engines) or 'none'}")
     if config.engine == "openvino" and config.device.startswith("cuda"):
         raise ModelLoadError(f"engine 'openvino' runs on CPU; use device 'cpu' or 'auto', not {config.device!r}")
     cuda = _wants_cuda(config, has_torch)
@@ -271,17 +283,23 @@ def pick_runtime(config: RuntimeConfig, measured: dict[str, dict[str, float]] | 
         raise ModelLoadError("precision 'fp16' needs a CUDA device; on CPU choose 'fp32', 'bf16', 'int8' or 'auto'")
     if precision == "int8" and cuda:
         raise ModelLoadError("precision 'int8' runs on CPU only; on CUDA choose 'fp16' or 'bf16'")
+    if engine == "openvino" and config.device.startswith("cuda"):
+        raise ModelLoadError(f"device {config.device!r} needs the torch engine, and this model runs on OpenVINO here "
+                             f"(torch {'has no weights in it' if has_torch else 'is not installed'}); "
+                             "use device 'cpu' or 'auto'")
     if engine == "openvino" and precision == "bf16" and not cpu_has_native_bf16():
-        raise ModelLoadError("OpenVINO runs bf16 only on CPUs with AVX512_BF16 or AMX, and this one has neither; "
-                             "choose 'fp32' or engine 'torch'")
+        raise ModelLoadError("precision 'bf16' on engine 'openvino' needs a CPU with AVX512_BF16 or AMX, and this "
+                             "one has neither; choose precision 'fp32', or engine 'torch' (emulated bf16)")
     if engine == "openvino" and precision == "int8":
         held = measured.get("openvino", {}).get("int8")
         if held is None or held < INT8_OFFER_COSINE:
-            why = "none was made: register with --int8" if held is None else f"it held {held}"
-            raise ModelLoadError(f"precision 'int8' on OpenVINO needs an int8 IR that held cosine >= {INT8_OFFER_COSINE} "
-                                 f"at registration ({why}); choose 'fp32', or engine 'torch' for dynamic int8")
+            why = ("none was made: register with --int8, or registry.int8 in the settings" if held is None
+                   else f"it held {held}")
+            raise ModelLoadError(f"precision 'int8' on OpenVINO needs an int8 IR that held cosine >= "
+                                 f"{INT8_OFFER_COSINE} at registration ({why}); choose 'fp32', or engine 'torch' "
+                                 "for dynamic int8")
     if engine == "openvino":  # torch is not imported for it: a torch-free model must not need it
-        threads = config.num_threads or len(os.sched_getaffinity(0))
+        threads = config.num_threads or cpu_count()
         return Runtime(engine="openvino", device="cpu", precision=precision, input_dtype=None, autocast_dtype=None,
                        batch_size=config.batch_size, threads=threads)
     import torch
@@ -337,6 +355,8 @@ def _engine_for(precision: str, cuda: bool, measured: dict, allowed: frozenset[s
     """The engine for an explicit precision: the one asked for, else OpenVINO where that pair held."""
     if asked != "auto":
         return asked
+    if precision == "bf16" and not cpu_has_native_bf16():
+        return "torch"  # OpenVINO refuses bf16 without native support; torch emulates it
     if not cuda and "openvino" in allowed and precision != "fp16":
         bar = INT8_OFFER_COSINE if precision == "int8" else DEFAULT_PRECISION_COSINE
         held = measured.get("openvino", {}).get(precision, 0.0) >= bar

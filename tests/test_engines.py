@@ -93,6 +93,11 @@ def test_pick_runtime_orders_engines_by_measured_fidelity():
         pick_runtime(RuntimeConfig(device="cpu", engine="torch"), held, frozenset({"openvino"}))
     with pytest.raises(ModelLoadError, match="runs on CPU"):
         pick_runtime(RuntimeConfig(device="cuda", engine="openvino"), held, both)
+    with pytest.raises(ModelLoadError, match="use device 'cpu' or 'auto'"):  # a torch-free model asked for CUDA
+        pick_runtime(RuntimeConfig(device="cuda"), held, frozenset({"openvino"}))
+    if not cpu_has_native_bf16():  # explicit bf16 under engine auto runs where it can: torch's emulation
+        bf16 = {"torch": {}, "openvino": {"fp32": 0.9999999, "bf16": 0.99999}}
+        assert pick_runtime(RuntimeConfig(device="cpu", precision="bf16"), bf16, both).engine == "torch"
     if not cpu_has_native_bf16():
         with pytest.raises(ModelLoadError, match="AVX512_BF16"):
             pick_runtime(RuntimeConfig(device="cpu", engine="openvino", precision="bf16"), held, both)
@@ -225,6 +230,10 @@ def test_bad_calibration_data_is_one_clear_error(tmp_path):
         read_calibration_images(str(tmp_path / "t.parquet"))
     pd.DataFrame({"content": [encode(photo(40, 30), "PNG")] * 3}).to_parquet(tmp_path / "ok.parquet")
     assert len(read_calibration_images(str(tmp_path / "ok.parquet"))) == 3
+    # More than 300: spread evenly over all of them, so the last classes of a sorted folder count too.
+    pd.DataFrame({"image_base64": [f"row{i}" for i in range(900)]}).to_parquet(tmp_path / "big.parquet")
+    got = read_calibration_images(str(tmp_path / "big.parquet"))
+    assert len(got) == 300 and got[0] == "row0" and got[-1] == "row897"
 
 
 @pytest.mark.slow
@@ -244,4 +253,5 @@ def test_ir_holds_only_its_tower(registered, tower):
     path = _artifact(registered["models"][tower]["uri"])
     ir, weights = os.path.getsize(os.path.join(path, "openvino_model.bin")), os.path.getsize(
         os.path.join(path, "model.safetensors"))
-    assert abs(ir - weights) <= 0.05 * weights, (ir, weights)
+    # Unused constants (the other tower's scoring scalars, buffers) may be pruned: at most the same bytes.
+    assert 0.8 * weights <= ir <= 1.02 * weights, (ir, weights)

@@ -33,17 +33,18 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
                        help="also register the combined image+text model (clip_image_text_embedding)")
         p.add_argument("--azure-compatible", dest="registry.azure_compatible", action="store_true", default=None,
                        help="register the combined model with normalize: false, as Azure ML's CLIP model answers")
-        p.add_argument("--int8", dest="registry.int8", action="store_true", default=None,
-                       help="also quantize the image tower to int8 (OpenVINO + NNCF), offered where it holds cos >= 0.999")
-        p.add_argument("--calibration-data", dest="registry.calibration_data", metavar="DIR_OR_TABLE",
-                       help="int8 calibration images: a directory of image files or a Parquet table (default: samples)")
     p.add_argument("--experiment", dest="registry.experiment", help="MLflow experiment for the logging run")
+    p.add_argument("--int8", dest="registry.int8", action="store_true", default=None,
+                   help="also quantize the image tower to int8 (OpenVINO + NNCF), offered where it holds cos >= 0.999")
+    p.add_argument("--calibration-data", dest="registry.calibration_data", metavar="DIR_OR_TABLE",
+                   help="int8 calibration images: a directory of image files or a Parquet table (default: samples)")
     p.add_argument("--device", dest="runtime.device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--engine", dest="runtime.engine",
                    help="auto | torch | openvino (openvino: the models are logged without torch)")
     p.add_argument("--precision", dest="runtime.precision", help="default | auto | fp32 | bf16 | fp16 | int8")
     p.add_argument("--batch-size", dest="runtime.batch_size", type=int, help="rows per forward pass")
-    p.add_argument("--num-threads", dest="runtime.num_threads", type=int, help="torch intra-op threads")
+    p.add_argument("--num-threads", dest="runtime.num_threads", type=int,
+                   help="the engine's threads (torch intra-op, OpenVINO inference)")
     p.add_argument("--no-truncate-text", dest="runtime.truncate_text", action="store_false", default=None,
                    help="refuse text over the context length instead of truncating it")
     p.add_argument("--allow-urls", dest="runtime.allow_urls", action="store_true", default=None,

@@ -73,6 +73,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
             engines.add("openvino")
         runtime = pick_runtime(config, self.info.measured(), frozenset(engines))
         if runtime.engine == "openvino":
+            if runtime.precision == "int8" and not os.path.exists(ir_path(path, "int8")):
+                runtime = dataclasses.replace(runtime, precision="fp32")  # only the image tower is quantized
             try:
                 return runtime, OpenVINOEngine(compile_tower(path, runtime.precision, runtime.threads), runtime), None
             except ModelLoadError as e:

@@ -72,14 +72,16 @@ def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, towers) -> li
 
 
 def drop_torch_weights(runtime: RuntimeConfig, info: CheckpointInfo, towers: dict[str, str]) -> bool:
-    """For models logged for OpenVINO alone (`engine: openvino`, every tower with IR), remove the
-    safetensors from the tower artifacts once measured: a torch-free environment cannot load them,
-    and they would double what each serving start downloads. Returns whether it did."""
-    if runtime.engine != "openvino" or any(tower in info.openvino_fallback for tower in towers):
-        return False
-    for path in towers.values():
-        os.remove(os.path.join(path, WEIGHTS_FILE))
-    return True
+    """For models logged for OpenVINO (`engine: openvino`), remove the safetensors from every tower
+    artifact that has IR, once measured: a torch-free environment cannot load them, and they would
+    double what each serving start downloads. A tower without IR keeps them (it runs on torch).
+    Returns the towers whose weights were removed."""
+    if runtime.engine != "openvino":
+        return []
+    dropped = [tower for tower in towers if tower not in info.openvino_fallback]
+    for tower in dropped:
+        os.remove(os.path.join(towers[tower], WEIGHTS_FILE))
+    return dropped
 
 
 def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
@@ -134,6 +136,10 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
         info = measure_precisions(export_openvino(info, towers), towers)
+        if settings.registry.int8:
+            from clip_pyfunc.registry.quantize import quantize_image_tower
+
+            info = quantize_image_tower(info, towers, settings.registry.calibration_data)
         drop_torch_weights(settings.runtime, info, towers)
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)

@@ -54,7 +54,7 @@ def read_calibration_images(source: str | None) -> list[object]:
         if not files:
             raise ModelLoadError(f"--calibration-data {source!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         out = []
-        for path in files[:MAX_CALIBRATION_IMAGES]:
+        for path in _spread(files):
             with open(path, "rb") as f:
                 out.append(f.read())
         return out
@@ -68,7 +68,16 @@ def read_calibration_images(source: str | None) -> list[object]:
     if column is None:
         raise ModelLoadError(f"--calibration-data {source!r} has columns {list(frame.columns)[:10]}; "
                              f"one of {TABLE_COLUMNS} must hold the images")
-    return [v for v in frame[column].tolist() if v is not None][:MAX_CALIBRATION_IMAGES]
+    return _spread([v for v in frame[column].tolist() if v is not None])
+
+
+def _spread(items: list) -> list:
+    """At most MAX_CALIBRATION_IMAGES items, evenly spaced over all of them (a folder per class gives
+    every class its share, not the first classes alone)."""
+    if len(items) <= MAX_CALIBRATION_IMAGES:
+        return list(items)
+    step = len(items) / MAX_CALIBRATION_IMAGES
+    return [items[int(i * step)] for i in range(MAX_CALIBRATION_IMAGES)]
 
 
 def quantize_image_tower(info: CheckpointInfo, towers: dict[str, str], source: str | None) -> CheckpointInfo:
@@ -93,8 +102,9 @@ def quantize_image_tower(info: CheckpointInfo, towers: dict[str, str], source: s
     good = [(cell, r) for cell, r in rows if not isinstance(r, Exception)]
     if len(good) < 8:
         raise ModelLoadError(f"--calibration-data gave {len(good)} images that decode; int8 needs at least 8")
-    held = max(2, int(len(good) * HELD_OUT_SHARE))
-    calibrate, held_out = good[:-held], good[-held:]
+    every = round(1 / HELD_OUT_SHARE)  # every fifth image is held out, spread like the rest
+    held_out = good[every - 1::every] if len(good) >= 2 * every else good[-2:]
+    calibrate = [g for g in good if not any(g is h for h in held_out)]
     naflex = fp32.image_spec.naflex
 
     def inputs(prepared):
