@@ -163,8 +163,6 @@ def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[Checkpo
         (tokenizer if tower == "text" else image_processor).save_pretrained(target)
         if tower == "text":
             info = dataclasses.replace(info, tokenizer=_bare_tokenizer_matches(tokenizer, target))
-        with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump(info.to_dict(), f, indent=2)
         dirs[tower] = target
     for target in dirs.values():  # both towers carry the same, final description
         info.write(target)

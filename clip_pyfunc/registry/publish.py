@@ -71,7 +71,19 @@ def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, towers) -> li
     return pip_requirements(torch_free=torch_free, transformers=transformers)
 
 
-def drop_torch_weights(runtime: RuntimeConfig, info: CheckpointInfo, towers: dict[str, str]) -> bool:
+def prepare_engines(info: CheckpointInfo, towers: dict[str, str], settings: Settings) -> CheckpointInfo:
+    """After export_towers, what every registration does: the OpenVINO IR, each engine's and
+    precision's fidelity, int8 where `registry.int8` asks, and no torch weights for `engine: openvino`."""
+    info = measure_precisions(export_openvino(info, towers), towers)
+    if settings.registry.int8:
+        from clip_pyfunc.registry.quantize import quantize_image_tower
+
+        info = quantize_image_tower(info, towers, settings.registry.calibration_data)
+    drop_torch_weights(settings.runtime, info, towers)
+    return info
+
+
+def drop_torch_weights(runtime: RuntimeConfig, info: CheckpointInfo, towers: dict[str, str]) -> list[str]:
     """For models logged for OpenVINO (`engine: openvino`), remove the safetensors from every tower
     artifact that has IR, once measured: a torch-free environment cannot load them, and they would
     double what each serving start downloads. A tower without IR keeps them (it runs on torch).
@@ -135,12 +147,7 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
-        info = measure_precisions(export_openvino(info, towers), towers)
-        if settings.registry.int8:
-            from clip_pyfunc.registry.quantize import quantize_image_tower
-
-            info = quantize_image_tower(info, towers, settings.registry.calibration_data)
-        drop_torch_weights(settings.runtime, info, towers)
+        info = prepare_engines(info, towers, settings)
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
@@ -202,12 +209,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
     models = {}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, artifacts = export_towers(checkpoint, workdir)
-        info = measure_precisions(export_openvino(info, artifacts), artifacts)
-        if reg.int8:
-            from clip_pyfunc.registry.quantize import quantize_image_tower
-
-            info = quantize_image_tower(info, artifacts, reg.calibration_data)
-        drop_torch_weights(settings.runtime, info, artifacts)
+        info = prepare_engines(info, artifacts, settings)
         tags = model_metadata(checkpoint, info)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,

@@ -130,12 +130,11 @@ def quantize_image_tower(info: CheckpointInfo, towers: dict[str, str], source: s
         want, got = reference.engine.image_features(stacked["pixel_values"]), int8.image_features(
             stacked["pixel_values"])
     cosine = lowest_cosine(finish(want, True), finish(got, True))
-    cells = held_out
     info = dataclasses.replace(info, openvino_cosine={**info.openvino_cosine, "int8": cosine})
     if cosine < INT8_OFFER_COSINE:
         os.remove(ir_path(towers["image"], "int8"))
         os.remove(ir_path(towers["image"], "int8").removesuffix(".xml") + ".bin")
-        return _refuse(info, towers, f"int8 held a cosine of {cosine} to fp32 on {len(cells)} held-out images, "
+        return _refuse(info, towers, f"int8 held a cosine of {cosine} to fp32 on {len(held_out)} held-out images, "
                                      f"under {INT8_OFFER_COSINE}; not offered")
     for path in towers.values():
         info.write(path)
