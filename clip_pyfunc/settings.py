@@ -245,17 +245,45 @@ class ClassifierConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class IndexConfig:
-    """Where `clip-pyfunc index`, `search`, `duplicates` and `app` keep the vectors.
+    """Where `clip-pyfunc index`, `search`, `duplicates` and `app` keep the vectors, and how they are indexed.
 
     Attributes:
-        path: Directory of qdrant-client's embedded local mode (brute-force search).
-        url: A Qdrant server instead (QDRANT_URL overrides a null here); same code path.
+        path: Folder of the embedded store (Qdrant Edge: Qdrant's engine in process), one subfolder
+            per collection.
+        url: A Qdrant server instead (QDRANT_URL overrides a null here); same store interface.
         collection: Collection name.
+        hnsw_m: HNSW graph degree, fixed when a collection is created (Qdrant's default 16).
+        hnsw_ef_construct: HNSW build candidates, fixed at creation (Qdrant's default 100).
+        hnsw_ef: Candidates per query: the recall/latency knob (docs/SEARCH.md has the measurement).
+        full_scan_threshold_kb: Below this many KB of matching vectors a filtered query scans.
+        quantization: "none" or "int8" (scalar int8 copies searched first, rescored in float32);
+            fixed at creation.
+        oversampling: Candidates the int8 search hands to rescoring, as a multiple of k.
+        filter_fields: Payload fields to index for `--filter`; null indexes every string, whole-number
+            and boolean field except `path`.
+        batch_rows: Rows per upsert while indexing (memory holds one batch).
     """
 
     path: str = "clip-index"
     url: str | None = None
     collection: str = "clip"
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    hnsw_ef: int = 128
+    full_scan_threshold_kb: int = 10000
+    quantization: str = "none"
+    oversampling: float = 2.0
+    filter_fields: tuple[str, ...] | None = None
+    batch_rows: int = 1024
+
+    def __post_init__(self):
+        if isinstance(self.filter_fields, list):
+            object.__setattr__(self, "filter_fields", tuple(self.filter_fields))
+        from clip_pyfunc.search.store import store_config
+
+        store_config(self)  # refuses bad values at load, naming the setting
+        if isinstance(self.batch_rows, bool) or not isinstance(self.batch_rows, int) or self.batch_rows < 1:
+            raise ModelLoadError(f"index.batch_rows must be a whole number >= 1, got {self.batch_rows!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

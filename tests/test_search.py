@@ -1,7 +1,7 @@
 """Index, search, duplicates and the app, end to end on the trained toy checkpoint.
 
 A folder of generated shape images is embedded by the real Spark job (`clip-pyfunc embed-table`),
-indexed in qdrant-client's local mode (`clip-pyfunc index`), searched from the CLI, and served by
+indexed in the embedded store, Qdrant Edge (`clip-pyfunc index`), searched from the CLI, and served by
 `clip-pyfunc app` (real uvicorn) that a real chromium drives through the web page.
 """
 
@@ -22,8 +22,9 @@ from conftest import free_port, start_server, stop_server, wait_ready
 
 from clip_pyfunc.settings import load_settings
 from clip_pyfunc.errors import InvalidInput
-from clip_pyfunc.search.index import IndexRefused, index_table, open_client, point_id
+from clip_pyfunc.search.index import index_table
 from clip_pyfunc.search.query import duplicate_groups
+from clip_pyfunc.search.store import EdgeStore, IndexRefused
 from clip_pyfunc.registry import register_classifier, register_models
 from clip_pyfunc.dev.samples import sample_image
 from clip_pyfunc.dev.toy_checkpoint import LABELS, draw
@@ -75,7 +76,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def indexed(space, folder, tmp_path_factory):
-    """embed-table (Spark) on the folder, then `clip-pyfunc index` into local mode."""
+    """embed-table (Spark) on the folder, then `clip-pyfunc index` into the embedded store."""
     work = tmp_path_factory.mktemp("index")
     table = str(work / "shapes.parquet")
     _cli("embed-table", "--model-uri", space["image"], "--input", str(folder), "--output", table, "--master", "local[2]")
@@ -97,15 +98,13 @@ def test_index_report_and_rerun_upserts(indexed, space):
     report = indexed["report"]
     n = len(LABELS) * PER_LABEL + 1
     assert (report["rows"], report["indexed"], report["skipped"], report["added"], report["points"]) == (n, n, 0, n, n)
-    client = open_client(indexed["path"])
-    try:
-        again = index_table(client, "shapes", indexed["table"], space["image"], progress=False)
+    assert report["filter_fields"] == {}  # embed-table's payload is the path only, left unindexed
+    with EdgeStore(indexed["path"], "shapes") as store:
+        again = index_table(store, indexed["table"], space["image"], progress=False)
         assert (again["added"], again["updated"], again["points"]) == (0, n, n)
-        meta = client.get_collection("shapes").config.metadata["clip_pyfunc"]
-        assert meta["model_uri"].startswith("models:/search_image/") and meta["embedding_dim"] > 0
-        assert set(meta["models"]) >= {"text", "image"}
-    finally:
-        client.close()
+        held = store.space()
+        assert held.model_uri.startswith("models:/search_image/") and held.embedding_dim > 0
+        assert set(held.models) >= {"text", "image"}
 
 
 def test_changed_rows_update_errors_are_skipped_and_payload_kept(indexed, space, tmp_path):
@@ -115,29 +114,24 @@ def test_changed_rows_update_errors_are_skipped_and_payload_kept(indexed, space,
     table.loc[0, "embedding"] = None
     path = str(tmp_path / "t.parquet")
     table.to_parquet(path)
-    client = open_client(str(tmp_path / "q"))
-    try:
-        first = index_table(client, "c", path, space["image"], progress=False)
+    with EdgeStore(str(tmp_path / "q"), "c") as store:
+        first = index_table(store, path, space["image"], progress=False)
         assert (first["indexed"], first["skipped"], first["added"]) == (len(table) - 1, 1, len(table) - 1)
+        assert first["filter_fields"] == {"title": "keyword"}
         changed = table.iloc[1:3].copy()
         changed["title"] = "renamed"
         changed.to_parquet(path)
-        second = index_table(client, "c", path, space["image"], progress=False)
+        second = index_table(store, path, space["image"], progress=False)
         assert (second["added"], second["updated"], second["points"]) == (0, 2, len(table) - 1)
-        point = client.retrieve("c", [point_id(changed["path"].iloc[0])])[0]
-        assert point.payload["title"] == "renamed" and point.payload["id"] == changed["path"].iloc[0]
-    finally:
-        client.close()
+        point = store.retrieve([changed["path"].iloc[0]])[0]
+        assert point.payload["title"] == "renamed" and point.id == changed["path"].iloc[0]
+        assert store.payload_indexes == {"title": "keyword"}
 
 
 def test_vectors_of_another_space_are_refused(indexed, registered):
     """The tiny random CLIP's vectors (another run, another dimension) may not enter the toy collection."""
-    client = open_client(indexed["path"])
-    try:
-        with pytest.raises(IndexRefused) as e:
-            index_table(client, "shapes", indexed["table"], registered["models"]["image"]["uri"], progress=False)
-    finally:
-        client.close()
+    with EdgeStore(indexed["path"], "shapes") as store, pytest.raises(IndexRefused) as e:
+        index_table(store, indexed["table"], registered["models"]["image"]["uri"], progress=False)
     assert "another embedding space" in str(e.value) and "search_image" in str(e.value)
     assert "clip_image_embedding" in str(e.value)
 
@@ -146,13 +140,10 @@ def test_search_by_words_finds_the_right_items_first(indexed):
     """Every toy label: the best hit shows it, and most of the top 3 do (the toy is 0.95 accurate, not perfect)."""
     from clip_pyfunc.search.query import Searcher
 
-    client = open_client(indexed["path"])
-    try:
-        searcher = Searcher(client, "shapes")
+    with EdgeStore(indexed["path"], "shapes") as store:
+        searcher = Searcher(store)
         right = {label: [_label_of(h["id"]) == label for h in searcher.search(text=f"a {label}", k=3)]
                  for label in LABELS}
-    finally:
-        client.close()
     assert all(hits[0] for hits in right.values()), right
     assert np.mean([np.mean(hits) for hits in right.values()]) >= 0.8, right
 
@@ -196,12 +187,11 @@ def test_duplicates(indexed, folder):
     copies = [g for g in groups if any("copy-of-green-square-0" in i for i in g["ids"])]
     assert len(copies) == 1 and copies[0]["max_score"] > 0.999
     assert {os.path.basename(i) for i in copies[0]["ids"]} >= {"green-square-0.png", "copy-of-green-square-0.png"}
-    client = open_client(indexed["path"])
-    try:
+    with EdgeStore(indexed["path"], "shapes") as store:
         with pytest.raises(InvalidInput, match=r"threshold must be a cosine similarity in \[-1, 1\]"):
-            duplicate_groups(client, "shapes", threshold=1.5)
-    finally:
-        client.close()
+            duplicate_groups(store, threshold=1.5)
+        with pytest.raises(InvalidInput, match="k must be a whole number"):
+            duplicate_groups(store, k=0)
 
 
 # ---------------------------------------------------------------- the app
@@ -334,10 +324,13 @@ def test_app_in_a_real_browser(app, folder):
 
 
 def test_cli_search_while_the_app_holds_the_index(app, indexed):
-    """Local mode: one process per folder. `search` beside the running app says what to do instead."""
+    """One process holds an embedded store. `search` and `index` beside the running app say what to do instead."""
     line = _cli_error("search", "--index-path", indexed["path"], "--collection", "shapes", "--text", "a red circle")
-    assert f"index folder {indexed['path']} is open in another process" in line, line
-    assert all(hint in line for hint in ("POST /search", "stop that process", "--qdrant-url")), line
+    assert "is in use by another process" in line and "shapes" in line, line
+    assert all(hint in line for hint in ("POST /search", "stop the process", "--to-server", "--qdrant-url")), line
+    line = _cli_error("index", "--index-path", indexed["path"], "--collection", "shapes", "--input",
+                      indexed["table"], "--model-uri", "models:/search_image/1")
+    assert "is in use by another process" in line, line
 
 
 # ---------------------------------------------------------------- the app without an index (clip_syte's demo)

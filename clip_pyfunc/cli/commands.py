@@ -6,12 +6,13 @@ Settings come from conf/clip_pyfunc.yaml (or --conf FILE); flags override them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 
 from clip_pyfunc.artifacts.checkpoint import RANDOM_WARNING, TOY_WARNING
-from clip_pyfunc.errors import EmbedJobError, ModelLoadError
+from clip_pyfunc.errors import EmbedJobError, InvalidInput, ModelLoadError
 
 
 def settings_of(args: argparse.Namespace):
@@ -113,21 +114,28 @@ class JsonLines(list):
     """A command result printed as one JSON object per line (search hits, duplicate groups)."""
 
 
-def _client(settings, must_exist: bool = False):
-    from clip_pyfunc.search.index import open_client
+def _store(settings, must_exist: bool = False):
+    from clip_pyfunc.search.store import open_store
 
-    return open_client(settings.index.path, settings.index.url, must_exist=must_exist)
+    return open_store(settings.index, must_exist=must_exist)
 
 
 def cmd_index(args: argparse.Namespace) -> dict:
     from clip_pyfunc.search.index import index_table
 
     settings = settings_of(args)
-    client = _client(settings)
-    try:
-        return index_table(client, settings.index.collection, args.input, args.model_uri, id_col=args.id_col)
-    finally:
-        client.close()
+    if args.to_server:
+        if args.input or args.model_uri:
+            raise InvalidInput("--to-server copies the embedded store as it is: give it without --input/--model-uri")
+        from clip_pyfunc.search.store import copy_to_server
+
+        return copy_to_server(settings.index, args.to_server)
+    missing = [flag for flag, value in (("--input", args.input), ("--model-uri", args.model_uri)) if not value]
+    if missing:
+        raise InvalidInput(f"index needs {' and '.join(missing)} (or --to-server URL to copy the embedded store)")
+    with _store(settings) as store:
+        return index_table(store, args.input, args.model_uri, id_col=args.id_col,
+                           batch_rows=settings.index.batch_rows)
 
 
 def cmd_search(args: argparse.Namespace) -> JsonLines:
@@ -141,12 +149,8 @@ def cmd_search(args: argparse.Namespace) -> JsonLines:
                 image = f.read()
         except OSError as e:
             raise ModelLoadError(f"--image {args.image}: {e}") from e
-    client = _client(settings, must_exist=True)
-    try:
-        hits = Searcher(client, settings.index.collection).search(text=args.text, image=image, like=args.like,
-                                                                 k=args.k, filters=args.filter)
-    finally:
-        client.close()
+    with _store(settings, must_exist=True) as store:
+        hits = Searcher(store).search(text=args.text, image=image, like=args.like, k=args.k, filters=args.filter)
     return JsonLines(hits)
 
 
@@ -154,11 +158,8 @@ def cmd_duplicates(args: argparse.Namespace) -> JsonLines:
     from clip_pyfunc.search.query import duplicate_groups
 
     settings = settings_of(args)
-    client = _client(settings, must_exist=True)
-    try:
-        return JsonLines(duplicate_groups(client, settings.index.collection, args.threshold))
-    finally:
-        client.close()
+    with _store(settings, must_exist=True) as store:
+        return JsonLines(duplicate_groups(store, args.threshold, k=args.k, progress=True))
 
 
 def cmd_app(args: argparse.Namespace) -> dict:
@@ -248,7 +249,12 @@ def cmd_bench_spark(args: argparse.Namespace) -> dict:
 def cmd_bench_search(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import search
 
-    return search.run(sizes=args.sizes, requests_n=args.requests)
+    result = search.run(points=args.points, compare_sizes=args.compare_sizes, efs=args.efs, queries=args.queries,
+                        parts=args.parts)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 def cmd_bench_pixels(args: argparse.Namespace) -> dict:

@@ -54,10 +54,11 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
 def _add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
     p.add_argument("--index-path", dest="index.path", metavar="INDEX_PATH",
-                   help="qdrant-client local mode directory (default ./clip-index)")
+                   help="embedded store folder, Qdrant Edge (default ./clip-index)")
     p.add_argument("--qdrant-url", dest="index.url", metavar="QDRANT_URL",
-                   help="a Qdrant server instead of local mode (or QDRANT_URL)")
+                   help="a Qdrant server instead of the embedded store (or QDRANT_URL)")
     p.add_argument("--collection", dest="index.collection", help="collection name (default clip)")
+    p.add_argument("--hnsw-ef", dest="index.hnsw_ef", type=int, help="HNSW candidates per query (default 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,11 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="register, then embed sample texts and images through the registry")
     _add_settings_flags(p)
     p.set_defaults(func=commands.cmd_demo)
-    p = sub.add_parser("index", help="upsert an embed-table output into a Qdrant collection")
+    p = sub.add_parser("index", help="upsert an embed-table output into a Qdrant collection, or copy the "
+                                     "embedded store to a server")
     _add_index_flags(p)
-    p.add_argument("--input", required=True,
-                   help="embed-table output: parquet path or table (id, embedding, error, ...)")
-    p.add_argument("--model-uri", "-m", required=True, help="the model that made the embeddings")
+    p.add_argument("--input", help="embed-table output: parquet path or table (id, embedding, error, ...)")
+    p.add_argument("--model-uri", "-m", help="the model that made the embeddings")
+    p.add_argument("--to-server", metavar="URL",
+                   help="copy the embedded collection (--index-path, --collection) into a Qdrant server's "
+                        "collection of the same name, instead of indexing a table")
+    p.add_argument("--quantization", dest="index.quantization", choices=["none", "int8"],
+                   help="int8 scalar quantization of the stored vectors, rescored (fixed when created)")
     p.add_argument("--id-col", help="id column (default: the table's first column)")
     p.set_defaults(func=commands.cmd_index)
     p = sub.add_parser("search", help="query a collection by words, a photo or a stored item; JSON lines out")
@@ -99,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("duplicates", help="near-duplicate groups in a collection; JSON lines out")
     _add_index_flags(p)
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that links two items")
+    p.add_argument("--k", type=int, default=10, help="nearest neighbours looked at per item (default 10)")
     p.set_defaults(func=commands.cmd_duplicates)
     p = sub.add_parser("app", help="the web page and JSON API (FastAPI on uvicorn) over the models and the index")
     _add_index_flags(p)
@@ -125,9 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=100, help="single-image requests before memory is read")
     p.set_defaults(func=commands.cmd_bench_env)
 
-    p = sub.add_parser("bench-search", help="search latency in Qdrant local mode; the app's added latency")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 20000], help="points per collection")
-    p.add_argument("--requests", type=int, default=30, help="timed requests per app endpoint")
+    p = sub.add_parser("bench-search", help="the embedded store at catalogue sizes (recall, latency, build, "
+                                            "memory), beside qdrant-client's local mode; duplicates; the app")
+    p.add_argument("--points", type=int, default=1_000_000, help="points of the large run (default 1,000,000)")
+    p.add_argument("--compare-sizes", type=int, nargs="*", default=[20_000, 100_000],
+                   help="sizes measured beside qdrant-client's local mode")
+    p.add_argument("--efs", type=int, nargs="+", default=[32, 64, 128, 256], help="hnsw_ef values to measure")
+    p.add_argument("--queries", type=int, default=200, help="timed queries per setting")
+    p.add_argument("--parts", nargs="+", default=["large", "iid", "compare", "shell", "duplicates", "app"],
+                   choices=["large", "iid", "compare", "shell", "duplicates", "app"], help="what to run")
+    p.add_argument("--output", help="also write the JSON here")
     p.set_defaults(func=commands.cmd_bench_search)
     p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")

@@ -1,7 +1,8 @@
 """Query an index: by words, by photo or by a stored item, and find near-duplicates.
 
-Queries are embedded with the models the collection's space records (search.index.Space), so
-they land in the space the vectors came from.
+Queries are embedded with the models the collection's space records (`search.store.Space`), so
+they land in the space the vectors came from. Every call goes through the store interface
+(`search.store.Store`), so the same code serves Qdrant Edge and a Qdrant server.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ from typing import Any
 
 from clip_pyfunc.errors import InvalidInput, ModelLoadError
 from clip_pyfunc.registry.lookup import load_model
-from clip_pyfunc.search.index import ID_KEY, collection_space, point_id, require_space
+from clip_pyfunc.search.index import require_space
+from clip_pyfunc.search.store import Filters, Store
 
 
-def parse_filters(pairs: list[str] | None):
-    """`key=value` strings -> a Qdrant filter that every pair must match (numbers match as numbers too).
+def parse_filters(pairs: list[str] | None) -> Filters | None:
+    """`key=value` strings -> filters that every pair must match (numbers and booleans match as such too).
+
+    Returns:
+        [(key, [value, ...])], or None for no pairs.
 
     Raises:
-        InvalidInput: A pair without '='.
+        InvalidInput: A pair without '=' or without a key.
     """
-    from qdrant_client import models
-
     must = []
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -31,20 +34,18 @@ def parse_filters(pairs: list[str] | None):
             options.append(int(value))
         elif value.lower() in ("true", "false"):
             options.append(value.lower() == "true")
-        must.append(models.Filter(should=[models.FieldCondition(key=key, match=models.MatchValue(value=v))
-                                          for v in options]))
-    return models.Filter(must=must) if must else None
+        must.append((key, options))
+    return must or None
 
 
 class Searcher:
     """Queries one collection, embedding them with the models its space records (loaded once)."""
 
-    def __init__(self, client, collection: str, text_model=None, image_model=None):
+    def __init__(self, store: Store, text_model=None, image_model=None):
         """Open a collection for queries.
 
         Args:
-            client: From `open_client`.
-            collection: The collection name.
+            store: The collection's store (`search.store.open_store`); the Searcher uses it, the caller closes it.
             text_model: A loaded text pyfunc model to embed queries with; None loads the space's own on first use.
             image_model: The same for images.
 
@@ -52,8 +53,8 @@ class Searcher:
             NoIndex: No such collection.
             IndexRefused: A given model is of another embedding space than the collection's vectors.
         """
-        self.client, self.collection = client, collection
-        self.space = collection_space(client, collection)
+        self.store, self.collection = store, store.collection
+        self.space = store.space()
         self._models = {"text": text_model, "image": image_model}
         for kind, model in self._models.items():
             if model is not None:
@@ -79,7 +80,7 @@ class Searcher:
         if len(given) != 1:
             raise InvalidInput(f"give exactly one of text, image or like; got {given or 'none'}")
         if like is not None:
-            found = self.client.retrieve(self.collection, [point_id(like)], with_vectors=True)
+            found = self.store.retrieve([like], with_vectors=True)
             if not found:
                 raise InvalidInput(f"like: no item with id {like!r} in collection {self.collection!r}")
             return found[0].vector
@@ -91,71 +92,75 @@ class Searcher:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise InvalidInput(f"k must be a whole number from 1 to 1000, got {k!r}")
         vector = self.query_vector(text=text, image=image, like=like)
-        query_filter = parse_filters(filters)
-        hits = self.client.query_points(self.collection, query=vector, limit=k + (like is not None),
-                                        query_filter=query_filter, with_payload=True).points
-        out = []
-        for hit in hits:
-            payload = dict(hit.payload or {})
-            item = payload.pop(ID_KEY, hit.id)
-            if like is not None and str(item) == str(like):
-                continue
-            out.append({"id": item, "score": float(hit.score), "payload": payload})
+        hits = self.store.query(vector, k + (like is not None), parse_filters(filters))
+        out = [hit.to_dict() for hit in hits if like is None or str(hit.id) != str(like)]
         return out[:k]
 
 
-def duplicate_groups(client, collection: str, threshold: float = 0.95, block: int = 2048) -> list[dict[str, Any]]:
+def duplicate_groups(store: Store, threshold: float = 0.95, k: int = 10, batch: int = 256,
+                     progress: bool = False) -> list[dict[str, Any]]:
     """Groups of items whose vectors are at least `threshold` cosine-similar (linked transitively).
 
-    Brute force over all vectors in blocks, so memory stays at block x points floats.
+    Uses the index: each item's k nearest neighbours above the threshold (an HNSW query per item,
+    `batch` at a time), not all pairs. Memory holds one batch of vectors, the ids and the links
+    found; time grows as items x query time.
+
+    Args:
+        store: The collection's store.
+        threshold: Cosine similarity in [-1, 1] that links two items.
+        k: Neighbours looked at per item; a group larger than k + 1 is still found through its links.
+        batch: Items queried together.
+        progress: Show a progress bar on stderr.
 
     Returns:
         [{"ids": [...], "size": n, "min_score": lowest linking score, "max_score": ...}], largest first.
+
+    Raises:
+        InvalidInput: A threshold outside [-1, 1], or k outside 1..1000.
     """
-    import numpy as np
+    from tqdm import tqdm
 
     if not -1.0 <= threshold <= 1.0:
         raise InvalidInput(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
-    collection_space(client, collection)
-    ids, vectors, offset = [], [], None
-    while True:
-        points, offset = client.scroll(collection, limit=1024, offset=offset, with_vectors=True, with_payload=[ID_KEY])
-        for p in points:
-            ids.append((p.payload or {}).get(ID_KEY, p.id))
-            vectors.append(p.vector)
-        if offset is None:
-            break
-    if not ids:
-        return []
-    matrix = np.asarray(vectors, dtype=np.float32)
-    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-    parent = list(range(len(ids)))
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+        raise InvalidInput(f"k must be a whole number from 1 to 1000, got {k!r}")
+    store.space()
+    parent: dict[str, str] = {}
+    names: dict[str, Any] = {}  # the id as the table holds it, by its string
 
-    def root(i):
+    def root(i: str) -> str:
+        parent.setdefault(i, i)
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    links: dict[tuple[int, int], float] = {}
-    for start in range(0, len(ids), block):
-        sims = matrix[start:start + block] @ matrix.T
-        rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            i = start + r
-            if c > i:
-                links[(i, c)] = float(sims[r, c])
-                parent[root(i)] = root(c)
-    groups: dict[int, list[int]] = {}
+    links: dict[tuple[str, str], float] = {}
+    bar = tqdm(desc="duplicates", unit=" items", total=store.count(), disable=not progress)
+    for items in store.scroll(batch=batch, with_vectors=True):
+        answers = store.query_batch([item.vector for item in items], k + 1, score_threshold=threshold)
+        for item, hits in zip(items, answers):
+            a = str(item.id)
+            for hit in hits:
+                b = str(hit.id)
+                if b == a:
+                    continue
+                names[a], names[b] = item.id, hit.id
+                pair = (a, b) if a < b else (b, a)
+                links[pair] = max(links.get(pair, -2.0), float(hit.score))
+                parent[root(a)] = root(b)
+        bar.update(len(items))
+    bar.close()
+    groups: dict[str, list[str]] = {}
     for i in {i for pair in links for i in pair}:
         groups.setdefault(root(i), []).append(i)
-    scores: dict[int, list[float]] = {}
+    scores: dict[str, list[float]] = {}
     for (a, _), score in links.items():
         scores.setdefault(root(a), []).append(score)
     out = []
     for group, members in groups.items():
-        members.sort(key=lambda i: str(ids[i]))
-        out.append({"ids": [ids[i] for i in members], "size": len(members),
+        members.sort()
+        out.append({"ids": [names[i] for i in members], "size": len(members),
                     "min_score": round(min(scores[group]), 6), "max_score": round(max(scores[group]), 6)})
     out.sort(key=lambda g: (-g["size"], -g["max_score"]))
     return out

@@ -62,7 +62,7 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
         classifier_uri: The zero-shot classifier; None runs without /classify.
         classifier_required: False: a classifier the registry does not hold is left out (a warning)
             instead of stopping the app.
-        index: Where the index is; None, no local-mode folder, or no such collection runs without
+        index: Where the index is; None, no store folder, or no such collection runs without
             /search. A collection is opened only when its embedding space is the models'.
 
     Raises:
@@ -73,20 +73,20 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
     from clip_pyfunc.registry.lookup import load_model, model_info
     from clip_pyfunc.search.query import Searcher
 
-    client, no_index = _open_index(index)  # first: a locked folder or an unreachable server fails at once
+    store, no_index = _open_index(index)  # first: a locked store or an unreachable server fails at once
     try:
         infos = {"text": model_info(text_uri, "text model"), "image": model_info(image_uri, "image model")}
         found, no_classifier = _find_classifier(classifier_uri, classifier_required)
-        if client is not None and (no_index := _check_collection(client, index.collection, infos)):
-            client.close()  # no collection: leave the folder free for `clip-pyfunc index`
-            client = None
+        if store is not None and (no_index := _check_collection(store, infos)):
+            store.close()  # no collection: leave the folder free for `clip-pyfunc index`
+            store = None
         text = load_model(text_uri, "text model")  # every URI and the index checked before any model loads
         image = load_model(image_uri, "image model")
         classifier = load_model(found, "classifier") if found else None
-        searcher = None if client is None else Searcher(client, index.collection, text_model=text, image_model=image)
+        searcher = None if store is None else Searcher(store, text_model=text, image_model=image)
     except BaseException:
-        if client is not None:
-            client.close()
+        if store is not None:
+            store.close()
         raise
     # Said once the app will start, not before an error that stops it.
     for asked, missing, why in ((index, searcher is None, no_index),
@@ -102,36 +102,37 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
 
 
 def _open_index(index: IndexConfig | None) -> tuple[Any, str | None]:
-    """(a client of the index, or None; why there is none).
+    """(the index's store, or None; why there is none).
 
     Raises:
-        IndexRefused: The local folder is open in another process, or the server cannot be reached.
+        IndexRefused: The embedded store is in use by another process, or the server cannot be reached.
     """
-    from clip_pyfunc.search.index import NoIndex, open_client
+    from clip_pyfunc.search.store import NoIndex, open_store
 
     if index is None:
         return None, "no index: the app was started with --no-index; restart it without"
     try:
-        return open_client(index.path, index.url, must_exist=True), None
+        return open_store(index, must_exist=True), None
     except NoIndex as e:
         return None, f"{e}, then restart the app"
 
 
-def _check_collection(client, collection: str, infos: dict) -> str | None:
+def _check_collection(store, infos: dict) -> str | None:
     """None when the collection holds the models' embedding space; why there is no index when it does not exist.
 
     Raises:
         IndexRefused: The collection holds another embedding space.
     """
-    from clip_pyfunc.search.index import IndexRefused, NoIndex, collection_space, require_space
+    from clip_pyfunc.search.index import require_space
+    from clip_pyfunc.search.store import IndexRefused, NoIndex
 
     try:
-        space = collection_space(client, collection)
+        space = store.space()
     except NoIndex as e:
         return f"{e}, then restart the app"
     for kind, info in infos.items():
         try:
-            require_space(space, collection, kind, info)
+            require_space(space, store.collection, kind, info)
         except IndexRefused as e:
             raise IndexRefused(f"{e}; or start the app with --text-name/--image-name/--alias naming the "
                                "collection's models, or with --no-index") from e
@@ -214,7 +215,7 @@ def create_app(loaded: Loaded, config: AppConfig):
         (null with `no_index` saying how to make one)."""
         searcher = loaded.searcher
         index = None if searcher is None else {
-            "collection": searcher.collection, "points": searcher.client.count(searcher.collection).count,
+            "collection": searcher.collection, "points": searcher.store.count(),
             "space": searcher.space.models}
         return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
                 "models": loaded.uris, "index": index, "no_index": loaded.no_index,
@@ -285,7 +286,7 @@ def create_app(loaded: Loaded, config: AppConfig):
     @app.get("/items/{item_id:path}/thumbnail")
     async def thumbnail(item_id: str):
         """A small JPEG of an indexed item whose payload has a local `path` (only paths the index holds)."""
-        from clip_pyfunc.search.index import ID_KEY
+        from clip_pyfunc.search.store import ID_KEY
 
         if loaded.searcher is None:
             raise _Refused(404, loaded.no_index or "no index", ID_KEY)
@@ -298,9 +299,9 @@ def create_app(loaded: Loaded, config: AppConfig):
 def _thumbnail(searcher, item_id: str, image_model) -> bytes:
     """Decode an indexed item's file with the image model's own decoder and limits; a 160 px JPEG."""
     from clip_pyfunc.stages.decode import open_image
-    from clip_pyfunc.search.index import ID_KEY, point_id
+    from clip_pyfunc.search.store import ID_KEY
 
-    found = searcher.client.retrieve(searcher.collection, [point_id(item_id)])
+    found = searcher.store.retrieve([item_id])
     path = (found[0].payload or {}).get("path") if found else None
     if not isinstance(path, str):
         raise _Refused(404, f"no indexed item {item_id!r} with a local path", ID_KEY)

@@ -1,0 +1,669 @@
+"""Where the vectors live: one small store interface, two Qdrant deployments behind it.
+
+- `EdgeStore`: Qdrant's own engine in this process (qdrant-edge-py, Qdrant Edge): segments, a
+  write-ahead log, HNSW, payload indexes and scalar quantization, in a folder under `index.path`.
+  The default. One process at a time holds a store (a lock on its WAL).
+- `ServerStore`: a Qdrant server or cluster through qdrant-client (`index.url` / QDRANT_URL).
+  The tests drive it through qdrant-client's own in-process mode (`QdrantClient(":memory:")`),
+  the stand-in qdrant-client offers for tests; no Qdrant server runs here.
+
+Both hold one collection, record the embedding space it holds (`Space`, in a JSON file beside the
+shard, or in the collection's metadata on a server), take the same `StoreConfig`, and answer with
+the same `Hit`s keyed by the table's own ids. The caller decides what to put in: ids, float32
+vectors, JSON payloads.
+
+HNSW, the payload indexes and the quantized copy are built once, in `finish()`, at the end of an
+index run: Qdrant's bulk-load recipe ("indexing_threshold: 0" while loading, https://qdrant.tech/
+documentation/database-tutorials/bulk-upload/). Until then queries scan the unindexed segments, which
+is exact and correct, only slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from clip_pyfunc.errors import ClipPyfuncError, ModelLoadError, one_line
+
+ID_KEY = "id"  # the payload key that holds the table's own id (Qdrant ids must be ints or UUIDs)
+META_KEY = "clip_pyfunc"
+META_FILE = "clip_pyfunc.json"  # beside an Edge shard: the space and the store's settings
+SHARD_DIR = "shard"
+_ID_NAMESPACE = uuid.UUID("6f1e2d1c-0b7a-4e55-9c3e-2f1f6f3a9d10")
+SERVER_INDEXING_THRESHOLD_KB = 20000  # Qdrant's default `optimizers.indexing_threshold`, restored by finish()
+QUANTIZATIONS = ("none", "int8")
+PAYLOAD_TYPES = ("keyword", "integer", "bool")  # what `key=value` filters match
+
+MAKE_INDEX = ("Make one with `clip-pyfunc embed-table --model-uri MODEL --input PHOTOS --output TABLE` "
+              "then `clip-pyfunc index --input TABLE --model-uri MODEL`")
+IN_USE = ("query the running app's POST /search instead, stop the process that holds it, or serve the index from "
+          "a Qdrant server (`clip-pyfunc index --to-server URL`, then --qdrant-url)")
+
+
+class IndexRefused(ClipPyfuncError):
+    """An index operation was refused: another embedding space, a bad table, a locked or unreachable store."""
+
+
+class NoIndex(IndexRefused):
+    """There is no index to read: no store folder, or no such collection."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Space:
+    """The embedding space a collection holds.
+
+    Attributes:
+        model_uri: The model that made the vectors, pinned (`models:/name/version`).
+        run_id: The run that logged it; its text, image and combined models share the space.
+        models: {"text": uri, "image": uri, ...} registered in that run.
+        embedding_dim: Vector size.
+    """
+
+    model_uri: str
+    run_id: str
+    models: dict[str, str]
+    embedding_dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_uri": self.model_uri, "run_id": self.run_id, "models": dict(self.models),
+                "embedding_dim": self.embedding_dim}
+
+    def same_as(self, other: Space) -> bool:
+        """The same space: one run (its models share it) and one dimension."""
+        return self.run_id == other.run_id and self.embedding_dim == other.embedding_dim
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """How a collection is built and searched; the build settings are fixed when it is created.
+
+    Attributes:
+        hnsw_m: HNSW graph degree (Qdrant's `m`, default 16).
+        hnsw_ef_construct: Candidates kept while building the graph (Qdrant's default 100).
+        hnsw_ef: Candidates kept per query; the recall/latency knob, read at query time.
+        full_scan_threshold_kb: Below this many KB of vectors a filtered query scans instead of
+            walking the graph (Qdrant's default 10000).
+        quantization: "none", or "int8": scalar int8 copies of the vectors searched first, then the
+            best `oversampling` x k rescored with the float32 originals.
+        oversampling: How many times k candidates the int8 search passes to rescoring.
+        filter_fields: Payload fields to index for filters; None indexes every field whose values are
+            strings, whole numbers or booleans, except `path`.
+    """
+
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    hnsw_ef: int = 128
+    full_scan_threshold_kb: int = 10000
+    quantization: str = "none"
+    oversampling: float = 2.0
+    filter_fields: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ModelLoadError(f"index.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        for name in ("hnsw_m", "hnsw_ef_construct", "hnsw_ef", "full_scan_threshold_kb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelLoadError(f"index.{name} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.oversampling, (int, float)) or self.oversampling < 1:
+            raise ModelLoadError(f"index.oversampling must be a number >= 1, got {self.oversampling!r}")
+        if self.filter_fields is not None:
+            object.__setattr__(self, "filter_fields", tuple(self.filter_fields))
+
+    def build_settings(self) -> dict[str, Any]:
+        """The settings fixed at creation, as recorded beside the collection."""
+        return {"hnsw_m": self.hnsw_m, "hnsw_ef_construct": self.hnsw_ef_construct,
+                "full_scan_threshold_kb": self.full_scan_threshold_kb, "quantization": self.quantization}
+
+
+@dataclass
+class Hit:
+    """One stored item: the table's id, its score (cosine similarity, queries only), payload and vector."""
+
+    id: Any
+    score: float | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    vector: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "score": self.score, "payload": self.payload}
+
+
+Filters = Sequence[tuple[str, Sequence[Any]]]  # every (key, options) must match one of its options
+
+
+def point_id(item_id: object) -> str:
+    """The Qdrant point id of a table id: a UUID derived from it, so a re-run upserts the same point."""
+    return str(uuid.uuid5(_ID_NAMESPACE, str(item_id)))
+
+
+def payload_type(value: object) -> str | None:
+    """The payload index type of a value (`PAYLOAD_TYPES`), or None for what is not indexed (lists, None)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, str):
+        return "keyword"
+    return None
+
+
+def _hit(point, score: float | None = None) -> Hit:
+    payload = dict(point.payload or {})
+    return Hit(id=payload.pop(ID_KEY, str(point.id)), score=score, payload=payload,
+               vector=getattr(point, "vector", None))
+
+
+class Store(ABC):
+    """One collection of vectors with the embedding space it records.
+
+    Vectors are float32 `[dim]` (cosine distance); ids are the table's own ids (any JSON scalar,
+    compared as strings); payloads are flat JSON objects.
+    """
+
+    collection: str
+    where: str  # the folder or URL, for messages
+    config: StoreConfig
+
+    @abstractmethod
+    def space(self) -> Space:
+        """The space the collection holds.
+
+        Raises:
+            NoIndex: No such collection.
+            IndexRefused: It was not made by clip-pyfunc.
+        """
+
+    @abstractmethod
+    def create(self, space: Space) -> None:
+        """Create the collection for `space` with this store's build settings."""
+
+    def ensure(self, space: Space) -> None:
+        """Create the collection for `space`, or check that an existing one holds the same space.
+
+        Raises:
+            IndexRefused: The collection holds another embedding space (another run or dimension).
+        """
+        try:
+            held = self.space()
+        except NoIndex:
+            self.create(space)
+            return
+        if not held.same_as(space):
+            raise IndexRefused(
+                f"collection {self.collection!r} holds vectors of {held.model_uri} (run {held.run_id}, dim "
+                f"{held.embedding_dim}); these come from {space.model_uri} (run {space.run_id}, dim "
+                f"{space.embedding_dim}), another embedding space. Mixing them gives wrong answers: index into "
+                "another --collection, or re-embed everything with the collection's model")
+
+    @abstractmethod
+    def upsert(self, ids: Sequence[Any], vectors, payloads: Sequence[dict[str, Any]]) -> None:
+        """Insert or replace items by id; each payload also keeps its id under `ID_KEY`.
+
+        Args:
+            ids: The table's ids, one per row.
+            vectors: float32 [rows, dim].
+            payloads: One JSON object per row.
+        """
+
+    @abstractmethod
+    def finish(self, filter_fields: dict[str, str]) -> None:
+        """Build the payload indexes (field -> `PAYLOAD_TYPES`), HNSW and the quantized copy; blocks."""
+
+    @abstractmethod
+    def query(self, vector, k: int, filters: Filters | None = None, score_threshold: float | None = None) -> list[Hit]:
+        """The k nearest items to `vector` (float32 [dim]) by cosine, best first."""
+
+    @abstractmethod
+    def query_batch(self, vectors, k: int, score_threshold: float | None = None) -> list[list[Hit]]:
+        """`query` for each row of `vectors` (float32 [n, dim]), planned as one batch; payloads left out."""
+
+    @abstractmethod
+    def retrieve(self, ids: Sequence[Any], with_vectors: bool = False) -> list[Hit]:
+        """The stored items of these table ids (missing ones left out)."""
+
+    @abstractmethod
+    def scroll(self, batch: int = 1024, with_vectors: bool = False) -> Iterator[list[Hit]]:
+        """Every item, in batches of at most `batch`."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Items stored."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release the store (the lock of an embedded one)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class EdgeStore(Store):
+    """A collection in Qdrant Edge (qdrant-edge-py): `<path>/<collection>/shard` plus `clip_pyfunc.json`.
+
+    Opening a store reads its segments' files (memory-mapped), not every point. A second process
+    that opens the same store is refused while the first holds it.
+    """
+
+    def __init__(self, path: str, collection: str, config: StoreConfig | None = None, *, must_exist: bool = False):
+        """Open (or prepare to create) the collection's store.
+
+        Args:
+            path: The index folder (`index.path`).
+            collection: Collection name; its folder under `path`.
+            config: Build and query settings (build ones apply when the collection is created).
+            must_exist: Refuse a missing folder at once (readers).
+
+        Raises:
+            NoIndex: `must_exist` and there is no such folder or collection.
+            IndexRefused: Another process holds the store, or its files cannot be read.
+        """
+        self.path, self.collection, self.config = path, collection, config or StoreConfig()
+        self.folder = os.path.join(path, collection)
+        self.where = path
+        self._shard = None
+        self._meta: dict[str, Any] | None = None
+        if must_exist and not os.path.isdir(path):
+            raise NoIndex(f"no index at {path} (--index-path, or --qdrant-url for a server). {MAKE_INDEX}")
+        if _is_local_mode_folder(path):
+            raise IndexRefused(
+                f"{path} is an index of qdrant-client's local mode (clip-pyfunc before 0.9), which this version "
+                "no longer reads: re-run `clip-pyfunc index` into a new --index-path, then delete the old folder")
+        if os.path.isfile(os.path.join(self.folder, META_FILE)):
+            self._open()
+        elif must_exist:
+            raise NoIndex(f"no collection {collection!r} in {path}; collections here: {self.collections(path)}. "
+                          f"{MAKE_INDEX}")
+
+    @staticmethod
+    def collections(path: str) -> list[str]:
+        """The collections under an index folder."""
+        if not os.path.isdir(path):
+            return []
+        return sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n, META_FILE)))
+
+    def _open(self) -> None:
+        """Read the metadata and load (or, after a run killed before its first write, create) the shard."""
+        from qdrant_edge import EdgeShard
+
+        try:
+            with open(os.path.join(self.folder, META_FILE)) as f:
+                self._meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise IndexRefused(f"cannot read {os.path.join(self.folder, META_FILE)}: {one_line(e)}") from e
+        shard = os.path.join(self.folder, SHARD_DIR)
+        try:
+            if os.path.isfile(os.path.join(shard, "edge_config.json")):
+                self._shard = EdgeShard.load(shard)
+            else:
+                self._shard = EdgeShard.create(shard, self._edge_config(self._meta))
+        except Exception as e:  # the binding raises a bare Exception
+            if "WouldBlock" in str(e):
+                raise IndexRefused(f"the index {self.folder} is in use by another process (a running `clip-pyfunc "
+                                   f"app`, or an index run): {IN_USE}") from e
+            raise IndexRefused(f"cannot open the index {self.folder}: {one_line(e)}") from e
+
+    @staticmethod
+    def _edge_config(meta: dict[str, Any]):
+        """The shard's config from recorded build settings."""
+        from qdrant_edge import (Distance, EdgeConfig, EdgeOptimizersConfig, EdgeVectorParams, HnswIndexConfig,
+                                 ScalarQuantizationConfig, ScalarType)
+
+        build = meta["build"]
+        quantization = None
+        if build["quantization"] == "int8":
+            quantization = ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99, always_ram=True)
+        vectors = EdgeVectorParams(size=int(meta["space"]["embedding_dim"]), distance=Distance.Cosine,
+                                   quantization_config=quantization)
+        return EdgeConfig(vectors={"": vectors},
+                          hnsw_config=HnswIndexConfig(m=build["hnsw_m"], ef_construct=build["hnsw_ef_construct"],
+                                                      full_scan_threshold=build["full_scan_threshold_kb"]),
+                          # Edge runs its optimizers only when asked (finish): no index is built while loading.
+                          optimizers=EdgeOptimizersConfig(indexing_threshold=1))
+
+    def _need(self):
+        if self._shard is None:
+            raise NoIndex(f"no collection {self.collection!r} in {self.path}; collections here: "
+                          f"{self.collections(self.path)}. {MAKE_INDEX}")
+        return self._shard
+
+    def space(self) -> Space:
+        self._need()
+        return Space(**self._meta["space"])
+
+    def create(self, space: Space) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        meta = {"space": space.to_dict(), "build": self.config.build_settings(), "payload_indexes": {}}
+        self._write_meta(meta)
+        self._open()
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        """Replace the metadata file atomically (a kill leaves the old or the new one, never half)."""
+        tmp = os.path.join(self.folder, META_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.folder, META_FILE))
+        self._meta = meta
+
+    @property
+    def build(self) -> dict[str, Any]:
+        """The build settings the collection was created with."""
+        self._need()
+        return dict(self._meta["build"])
+
+    @property
+    def payload_indexes(self) -> dict[str, str]:
+        """The payload fields indexed for filters: field -> `PAYLOAD_TYPES`."""
+        self._need()
+        return dict(self._meta.get("payload_indexes", {}))
+
+    def upsert(self, ids, vectors, payloads) -> None:
+        from qdrant_edge import Point, UpdateOperation
+
+        points = [Point(point_id(i), v, {**p, ID_KEY: i}) for i, v, p in zip(ids, vectors, payloads)]
+        if points:
+            self._need().update(UpdateOperation.upsert_points(points))
+
+    def finish(self, filter_fields: dict[str, str]) -> None:
+        from qdrant_edge import PayloadSchemaType, UpdateOperation
+
+        shard = self._need()
+        have = dict(self._meta.get("payload_indexes", {}))
+        for name, kind in filter_fields.items():
+            if have.get(name) != kind:
+                shard.update(UpdateOperation.create_field_index(name, getattr(PayloadSchemaType, kind.capitalize())))
+                have[name] = kind
+        if have != self._meta.get("payload_indexes"):
+            self._write_meta({**self._meta, "payload_indexes": have})
+        shard.optimize()
+        shard.flush()
+
+    def _params(self, k: int):
+        from qdrant_edge import QuantizationSearchParams, SearchParams
+
+        quantization = None
+        if self._meta["build"]["quantization"] != "none":
+            quantization = QuantizationSearchParams(rescore=True, oversampling=float(self.config.oversampling))
+        return SearchParams(hnsw_ef=max(self.config.hnsw_ef, k), quantization=quantization)
+
+    def _filter(self, filters: Filters | None):
+        from qdrant_edge import FieldCondition, Filter, MatchValue
+
+        if not filters:
+            return None
+        return Filter(must=[Filter(should=[FieldCondition(key=key, match=MatchValue(v)) for v in options])
+                            for key, options in filters])
+
+    def _request(self, vector, k, filters=None, score_threshold=None, with_payload=True):
+        from qdrant_edge import Query, QueryRequest
+
+        return QueryRequest(limit=k, query=Query.Nearest(vector), filter=self._filter(filters),
+                            with_payload=with_payload, score_threshold=score_threshold, params=self._params(k))
+
+    def query(self, vector, k, filters=None, score_threshold=None) -> list[Hit]:
+        found = self._need().query(self._request(vector, k, filters, score_threshold))
+        return [_hit(p, float(p.score)) for p in found]
+
+    def query_batch(self, vectors, k, score_threshold=None) -> list[list[Hit]]:
+        from qdrant_edge import QueryBatchRequest
+
+        requests = [self._request(v, k, score_threshold=score_threshold, with_payload=True) for v in vectors]
+        if not requests:
+            return []
+        return [[_hit(p, float(p.score)) for p in found]
+                for found in self._need().query_batch(QueryBatchRequest(requests))]
+
+    def retrieve(self, ids, with_vectors=False) -> list[Hit]:
+        found = self._need().retrieve([point_id(i) for i in ids], with_payload=True, with_vector=with_vectors)
+        return [_hit(p) for p in found]
+
+    def scroll(self, batch=1024, with_vectors=False) -> Iterator[list[Hit]]:
+        from qdrant_edge import ScrollRequest
+
+        shard, offset = self._need(), None
+        while True:
+            points, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch, with_payload=True,
+                                                        with_vector=with_vectors))
+            if points:
+                yield [_hit(p) for p in points]
+            if offset is None:
+                return
+
+    def count(self) -> int:
+        from qdrant_edge import CountRequest
+
+        return int(self._need().count(CountRequest(exact=True)))
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.flush()
+            self._shard.close()
+            self._shard = None
+
+
+def _is_local_mode_folder(path: str) -> bool:
+    """A folder qdrant-client's local mode wrote (its `meta.json` and `collection/`)."""
+    return os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(os.path.join(path, "collection"))
+
+
+class ServerStore(Store):
+    """A collection on a Qdrant server or cluster, through qdrant-client; the space is in its metadata."""
+
+    def __init__(self, client, collection: str, config: StoreConfig | None = None, *, where: str = "server"):
+        """Use one collection through a connected client.
+
+        Args:
+            client: A `qdrant_client.QdrantClient` (from `connect_server`, or `QdrantClient(":memory:")` in tests).
+            collection: Collection name.
+            config: Build and query settings.
+            where: The server's URL, for messages.
+        """
+        self.client, self.collection, self.config, self.where = client, collection, config or StoreConfig(), where
+
+    def space(self) -> Space:
+        if not self.client.collection_exists(self.collection):
+            names = [c.name for c in self.client.get_collections().collections]
+            raise NoIndex(f"no collection {self.collection!r} at {self.where}; collections there: {names}. "
+                          f"{MAKE_INDEX}")
+        meta = (self.client.get_collection(self.collection).config.metadata or {}).get(META_KEY)
+        if not meta:
+            raise IndexRefused(f"collection {self.collection!r} was not made by clip-pyfunc: it records no "
+                               "embedding model")
+        return Space(**meta)
+
+    def create(self, space: Space) -> None:
+        from qdrant_client import models
+
+        quantization = None
+        if self.config.quantization == "int8":
+            quantization = models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+                type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
+        self.client.create_collection(
+            self.collection,
+            vectors_config=models.VectorParams(size=space.embedding_dim, distance=models.Distance.COSINE),
+            hnsw_config=models.HnswConfigDiff(m=self.config.hnsw_m, ef_construct=self.config.hnsw_ef_construct,
+                                              full_scan_threshold=self.config.full_scan_threshold_kb),
+            optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),  # build once, in finish()
+            quantization_config=quantization, metadata={META_KEY: space.to_dict()})
+
+    def upsert(self, ids, vectors, payloads) -> None:
+        from qdrant_client import models
+
+        points = [models.PointStruct(id=point_id(i), vector=[float(x) for x in v], payload={**p, ID_KEY: i})
+                  for i, v, p in zip(ids, vectors, payloads)]
+        if points:
+            self.client.upsert(self.collection, points=points, wait=True)
+
+    def finish(self, filter_fields: dict[str, str]) -> None:
+        import warnings
+
+        from qdrant_client import models
+
+        with warnings.catch_warnings():  # in-process mode says payload indexes do nothing there
+            warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+            for name, kind in filter_fields.items():
+                self.client.create_payload_index(self.collection, name,
+                                                  field_schema=getattr(models.PayloadSchemaType, kind.upper()))
+        self.client.update_collection(self.collection, optimizers_config=models.OptimizersConfigDiff(
+            indexing_threshold=SERVER_INDEXING_THRESHOLD_KB))
+
+    def _params(self, k: int):
+        from qdrant_client import models
+
+        quantization = None
+        if self.config.quantization != "none":
+            quantization = models.QuantizationSearchParams(rescore=True, oversampling=float(self.config.oversampling))
+        return models.SearchParams(hnsw_ef=max(self.config.hnsw_ef, k), quantization=quantization)
+
+    @staticmethod
+    def _filter(filters: Filters | None):
+        from qdrant_client import models
+
+        if not filters:
+            return None
+        return models.Filter(must=[models.Filter(should=[
+            models.FieldCondition(key=key, match=models.MatchValue(value=v)) for v in options])
+            for key, options in filters])
+
+    def query(self, vector, k, filters=None, score_threshold=None) -> list[Hit]:
+        found = self.client.query_points(self.collection, query=[float(x) for x in vector], limit=k,
+                                         query_filter=self._filter(filters), search_params=self._params(k),
+                                         score_threshold=score_threshold, with_payload=True).points
+        return [_hit(p, float(p.score)) for p in found]
+
+    def query_batch(self, vectors, k, score_threshold=None) -> list[list[Hit]]:
+        from qdrant_client import models
+
+        requests = [models.QueryRequest(query=[float(x) for x in v], limit=k, params=self._params(k),
+                                        score_threshold=score_threshold, with_payload=True) for v in vectors]
+        if not requests:
+            return []
+        answers = self.client.query_batch_points(self.collection, requests=requests)
+        return [[_hit(p, float(p.score)) for p in answer.points] for answer in answers]
+
+    def retrieve(self, ids, with_vectors=False) -> list[Hit]:
+        found = self.client.retrieve(self.collection, [point_id(i) for i in ids], with_payload=True,
+                                     with_vectors=with_vectors)
+        return [_hit(p) for p in found]
+
+    def scroll(self, batch=1024, with_vectors=False) -> Iterator[list[Hit]]:
+        offset = None
+        while True:
+            points, offset = self.client.scroll(self.collection, limit=batch, offset=offset, with_payload=True,
+                                                with_vectors=with_vectors)
+            if points:
+                yield [_hit(p) for p in points]
+            if offset is None:
+                return
+
+    def count(self) -> int:
+        return int(self.client.count(self.collection, exact=True).count)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect_server(url: str):
+    """A qdrant-client connected to the server at `url` (QDRANT_API_KEY sent when set).
+
+    Raises:
+        IndexRefused: The server cannot be reached, or refuses the API key.
+    """
+    import warnings
+
+    from qdrant_client import QdrantClient
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    with warnings.catch_warnings(record=True) as caught:  # its version-check warning, when unreachable
+        warnings.simplefilter("always")
+        client = QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"))
+        try:
+            client.get_collections()  # the client connects lazily: find out now
+        except (ResponseHandlingException, UnexpectedResponse) as e:
+            client.close()
+            raise IndexRefused(f"cannot use the Qdrant server at {url} ({one_line(e)}): start it, or check "
+                               "--qdrant-url / QDRANT_URL and QDRANT_API_KEY") from e
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return client
+
+
+def open_store(index, *, must_exist: bool = False) -> Store:
+    """The store an `IndexConfig` names: a server at `index.url` (or QDRANT_URL), else Qdrant Edge at `index.path`.
+
+    Raises:
+        NoIndex: `must_exist` and the embedded store has no such folder or collection.
+        IndexRefused: The store is in use by another process, unreadable, or the server is unreachable.
+    """
+    config = store_config(index)
+    url = index.url or os.environ.get("QDRANT_URL")
+    if url:
+        return ServerStore(connect_server(url), index.collection, config, where=url)
+    return EdgeStore(index.path or "clip-index", index.collection, config, must_exist=must_exist)
+
+
+def store_config(index) -> StoreConfig:
+    """The `StoreConfig` of an `IndexConfig`."""
+    return StoreConfig(hnsw_m=index.hnsw_m, hnsw_ef_construct=index.hnsw_ef_construct, hnsw_ef=index.hnsw_ef,
+                       full_scan_threshold_kb=index.full_scan_threshold_kb, quantization=index.quantization,
+                       oversampling=index.oversampling, filter_fields=index.filter_fields)
+
+
+def copy_store(source: Store, target: Store, *, batch: int = 1024, progress: bool = False) -> dict[str, Any]:
+    """Copy every item of `source` into `target` in batched upserts, then build the target's index.
+
+    The target gets the source's space (an existing target collection must hold the same one) and
+    its payload indexes; its HNSW and quantization settings are the target store's own config.
+    Re-running a copy upserts the same ids again, so a copy cut off halfway is completed by a re-run.
+
+    Returns:
+        {"collection", "from", "to", "copied", "points" (in the target afterwards)}.
+
+    Raises:
+        IndexRefused: The target collection holds another embedding space.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    target.ensure(source.space())
+    copied = 0
+    bar = tqdm(desc=f"copy {source.collection}", unit=" points", total=source.count(), disable=not progress)
+    for items in source.scroll(batch=batch, with_vectors=True):
+        target.upsert([h.id for h in items], np.asarray([h.vector for h in items], dtype=np.float32),
+                      [h.payload for h in items])
+        copied += len(items)
+        bar.update(len(items))
+    bar.close()
+    target.finish(source.payload_indexes if isinstance(source, EdgeStore) else {})
+    return {"collection": target.collection, "from": source.where, "to": target.where, "copied": copied,
+            "points": target.count()}
+
+
+def copy_to_server(index, url: str, *, progress: bool = True) -> dict[str, Any]:
+    """`clip-pyfunc index --to-server URL`: the embedded collection of `index` into the server at `url`.
+
+    Batched upserts through qdrant-client rather than a snapshot: they work with any server
+    version and cluster layout, and keep the collection's space in its metadata.
+
+    Raises:
+        NoIndex: No embedded collection to copy.
+        IndexRefused: The embedded store is in use, the server is unreachable, or its collection holds
+            another embedding space.
+    """
+    config = store_config(index)
+    with EdgeStore(index.path, index.collection, config, must_exist=True) as source:
+        build = source.build
+        server_config = StoreConfig(hnsw_m=build["hnsw_m"], hnsw_ef_construct=build["hnsw_ef_construct"],
+                                    hnsw_ef=config.hnsw_ef, full_scan_threshold_kb=build["full_scan_threshold_kb"],
+                                    quantization=build["quantization"], oversampling=config.oversampling)
+        with ServerStore(connect_server(url), index.collection, server_config, where=url) as target:
+            return copy_store(source, target, batch=index.batch_rows, progress=progress)
