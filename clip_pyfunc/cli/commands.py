@@ -6,7 +6,6 @@ Settings come from conf/clip_pyfunc.yaml (or --conf FILE); flags override them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -249,12 +248,8 @@ def cmd_bench_spark(args: argparse.Namespace) -> dict:
 def cmd_bench_search(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import search
 
-    result = search.run(points=args.points, compare_sizes=args.compare_sizes, efs=args.efs, queries=args.queries,
-                        parts=args.parts)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return search.run(points=args.points, compare_sizes=args.compare_sizes, efs=args.efs, queries=args.queries,
+                      parts=args.parts, output=args.output)
 
 
 def cmd_bench_pixels(args: argparse.Namespace) -> dict:
