@@ -27,6 +27,7 @@ RANGES = {
     "tqdm": ">=4.60",
     "matplotlib": ">=3.8",
     "qdrant-client": ">=1.16",
+    "qdrant-edge-py": ">=0.9,<0.10",
     "pyarrow": ">=15",
     "fastapi": ">=0.110",
     "uvicorn": ">=0.30",
@@ -59,10 +60,12 @@ MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetens
 TORCH_FREE_REQUIREMENTS = ("mlflow-skinny", "openvino", "tokenizers", "pillow", "pybase64", "simplejpeg", "numpy", "pandas")
 TRANSFORMERS_REQUIREMENTS = ("transformers", "huggingface-hub", "sentencepiece", "protobuf")
 # The rest of `pip install clip-pyfunc`: settings (pyyaml); evaluate's progress bar and plot (tqdm,
-# matplotlib); index, search, duplicates and the app (qdrant-client, pyarrow, FastAPI).
+# matplotlib); index, search, duplicates and the app (qdrant-edge-py: Qdrant's engine embedded, the
+# default store; qdrant-client: a Qdrant server; pyarrow, FastAPI). qdrant-edge-py is pinned below
+# 0.10: its Python API is young and changes between minor versions.
 # nncf: `register --int8` (static post-training quantization of the image tower's IR).
-PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("nncf", "pyyaml", "tqdm", "matplotlib", "qdrant-client", "pyarrow", "fastapi",
-                                             "uvicorn", "python-multipart")
+PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("nncf", "pyyaml", "tqdm", "matplotlib", "qdrant-edge-py", "qdrant-client",
+                                             "pyarrow", "fastapi", "uvicorn", "python-multipart")
 EXTRAS = {
     "spark": ("pyspark", "pyarrow"),
     "test": ("pytest", "pyspark", "pyarrow", "nbclient", "nbformat", "ipykernel", "uvicorn", "requests", "uv",
