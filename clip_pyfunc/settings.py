@@ -255,12 +255,14 @@ class IndexConfig:
         hnsw_m: HNSW graph degree, fixed when a collection is created (Qdrant's default 16).
         hnsw_ef_construct: HNSW build candidates, fixed at creation (Qdrant's default 100).
         hnsw_ef: Candidates per query: the recall/latency knob (docs/SEARCH.md has the measurement).
+        hnsw_payload_m: Extra HNSW links per value of each filter field (Qdrant's payload_m), fixed
+            at creation; 0 builds none (they doubled the build and slowed every query, measured).
         full_scan_threshold_kb: Below this many KB of matching vectors a filtered query scans.
         quantization: "none" or "int8" (scalar int8 copies searched first, rescored in float32);
             fixed at creation.
         oversampling: Candidates the int8 search hands to rescoring, as a multiple of k.
         filter_fields: Payload fields to index for `--filter`; null indexes every string, whole-number
-            and boolean field except `path`.
+            and boolean field except `path` and the id column.
         batch_rows: Rows per upsert while indexing (memory holds one batch).
     """
 
@@ -269,7 +271,8 @@ class IndexConfig:
     collection: str = "clip"
     hnsw_m: int = 16
     hnsw_ef_construct: int = 100
-    hnsw_ef: int = 128
+    hnsw_ef: int = 64
+    hnsw_payload_m: int = 0
     full_scan_threshold_kb: int = 10000
     quantization: str = "none"
     oversampling: float = 2.0

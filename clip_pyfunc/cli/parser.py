@@ -58,7 +58,7 @@ def _add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qdrant-url", dest="index.url", metavar="QDRANT_URL",
                    help="a Qdrant server instead of the embedded store (or QDRANT_URL)")
     p.add_argument("--collection", dest="index.collection", help="collection name (default clip)")
-    p.add_argument("--hnsw-ef", dest="index.hnsw_ef", type=int, help="HNSW candidates per query (default 128)")
+    p.add_argument("--hnsw-ef", dest="index.hnsw_ef", type=int, help="HNSW candidates per query (default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:

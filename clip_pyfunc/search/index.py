@@ -16,7 +16,7 @@ from clip_pyfunc.models.request import EMBEDDING_COL, ERROR_COL
 from clip_pyfunc.registry.lookup import model_error
 from clip_pyfunc.search.store import IndexRefused, Space, Store, payload_type
 
-NOT_FILTERED = ("path",)  # payload fields indexed for filters only when asked: unique per item
+NOT_FILTERED = ("path",)  # payload fields indexed for filters only when asked: unique per item, as the id is
 
 
 def model_space(model_uri: str) -> Space:
@@ -175,7 +175,7 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     bar.close()
     wanted = store.config.filter_fields
     filter_fields = {c: t for c, t in fields.items()
-                     if (c in wanted if wanted is not None else c not in NOT_FILTERED)}
+                     if (c in wanted if wanted is not None else c not in (*NOT_FILTERED, id_col))}
     bar = tqdm(desc=f"build the index of {store.collection} (HNSW)", total=1, disable=not progress)
     store.finish(filter_fields)
     bar.update(1)
