@@ -169,6 +169,54 @@ class _Refused(Exception):
         self.status, self.message, self.field = status, message, field
 
 
+class _RequestContext:
+    """Each request's id (the client's `X-Request-ID` / `request_id`, else a new UUID), the API key check
+    and the access log line, as a pure ASGI middleware.
+
+    Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs the app in a task of its own
+    and streams the response through it, which cost 1.0 ms a request on the 2-core machine
+    (docs/SEARCH.md); Starlette's docs name pure ASGI middleware as the way around it.
+    """
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        from starlette.datastructures import Headers, MutableHeaders, QueryParams
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        sent = (headers.get(name, "") for name in _ID_HEADERS)
+        rid = next((value for value in sent if _ID_PATTERN.match(value)), None) or str(uuid.uuid4())
+        token = _REQUEST_ID.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
+        method, path = scope["method"], scope["path"]
+        try:
+            if self.api_key and path not in _OPEN_PATHS:
+                key = headers.get("x-api-key") or QueryParams(scope.get("query_string", b"")).get("key") or ""
+                if not secrets.compare_digest(key.encode(), self.api_key.encode()):
+                    log.warning("%s %s refused: missing or wrong API key", method, path)
+                    refused = JSONResponse({"error": {"message": "missing or wrong API key; send it as X-API-Key"},
+                                            "request_id": rid}, status_code=401, headers={"X-Request-ID": rid})
+                    await refused(scope, receive, send)
+                    return
+            status = []
+
+            async def send_with_id(message):
+                if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message)["X-Request-ID"] = rid
+                    status.append(message["status"])
+                await send(message)
+
+            await self.app(scope, receive, send_with_id)
+            log.info("%s %s -> %s", method, path, status[0] if status else "-")
+        finally:
+            _REQUEST_ID.reset(token)
+
+
 def create_app(loaded: Loaded, config: AppConfig):
     """The FastAPI app: the page, /health, /embeddings, /classify, /search and item thumbnails."""
     from fastapi import FastAPI, Request
@@ -178,25 +226,7 @@ def create_app(loaded: Loaded, config: AppConfig):
 
     app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        sent = (request.headers.get(name, "") for name in _ID_HEADERS)
-        rid = next((value for value in sent if _ID_PATTERN.match(value)), None) or str(uuid.uuid4())
-        token = _REQUEST_ID.set(rid)
-        request.state.request_id = rid
-        try:
-            if config.api_key and request.url.path not in _OPEN_PATHS:
-                key = request.headers.get("x-api-key") or request.query_params.get("key") or ""
-                if not secrets.compare_digest(key.encode(), config.api_key.encode()):
-                    log.warning("%s %s refused: missing or wrong API key", request.method, request.url.path)
-                    return JSONResponse({"error": {"message": "missing or wrong API key; send it as X-API-Key"},
-                                         "request_id": rid}, status_code=401, headers={"X-Request-ID": rid})
-            response = await call_next(request)
-            response.headers["X-Request-ID"] = rid
-            log.info("%s %s -> %s", request.method, request.url.path, response.status_code)
-            return response
-        finally:
-            _REQUEST_ID.reset(token)
+    app.add_middleware(_RequestContext, api_key=config.api_key)
 
     @app.exception_handler(_Refused)
     async def refused(request: Request, e: _Refused):
