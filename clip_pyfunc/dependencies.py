@@ -32,7 +32,7 @@ RANGES = {
     "fastapi": ">=0.110",
     "uvicorn": ">=0.30",
     "httptools": ">=0.6",
-    "uvloop": ">=0.19",
+    "uvloop": ">=0.19; sys_platform != 'win32'",  # not built for Windows; uvicorn runs its asyncio loop there
     "python-multipart": ">=0.0.9",
     "pyspark": ">=4.0,<5",
     "pytest": ">=8",

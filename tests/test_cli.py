@@ -140,18 +140,20 @@ def test_embed_table_input_errors_are_one_line(bad_inputs, registered):
 
 
 def test_commands_on_an_index_another_process_holds(tmp_path, tracking_uri):
-    """qdrant-client's local mode lets one process open a folder: the others say what to do instead."""
+    """One process holds an embedded store (a lock on its WAL): the others say what to do instead."""
     path = str(tmp_path / "held")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qdrant_client import QdrantClient\n"
-                               "client = QdrantClient(path=sys.argv[1])\nprint('open', flush=True)\ntime.sleep(600)",
-                               path], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from clip_pyfunc.search.store import EdgeStore, Space\n"
+                               "store = EdgeStore(sys.argv[1], 'clip')\n"
+                               "store.ensure(Space(model_uri='models:/m/1', run_id='r', models={}, embedding_dim=4))\n"
+                               "print('open', flush=True)\ntime.sleep(600)", path], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
         for args in (["search", "--text", "x"], ["duplicates"], ["app", "--port", str(free_port())],
-                     ["index", "--input", str(tmp_path), "-m", NO_MODEL]):
+                     ["index", "--input", str(tmp_path), "-m", NO_MODEL], ["index", "--to-server", "http://x:1"]):
             line = _fails_in_one_line([*args, "--index-path", path], str(tmp_path))
-            assert f"index folder {path} is open in another process" in line, line
-            assert all(hint in line for hint in ("POST /search", "stop that process", "--qdrant-url")), line
+            assert f"the index {os.path.join(path, 'clip')} is in use by another process" in line, line
+            assert all(hint in line for hint in ("POST /search", "stop the process", "--qdrant-url")), line
     finally:
         holder.kill()
         holder.wait()

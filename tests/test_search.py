@@ -162,6 +162,15 @@ def test_cli_search_by_text_image_and_like(indexed, folder):
     assert [h["id"] for h in filtered] == [target]
 
 
+def test_filters_parse_numbers_and_booleans_only_when_they_are():
+    from clip_pyfunc.search.query import parse_filters
+
+    assert parse_filters(["size=-5", "sale=True", "code=--5", "sup=²", "a=b=c"]) == [
+        ("size", ["-5", -5]), ("sale", ["True", True]), ("code", ["--5"]), ("sup", ["²"]), ("a", ["b=c"])]
+    with pytest.raises(InvalidInput, match="must be key=value"):
+        parse_filters(["=x"])
+
+
 def test_bad_queries_are_named(indexed):
     out = subprocess.run(["clip-pyfunc", "search", "--index-path", indexed["path"], "--collection", "nope",
                           "--text", "x"], capture_output=True, text=True, timeout=300)
@@ -270,6 +279,7 @@ def test_app_bad_requests_name_the_field(app, case):
     if case == "no key":
         r = _post(app, "/search", key=None, data={"text": "x"})
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert r.headers["X-Request-ID"] == r.json()["request_id"]
         return
     r = {
         "not an image": lambda: _post(app, "/embeddings", files={"pic": ("p.png", png, "image/png")}),
@@ -281,7 +291,7 @@ def test_app_bad_requests_name_the_field(app, case):
         "no image field": lambda: _post(app, "/classify", data={"text": "x"}),
     }[case]()
     body = r.json()
-    assert 400 <= r.status_code < 500 and body["request_id"]
+    assert 400 <= r.status_code < 500 and body["request_id"] and r.headers["X-Request-ID"] == body["request_id"]
     expected = {"not an image": (400, "pic"), "too many fields": (413, None), "file too large": (413, "big"),
                 "two queries": (400, None), "bad k": (400, "k"), "no image field": (400, "image")}[case]
     assert r.status_code == expected[0], body

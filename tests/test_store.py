@@ -1,8 +1,10 @@
 """The store interface on small data: Qdrant Edge (embedded, the default) and qdrant-client (a server's path).
 
 The server path runs against qdrant-client's own in-process mode (`QdrantClient(":memory:")`),
-the stand-in qdrant-client offers for tests: no Qdrant server can run here. Vectors are random
-(no meaning): the tests check ids, scores against exact search, filters, and faults.
+the stand-in qdrant-client offers for tests: no Qdrant server can run here. That stand-in
+searches exactly and ignores HNSW, quantization and payload indexes, so on it these tests check
+the interface's contract (ids, payloads, filters, batches, spaces), not the index; the index is
+checked on the embedded store. Vectors are random (no meaning).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def test_both_stores_answer_alike(make_store):
     _fill(store, vectors[300:], start=300)  # 100 rows again: replaced, not added
     store.finish({"colour": "keyword", "size": "integer", "sale": "bool"})
     assert store.count() == 600 and store.space() == SPACE
+    if isinstance(store, EdgeStore):  # the HNSW was built, over every point, and the payload indexes exist
+        info = store.info()
+        assert info["indexed_vectors"] == 600 and info["payload_indexes"] == ["colour", "sale", "size"], info
     queries = _unit(20, 1)
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     recall = [len({f"item-{i}" for i in want} & {h.id for h in store.query(q, 10)}) / 10
@@ -104,8 +109,23 @@ def test_another_space_is_refused_the_same_way(make_store):
     assert "models:/store_test/1" in str(e.value) and "run-b" in str(e.value)
 
 
-def test_int8_quantization_rescored_keeps_recall(make_store):
-    store = make_store(StoreConfig(quantization="int8", hnsw_ef=64))
+def test_filtered_queries_walk_the_graph(tmp_path):
+    """With a full-scan threshold of 1 KB, filtered queries go through the HNSW graph, not a scan."""
+    vectors = _unit(3000, 10)
+    with EdgeStore(str(tmp_path / "idx"), "c", StoreConfig(full_scan_threshold_kb=1)) as store:
+        store.ensure(SPACE)
+        _fill(store, vectors)
+        store.finish({"colour": "keyword", "size": "integer"})
+        for q in _unit(10, 11):
+            hits = store.query(q, 10, [("colour", ["red"]), ("size", [3])])
+            want = [f"item-{i}" for i in np.argsort(-(vectors @ q)) if i % 2 == 0 and i % 5 == 3][:10]
+            assert [h.id for h in hits] and all(h.payload["colour"] == "red" and h.payload["size"] == 3
+                                                for h in hits)
+            assert len(set(want) & {h.id for h in hits}) >= 9
+
+
+def test_int8_quantization_rescored_keeps_recall(tmp_path):
+    store = EdgeStore(str(tmp_path / "idx"), "c", StoreConfig(quantization="int8", hnsw_ef=64))
     vectors = _unit(2000, 2)
     store.ensure(SPACE)
     _fill(store, vectors)
@@ -117,6 +137,8 @@ def test_int8_quantization_rescored_keeps_recall(make_store):
     assert np.mean(recall) >= 0.95, recall
     hit = store.query(vectors[11], 1)[0]
     assert hit.id == "item-11" and hit.score == pytest.approx(1.0, abs=1e-5)  # rescored with the float32 vector
+    assert store.build["quantization"] == "int8"
+    store.close()
 
 
 def test_duplicates_through_the_index_find_planted_copies(make_store):
@@ -136,7 +158,7 @@ def test_duplicates_through_the_index_find_planted_copies(make_store):
 
 
 def test_copy_to_a_server_store(tmp_path):
-    """`index --to-server`'s copy: every point, its payload, the space and the payload indexes; re-run adds nothing."""
+    """`index --to-server`'s copy: every point, its payload and the space; a re-run adds nothing."""
     vectors = _unit(700, 6)
     with EdgeStore(str(tmp_path / "idx"), "c") as edge:
         edge.ensure(SPACE)

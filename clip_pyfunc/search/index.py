@@ -16,7 +16,7 @@ from clip_pyfunc.models.request import EMBEDDING_COL, ERROR_COL
 from clip_pyfunc.registry.lookup import model_error
 from clip_pyfunc.search.store import IndexRefused, Space, Store, payload_type
 
-NOT_FILTERED = ("path",)  # payload fields indexed for filters only when asked: unique per item, as the id is
+NOT_FILTERED = ("path", "url")  # payload fields indexed for filters only when asked: unique per item, as the id is
 
 
 def model_space(model_uri: str) -> Space:
@@ -127,7 +127,8 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
 
     Returns:
         {"collection", "model_uri", "rows", "indexed", "skipped" (rows with an error or no vector),
-        "added", "updated", "points", "filter_fields" (payload field -> index type)}.
+        "added", "updated", "points", "filter_fields" (payload field -> index type), and "note" when the
+        collection was created with other build settings than `store.config` asks for}.
 
     Raises:
         IndexRefused: Another embedding space, a vector of the wrong size, a missing column, or no such table.
@@ -148,7 +149,7 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
         for col in (id_col, EMBEDDING_COL):
             if col not in frame.columns:
                 raise IndexRefused(f"column {col!r} not in {source}; columns: {list(frame.columns)}")
-        good = frame[EMBEDDING_COL].notna()
+        good = frame[EMBEDDING_COL].notna() & frame[id_col].notna()  # no id: nothing to upsert it by
         if ERROR_COL in frame.columns:
             good &= ~frame[ERROR_COL].map(lambda e: isinstance(e, str)).astype(bool)
         skipped += int((~good).sum())
@@ -181,19 +182,35 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     bar.update(1)
     bar.close()
     after = store.count()
-    return {"collection": store.collection, "model_uri": space.model_uri, "rows": rows, "indexed": indexed,
-            "skipped": skipped, "added": after - before, "updated": indexed - (after - before), "points": after,
-            "filter_fields": filter_fields}
+    report = {"collection": store.collection, "model_uri": space.model_uri, "rows": rows, "indexed": indexed,
+              "skipped": skipped, "added": after - before, "updated": indexed - (after - before), "points": after,
+              "filter_fields": filter_fields}
+    recorded = getattr(store, "build", None)  # an embedded store's settings, fixed when it was created
+    if recorded is not None and recorded != store.config.build_settings():
+        report["note"] = (f"the collection keeps the settings it was created with, {recorded}; index.* asks for "
+                          f"{store.config.build_settings()}: index into a new --collection to use them")
+    return report
 
 
 def _plain(value: object) -> object:
-    """A JSON-ready payload value (numpy scalars and arrays to Python, NaN to None)."""
+    """A JSON-ready payload value: numpy and pandas scalars to Python, missing values (None, NaN, pd.NA,
+    NaT) and non-finite floats to None, dates and times to ISO 8601 strings, lists element by element;
+    raw bytes (image data) left out as None."""
+    import datetime
     import math
 
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, float) and math.isnan(value):
+    import pandas as pd
+
+    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0):
+        return [_plain(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    if value is None or value is pd.NA or value is pd.NaT:
         return None
-    if isinstance(value, bytes):
+    if isinstance(value, (pd.Timestamp, datetime.date, datetime.time)):
+        return value.isoformat()
+    if hasattr(value, "item"):  # a numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
         return None  # raw image bytes do not belong in a payload
     return value

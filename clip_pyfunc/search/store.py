@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ class StoreConfig:
         if not isinstance(self.oversampling, (int, float)) or self.oversampling < 1:
             raise ModelLoadError(f"index.oversampling must be a number >= 1, got {self.oversampling!r}")
         if self.filter_fields is not None:
+            if isinstance(self.filter_fields, str) or not all(isinstance(f, str) for f in self.filter_fields):
+                raise ModelLoadError(f"index.filter_fields must be a list of payload field names (or null), got "
+                                     f"{self.filter_fields!r}")
             object.__setattr__(self, "filter_fields", tuple(self.filter_fields))
 
     def build_settings(self) -> dict[str, Any]:
@@ -228,15 +232,15 @@ class Store(ABC):
 
     @abstractmethod
     def query_batch(self, vectors, k: int, score_threshold: float | None = None) -> list[list[Hit]]:
-        """`query` for each row of `vectors` (float32 [n, dim]), planned as one batch; payloads left out."""
+        """`query` for each row of `vectors` (float32 [n, dim]), planned as one batch; hits carry ids only."""
 
     @abstractmethod
     def retrieve(self, ids: Sequence[Any], with_vectors: bool = False) -> list[Hit]:
         """The stored items of these table ids (missing ones left out)."""
 
     @abstractmethod
-    def scroll(self, batch: int = 1024, with_vectors: bool = False) -> Iterator[list[Hit]]:
-        """Every item, in batches of at most `batch`."""
+    def scroll(self, batch: int = 1024, with_vectors: bool = False, payload: bool = True) -> Iterator[list[Hit]]:
+        """Every item, in batches of at most `batch`; `payload=False` reads ids (and vectors) only."""
 
     @abstractmethod
     def count(self, exact: bool = True) -> int:
@@ -369,6 +373,12 @@ class EdgeStore(Store):
         self._need()
         return dict(self._meta["build"])
 
+    def info(self) -> dict[str, Any]:
+        """{"points", "indexed_vectors" (in the HNSW), "segments", "payload_indexes" (field names)}."""
+        info = self._need().info()
+        return {"points": info.points_count, "indexed_vectors": info.indexed_vectors_count,
+                "segments": info.segments_count, "payload_indexes": sorted(info.payload_schema)}
+
     @property
     def payload_indexes(self) -> dict[str, str]:
         """The payload fields indexed for filters: field -> `PAYLOAD_TYPES`."""
@@ -425,7 +435,7 @@ class EdgeStore(Store):
     def query_batch(self, vectors, k, score_threshold=None) -> list[list[Hit]]:
         from qdrant_edge import QueryBatchRequest
 
-        requests = [self._request(v, k, score_threshold=score_threshold, with_payload=True) for v in vectors]
+        requests = [self._request(v, k, score_threshold=score_threshold, with_payload=[ID_KEY]) for v in vectors]
         if not requests:
             return []
         return [[_hit(p, float(p.score)) for p in found]
@@ -435,12 +445,13 @@ class EdgeStore(Store):
         found = self._need().retrieve([point_id(i) for i in ids], with_payload=True, with_vector=with_vectors)
         return [_hit(p) for p in found]
 
-    def scroll(self, batch=1024, with_vectors=False) -> Iterator[list[Hit]]:
+    def scroll(self, batch=1024, with_vectors=False, payload=True) -> Iterator[list[Hit]]:
         from qdrant_edge import ScrollRequest
 
         shard, offset = self._need(), None
         while True:
-            points, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch, with_payload=True,
+            points, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch,
+                                                        with_payload=True if payload else [ID_KEY],
                                                         with_vector=with_vectors))
             if points:
                 yield [_hit(p) for p in points]
@@ -455,10 +466,12 @@ class EdgeStore(Store):
         return int(self._need().count(CountRequest(exact=True)))
 
     def close(self) -> None:
-        if self._shard is not None:
-            self._shard.flush()
-            self._shard.close()
-            self._shard = None
+        shard, self._shard = self._shard, None
+        if shard is not None:
+            try:
+                shard.flush()
+            finally:
+                shard.close()  # releases the lock even when the flush failed
 
 
 def _is_local_mode_folder(path: str) -> bool:
@@ -479,6 +492,7 @@ class ServerStore(Store):
             where: The server's URL, for messages.
         """
         self.client, self.collection, self.config, self.where = client, collection, config or StoreConfig(), where
+        self._quantization: bool | None = None
 
     def space(self) -> Space:
         if not self.client.collection_exists(self.collection):
@@ -527,12 +541,20 @@ class ServerStore(Store):
                                                   field_schema=getattr(models.PayloadSchemaType, kind.upper()))
         self.client.update_collection(self.collection, optimizers_config=models.OptimizersConfigDiff(
             indexing_threshold=SERVER_INDEXING_THRESHOLD_KB))
+        while self.client.get_collection(self.collection).status != models.CollectionStatus.GREEN:
+            time.sleep(1)  # the server builds in the background: finish() blocks until it is done
+
+    def _quantized(self) -> bool:
+        """Whether the collection holds quantized vectors, as the server says (not as this conf asks)."""
+        if self._quantization is None:
+            self._quantization = self.client.get_collection(self.collection).config.quantization_config is not None
+        return self._quantization
 
     def _params(self, k: int):
         from qdrant_client import models
 
         quantization = None
-        if self.config.quantization != "none":
+        if self._quantized():
             quantization = models.QuantizationSearchParams(rescore=True, oversampling=float(self.config.oversampling))
         return models.SearchParams(hnsw_ef=max(self.config.hnsw_ef, k), quantization=quantization)
 
@@ -556,7 +578,7 @@ class ServerStore(Store):
         from qdrant_client import models
 
         requests = [models.QueryRequest(query=[float(x) for x in v], limit=k, params=self._params(k),
-                                        score_threshold=score_threshold, with_payload=True) for v in vectors]
+                                        score_threshold=score_threshold, with_payload=[ID_KEY]) for v in vectors]
         if not requests:
             return []
         answers = self.client.query_batch_points(self.collection, requests=requests)
@@ -567,11 +589,11 @@ class ServerStore(Store):
                                      with_vectors=with_vectors)
         return [_hit(p) for p in found]
 
-    def scroll(self, batch=1024, with_vectors=False) -> Iterator[list[Hit]]:
+    def scroll(self, batch=1024, with_vectors=False, payload=True) -> Iterator[list[Hit]]:
         offset = None
         while True:
-            points, offset = self.client.scroll(self.collection, limit=batch, offset=offset, with_payload=True,
-                                                with_vectors=with_vectors)
+            points, offset = self.client.scroll(self.collection, limit=batch, offset=offset,
+                                                with_payload=True if payload else [ID_KEY], with_vectors=with_vectors)
             if points:
                 yield [_hit(p) for p in points]
             if offset is None:

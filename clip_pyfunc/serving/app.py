@@ -245,7 +245,8 @@ def create_app(loaded: Loaded, config: AppConfig):
         (null with `no_index` saying how to make one)."""
         searcher = loaded.searcher
         index = None if searcher is None else {
-            "collection": searcher.collection, "points": searcher.store.count(exact=False),
+            "collection": searcher.collection,
+            "points": await run_in_threadpool(searcher.store.count, exact=False),  # a server store asks over HTTP
             "space": searcher.space.models}
         return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
                 "models": loaded.uris, "index": index, "no_index": loaded.no_index,
