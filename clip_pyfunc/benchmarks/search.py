@@ -23,6 +23,8 @@ Parts (`--parts`):
    near-copies: recall of the planted pairs and the time.
 6. `app`: the app's `/search` on the `large` store against the store's own query and against
    `Searcher.search` in-process, split into its parts (HTTP + form, the text forward, the query).
+7. `int8`: at the largest compare size, the store with and without int8 scalar quantization
+   (rescored with the float32 vectors): build, latency and recall per `hnsw_ef`.
 """
 
 from __future__ import annotations
@@ -281,6 +283,25 @@ def compare(sizes, efs, queries: int, work: str) -> list[dict]:
     return out
 
 
+def quantization(size: int, efs, queries: int, work: str) -> dict:
+    """The embedded store with and without int8 scalar quantization (rescored), on the same low-dim data."""
+    from clip_pyfunc.search.store import StoreConfig
+
+    centres = max(20, size // 50)
+    matrix = low_dim_vectors(size, seed=1, centres=centres)
+    query_vectors = low_dim_vectors(queries, seed=2, centres=centres)
+    truth = exact_top_k(matrix, query_vectors)
+    out = {"points": size}
+    for kind in ("none", "int8"):
+        path = os.path.join(work, f"quant-{kind}-{size}")
+        shutil.rmtree(path, ignore_errors=True)
+        row = build_edge(path, matrix, config=StoreConfig(quantization=kind))
+        row.update(query_in_fresh_process(path, query_vectors, truth, efs))
+        shutil.rmtree(path, ignore_errors=True)
+        out[kind] = row
+    return out
+
+
 def shell_search(size: int, work: str, repeat: int = 5) -> dict:
     """Wall time of one `clip-pyfunc search --like ID` at `size` points, start-up included (median)."""
     from clip_pyfunc.benchmarks.common import percentile
@@ -434,6 +455,8 @@ def run(points: int = 1_000_000, compare_sizes=(20_000, 100_000), efs=(32, 64, 1
                 out["shell"] = shell_search(max(compare_sizes), work)
             elif part == "duplicates":
                 out["duplicates"] = duplicates(max(compare_sizes), work)
+            elif part == "int8":
+                out["int8"] = quantization(max(compare_sizes), efs, queries, work)
             out.setdefault("seconds", {})[part] = round(time.perf_counter() - t0)
             out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             print(f"bench-search: {part} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
