@@ -271,7 +271,7 @@ class IndexConfig:
     collection: str = "clip"
     hnsw_m: int = 16
     hnsw_ef_construct: int = 100
-    hnsw_ef: int = 64
+    hnsw_ef: int = 128
     hnsw_payload_m: int = 0
     full_scan_threshold_kb: int = 10000
     quantization: str = "none"

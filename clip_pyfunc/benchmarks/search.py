@@ -25,6 +25,8 @@ Parts (`--parts`):
    `Searcher.search` in-process, split into its parts (HTTP + form, the text forward, the query).
 7. `int8`: at the largest compare size, the store with and without int8 scalar quantization
    (rescored with the float32 vectors): build, latency and recall per `hnsw_ef`.
+8. `payload_m`: at the largest compare size, with a 10-value indexed keyword field, the store
+   with Qdrant's per-value graph links (`hnsw_payload_m` 16) and without (0, the default).
 """
 
 from __future__ import annotations
@@ -129,8 +131,10 @@ def _space(dim: int = DIM, run_id: str = "bench"):
     return Space(model_uri="models:/bench/1", run_id=run_id, models={}, embedding_dim=dim)
 
 
-def build_edge(path: str, matrix, *, space=None, config=None, batch: int = 1024, collection: str = "bench") -> dict:
-    """Upsert `matrix` (ids "item-<row>", payload shop = row % 100) into a new Edge store, then build; times."""
+def build_edge(path: str, matrix, *, space=None, config=None, batch: int = 1024, collection: str = "bench",
+               shops: int = 100) -> dict:
+    """Upsert `matrix` (ids "item-<row>", payload shop = row % shops, indexed) into a new Edge store, then
+    build; times."""
     from clip_pyfunc.search.store import EdgeStore
 
     store = EdgeStore(path, collection, config)
@@ -139,7 +143,7 @@ def build_edge(path: str, matrix, *, space=None, config=None, batch: int = 1024,
     t0 = time.perf_counter()
     for start in range(0, len(matrix), batch):
         end = min(len(matrix), start + batch)
-        store.upsert(ids[start:end], matrix[start:end], [{"shop": f"shop-{i % 100}"} for i in range(start, end)])
+        store.upsert(ids[start:end], matrix[start:end], [{"shop": f"shop-{i % shops}"} for i in range(start, end)])
     t1 = time.perf_counter()
     store.finish({"shop": "keyword"})
     t2 = time.perf_counter()
@@ -283,22 +287,20 @@ def compare(sizes, efs, queries: int, work: str) -> list[dict]:
     return out
 
 
-def quantization(size: int, efs, queries: int, work: str) -> dict:
-    """The embedded store with and without int8 scalar quantization (rescored), on the same low-dim data."""
-    from clip_pyfunc.search.store import StoreConfig
-
+def variants(size: int, efs, queries: int, work: str, configs: dict, shops: int = 100) -> dict:
+    """The embedded store under each named StoreConfig, on the same low-dim data and queries."""
     centres = max(20, size // 50)
     matrix = low_dim_vectors(size, seed=1, centres=centres)
     query_vectors = low_dim_vectors(queries, seed=2, centres=centres)
     truth = exact_top_k(matrix, query_vectors)
-    out = {"points": size}
-    for kind in ("none", "int8"):
-        path = os.path.join(work, f"quant-{kind}-{size}")
+    out = {"points": size, "shops": shops}
+    for name, config in configs.items():
+        path = os.path.join(work, f"variant-{name}-{size}")
         shutil.rmtree(path, ignore_errors=True)
-        row = build_edge(path, matrix, config=StoreConfig(quantization=kind))
+        row = build_edge(path, matrix, config=config, shops=shops)
         row.update(query_in_fresh_process(path, query_vectors, truth, efs))
         shutil.rmtree(path, ignore_errors=True)
-        out[kind] = row
+        out[name] = row
     return out
 
 
@@ -456,7 +458,15 @@ def run(points: int = 1_000_000, compare_sizes=(20_000, 100_000), efs=(32, 64, 1
             elif part == "duplicates":
                 out["duplicates"] = duplicates(max(compare_sizes), work)
             elif part == "int8":
-                out["int8"] = quantization(max(compare_sizes), efs, queries, work)
+                from clip_pyfunc.search.store import StoreConfig
+
+                out["int8"] = variants(max(compare_sizes), efs, queries, work,
+                                       {"none": StoreConfig(), "int8": StoreConfig(quantization="int8")})
+            elif part == "payload_m":  # 10 shops: each value's points exceed the full-scan threshold at 100k
+                from clip_pyfunc.search.store import StoreConfig
+
+                configs = {"payload_m_0": StoreConfig(), "payload_m_16": StoreConfig(hnsw_payload_m=16)}
+                out["payload_m"] = variants(max(compare_sizes), efs, queries, work, configs, shops=10)
             out.setdefault("seconds", {})[part] = round(time.perf_counter() - t0)
             out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             print(f"bench-search: {part} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

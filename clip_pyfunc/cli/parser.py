@@ -58,7 +58,7 @@ def _add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qdrant-url", dest="index.url", metavar="QDRANT_URL",
                    help="a Qdrant server instead of the embedded store (or QDRANT_URL)")
     p.add_argument("--collection", dest="index.collection", help="collection name (default clip)")
-    p.add_argument("--hnsw-ef", dest="index.hnsw_ef", type=int, help="HNSW candidates per query (default 64)")
+    p.add_argument("--hnsw-ef", dest="index.hnsw_ef", type=int, help="HNSW candidates per query (default 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efs", type=int, nargs="+", default=[32, 64, 128, 256], help="hnsw_ef values to measure")
     p.add_argument("--queries", type=int, default=200, help="timed queries per setting")
     p.add_argument("--parts", nargs="+", default=["large", "app", "compare", "shell", "duplicates", "iid"],
-                   choices=["large", "iid", "compare", "shell", "duplicates", "app", "int8"],
-                   help="what to run (int8: with and without int8 quantization at the largest compare size)")
+                   choices=["large", "iid", "compare", "shell", "duplicates", "app", "int8", "payload_m"],
+                   help="what to run (int8, payload_m: store variants at the largest compare size)")
     p.add_argument("--output", help="also write the JSON here, after each part")
     p.set_defaults(func=commands.cmd_bench_search)
     p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")
