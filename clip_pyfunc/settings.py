@@ -280,13 +280,41 @@ class IndexConfig:
     batch_rows: int = 1024
 
     def __post_init__(self):
-        if isinstance(self.filter_fields, list):
-            object.__setattr__(self, "filter_fields", tuple(self.filter_fields))
-        from clip_pyfunc.search.store import store_config
-
-        store_config(self)  # refuses bad values at load, naming the setting
+        store = {name: getattr(self, name) for name in self.__dataclass_fields__
+                 if name not in ("path", "url", "collection", "batch_rows")}
+        object.__setattr__(self, "filter_fields", check_index_settings(**store))
         if isinstance(self.batch_rows, bool) or not isinstance(self.batch_rows, int) or self.batch_rows < 1:
             raise ModelLoadError(f"index.batch_rows must be a whole number >= 1, got {self.batch_rows!r}")
+
+
+INDEX_QUANTIZATIONS = ("none", "int8")
+
+
+def check_index_settings(*, hnsw_m, hnsw_ef_construct, hnsw_ef, hnsw_payload_m, full_scan_threshold_kb, quantization,
+                         oversampling, filter_fields) -> tuple[str, ...] | None:
+    """Refuse index settings a store cannot take, naming the setting (IndexConfig and search.store.StoreConfig).
+
+    Returns:
+        `filter_fields` as a tuple, or None.
+
+    Raises:
+        ModelLoadError: A setting out of range or of the wrong type.
+    """
+    if quantization not in INDEX_QUANTIZATIONS:
+        raise ModelLoadError(f"index.quantization must be one of {INDEX_QUANTIZATIONS}, got {quantization!r}")
+    for name, value, least in (("hnsw_m", hnsw_m, 1), ("hnsw_ef_construct", hnsw_ef_construct, 1),
+                               ("hnsw_ef", hnsw_ef, 1), ("hnsw_payload_m", hnsw_payload_m, 0),
+                               ("full_scan_threshold_kb", full_scan_threshold_kb, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ModelLoadError(f"index.{name} must be a whole number >= {least}, got {value!r}")
+    if isinstance(oversampling, bool) or not isinstance(oversampling, (int, float)) or oversampling < 1:
+        raise ModelLoadError(f"index.oversampling must be a number >= 1, got {oversampling!r}")
+    if filter_fields is None:
+        return None
+    if isinstance(filter_fields, str) or not all(isinstance(f, str) for f in filter_fields):
+        raise ModelLoadError(f"index.filter_fields must be a list of payload field names (or null), got "
+                             f"{filter_fields!r}")
+    return tuple(filter_fields)
 
 
 @dataclass(frozen=True, kw_only=True)

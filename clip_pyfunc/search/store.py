@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from clip_pyfunc.errors import ClipPyfuncError, ModelLoadError, one_line
+from clip_pyfunc.errors import ClipPyfuncError, one_line
 
 ID_KEY = "id"  # the payload key that holds the table's own id (Qdrant ids must be ints or UUIDs)
 META_KEY = "clip_pyfunc"
@@ -36,7 +36,6 @@ META_FILE = "clip_pyfunc.json"  # beside an Edge shard: the space and the store'
 SHARD_DIR = "shard"
 _ID_NAMESPACE = uuid.UUID("6f1e2d1c-0b7a-4e55-9c3e-2f1f6f3a9d10")
 SERVER_INDEXING_THRESHOLD_KB = 20000  # Qdrant's default `optimizers.indexing_threshold`, restored by finish()
-QUANTIZATIONS = ("none", "int8")
 PAYLOAD_TYPES = ("keyword", "integer", "bool")  # what `key=value` filters match
 
 MAKE_INDEX = ("Make one with `clip-pyfunc embed-table --model-uri MODEL --input PHOTOS --output TABLE` "
@@ -109,21 +108,10 @@ class StoreConfig:
     filter_fields: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if self.quantization not in QUANTIZATIONS:
-            raise ModelLoadError(f"index.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        for name in ("hnsw_m", "hnsw_ef_construct", "hnsw_ef", "full_scan_threshold_kb"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelLoadError(f"index.{name} must be a whole number >= 1, got {value!r}")
-        if isinstance(self.hnsw_payload_m, bool) or not isinstance(self.hnsw_payload_m, int) or self.hnsw_payload_m < 0:
-            raise ModelLoadError(f"index.hnsw_payload_m must be a whole number >= 0, got {self.hnsw_payload_m!r}")
-        if not isinstance(self.oversampling, (int, float)) or self.oversampling < 1:
-            raise ModelLoadError(f"index.oversampling must be a number >= 1, got {self.oversampling!r}")
-        if self.filter_fields is not None:
-            if isinstance(self.filter_fields, str) or not all(isinstance(f, str) for f in self.filter_fields):
-                raise ModelLoadError(f"index.filter_fields must be a list of payload field names (or null), got "
-                                     f"{self.filter_fields!r}")
-            object.__setattr__(self, "filter_fields", tuple(self.filter_fields))
+        from clip_pyfunc.settings import check_index_settings
+
+        fields = check_index_settings(**{name: getattr(self, name) for name in self.__dataclass_fields__})
+        object.__setattr__(self, "filter_fields", fields)
 
     def build_settings(self) -> dict[str, Any]:
         """The settings fixed at creation, as recorded beside the collection."""
