@@ -67,7 +67,8 @@ TRANSFORMERS_REQUIREMENTS = ("transformers", "huggingface-hub", "sentencepiece",
 # 0.10: its Python API is young and changes between minor versions.
 # nncf: `register --int8` (static post-training quantization of the image tower's IR).
 # httptools and uvloop: uvicorn's own speedups (its [standard] extra), which it picks up when
-# installed; they took a bare FastAPI form POST from 2.6 to 1.6 ms on the 2-core machine.
+# installed. The app's figures in docs/BENCHMARKS.md (issue 28) were measured with them; on a bare
+# FastAPI form POST they saved 0.07 and 0.48 ms in two runs (tools/http_floor.py).
 PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("nncf", "pyyaml", "tqdm", "matplotlib", "qdrant-edge-py", "qdrant-client",
                                              "pyarrow", "fastapi", "uvicorn", "httptools", "uvloop",
                                              "python-multipart")

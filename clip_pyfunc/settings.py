@@ -256,7 +256,7 @@ class IndexConfig:
         hnsw_ef_construct: HNSW build candidates, fixed at creation (Qdrant's default 100).
         hnsw_ef: Candidates per query: the recall/latency knob (docs/SEARCH.md has the measurement).
         hnsw_payload_m: Extra HNSW links per value of each filter field (Qdrant's payload_m), fixed
-            at creation; 0 builds none (they doubled the build and slowed every query, measured).
+            at creation; 0 builds none (they made the build 1.8x longer and every query slower, measured).
         full_scan_threshold_kb: Below this many KB of matching vectors a filtered query scans.
         quantization: "none" or "int8" (scalar int8 copies searched first, rescored in float32);
             fixed at creation.

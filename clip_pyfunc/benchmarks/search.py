@@ -206,11 +206,12 @@ def query_in_fresh_process(path: str, queries, truth, efs, collection: str = "be
 
 
 def large(points: int, efs, queries: int, data: str = "low-dim", work: str | None = None, keep: bool = False,
-          space=None) -> dict:
+          space=None, quantization: str = "none") -> dict:
     """One million-point (or `points`) run on the embedded store: build, open, RSS, disk, recall and latency."""
     import numpy as np
 
     from clip_pyfunc.benchmarks.common import percentile
+    from clip_pyfunc.search.store import StoreConfig
 
     centres = max(20, points // 50)
     make = low_dim_vectors if data == "low-dim" else iid_vectors
@@ -227,9 +228,10 @@ def large(points: int, efs, queries: int, data: str = "low-dim", work: str | Non
     work = work or tempfile.mkdtemp(prefix="clip-bench-store-")
     path = os.path.join(work, f"{data}-{points}")
     shutil.rmtree(path, ignore_errors=True)
-    out = {"data": data, "points": points, "centres": centres, "generate_s": round(made, 1),
+    out = {"data": data, "quantization": quantization, "points": points, "centres": centres,
+           "generate_s": round(made, 1),
            **geometry(matrix, query_vectors, truth), "numpy_scan_p50_ms": round(percentile(scan, 50) * 1e3, 2)}
-    out.update(build_edge(path, matrix, space=space))
+    out.update(build_edge(path, matrix, space=space, config=StoreConfig(quantization=quantization)))
     del matrix
     out.update(query_in_fresh_process(path, query_vectors, truth, efs))
     out["disk_mib"] = _du_mib(path)
@@ -426,7 +428,8 @@ def app_overhead(path: str, points: int, registered: dict, queries: int, tmp: st
 
 
 def run(points: int = 1_000_000, compare_sizes=(20_000, 100_000), efs=(32, 64, 128, 256), queries: int = 200,
-        parts=("large", "app", "compare", "shell", "duplicates", "iid"), output: str | None = None) -> dict:
+        parts=("large", "app", "compare", "shell", "duplicates", "iid"), output: str | None = None,
+        quantization: str = "none") -> dict:
     """The parts asked for, with the machine they ran on; `output` gets the JSON after each part."""
     from clip_pyfunc.benchmarks.bench import matmul_gflops
     from clip_pyfunc.benchmarks.common import machine_info
@@ -446,7 +449,8 @@ def run(points: int = 1_000_000, compare_sizes=(20_000, 100_000), efs=(32, 64, 1
         for part in parts:
             print(f"bench-search: {part} ...", file=sys.stderr, flush=True)
             if part == "large":
-                out["large_low_dim"] = large(points, efs, queries, "low-dim", work, keep="app" in parts, space=space)
+                out["large_low_dim"] = large(points, efs, queries, "low-dim", work, keep="app" in parts, space=space,
+                                             quantization=quantization)
             elif part == "app":
                 out["app"] = app_overhead(out["large_low_dim"]["path"], points, registered, 50, work)
             elif part == "iid":

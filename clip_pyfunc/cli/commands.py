@@ -249,7 +249,7 @@ def cmd_bench_search(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import search
 
     return search.run(points=args.points, compare_sizes=args.compare_sizes, efs=args.efs, queries=args.queries,
-                      parts=args.parts, output=args.output)
+                      parts=args.parts, output=args.output, quantization=args.quantization)
 
 
 def cmd_bench_pixels(args: argparse.Namespace) -> dict:

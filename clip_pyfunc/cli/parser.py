@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", default=["large", "app", "compare", "shell", "duplicates", "iid"],
                    choices=["large", "iid", "compare", "shell", "duplicates", "app", "int8", "payload_m"],
                    help="what to run (int8, payload_m: store variants at the largest compare size)")
+    p.add_argument("--quantization", choices=["none", "int8"], default="none",
+                   help="the large low-dim store's quantization (int8: scalar, rescored)")
     p.add_argument("--output", help="also write the JSON here, after each part")
     p.set_defaults(func=commands.cmd_bench_search)
     p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")

@@ -87,8 +87,8 @@ class StoreConfig:
         hnsw_ef: Candidates kept per query; the recall/latency knob, read at query time.
         hnsw_payload_m: Extra graph links per value of each indexed payload field (Qdrant's
             `payload_m`), for filtered queries on large value groups; 0 builds none. Measured on
-            100k 512-d points with a 10-value keyword field: they doubled the build (40 -> 81 s)
-            and made unfiltered queries 2.4x slower (docs/SEARCH.md).
+            100k 512-d points with a 10-value keyword field: they made the build 1.8x longer
+            (44.8 -> 82.5 s) and unfiltered queries 1.6-2.0x slower (docs/SEARCH.md).
         full_scan_threshold_kb: Below this many KB of vectors a filtered query scans instead of
             walking the graph (Qdrant's default 10000).
         quantization: "none", or "int8": scalar int8 copies of the vectors searched first, then the
@@ -274,8 +274,8 @@ class EdgeStore(Store):
             raise NoIndex(f"no index at {path} (--index-path, or --qdrant-url for a server). {MAKE_INDEX}")
         if _is_local_mode_folder(path):
             raise IndexRefused(
-                f"{path} is an index of qdrant-client's local mode (clip-pyfunc before 0.9), which this version "
-                "no longer reads: re-run `clip-pyfunc index` into a new --index-path, then delete the old folder")
+                f"{path} is an index of qdrant-client's local mode, which clip-pyfunc wrote before it moved to Qdrant "
+                "Edge and no longer reads: re-run `clip-pyfunc index` into a new --index-path, then delete the old folder")
         if os.path.isfile(os.path.join(self.folder, META_FILE)):
             self._open()
         elif must_exist:
