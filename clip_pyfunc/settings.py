@@ -292,7 +292,7 @@ INDEX_QUANTIZATIONS = ("none", "int8")
 
 def check_index_settings(*, hnsw_m, hnsw_ef_construct, hnsw_ef, hnsw_payload_m, full_scan_threshold_kb, quantization,
                          oversampling, filter_fields) -> tuple[str, ...] | None:
-    """Refuse index settings a store cannot take, naming the setting (IndexConfig and search.store.StoreConfig).
+    """Refuse index settings a store cannot take, naming the setting (IndexConfig's own check).
 
     Returns:
         `filter_fields` as a tuple, or None.

@@ -23,8 +23,8 @@ import pytest
 
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.search.query import duplicate_groups
-from clip_pyfunc.search.store import (EdgeStore, IndexRefused, NoIndex, ServerStore, Space, StoreConfig, copy_store)
-from clip_pyfunc.settings import load_settings
+from clip_pyfunc.search.store import EdgeStore, IndexRefused, NoIndex, ServerStore, Space, copy_store
+from clip_pyfunc.settings import IndexConfig, load_settings
 
 DIM = 32
 SPACE = Space(model_uri="models:/store_test/1", run_id="run-a", models={}, embedding_dim=DIM)
@@ -112,7 +112,7 @@ def test_another_space_is_refused_the_same_way(make_store):
 def test_filtered_queries_walk_the_graph(tmp_path):
     """With a full-scan threshold of 1 KB, filtered queries go through the HNSW graph, not a scan."""
     vectors = _unit(3000, 10)
-    with EdgeStore(str(tmp_path / "idx"), "c", StoreConfig(full_scan_threshold_kb=1)) as store:
+    with EdgeStore(str(tmp_path / "idx"), "c", IndexConfig(full_scan_threshold_kb=1)) as store:
         store.ensure(SPACE)
         _fill(store, vectors)
         store.finish({"colour": "keyword", "size": "integer"})
@@ -125,7 +125,7 @@ def test_filtered_queries_walk_the_graph(tmp_path):
 
 
 def test_int8_quantization_rescored_keeps_recall(tmp_path):
-    store = EdgeStore(str(tmp_path / "idx"), "c", StoreConfig(quantization="int8", hnsw_ef=64))
+    store = EdgeStore(str(tmp_path / "idx"), "c", IndexConfig(quantization="int8", hnsw_ef=64))
     vectors = _unit(2000, 2)
     store.ensure(SPACE)
     _fill(store, vectors)

@@ -157,7 +157,8 @@ def _query_process(path: str, collection: str, queries_file: str, efs: list[int]
     import numpy as np
 
     from clip_pyfunc.benchmarks.common import percentile
-    from clip_pyfunc.search.store import EdgeStore, StoreConfig
+    from clip_pyfunc.search.store import EdgeStore
+    from clip_pyfunc.settings import IndexConfig
 
     base = _rss_mib()
     queries = np.load(queries_file)
@@ -167,11 +168,11 @@ def _query_process(path: str, collection: str, queries_file: str, efs: list[int]
     after_open = _rss_mib()
     out = {"open_s": round(opened, 3), "rss_python_mib": round(base, 1), "rss_after_open_mib": round(after_open, 1),
            "by_ef": []}
-    store.config = StoreConfig(hnsw_ef=max(efs))
+    store.config = IndexConfig(hnsw_ef=max(efs))
     for q in queries:  # one untimed pass: pages the graph and vectors in, as a serving store's would be
         store.query(q, K)
     for ef in efs:
-        store.config = StoreConfig(hnsw_ef=ef)
+        store.config = IndexConfig(hnsw_ef=ef)
         times, found = [], []
         for _ in range(repeat):
             for q in queries:
@@ -211,7 +212,7 @@ def large(points: int, efs, queries: int, data: str = "low-dim", work: str | Non
     import numpy as np
 
     from clip_pyfunc.benchmarks.common import percentile
-    from clip_pyfunc.search.store import StoreConfig
+    from clip_pyfunc.settings import IndexConfig
 
     centres = max(20, points // 50)
     make = low_dim_vectors if data == "low-dim" else iid_vectors
@@ -231,7 +232,7 @@ def large(points: int, efs, queries: int, data: str = "low-dim", work: str | Non
     out = {"data": data, "quantization": quantization, "points": points, "centres": centres,
            "generate_s": round(made, 1),
            **geometry(matrix, query_vectors, truth), "numpy_scan_p50_ms": round(percentile(scan, 50) * 1e3, 2)}
-    out.update(build_edge(path, matrix, space=space, config=StoreConfig(quantization=quantization)))
+    out.update(build_edge(path, matrix, space=space, config=IndexConfig(quantization=quantization)))
     del matrix
     out.update(query_in_fresh_process(path, query_vectors, truth, efs))
     out["disk_mib"] = _du_mib(path)
@@ -290,7 +291,7 @@ def compare(sizes, efs, queries: int, work: str) -> list[dict]:
 
 
 def variants(size: int, efs, queries: int, work: str, configs: dict, shops: int = 100) -> dict:
-    """The embedded store under each named StoreConfig, on the same low-dim data and queries."""
+    """The embedded store under each named IndexConfig, on the same low-dim data and queries."""
     centres = max(20, size // 50)
     matrix = low_dim_vectors(size, seed=1, centres=centres)
     query_vectors = low_dim_vectors(queries, seed=2, centres=centres)
@@ -462,14 +463,14 @@ def run(points: int = 1_000_000, compare_sizes=(20_000, 100_000), efs=(32, 64, 1
             elif part == "duplicates":
                 out["duplicates"] = duplicates(max(compare_sizes), work)
             elif part == "int8":
-                from clip_pyfunc.search.store import StoreConfig
+                from clip_pyfunc.settings import IndexConfig
 
                 out["int8"] = variants(max(compare_sizes), efs, queries, work,
-                                       {"none": StoreConfig(), "int8": StoreConfig(quantization="int8")})
+                                       {"none": IndexConfig(), "int8": IndexConfig(quantization="int8")})
             elif part == "payload_m":  # 10 shops: each value's points exceed the full-scan threshold at 100k
-                from clip_pyfunc.search.store import StoreConfig
+                from clip_pyfunc.settings import IndexConfig
 
-                configs = {"payload_m_0": StoreConfig(), "payload_m_16": StoreConfig(hnsw_payload_m=16)}
+                configs = {"payload_m_0": IndexConfig(), "payload_m_16": IndexConfig(hnsw_payload_m=16)}
                 out["payload_m"] = variants(max(compare_sizes), efs, queries, work, configs, shops=10)
             out.setdefault("seconds", {})[part] = round(time.perf_counter() - t0)
             out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

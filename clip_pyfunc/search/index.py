@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from clip_pyfunc.errors import one_line
 from clip_pyfunc.models.request import EMBEDDING_COL, ERROR_COL
 from clip_pyfunc.registry.lookup import model_error
-from clip_pyfunc.search.store import IndexRefused, Space, Store, payload_type
+from clip_pyfunc.search.store import IndexRefused, build_settings, Space, Store, payload_type
 
 NOT_FILTERED = ("path", "url")  # payload fields indexed for filters only when asked: unique per item, as the id is
 
@@ -186,9 +186,9 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
               "skipped": skipped, "added": after - before, "updated": indexed - (after - before), "points": after,
               "filter_fields": filter_fields}
     recorded = getattr(store, "build", None)  # an embedded store's settings, fixed when it was created
-    if recorded is not None and recorded != store.config.build_settings():
+    if recorded is not None and recorded != build_settings(store.config):
         report["note"] = (f"the collection keeps the settings it was created with, {recorded}; index.* asks for "
-                          f"{store.config.build_settings()}: index into a new --collection to use them")
+                          f"{build_settings(store.config)}: index into a new --collection to use them")
     return report
 
 

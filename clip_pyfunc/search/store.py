@@ -8,7 +8,7 @@
   the stand-in qdrant-client offers for tests; no Qdrant server runs here.
 
 Both hold one collection, record the embedding space it holds (`Space`, in a JSON file beside the
-shard, or in the collection's metadata on a server), take the same `StoreConfig`, and answer with
+shard, or in the collection's metadata on a server), take the same settings (`IndexConfig`), and answer with
 the same `Hit`s keyed by the table's own ids. The caller decides what to put in: ids, float32
 vectors, JSON payloads.
 
@@ -20,6 +20,7 @@ is exact and correct, only slower.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from clip_pyfunc.errors import ClipPyfuncError, one_line
+from clip_pyfunc.settings import IndexConfig
 
 ID_KEY = "id"  # the payload key that holds the table's own id (Qdrant ids must be ints or UUIDs)
 META_KEY = "clip_pyfunc"
@@ -77,47 +79,11 @@ class Space:
         return self.run_id == other.run_id and self.embedding_dim == other.embedding_dim
 
 
-@dataclass(frozen=True, kw_only=True)
-class StoreConfig:
-    """How a collection is built and searched; the build settings are fixed when it is created.
-
-    Attributes:
-        hnsw_m: HNSW graph degree (Qdrant's `m`, default 16).
-        hnsw_ef_construct: Candidates kept while building the graph (Qdrant's default 100).
-        hnsw_ef: Candidates kept per query; the recall/latency knob, read at query time.
-        hnsw_payload_m: Extra graph links per value of each indexed payload field (Qdrant's
-            `payload_m`), for filtered queries on large value groups; 0 builds none. Measured on
-            100k 512-d points with a 10-value keyword field: they made the build 1.8x longer
-            (44.8 -> 82.5 s) and unfiltered queries 1.6-2.0x slower (docs/SEARCH.md).
-        full_scan_threshold_kb: Below this many KB of vectors a filtered query scans instead of
-            walking the graph (Qdrant's default 10000).
-        quantization: "none", or "int8": scalar int8 copies of the vectors searched first, then the
-            best `oversampling` x k rescored with the float32 originals.
-        oversampling: How many times k candidates the int8 search passes to rescoring.
-        filter_fields: Payload fields to index for filters; None indexes every field whose values are
-            strings, whole numbers or booleans, except `path` and the id column.
-    """
-
-    hnsw_m: int = 16
-    hnsw_ef_construct: int = 100
-    hnsw_ef: int = 128
-    hnsw_payload_m: int = 0
-    full_scan_threshold_kb: int = 10000
-    quantization: str = "none"
-    oversampling: float = 2.0
-    filter_fields: tuple[str, ...] | None = None
-
-    def __post_init__(self):
-        from clip_pyfunc.settings import check_index_settings
-
-        fields = check_index_settings(**{name: getattr(self, name) for name in self.__dataclass_fields__})
-        object.__setattr__(self, "filter_fields", fields)
-
-    def build_settings(self) -> dict[str, Any]:
-        """The settings fixed at creation, as recorded beside the collection."""
-        return {"hnsw_m": self.hnsw_m, "hnsw_ef_construct": self.hnsw_ef_construct,
-                "hnsw_payload_m": self.hnsw_payload_m, "full_scan_threshold_kb": self.full_scan_threshold_kb,
-                "quantization": self.quantization}
+def build_settings(config: IndexConfig) -> dict[str, Any]:
+    """The settings fixed when a collection is created, as recorded beside it (see `IndexConfig`)."""
+    return {"hnsw_m": config.hnsw_m, "hnsw_ef_construct": config.hnsw_ef_construct,
+            "hnsw_payload_m": config.hnsw_payload_m, "full_scan_threshold_kb": config.full_scan_threshold_kb,
+            "quantization": config.quantization}
 
 
 @dataclass
@@ -167,7 +133,7 @@ class Store(ABC):
 
     collection: str
     where: str  # the folder or URL, for messages
-    config: StoreConfig
+    config: IndexConfig
 
     @abstractmethod
     def space(self) -> Space:
@@ -252,7 +218,7 @@ class EdgeStore(Store):
     that opens the same store is refused while the first holds it.
     """
 
-    def __init__(self, path: str, collection: str, config: StoreConfig | None = None, *, must_exist: bool = False):
+    def __init__(self, path: str, collection: str, config: IndexConfig | None = None, *, must_exist: bool = False):
         """Open (or prepare to create) the collection's store.
 
         Args:
@@ -265,7 +231,7 @@ class EdgeStore(Store):
             NoIndex: `must_exist` and there is no such folder or collection.
             IndexRefused: Another process holds the store, or its files cannot be read.
         """
-        self.path, self.collection, self.config = path, collection, config or StoreConfig()
+        self.path, self.collection, self.config = path, collection, config or IndexConfig()
         self.folder = os.path.join(path, collection)
         self.where = path
         self._shard = None
@@ -341,7 +307,7 @@ class EdgeStore(Store):
 
     def create(self, space: Space) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        meta = {"space": space.to_dict(), "build": self.config.build_settings(), "payload_indexes": {}}
+        meta = {"space": space.to_dict(), "build": build_settings(self.config), "payload_indexes": {}}
         self._write_meta(meta)
         self._open()
 
@@ -470,7 +436,7 @@ def _is_local_mode_folder(path: str) -> bool:
 class ServerStore(Store):
     """A collection on a Qdrant server or cluster, through qdrant-client; the space is in its metadata."""
 
-    def __init__(self, client, collection: str, config: StoreConfig | None = None, *, where: str = "server"):
+    def __init__(self, client, collection: str, config: IndexConfig | None = None, *, where: str = "server"):
         """Use one collection through a connected client.
 
         Args:
@@ -479,7 +445,7 @@ class ServerStore(Store):
             config: Build and query settings.
             where: The server's URL, for messages.
         """
-        self.client, self.collection, self.config, self.where = client, collection, config or StoreConfig(), where
+        self.client, self.collection, self.config, self.where = client, collection, config or IndexConfig(), where
         self._quantization: bool | None = None
 
     def space(self) -> Space:
@@ -626,18 +592,10 @@ def open_store(index, *, must_exist: bool = False) -> Store:
         NoIndex: `must_exist` and the embedded store has no such folder or collection.
         IndexRefused: The store is in use by another process, unreadable, or the server is unreachable.
     """
-    config = store_config(index)
     url = index.url or os.environ.get("QDRANT_URL")
     if url:
-        return ServerStore(connect_server(url), index.collection, config, where=url)
-    return EdgeStore(index.path or "clip-index", index.collection, config, must_exist=must_exist)
-
-
-def store_config(index) -> StoreConfig:
-    """The `StoreConfig` of an `IndexConfig`."""
-    return StoreConfig(hnsw_m=index.hnsw_m, hnsw_ef_construct=index.hnsw_ef_construct, hnsw_ef=index.hnsw_ef,
-                       hnsw_payload_m=index.hnsw_payload_m, full_scan_threshold_kb=index.full_scan_threshold_kb, quantization=index.quantization,
-                       oversampling=index.oversampling, filter_fields=index.filter_fields)
+        return ServerStore(connect_server(url), index.collection, index, where=url)
+    return EdgeStore(index.path or "clip-index", index.collection, index, must_exist=must_exist)
 
 
 def copy_store(source: Store, target: Store, *, batch: int = 1024, progress: bool = False) -> dict[str, Any]:
@@ -681,11 +639,7 @@ def copy_to_server(index, url: str, *, progress: bool = True) -> dict[str, Any]:
         IndexRefused: The embedded store is in use, the server is unreachable, or its collection holds
             another embedding space.
     """
-    config = store_config(index)
-    with EdgeStore(index.path, index.collection, config, must_exist=True) as source:
-        build = source.build
-        server_config = StoreConfig(hnsw_m=build["hnsw_m"], hnsw_ef_construct=build["hnsw_ef_construct"],
-                                    hnsw_ef=config.hnsw_ef, hnsw_payload_m=build.get("hnsw_payload_m", 0), full_scan_threshold_kb=build["full_scan_threshold_kb"],
-                                    quantization=build["quantization"], oversampling=config.oversampling)
+    with EdgeStore(index.path, index.collection, index, must_exist=True) as source:
+        server_config = dataclasses.replace(index, **source.build)  # the server collection is built as the source was
         with ServerStore(connect_server(url), index.collection, server_config, where=url) as target:
             return copy_store(source, target, batch=index.batch_rows, progress=progress)
