@@ -110,7 +110,8 @@ def test_another_space_is_refused_the_same_way(make_store):
 
 
 def test_filtered_queries_walk_the_graph(tmp_path):
-    """With a full-scan threshold of 1 KB, filtered queries go through the HNSW graph, not a scan."""
+    """With a full-scan threshold of 1 KB, filtered queries go through the HNSW graph, not a scan; with ACORN
+    they keep their neighbours (a plain filtered walk found 0.74 of them, and none for some queries)."""
     vectors = _unit(3000, 10)
     with EdgeStore(str(tmp_path / "idx"), "c", IndexConfig(full_scan_threshold_kb=1)) as store:
         store.ensure(SPACE)

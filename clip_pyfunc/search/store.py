@@ -12,6 +12,11 @@ shard, or in the collection's metadata on a server), take the same settings (`In
 the same `Hit`s keyed by the table's own ids. The caller decides what to put in: ids, float32
 vectors, JSON payloads.
 
+A filtered query asks for ACORN (Qdrant's filtered graph search, https://qdrant.tech/documentation/
+concepts/search/#acorn-search-algorithm): without per-value links (`hnsw_payload_m` 0, the
+default) a plain filtered walk lost neighbours, 0.74 recall@10 against 1.0 with ACORN on a 1-in-10
+filter (tests/test_store.py).
+
 HNSW, the payload indexes and the quantized copy are built once, in `finish()`, at the end of an
 index run: Qdrant's bulk-load recipe ("indexing_threshold: 0" while loading, https://qdrant.tech/
 documentation/database-tutorials/bulk-upload/). Until then queries scan the unindexed segments, which
@@ -360,13 +365,14 @@ class EdgeStore(Store):
         shard.optimize()
         shard.flush()
 
-    def _params(self, k: int):
-        from qdrant_edge import QuantizationSearchParams, SearchParams
+    def _params(self, k: int, filtered: bool):
+        from qdrant_edge import AcornSearchParams, QuantizationSearchParams, SearchParams
 
         quantization = None
         if self._meta["build"]["quantization"] != "none":
             quantization = QuantizationSearchParams(rescore=True, oversampling=float(self.config.oversampling))
-        return SearchParams(hnsw_ef=max(self.config.hnsw_ef, k), quantization=quantization)
+        return SearchParams(hnsw_ef=max(self.config.hnsw_ef, k), quantization=quantization,
+                            acorn=AcornSearchParams(enable=True) if filtered else None)
 
     def _filter(self, filters: Filters | None):
         from qdrant_edge import FieldCondition, Filter, MatchValue
@@ -380,7 +386,8 @@ class EdgeStore(Store):
         from qdrant_edge import Query, QueryRequest
 
         return QueryRequest(limit=k, query=Query.Nearest(vector), filter=self._filter(filters),
-                            with_payload=with_payload, score_threshold=score_threshold, params=self._params(k))
+                            with_payload=with_payload, score_threshold=score_threshold,
+                            params=self._params(k, bool(filters)))
 
     def query(self, vector, k, filters=None, score_threshold=None) -> list[Hit]:
         found = self._need().query(self._request(vector, k, filters, score_threshold))
@@ -504,13 +511,14 @@ class ServerStore(Store):
             self._quantization = self.client.get_collection(self.collection).config.quantization_config is not None
         return self._quantization
 
-    def _params(self, k: int):
+    def _params(self, k: int, filtered: bool = False):
         from qdrant_client import models
 
         quantization = None
         if self._quantized():
             quantization = models.QuantizationSearchParams(rescore=True, oversampling=float(self.config.oversampling))
-        return models.SearchParams(hnsw_ef=max(self.config.hnsw_ef, k), quantization=quantization)
+        return models.SearchParams(hnsw_ef=max(self.config.hnsw_ef, k), quantization=quantization,
+                                   acorn=models.AcornSearchParams(enable=True) if filtered else None)
 
     @staticmethod
     def _filter(filters: Filters | None):
@@ -524,7 +532,8 @@ class ServerStore(Store):
 
     def query(self, vector, k, filters=None, score_threshold=None) -> list[Hit]:
         found = self.client.query_points(self.collection, query=[float(x) for x in vector], limit=k,
-                                         query_filter=self._filter(filters), search_params=self._params(k),
+                                         query_filter=self._filter(filters),
+                                         search_params=self._params(k, bool(filters)),
                                          score_threshold=score_threshold, with_payload=True).points
         return [_hit(p, float(p.score)) for p in found]
 
