@@ -9,6 +9,7 @@ checked on the embedded store. Vectors are random (no meaning).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,6 +67,16 @@ def _fill(store, vectors, start=0):
     store.upsert(ids, vectors, payloads)
 
 
+@contextlib.contextmanager
+def _filled_edge(path, vectors, fields, config=None):
+    """An embedded store holding `vectors` (see _fill), built with `fields` indexed; closed after."""
+    with EdgeStore(str(path), "c", config) as store:
+        store.ensure(SPACE)
+        _fill(store, vectors)
+        store.finish(fields)
+        yield store
+
+
 def test_both_stores_answer_alike(make_store):
     """Upsert by id, the HNSW build, query against exact search, filters, retrieve, scroll, batches and count."""
     store = make_store()
@@ -113,10 +124,8 @@ def test_filtered_queries_walk_the_graph(tmp_path):
     """With a full-scan threshold of 1 KB, filtered queries go through the HNSW graph, not a scan; with ACORN
     they keep their neighbours (a plain filtered walk found 0.74 of them, and none for some queries)."""
     vectors = _unit(3000, 10)
-    with EdgeStore(str(tmp_path / "idx"), "c", IndexConfig(full_scan_threshold_kb=1)) as store:
-        store.ensure(SPACE)
-        _fill(store, vectors)
-        store.finish({"colour": "keyword", "size": "integer"})
+    with _filled_edge(tmp_path / "idx", vectors, {"colour": "keyword", "size": "integer"},
+                      IndexConfig(full_scan_threshold_kb=1)) as store:
         for q in _unit(10, 11):
             hits = store.query(q, 10, [("colour", ["red"]), ("size", [3])])
             want = [f"item-{i}" for i in np.argsort(-(vectors @ q)) if i % 2 == 0 and i % 5 == 3][:10]
@@ -161,10 +170,7 @@ def test_duplicates_through_the_index_find_planted_copies(make_store):
 def test_copy_to_a_server_store(tmp_path):
     """`index --to-server`'s copy: every point, its payload and the space; a re-run adds nothing."""
     vectors = _unit(700, 6)
-    with EdgeStore(str(tmp_path / "idx"), "c") as edge:
-        edge.ensure(SPACE)
-        _fill(edge, vectors)
-        edge.finish({"colour": "keyword"})
+    with _filled_edge(tmp_path / "idx", vectors, {"colour": "keyword"}) as edge:
         server = _server_store()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Local mode performs exact")
@@ -237,10 +243,7 @@ def test_bad_index_settings_name_the_setting():
 def test_concurrent_queries_from_threads(tmp_path):
     """The app queries one store from a thread pool: answers equal the serial ones."""
     vectors = _unit(2000, 8)
-    with EdgeStore(str(tmp_path / "idx"), "c") as store:
-        store.ensure(SPACE)
-        _fill(store, vectors)
-        store.finish({"colour": "keyword"})
+    with _filled_edge(tmp_path / "idx", vectors, {"colour": "keyword"}) as store:
         serial = [[h.id for h in store.query(v, 5)] for v in vectors[:64]]
         answers: dict[int, list] = {}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ async def g():
 def measure(folder: str, loop: str, http: str, middleware: bool, port: int, requests_n: int) -> float:
     import requests
 
+    from clip_pyfunc.benchmarks.common import percentile, time_calls
+
     env = {**os.environ, **({"WITH_MIDDLEWARE": "1"} if middleware else {})}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port), "--loop", loop,
                              "--http", http, "--log-level", "warning"], cwd=folder, env=env)
@@ -48,18 +49,12 @@ def measure(folder: str, loop: str, http: str, middleware: bool, port: int, requ
                 break
             except requests.RequestException:
                 time.sleep(0.2)
-        call = lambda: session.post(f"http://127.0.0.1:{port}/f", data={"like": "item-1", "k": "10"})  # noqa: E731
-        for _ in range(50):
-            call()
-        times = []
-        for _ in range(requests_n):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
+        times = time_calls(lambda: session.post(f"http://127.0.0.1:{port}/f", data={"like": "item-1", "k": "10"}),
+                           requests_n, warmup=50)
     finally:
         proc.terminate()
         proc.wait()
-    return round(statistics.median(times) * 1e3, 2)
+    return round(percentile(times, 50) * 1e3, 2)
 
 
 def main() -> None:
