@@ -167,9 +167,10 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
                         for values in frame[payload_cols].itertuples(index=False, name=None)]
             store.upsert([_plain(i) for i in frame[id_col]], vectors, payloads)
             for c in payload_cols:
-                kind = next((payload_type(p[c]) for p in payloads if p[c] is not None), None)
-                if kind and c not in fields:
-                    fields[c] = kind
+                if c not in fields:  # a field's type is read once, from its first value
+                    kind = next((payload_type(p[c]) for p in payloads if p[c] is not None), None)
+                    if kind:
+                        fields[c] = kind
         indexed += len(frame)
         rows += len(good)
         bar.update(len(good))

@@ -440,6 +440,13 @@ def _is_local_mode_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(os.path.join(path, "collection"))
 
 
+def _floats(vector) -> list[float]:
+    """A vector as the JSON list qdrant-client sends."""
+    import numpy as np
+
+    return np.asarray(vector, dtype=np.float32).tolist()
+
+
 class ServerStore(Store):
     """A collection on a Qdrant server or cluster, through qdrant-client; the space is in its metadata."""
 
@@ -485,7 +492,7 @@ class ServerStore(Store):
     def upsert(self, ids, vectors, payloads) -> None:
         from qdrant_client import models
 
-        points = [models.PointStruct(id=point_id(i), vector=[float(x) for x in v], payload={**p, ID_KEY: i})
+        points = [models.PointStruct(id=point_id(i), vector=_floats(v), payload={**p, ID_KEY: i})
                   for i, v, p in zip(ids, vectors, payloads)]
         if points:
             self.client.upsert(self.collection, points=points, wait=True)
@@ -531,7 +538,7 @@ class ServerStore(Store):
             for key, options in filters])
 
     def query(self, vector, k, filters=None, score_threshold=None) -> list[Hit]:
-        found = self.client.query_points(self.collection, query=[float(x) for x in vector], limit=k,
+        found = self.client.query_points(self.collection, query=_floats(vector), limit=k,
                                          query_filter=self._filter(filters),
                                          search_params=self._params(k, bool(filters)),
                                          score_threshold=score_threshold, with_payload=True).points
@@ -540,7 +547,7 @@ class ServerStore(Store):
     def query_batch(self, vectors, k, score_threshold=None) -> list[list[Hit]]:
         from qdrant_client import models
 
-        requests = [models.QueryRequest(query=[float(x) for x in v], limit=k, params=self._params(k),
+        requests = [models.QueryRequest(query=_floats(v), limit=k, params=self._params(k),
                                         score_threshold=score_threshold, with_payload=[ID_KEY]) for v in vectors]
         if not requests:
             return []
