@@ -21,18 +21,32 @@ class ClipPyfuncError(Exception):
     """Base class of every error clip-pyfunc raises on purpose."""
 
 
+# What kind of bad input an InvalidInput is, for metrics (serving.metrics counts bad rows by kind).
+BAD_KINDS = ("null", "type", "empty", "base64", "over_limit", "not_an_image", "corrupt_image", "image_shape", "url",
+             "request")
+
+
 class InvalidInput(ClipPyfuncError):
     """What the caller sent cannot be embedded.
 
     Attributes:
         row: The index of the offending row, or None when the error is not about one row.
         reason: What was wrong, without the row prefix.
+        kind: One of BAD_KINDS: null, type (not a string / bytes), empty, base64, over_limit (bytes,
+            pixels, tokens, rows), not_an_image (not an allowed format), corrupt_image, image_shape (an image
+            too small or odd to preprocess), url (an image URL refused or failed), or request (the request as a
+            whole: columns, params, row count).
     """
 
-    def __init__(self, reason: str, row: int | None = None):
+    def __init__(self, reason: str, row: int | None = None, kind: str = "request"):
         self.row = row
         self.reason = reason
+        self.kind = kind
         super().__init__(reason if row is None else f"row {row}: {reason}")
+
+    def at(self, row: int, reason: str | None = None) -> "InvalidInput":
+        """The same error (same kind) for another row, optionally with another reason."""
+        return InvalidInput(self.reason if reason is None else reason, row, self.kind)
 
 
 class ModelLoadError(ClipPyfuncError):
@@ -49,7 +63,7 @@ def combine_row_errors(errors: list[InvalidInput], limit: int = 5) -> InvalidInp
     more = f"; and {len(errors) - limit} more bad rows" if len(errors) > limit else ""
     rows = len(errors)
     head = "1 bad row" if rows == 1 else f"{rows} bad rows"
-    combined = InvalidInput(f"{head}: {shown}{more}")
+    combined = InvalidInput(f"{head}: {shown}{more}", kind=errors[0].kind)
     combined.row = errors[0].row
     return combined
 

@@ -57,6 +57,11 @@ class RuntimeConfig:
         url_read_timeout: Seconds for an image URL's whole answer.
         url_max_redirects: Redirects followed per image URL.
         url_concurrency: Image URLs fetched at once per request.
+        batch_wait_ms: Batching across requests (runtime.batching): how long, in milliseconds, a forward
+            that is not full waits for requests still decoding before it starts. It never waits when
+            no other request is inside the model. 0 shares only the forwards that queue up by themselves.
+        inject_engine_failures: Make the first N forwards after load fail as an engine error would, to
+            check that health probes turn unhealthy and recover (0, the default, injects nothing).
     """
 
     device: str = "auto"
@@ -78,6 +83,8 @@ class RuntimeConfig:
     url_read_timeout: float = 15.0
     url_max_redirects: int = 3
     url_concurrency: int = 8
+    batch_wait_ms: float = 0.0
+    inject_engine_failures: int = 0
 
     def __post_init__(self):
         device = self.device
@@ -104,6 +111,13 @@ class RuntimeConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ModelLoadError(f"{name} must be a positive number of seconds, got {value!r}")
         _require_positive_int("url_concurrency", self.url_concurrency)
+        wait = self.batch_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 1000:
+            raise ModelLoadError(f"batch_wait_ms must be a number of milliseconds in [0, 1000], got {wait!r}")
+        if isinstance(self.inject_engine_failures, bool) or not isinstance(self.inject_engine_failures, int) \
+                or self.inject_engine_failures < 0:
+            raise ModelLoadError(f"inject_engine_failures must be a whole number >= 0, got "
+                                 f"{self.inject_engine_failures!r}")
         if isinstance(self.url_max_redirects, bool) or not isinstance(self.url_max_redirects, int) \
                 or self.url_max_redirects < 0:
             raise ModelLoadError(f"url_max_redirects must be a whole number >= 0, got {self.url_max_redirects!r}")

@@ -19,6 +19,8 @@ from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors
 from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
                                         served_row_limit)
 from clip_pyfunc.runtime import OpenVINOEngine, TorchEngine, apply_precision, pick_runtime, torch_available
+from clip_pyfunc.runtime.batching import SharedForwards
+from clip_pyfunc.runtime.observe import Observer
 from clip_pyfunc.settings import RuntimeConfig
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,18 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         if not os.path.isdir(path):
             raise ModelLoadError(f"artifact {self.tower!r} is not a directory: {path}")
         self.info = CheckpointInfo.read(path)
-        self.runtime, self.engine, self.engine_note = self._load_engine(path)
+        self.runtime, engine, self.engine_note = self._load_engine(path)
+        self.observer = Observer()  # a front end that exports metrics sets its own (set_observer)
+        # Concurrent predict calls (MLflow's scoring server, the app) share forward passes.
+        self.engine = SharedForwards(engine, max_rows=self.runtime.batch_size,
+                                     wait_s=self.config.batch_wait_ms / 1000,
+                                     faults=self.config.inject_engine_failures)
         self._load_tower(path)
+
+    def set_observer(self, observer: Observer) -> None:
+        """Report this model's stages, forwards, bad rows and failures to `observer` (runtime.observe)."""
+        self.observer = observer
+        self.engine.observer = observer
 
     def _load_engine(self, path: str):
         """Pick the engine and load the tower into it: (Runtime, engine, note).
@@ -140,11 +152,22 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         dim = self.embedding_dim
         out = np.full((len(values), dim), np.nan, dtype=np.float32)
         errors: list[InvalidInput] = []
-        for positions, embeddings, bad in self._embed_valid(values, stop_on_error=stop_on_error):
-            errors.extend(bad)
-            if embeddings is not None and len(positions):
-                out[positions] = finish(embeddings, normalize)
+        try:
+            with self.engine.caller():
+                for positions, embeddings, bad in self._embed_valid(values, stop_on_error=stop_on_error):
+                    errors.extend(bad)
+                    if embeddings is not None and len(positions):
+                        out[positions] = finish(embeddings, normalize)
+        except InvalidInput:
+            raise
+        except Exception as e:  # an engine error or out of memory: the model's failure, not the caller's
+            self.observer.failure(e)
+            raise
         errors.sort(key=lambda e: e.row)
+        self.observer.success()
+        answered = len(values) - len(errors)
+        refused = stop_on_error and bool(errors)  # the caller refuses the whole request
+        self.observer.rows(0 if refused else answered, answered if refused else 0, [e.kind for e in errors])
         return out, errors
 
     def table_columns(self, values: Sequence[object], *, normalize: bool | None = None):

@@ -73,14 +73,15 @@ class ClipImageTextEmbedding(mlflow.pyfunc.PythonModel):
             ({"image_features": [list or None per row], "text_features": [...]}, row errors naming
             the field), sorted by row.
         """
-        errors = [InvalidInput("neither image nor text; send at least one (empty or null means absent)", row)
+        errors = [InvalidInput("neither image nor text; send at least one (empty or null means absent)", row,
+                                "empty")
                   for row, (image, text) in enumerate(zip(images, texts)) if _absent(image) and _absent(text)]
         columns = {}
         for field, model, values in (("image", self.image, images), ("text", self.text, texts)):
             rows = [row for row, value in enumerate(values) if not _absent(value)]
             vectors, bad = model.embed_rows([values[row] for row in rows], normalize=normalize,
                                             stop_on_error=stop_on_error) if rows else ([], [])
-            errors.extend(InvalidInput(f"{field}: {e.reason}", rows[e.row]) for e in bad)
+            errors.extend(e.at(rows[e.row], f"{field}: {e.reason}") for e in bad)
             failed = {rows[e.row] for e in bad}
             cells: list = [None] * len(values)
             for i, row in enumerate(rows):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from clip_pyfunc.stages.decode import ImageLimits, decode_image, fetch_urls
 from clip_pyfunc.stages.fetch import url_policy
 from clip_pyfunc.stages.encode import encode_patches, encode_pixels
@@ -54,9 +56,16 @@ class ClipImageEmbedding(ClipEmbeddingModel):
             return e
 
     def _prepare(self, value):
-        """Decode and preprocess one row (see decode_row and preprocess_row)."""
+        """Decode and preprocess one row (see decode_row and preprocess_row), each timed for the observer."""
+        started = time.perf_counter()
         img = self.decode_row(value)
-        return img if isinstance(img, InvalidInput) else self.preprocess_row(img)
+        decoded = time.perf_counter()
+        self.observer.stage("decode", decoded - started, 1)
+        if isinstance(img, InvalidInput):
+            return img
+        out = self.preprocess_row(img)
+        self.observer.stage("preprocess", time.perf_counter() - decoded, 1)
+        return out
 
     def _embed_valid(self, values, *, stop_on_error: bool):
         """Yield (positions, embeddings, errors) per micro-batch: decode, preprocess, encode."""
@@ -68,7 +77,7 @@ class ClipImageEmbedding(ClipEmbeddingModel):
             chunk = fetch_urls(values[start : start + size], self.url_policy)
             rows = list(self._pool.map(self._prepare, chunk)) if self._pool and len(chunk) > 1 else [
                 self._prepare(v) for v in chunk]
-            errors = [InvalidInput(r.reason, start + j) for j, r in enumerate(rows) if isinstance(r, InvalidInput)]
+            errors = [r.at(start + j) for j, r in enumerate(rows) if isinstance(r, InvalidInput)]
             failed = failed or bool(errors)
             positions = [start + j for j, r in enumerate(rows) if not isinstance(r, InvalidInput)]
             if not positions or (stop_on_error and failed):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from clip_pyfunc.stages.decode import decode_texts
 from clip_pyfunc.stages.encode import encode_token_ids, length_sorted_batches
 from clip_pyfunc.errors import InvalidInput
@@ -43,14 +45,18 @@ class ClipTextEmbedding(ClipEmbeddingModel):
 
     def _embed_valid(self, values, *, stop_on_error: bool):
         """Yield (positions, embeddings, errors): first all row errors, then length-grouped batches."""
+        started = time.perf_counter()
         texts = decode_texts(values)
         positions = [row for row, t in enumerate(texts) if isinstance(t, str)]
         errors = [t for t in texts if isinstance(t, InvalidInput)]
+        decoded = time.perf_counter()
         ids = tokenize(self.tokenizer, [texts[row] for row in positions], self.text_spec) if positions else []
+        self.observer.stage("decode", decoded - started, len(values))
+        self.observer.stage("preprocess", time.perf_counter() - decoded, len(positions))
         good = []
         for row, item in zip(positions, ids):
             if isinstance(item, InvalidInput):
-                errors.append(InvalidInput(item.reason, row))
+                errors.append(item.at(row))
             else:
                 good.append((row, item))
         yield [], None, errors

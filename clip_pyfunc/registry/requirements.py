@@ -17,7 +17,7 @@ from clip_pyfunc.dependencies import MODEL_REQUIREMENTS, TORCH_FREE_REQUIREMENTS
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The rooms a served model imports: everything below `models`, and `models` itself. A test
 # loads each logged model from this code alone and checks the import direction that makes it enough.
-MODEL_CODE = ("__init__.py", "errors.py", "settings.py", "runtime.py", "families", "stages", "artifacts", "models")
+MODEL_CODE = ("__init__.py", "errors.py", "settings.py", "runtime", "families", "stages", "artifacts", "models")
 
 
 def pip_requirements(torch_free: bool = False, transformers: bool = True) -> list[str]:

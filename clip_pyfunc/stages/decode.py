@@ -59,9 +59,9 @@ def decode_texts(values: Iterable[object]) -> list[str | InvalidInput]:
     out: list[str | InvalidInput] = []
     for row, value in enumerate(values):
         if is_missing(value):
-            out.append(InvalidInput("input is null; send a string (an empty string is allowed)", row))
+            out.append(InvalidInput("input is null; send a string (an empty string is allowed)", row, "null"))
         elif not isinstance(value, str):
-            out.append(InvalidInput(f"expected a string, got {type(value).__name__} {preview(value)}", row))
+            out.append(InvalidInput(f"expected a string, got {type(value).__name__} {preview(value)}", row, "type"))
         else:
             out.append(value)
     return out
@@ -84,10 +84,10 @@ def fetch_urls(values: list[object], policy) -> list[object]:
     if policy is None:
         for i in where:
             out[i] = InvalidInput(f"image URLs are off: {preview(values[i], 60)}; send base64 or bytes, or set "
-                                  "allow_urls: true in the model_config (https only; see the README)")
+                                  "allow_urls: true in the model_config (https only; see the README)", kind="url")
         return out
     for i, got in zip(where, fetch_many([values[i].strip() for i in where], policy)):
-        out[i] = got
+        out[i] = InvalidInput(got.reason, kind="url") if isinstance(got, InvalidInput) else got
     return out
 
 
@@ -113,17 +113,19 @@ def image_bytes(value: object, max_bytes: int) -> bytes:
         InvalidInput: Null, wrong type, invalid base64, empty, or over `max_bytes`.
     """
     if is_missing(value):
-        raise InvalidInput("input is null; send base64 image bytes")
+        raise InvalidInput("input is null; send base64 image bytes", kind="null")
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
     elif isinstance(value, str):
         data = _b64decode(value, max_bytes)
     else:
-        raise InvalidInput(f"expected a base64 string or bytes, got {type(value).__name__} {preview(value)}")
+        raise InvalidInput(f"expected a base64 string or bytes, got {type(value).__name__} {preview(value)}",
+                           kind="type")
     if not data:
-        raise InvalidInput("input is empty; send base64 image bytes")
+        raise InvalidInput("input is empty; send base64 image bytes", kind="empty")
     if len(data) > max_bytes:
-        raise InvalidInput(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes (max_image_bytes)")
+        raise InvalidInput(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes (max_image_bytes)",
+                           kind="over_limit")
     return data
 
 
@@ -132,7 +134,7 @@ def _b64decode(text: str, max_bytes: int) -> bytes:
     if body[:5].lower() == "data:":  # RFC 2397: the scheme and ";base64" are case-insensitive
         header, sep, body = body.partition(",")
         if not sep or not header.lower().endswith(";base64"):
-            raise InvalidInput(f"data URL must be 'data:image/...;base64,<data>', got {preview(text)}")
+            raise InvalidInput(f"data URL must be 'data:image/...;base64,<data>', got {preview(text)}", kind="base64")
     if len(body) // 4 * 3 <= max_bytes + 3:
         try:
             # Plain padded base64, the usual case: one SIMD pass (binascii takes ~4 ms on 12 MP).
@@ -143,16 +145,16 @@ def _b64decode(text: str, max_bytes: int) -> bytes:
     # 4 base64 characters carry 3 bytes: refuse oversize items before allocating them.
     if len(body) // 4 * 3 > max_bytes + 3:
         raise InvalidInput(
-            f"image is about {len(body) // 4 * 3} bytes, over the limit of {max_bytes} bytes (max_image_bytes)"
-        )
+            f"image is about {len(body) // 4 * 3} bytes, over the limit of {max_bytes} bytes (max_image_bytes)",
+            kind="over_limit")
     try:
         raw = body.encode("ascii").translate(_URL_SAFE).rstrip(b"=")
         raw += b"=" * (-len(raw) % 4)
         return base64.b64decode(raw, validate=True)
     except (UnicodeEncodeError, binascii.Error, ValueError) as e:
         raise InvalidInput(
-            f"invalid base64 ({e}): {preview(text)}; send standard or url-safe base64, optionally as a data URL"
-        ) from e
+            f"invalid base64 ({e}): {preview(text)}; send standard or url-safe base64, optionally as a data URL",
+            kind="base64") from e
 
 
 def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
@@ -173,8 +175,7 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
         if width * height > limits.max_pixels:
             raise InvalidInput(
                 f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{limits.max_pixels} pixels (max_image_pixels)"
-            )
+                f"{limits.max_pixels} pixels (max_image_pixels)", kind="over_limit")
         if draft_edge and img.format in ("JPEG", "MPO"):
             scale = max(1, min(width, height) // draft_edge)
             if scale >= 2:
@@ -183,7 +184,8 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
         try:
             img.load()
         except (struct.error, TypeError) as e:  # a loader that reads damaged EXIF while loading (TIFF)
-            raise InvalidInput(f"image metadata could not be read ({type(e).__name__}: {e})") from e
+            raise InvalidInput(f"image metadata could not be read ({type(e).__name__}: {e})",
+                               kind="corrupt_image") from e
         # Read after loading: a loader that turns the image upright itself (Pillow 13's TIFF) also
         # removes the tag, so every container is turned exactly once, whatever Pillow does.
         turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -192,12 +194,13 @@ def open_image(data: bytes, limits: ImageLimits, draft_edge: int | None = None):
         return to_rgb(img if turn is None else img.transpose(turn), rawmode)
     except UnidentifiedImageError as e:
         raise InvalidInput(
-            f"bytes are not an image of an allowed format {IMAGE_FORMATS}: {preview(data)}"
+            f"bytes are not an image of an allowed format {IMAGE_FORMATS}: {preview(data)}", kind="not_an_image"
         ) from e
     except Image.DecompressionBombError as e:
-        raise InvalidInput(f"image is over the limit of {limits.max_pixels} pixels (max_image_pixels): {e}") from e
+        raise InvalidInput(f"image is over the limit of {limits.max_pixels} pixels (max_image_pixels): {e}",
+                           kind="over_limit") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise InvalidInput(f"image could not be decoded ({type(e).__name__}: {e})") from e
+        raise InvalidInput(f"image could not be decoded ({type(e).__name__}: {e})", kind="corrupt_image") from e
 
 
 def _png_rawmode(img) -> str | None:

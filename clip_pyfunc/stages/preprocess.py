@@ -169,7 +169,7 @@ def _resize_plan(width: int, height: int, spec: ImageSpec) -> tuple[int, int, tu
     crop_h, crop_w = spec.crop_hw
     top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
     if top < 0 or left < 0:
-        raise InvalidInput(f"image resizes to {new_w}x{new_h}, smaller than the crop {crop_w}x{crop_h}")
+        raise InvalidInput(f"image resizes to {new_w}x{new_h}, smaller than the crop {crop_w}x{crop_h}", kind="image_shape")
     return new_w, new_h, (left, top, left + crop_w, top + crop_h)
 
 
@@ -296,7 +296,7 @@ def crop_to_array(crop, spec: ImageSpec):
     pixels = np.asarray(crop)
     out_h, out_w = spec.output_hw
     if pixels.shape != (out_h, out_w, 3):
-        raise InvalidInput(f"image preprocessed to {pixels.shape[:2]}, expected {(out_h, out_w)}")
+        raise InvalidInput(f"image preprocessed to {pixels.shape[:2]}, expected {(out_h, out_w)}", kind="image_shape")
     table = _value_table(spec)
     out = np.empty((3, out_h, out_w), dtype=np.float32)
     for c in range(3):
@@ -351,7 +351,7 @@ def image_to_patches(img, spec: ImageSpec):
     h, w = pixels.shape[:2]
     p = spec.patch_size
     if h % p or w % p or (h // p) * (w // p) > spec.max_num_patches:
-        raise InvalidInput(f"image preprocessed to {(h, w)}, not a grid of at most {spec.max_num_patches} patches")
+        raise InvalidInput(f"image preprocessed to {(h, w)}, not a grid of at most {spec.max_num_patches} patches", kind="image_shape")
     table = _value_table(spec)
     values = np.empty((h, w, 3), dtype=np.float32)
     for c in range(3):
@@ -409,7 +409,7 @@ def tokenize(tokenizer, texts: Sequence[str], spec: TextSpec) -> list[list[int] 
         else:
             out.append(InvalidInput(
                 f"text is {len(ids)} tokens, over the model's context length of {spec.max_length} "
-                "(truncate_text is false; shorten it or enable truncation)", row,
+                "(truncate_text is false; shorten it or enable truncation)", row, "over_limit",
             ))
     return out
 

@@ -1,0 +1,151 @@
+"""Batching across requests (runtime.batching): concurrent predict calls on one loaded model share
+forward passes, and each still gets exactly what it would get alone.
+
+The models are the registered tiny random CLIP, loaded in-process on each engine, and called from
+threads the way MLflow's scoring server calls them (one thread per request).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+
+from conftest import ENGINES, b64, encode, load_on_engine, photo
+from clip_pyfunc.runtime.observe import Observer
+
+GOOD = [b64(encode(photo(90 + 7 * i, 70 + 5 * i, seed=i), "JPEG" if i % 2 else "PNG")) for i in range(6)]
+BAD = ["not base64 !!", b64(b"GIF89a not really"), None]
+
+
+class Recorder(Observer):
+    """Keeps what the model reports (a real observer, as serving.metrics is)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.forwards, self.waits, self.bad, self.failures = [], [], [], []
+
+    def forward(self, rows, requests, seconds):
+        with self.lock:
+            self.forwards.append((rows, requests))
+
+    def queue_wait(self, seconds):
+        with self.lock:
+            self.waits.append(seconds)
+
+    def rows(self, embedded, refused, bad_kinds):
+        with self.lock:
+            self.bad.extend(bad_kinds)
+
+    def failure(self, error):
+        with self.lock:
+            self.failures.append(error)
+
+
+def _requests():
+    """Twelve requests: 1-3 rows, some with a bad row, some with normalize false."""
+    out = []
+    for i in range(12):
+        rows = [GOOD[(i + j) % len(GOOD)] for j in range(1 + i % 3)]
+        if i % 4 == 3:
+            rows.insert(i % len(rows), BAD[i % len(BAD)])
+        out.append((rows, {"normalize": i % 5 != 2}))
+    return out
+
+
+def _answer(model, rows, params):
+    try:
+        return model.predict({"input": rows}, params=params)
+    except MlflowException as e:
+        return e.message
+
+
+def _concurrently(fn, args):
+    barrier = threading.Barrier(len(args))
+    out = [None] * len(args)
+
+    def run(i):
+        barrier.wait()
+        out[i] = fn(*args[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_concurrent_requests_share_forwards_and_get_their_own_answers(registered, engine):
+    """Mixed good and bad requests at once: fewer forwards than calls, and each answer equals the same
+    request's own predict on a model nobody else calls."""
+    uri = registered["models"]["image"]["uri"]
+    alone = load_on_engine(uri, engine)
+    shared = load_on_engine(uri, engine, batch_wait_ms=200)
+    recorder = Recorder()
+    shared.unwrap_python_model().set_observer(recorder)
+    requests = _requests()
+    expected = [_answer(alone, rows, params) for rows, params in requests]
+    got = _concurrently(lambda rows, params: _answer(shared, rows, params), requests)
+    for i, (want, have) in enumerate(zip(expected, got)):
+        if isinstance(want, str):
+            assert have == want, (i, have)
+            assert "row" in want and "bad row" in want
+        else:
+            assert isinstance(have, np.ndarray) and have.dtype == np.float32 and have.shape == want.shape, i
+            np.testing.assert_allclose(have, want, atol=2e-6, err_msg=f"request {i}")
+    engine_ = shared.unwrap_python_model().engine
+    assert engine_.forwards < engine_.calls, (engine_.forwards, engine_.calls)
+    assert max(requests_ for _, requests_ in recorder.forwards) > 1, recorder.forwards
+    assert all(rows <= shared.unwrap_python_model().runtime.batch_size for rows, _ in recorder.forwards)
+    assert sorted(recorder.bad) == sorted(["base64", "not_an_image", "null"]), recorder.bad
+
+
+def test_text_requests_share_forwards_of_one_length_only(registered):
+    uri = registered["models"]["text"]["uri"]
+    alone = load_on_engine(uri, "torch")
+    shared = load_on_engine(uri, "torch", batch_wait_ms=200)
+    texts = [["a red bicycle"], ["a blue car"], ["a photo of a very long and winding mountain road at dusk"],
+             ["a cat"], ["two dogs", "a bird"], [""]]
+    expected = [alone.predict(t) for t in texts]
+    got = _concurrently(lambda t: shared.predict(t), [(t,) for t in texts])
+    for want, have in zip(expected, got):
+        np.testing.assert_allclose(have, want, atol=2e-6)
+    engine = shared.unwrap_python_model().engine
+    assert engine.forwards < engine.calls
+
+
+def test_a_lone_call_never_waits(registered):
+    """With a long batch_wait_ms, a single caller (Spark, a notebook) still runs at once."""
+    model = load_on_engine(registered["models"]["image"]["uri"], "torch", batch_wait_ms=1000)
+    recorder = Recorder()
+    model.unwrap_python_model().set_observer(recorder)
+    for _ in range(3):
+        model.predict(GOOD[:2])
+    engine = model.unwrap_python_model().engine
+    assert engine.forwards == engine.calls == 3
+    assert max(recorder.waits) < 0.5, recorder.waits  # 1 s had it waited
+
+
+def test_a_failing_shared_forward_reaches_only_its_own_caller(registered):
+    """Two calls share a forward that fails: it is run again per caller, and the injected failures
+    (two) fail the shared forward and the first caller's own, never the second caller's."""
+    model = load_on_engine(registered["models"]["image"]["uri"], "torch", batch_wait_ms=500,
+                           inject_engine_failures=2)
+    recorder = Recorder()
+    model.unwrap_python_model().set_observer(recorder)
+
+    def call(rows):
+        try:
+            return model.predict(rows)
+        except Exception as e:  # the injected engine failure is not an MlflowException: a served 500
+            return e
+
+    got = _concurrently(call, [(GOOD[:1],), (GOOD[1:3],)])
+    failed = [g for g in got if isinstance(g, Exception)]
+    assert len(failed) == 1 and "injected engine failure" in str(failed[0]), got
+    assert len(recorder.failures) == 1
+    assert recorder.forwards[0][1] == 2  # the first forward was the shared one
