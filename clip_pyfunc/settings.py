@@ -192,7 +192,13 @@ class ServeConfig:
             per worker are cores // workers. 2 serves more than 1 on 2 cores (docs/SERVING.md)
             at the cost of a second model copy in memory and about twice the latency of a lone request.
         timeout: Seconds a request may take before the server answers 504.
-        env_manager: "local" (this environment) or "uv"/"virtualenv"/"conda" (built from the model).
+        env_manager: "local" (this environment) or "uv"/"virtualenv"/"conda" (built from the model; served by
+            plain `mlflow models serve`, without the three settings below).
+        max_body_bytes: Most bytes of a request body; past it the answer is 413, sent without reading the body
+            (`clip-pyfunc serve` and the app).
+        unhealthy_after: Predictions in a row that fail for reasons that are not the caller's (an engine error,
+            out of memory) before /health and /ping answer 503; one success makes them 200 again.
+        metrics: Serve Prometheus metrics at GET /metrics.
     """
 
     host: str = "127.0.0.1"
@@ -200,12 +206,21 @@ class ServeConfig:
     workers: int = 2
     timeout: int = 60
     env_manager: str = "local"
+    max_body_bytes: int = 100 * 1024 * 1024
+    unhealthy_after: int = 3
+    metrics: bool = True
 
     def __post_init__(self):
-        for name in ("port", "workers", "timeout"):
+        for name in ("port", "workers", "timeout", "max_body_bytes", "unhealthy_after"):
             _require_positive_int(name, getattr(self, name))
         if self.env_manager not in ENV_MANAGERS:
             raise ModelLoadError(f"env_manager {self.env_manager!r} is not one of {ENV_MANAGERS}")
+        if not isinstance(self.metrics, bool):
+            raise ModelLoadError(f"metrics must be true or false, got {self.metrics!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (handed to the server's workers)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -141,11 +141,12 @@ def test_a_failing_shared_forward_reaches_only_its_own_caller(registered):
     def call(rows):
         try:
             return model.predict(rows)
-        except Exception as e:  # the injected engine failure is not an MlflowException: a served 500
+        except MlflowException as e:  # INTERNAL_ERROR: a served 500
             return e
 
     got = _concurrently(call, [(GOOD[:1],), (GOOD[1:3],)])
     failed = [g for g in got if isinstance(g, Exception)]
-    assert len(failed) == 1 and "injected engine failure" in str(failed[0]), got
+    assert len(failed) == 1 and "injected engine failure" in failed[0].message, got
+    assert failed[0].get_http_status_code() == 500
     assert len(recorder.failures) == 1
     assert recorder.forwards[0][1] == 2  # the first forward was the shared one

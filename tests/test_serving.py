@@ -7,6 +7,7 @@ load the models from the registry by alias.
 from __future__ import annotations
 
 import json
+import re
 import os
 import threading
 import time
@@ -239,3 +240,232 @@ def test_query_endpoint_notebook(image_server, monkeypatch, tmp_path):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert "(4, 32)" in str(nb.cells[2].outputs)  # the 4 sample images
     assert "400" in str(nb.cells[3].outputs) and "row 0" in str(nb.cells[3].outputs)
+
+
+# ---------------------------------------------------------------- the edge: protocol, /metrics, 413, health
+
+
+@pytest.fixture(scope="module")
+def plain_image_server(served_models, tmp_path_factory):
+    """The same image model under plain `mlflow models serve`, to compare the protocol with."""
+    with model_server(served_models["models"]["image"]["uri"], tmp_path_factory.mktemp("srv") / "plain.log") as (
+            url, proc):
+        yield url
+
+
+EDGE_LIMIT = 200_000
+
+
+@pytest.fixture(scope="module")
+def edge_server(served_models, tmp_path_factory):
+    """`clip-pyfunc serve`, 1 worker, a small body limit, unhealthy after 2 failures, the first 3 forwards
+    failing on purpose (MLflow's SERVING_MODEL_CONFIG), and a batch wait so that concurrent requests share."""
+    root = tmp_path_factory.mktemp("edge")
+    conf = root / "serve.yaml"
+    conf.write_text(f"serve:\n  max_body_bytes: {EDGE_LIMIT}\n  unhealthy_after: 2\n  workers: 1\n")
+    port = free_port()
+    env = {"SERVING_MODEL_CONFIG": json.dumps({"inject_engine_failures": 3, "batch_wait_ms": 100})}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = start_server(["clip-pyfunc", "serve", "--conf", str(conf), "--model-uri",
+                             served_models["models"]["image"]["uri"], "--port", str(port)], root / "edge.log")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc, root / "edge.log")
+    yield {"url": url, "proc": proc, "log": root / "edge.log"}
+    stop_server(proc)
+
+
+def _metrics(url) -> dict:
+    """{(name, labels as a sorted tuple): value} from a real scrape of /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = requests.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:300]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def _sample(metrics, name, **labels):
+    found = [v for (n, ls), v in metrics.items() if n == name and all((k, v_) in ls for k, v_ in labels.items())]
+    return sum(found)
+
+
+BAD_FORMS = {
+    "bad base64": {"dataframe_records": [{"input": "%%%"}]},
+    "not an image": {"dataframe_records": [{"input": b64(b"not an image")}]},
+    "null": {"dataframe_records": [{"input": None}]},
+    "malformed json": '{"dataframe_records": [',
+    "unknown param": {"dataframe_records": [{"input": IMAGES[0]}], "params": {"nope": 1}},
+    "wrong column": {"dataframe_records": [{"a": IMAGES[0], "b": IMAGES[1]}]},
+}
+
+
+def test_protocol_is_mlflows_byte_for_byte(image_server, plain_image_server):
+    """Every payload form, good and bad, and /version: the same status, content type and body bytes as
+    plain `mlflow models serve` of the same model (vectors: the same JSON with numbers equal to 2e-6)."""
+    forms = {**PAYLOADS, **BAD_FORMS, "params": {"dataframe_records": [{"input": IMAGES[0]}],
+                                                 "params": {"normalize": False}}}
+    for name, body in sorted(forms.items()):
+        ours, theirs = _invoke(image_server["url"], body), _invoke(plain_image_server, body)
+        assert (ours.status_code, ours.headers["content-type"]) == (theirs.status_code,
+                                                                    theirs.headers["content-type"]), name
+        if ours.status_code == 200:  # the floats may differ in the last bits (threads per worker differ)
+            mine, plain = ours.json(), theirs.json()
+            assert list(mine) == list(plain) == ["predictions"], name
+            np.testing.assert_allclose(mine["predictions"], plain["predictions"], atol=2e-6)
+            assert re.sub(rb"-?\d[\d.e+-]*", b"0", ours.content) == re.sub(rb"-?\d[\d.e+-]*", b"0", theirs.content)
+        else:
+            assert ours.content == theirs.content, (name, ours.content[:300], theirs.content[:300])
+    for path in ("/version", "/ping"):
+        ours, theirs = requests.get(image_server["url"] + path), requests.get(plain_image_server + path)
+        assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content), path
+
+
+def test_metrics_are_scraped(image_server):
+    """Requests, rows by outcome, bad rows by kind, stage latencies, forward sizes and queue waits, with the
+    engine and precision as labels."""
+    url = image_server["url"]
+    before = _metrics(url)
+    for _ in range(3):
+        assert _invoke(url, PAYLOADS["dataframe_records"]).status_code == 200
+    assert _invoke(url, BAD_FORMS["bad base64"]).status_code == 400
+    assert _invoke(url, {"dataframe_records": [{"input": IMAGES[0]}, {"input": b64(b"not an image")}]}
+                   ).status_code == 400
+    after = _metrics(url)
+
+    def grew(name, **labels):
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert grew("clip_pyfunc_requests_total", path="/invocations", status="200") == 3
+    assert grew("clip_pyfunc_requests_total", path="/invocations", status="400") == 2
+    assert grew("clip_pyfunc_request_seconds_count", path="/invocations") == 5
+    assert grew("clip_pyfunc_rows_total", model="image", outcome="embedded") == 9
+    assert grew("clip_pyfunc_rows_total", model="image", outcome="refused") == 1
+    assert grew("clip_pyfunc_bad_rows_total", kind="base64") == 1
+    assert grew("clip_pyfunc_bad_rows_total", kind="not_an_image") == 1
+    for stage in ("decode", "preprocess", "forward"):
+        assert grew("clip_pyfunc_stage_seconds_count", stage=stage) >= 3, stage
+    assert grew("clip_pyfunc_forward_rows_sum") == 9
+    assert grew("clip_pyfunc_queue_wait_seconds_count") >= 3
+    labels = dict(next(ls for (n, ls) in after if n == "clip_pyfunc_forward_rows_count"))
+    assert labels["engine"] in ("torch", "openvino") and labels["precision"] == "fp32", labels
+    assert _sample(after, "clip_pyfunc_healthy") == 1
+
+
+def _raw(url: str, head: bytes, body_parts=(), timeout=30) -> tuple[int, bytes, float]:
+    """Send a request by hand (headers, then body parts until the server answers or closes): (status, body,
+    seconds). The server may answer before the body is sent, as a 413 does."""
+    import socket as socket_
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    started = time.perf_counter()
+    with socket_.create_connection((parts.hostname, parts.port), timeout=timeout) as s:
+        s.sendall(head)
+        for part in body_parts:
+            try:
+                s.sendall(part)
+            except OSError:  # the server answered and closed: stop sending
+                break
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+                re.search(rb"content-length: (\d+)", data.lower()).group(1)):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1], time.perf_counter() - started
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(image_server):
+    """400 MB declared: 413 with MLflow's error shape after 64 KiB were sent, and the server's memory stays."""
+    url, proc = image_server["url"], image_server["proc"]
+    rss = _tree_rss_mb(proc.pid)
+    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 400000000\r\n\r\n")
+    status, body, _ = _raw(url, head, [b'{"dataframe_records": [{"input": "' + b"A" * 65536])
+    assert status == 413, body
+    error = json.loads(body)
+    assert error["error_code"] == "REQUEST_LIMIT_EXCEEDED" and "max_body_bytes" in error["message"], error
+    assert "400000000" in error["message"]
+    assert _tree_rss_mb(proc.pid) - rss < 20
+    assert _invoke(url, PAYLOADS["inputs"]).status_code == 200  # and it keeps serving
+
+
+def test_a_chunked_body_over_the_limit_is_413(edge_server):
+    url = edge_server["url"]
+    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"A" * 50_000
+    parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 10 + [b"0\r\n\r\n"]
+    status, body, _ = _raw(url, head, parts)
+    assert status == 413 and b"200000 bytes (serve.max_body_bytes)" in body, body
+    small = json.dumps(BAD_FORMS["not an image"]).encode()  # no forward: the injected failures stay
+    status, body, _ = _raw(url, head, [b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)])
+    assert status == 400 and b"row 0" in body, body  # under the limit it reaches the model
+
+
+def test_health_turns_503_after_engine_failures_and_recovers(edge_server):
+    """The first 3 forwards fail (injected): health stays 200 after 1, is 503 from 2 on (unhealthy_after),
+    and is 200 again once a prediction succeeds. Bad input never counts."""
+    url = edge_server["url"]
+    body = {"dataframe_records": [{"input": IMAGES[0]}]}
+    assert _invoke(url, BAD_FORMS["not an image"]).status_code == 400  # the caller's fault: still healthy
+    statuses = []
+    for _ in range(4):
+        r = _invoke(url, body)
+        statuses.append((r.status_code, requests.get(f"{url}/health").status_code,
+                         requests.get(f"{url}/ping").status_code))
+        if r.status_code != 200:
+            assert "Traceback" not in r.text and "injected engine failure" in r.json()["message"], r.text[:500]
+            assert r.json()["error_code"] == "INTERNAL_ERROR"
+    assert statuses[0][0] == 500 and statuses[0][1:] == (200, 200), statuses
+    assert statuses[1][0] == 500 and statuses[1][1:] == (503, 503), statuses
+    assert statuses[2][0] == 500 and statuses[2][1:] == (503, 503), statuses
+    assert statuses[3] == (200, 200, 200), statuses
+    metrics = _metrics(url)
+    assert _sample(metrics, "clip_pyfunc_model_failures_total") == 3
+    assert _sample(metrics, "clip_pyfunc_requests_total", path="/health", status="503") == 2
+
+
+def test_concurrent_served_requests_share_forwards_and_get_their_own_answers(edge_server, local_image):
+    """12 clients at once, good and bad: each answer is its own in-process predict, and forwards were shared."""
+    url = edge_server["url"]
+    _invoke(url, {"dataframe_records": [{"input": IMAGES[0]}]})  # past any injected failure
+    good = [b64(encode(photo(60 + 9 * s, 50 + 4 * s, s), "JPEG")) for s in range(6)]
+    bodies = []
+    for i in range(12):
+        rows = [good[(i + j) % 6] for j in range(1 + i % 3)]
+        if i % 4 == 3:
+            rows.append("%%%")
+        bodies.append(({"dataframe_records": [{"input": r} for r in rows], "params": {"normalize": i % 5 != 2}},
+                       rows))
+    before = _metrics(url)
+    barrier = threading.Barrier(len(bodies))
+    got = [None] * len(bodies)
+
+    def client(i):
+        barrier.wait()
+        got[i] = _invoke(url, bodies[i][0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, ((body, rows), r) in enumerate(zip(bodies, got)):
+        if "%%%" in rows:
+            assert r.status_code == 400 and f"row {len(rows) - 1}" in r.json()["message"], (i, r.text[:300])
+            continue
+        assert r.status_code == 200, (i, r.text[:300])
+        want = local_image.predict(pd.DataFrame({"input": rows}), params=body["params"])
+        np.testing.assert_allclose(np.asarray(r.json()["predictions"], dtype=np.float32), want, atol=2e-6)
+    after = _metrics(url)
+    forwards = _sample(after, "clip_pyfunc_forward_requests_count") - _sample(before, "clip_pyfunc_forward_requests_count")
+    calls = _sample(after, "clip_pyfunc_forward_requests_sum") - _sample(before, "clip_pyfunc_forward_requests_sum")
+    assert calls == 9 and forwards < calls, (forwards, calls)  # the 3 requests with a bad row run no forward

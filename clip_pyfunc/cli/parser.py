@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the large low-dim store's quantization (int8: scalar, rescored)")
     p.add_argument("--output", help="also write the JSON here, after each part")
     p.set_defaults(func=commands.cmd_bench_search)
-    p = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve)")
+    p = sub.add_parser("serve", help="serve a registered model over REST (MLflow's scoring server, with "
+                                      "/metrics, a body limit and honest health)")
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
     p.add_argument("--model-uri", "-m", required=True, help="models:/name@alias, models:/name/1, runs:/..., a path")
     p.add_argument("--host", dest="serve.host", help="interface to bind (default 127.0.0.1)")
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", "-w", dest="serve.workers", type=int, help="uvicorn workers")
     p.add_argument("--timeout", "-t", dest="serve.timeout", type=int, help="seconds per request before a 504")
     p.add_argument("--env-manager", dest="serve.env_manager", help="local (default) | uv | virtualenv | conda")
+    p.add_argument("--max-body-bytes", dest="serve.max_body_bytes", type=int,
+                   help="largest request body; past it 413 without reading it (default 100 MiB)")
+    p.add_argument("--no-metrics", dest="serve.metrics", action="store_const", const=False,
+                   help="no Prometheus metrics at /metrics")
     p.set_defaults(func=commands.cmd_serve)
     p = sub.add_parser("bench-serving", help="served vs in-process latency and throughput (one run)")
     p.add_argument("--model-uri", "-m", required=True)

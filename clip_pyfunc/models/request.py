@@ -22,13 +22,24 @@ _TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 @contextlib.contextmanager
 def invalid_input_as_400():
-    """Turn an InvalidInput raised inside into MLflow's INVALID_PARAMETER_VALUE (a served 400)."""
+    """Turn an InvalidInput raised inside into MLflow's INVALID_PARAMETER_VALUE (a served 400), and any other
+    failure (an engine error, out of memory) into INTERNAL_ERROR (a served 500, not the caller's fault).
+
+    MLflow's scoring server answers an exception that is not an MlflowException with 400 BAD_REQUEST
+    and a stack trace, which would blame the caller for the model's failure.
+    """
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 
     try:
         yield
     except InvalidInput as e:
         raise MlflowException.invalid_parameter_value(str(e)) from e
+    except MlflowException:
+        raise
+    except Exception as e:
+        raise MlflowException(f"the model failed, not the request: {type(e).__name__}: {e}",
+                              error_code=INTERNAL_ERROR) from e
 
 
 def check_params(params: dict[str, Any] | None, schema: dict[str, Any]) -> dict[str, Any]:

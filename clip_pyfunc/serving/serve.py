@@ -1,19 +1,38 @@
-"""`clip-pyfunc serve`: a thin edge over `mlflow models serve` (same URIs, same server).
+"""`clip-pyfunc serve`: MLflow's scoring server, with a body limit, honest health and Prometheus metrics.
 
-The package is already installed where this runs, so the environment manager defaults to
-`local`; workers and the request timeout pass straight through.
+With `env_manager: local` (the default: the package is installed where this runs) the server
+is MLflow's own scoring app (`mlflow.pyfunc.scoring_server.init`, what `mlflow models serve`
+runs), under uvicorn, wrapped by serving.edge.Edge:
+
+- `/invocations`, `/version` and every payload form pass through byte for byte;
+- a body over `serve.max_body_bytes` is answered 413 without being read;
+- `/ping` and `/health` answer 503 after `serve.unhealthy_after` predictions in a row failed for
+  reasons that are not the caller's, and 200 again once one succeeds;
+- `GET /metrics` answers Prometheus' text format (serving.metrics).
+
+With another environment manager (uv, virtualenv, conda), the model's own environment holds
+only the model's requirements, so the command runs plain `mlflow models serve` there, without
+the edge (a warning says so).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 
 from clip_pyfunc.settings import ServeConfig
 
+log = logging.getLogger(__name__)
+# Where the uvicorn workers find what `serve` resolved (the factory runs in each worker).
+_MODEL_PATH_ENV = "CLIP_PYFUNC_SERVE_MODEL_PATH"
+_CONFIG_ENV = "CLIP_PYFUNC_SERVE_CONFIG"
+_SCORING_PATHS = ("/invocations", "/version")
+
 
 def serve_command(model_uri: str, config: ServeConfig) -> list[str]:
-    """The `mlflow models serve` command line for a model URI and serve settings."""
+    """The `mlflow models serve` command line for a model URI and serve settings (other env managers)."""
     return [
         sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", model_uri,
         "--host", config.host, "--port", str(config.port), "--workers", str(config.workers),
@@ -32,7 +51,64 @@ def serve_env(config: ServeConfig, environ: dict[str, str] | None = None) -> dic
     return env
 
 
+def scoring_app(model, config: ServeConfig, metrics=None):
+    """MLflow's scoring app for a loaded pyfunc model, behind the edge (ASGI).
+
+    Args:
+        model: A loaded mlflow.pyfunc.PyFuncModel.
+        config: Serve settings (max_body_bytes, unhealthy_after, metrics).
+        metrics: The process's serving.metrics.Metrics; None makes one (when config.metrics is on).
+    """
+    from mlflow.pyfunc import scoring_server
+
+    from clip_pyfunc.serving.edge import Edge
+    from clip_pyfunc.serving.metrics import Health, Metrics, watch
+
+    if config.metrics and metrics is None:
+        metrics = Metrics()
+    metrics = metrics if config.metrics else None
+    health = Health(config.unhealthy_after, metrics)
+    watch(model.unwrap_python_model(), metrics, health, _model_label(model))
+    return Edge(scoring_server.init(model), max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
+                paths=_SCORING_PATHS)
+
+
+def _model_label(model) -> str:
+    """The `model` label: the python model's tower ("image", "text"), or its class name."""
+    python_model = model.unwrap_python_model()
+    return getattr(python_model, "tower", "") or type(python_model).__name__
+
+
+def create_app():
+    """uvicorn's factory (one call per worker): load the model `serve` resolved and wrap it."""
+    from mlflow.pyfunc import scoring_server
+
+    config = ServeConfig(**json.loads(os.environ[_CONFIG_ENV]))
+    # MLflow's own loader: it honours SERVING_MODEL_CONFIG, as `mlflow models serve` does.
+    model = scoring_server.load_model_with_mlflow_config(os.environ[_MODEL_PATH_ENV])
+    return scoring_app(model, config)
+
+
 def serve(model_uri: str, config: ServeConfig) -> None:
-    """Replace this process with the MLflow scoring server (signals reach it directly)."""
-    cmd = serve_command(model_uri, config)
-    os.execve(cmd[0], cmd, serve_env(config))
+    """Serve `model_uri` until stopped: MLflow's scoring app behind the edge (local), else `mlflow models serve`."""
+    env = serve_env(config)
+    if config.env_manager != "local":
+        log.warning("env_manager %s: serving with plain `mlflow models serve` in the model's own environment, "
+                    "without /metrics, the body limit or health failures", config.env_manager)
+        cmd = serve_command(model_uri, config)
+        os.execve(cmd[0], cmd, env)
+    import tempfile
+
+    import mlflow
+    import uvicorn
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    path = mlflow.artifacts.download_artifacts(model_uri)  # once, not once per worker
+    os.environ.update(env)
+    os.environ[_MODEL_PATH_ENV] = path
+    os.environ[_CONFIG_ENV] = json.dumps(config.to_dict())
+    os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(config.timeout)
+    if config.workers > 1 and config.metrics and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clip-pyfunc-metrics-")
+    uvicorn.run("clip_pyfunc.serving.serve:create_app", factory=True, host=config.host, port=config.port,
+                workers=config.workers, log_level="info", timeout_graceful_shutdown=config.timeout)
