@@ -272,6 +272,36 @@ def test_app_request_ids_and_logs(app):
     assert fresh in open(app["log"]).read()
 
 
+def test_app_metrics_and_body_limit(app):
+    """/metrics (behind the API key) counts the app's requests and its models' rows; a body declared over
+    serve.max_body_bytes is answered 413 in the app's error shape before it is read."""
+    import socket
+    from urllib.parse import urlparse
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert _post(app, "/embeddings", data={"a": "a red circle", "b": "a blue square"}).status_code == 200
+    assert requests.get(f"{app['url']}/metrics", timeout=30).status_code == 401
+    r = requests.get(f"{app['url']}/metrics", headers={"X-API-Key": API_KEY}, timeout=30)
+    assert r.status_code == 200, r.text[:300]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+    assert any(n == "clip_pyfunc_requests_total" and ("path", "/embeddings") in ls and v >= 1
+               for (n, ls), v in samples.items())
+    assert any(n == "clip_pyfunc_rows_total" and ("model", "text") in ls and ("outcome", "embedded") in ls and v >= 2
+               for (n, ls), v in samples.items())
+    parts = urlparse(app["url"])
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
+        s.sendall(b"POST /embeddings HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode() +
+                  b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 400000000\r\n\r\n--b\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 413") and b"x-request-id" in head.lower(), head
+    assert "max_body_bytes" in json.loads(body)["error"]["message"]
+
+
 @pytest.mark.parametrize("case", ["no key", "not an image", "too many fields", "file too large", "two queries",
                                   "bad k", "no image field"])
 def test_app_bad_requests_name_the_field(app, case):

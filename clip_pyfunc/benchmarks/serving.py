@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 
-from clip_pyfunc.benchmarks.common import (b64, free_port, machine_info, percentile, photo_jpeg, time_calls,
-                                           wait_ready)
+from clip_pyfunc.benchmarks.common import (b64, free_port, machine_info, percentile, photo_jpeg, temporary_registry,
+                                           time_calls, wait_ready)
 
 
 def _throughput(call, clients: int, seconds: float) -> float:
@@ -151,3 +151,325 @@ def compare_workers(model_uri: str, seconds: float = 20.0, clients: int = 4, req
     return {"benchmark": "serving-workers", "model_uri": model_uri, "clients": clients,
             "request": "one 640x480 JPEG, base64, dataframe_records", "machine": machine_info(), "layouts": out,
             "matmul_gflops": matmul_gflops()}
+
+
+# ---------------------------------------------------------------- batching across requests (issue 27)
+
+
+def _clients_run(call, clients: int, seconds: float) -> dict:
+    """`clients` threads calling back to back for `seconds`: img/s (one image a call) and latency percentiles."""
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    deadline = time.perf_counter() + seconds
+
+    def loop(i):
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            call()
+            lat[i].append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [x for xs in lat for x in xs]
+    return {"clients": clients, "img_per_s": round(len(every) / (time.perf_counter() - start), 2),
+            "p50_ms": round(1000 * percentile(every, 50), 1), "p95_ms": round(1000 * percentile(every, 95), 1),
+            "requests": len(every)}
+
+
+class _Server:
+    """`clip-pyfunc serve` of one model in a subprocess: its own command, defaults and environment."""
+
+    def __init__(self, model_uri: str, *, workers: int | None = None, model_config: dict | None = None,
+                 metrics: bool = True, log_path: str | None = None):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "clip_pyfunc.cli", "serve", "--model-uri", model_uri, "--port", str(self.port)]
+        cmd += ["--workers", str(workers)] if workers else []
+        cmd += [] if metrics else ["--no-metrics"]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        if model_config:
+            env["SERVING_MODEL_CONFIG"] = json.dumps(model_config)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                     stderr=open(log_path, "w") if log_path else subprocess.DEVNULL,
+                                     start_new_session=True, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        try:
+            wait_ready(f"{self.url}/ping", self.proc)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+    def rss_mib(self) -> float:
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20, 1)
+
+    def poster(self, body: str):
+        """A call that posts `body` to /invocations on a session of the calling thread's own."""
+        import requests
+
+        sessions = threading.local()
+        url, headers = f"{self.url}/invocations", {"Content-Type": "application/json"}
+
+        def post():
+            s = getattr(sessions, "s", None) or requests.Session()
+            sessions.s = s
+            s.post(url, data=body, headers=headers, timeout=300).raise_for_status()
+
+        return post
+
+    def forward_sizes(self) -> dict:
+        """Mean rows and calls per forward so far, from the server's own /metrics."""
+        import requests
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(f"{self.url}/metrics", timeout=30).text
+        got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name.startswith(("clip_pyfunc_forward_rows_", "clip_pyfunc_forward_requests_"))
+               and s.name.endswith(("_sum", "_count"))}
+        count = got.get("clip_pyfunc_forward_rows_count", 0) or 1
+        return {"forwards": int(got.get("clip_pyfunc_forward_rows_count", 0)),
+                "mean_rows_per_forward": round(got.get("clip_pyfunc_forward_rows_sum", 0) / count, 2),
+                "mean_requests_per_forward": round(got.get("clip_pyfunc_forward_requests_sum", 0) / count, 2)}
+
+
+def _hostile_bodies(image: str) -> list[tuple[str, bytes]]:
+    """Requests that must be refused (name, JSON body): the fuzz cases a public endpoint sees."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def png_header(w: int, h: int) -> bytes:  # a valid header announcing w x h, no pixel data worth the name
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+        chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +  # noqa: E731
+                                    struct.pack(">I", zlib.crc32(kind + data)))
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+            chunk(b"IEND", b"")
+
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tiny, format="PNG")
+    raw = base64.b64decode(image)
+    rows = lambda cells: json.dumps({"dataframe_records": [{"input": c} for c in cells]}).encode()  # noqa: E731
+    enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return [
+        ("bad base64", rows(["%%%not base64%%%"])),
+        ("not an image", rows([enc(b"hello, not an image" * 50)])),
+        ("truncated jpeg", rows([enc(raw[: len(raw) // 3])])),
+        ("pixel bomb header", rows([enc(png_header(30000, 30000))])),
+        ("1x1 image", rows([enc(tiny.getvalue())])),
+        ("null", rows([None])),
+        ("random bytes 2 MB", rows([enc(os.urandom(2 * 2**20))])),
+        ("good and bad rows", rows([image, "%%%", image])),
+        ("malformed json", b'{"dataframe_records": [{"input": "'),
+        ("wrong column", json.dumps({"dataframe_records": [{"a": 1, "b": 2}]}).encode()),
+    ]
+
+
+def _mixed_load(server: _Server, image: str, requests_n: int, clients: int = 4) -> dict:
+    """`requests_n` requests, 70% one good image and 30% hostile (including bodies declared over the limit),
+    from `clients` threads: RSS of the server tree every 100 requests, and the statuses seen."""
+    import random
+
+    import requests
+
+    good = json.dumps({"dataframe_records": [{"input": image}]}).encode()
+    hostile = _hostile_bodies(image)
+    lock = threading.Lock()
+    done, statuses, rss = [0], {}, []
+    url = f"{server.url}/invocations"
+
+    def over_limit():  # declared 400 MB, 64 KiB sent: the edge answers 413 without reading it
+        import socket
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 400000000\r\n\r\n" + b"A" * 65536)
+            return int(s.recv(4096).split(b" ", 2)[1])
+
+    def client(seed):
+        rng = random.Random(seed)
+        with requests.Session() as s:
+            while True:
+                with lock:
+                    if done[0] >= requests_n:
+                        return
+                    done[0] += 1
+                    n = done[0]
+                pick = rng.random()
+                if pick < 0.7:
+                    name, status = "good", s.post(url, data=good, headers={"Content-Type": "application/json"},
+                                                  timeout=300).status_code
+                elif pick < 0.75:
+                    name, status = "over the body limit", over_limit()
+                else:
+                    name, body = hostile[rng.randrange(len(hostile))]
+                    status = s.post(url, data=body, headers={"Content-Type": "application/json"},
+                                    timeout=300).status_code
+                with lock:
+                    statuses.setdefault(name, {}).setdefault(str(status), 0)
+                    statuses[name][str(status)] += 1
+                    if n % 100 == 0:
+                        rss.append({"requests": n, "rss_mib": server.rss_mib()})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"requests": requests_n, "clients": clients, "statuses": statuses, "rss_every_100": rss}
+
+
+def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tuple[int, ...] = (1, 2, 4, 8, 16),
+             waits: tuple[float, ...] = (2, 5, 10), lone_requests: int = 40, mixed_requests: int = 1000,
+             log=print) -> dict:
+    """Batching across requests, served against in-process, in one run on one registered model.
+
+    A random-weight checkpoint of `random_init`'s shapes is registered with the default settings
+    in a temporary registry. For the default engine and for torch fp32:
+
+    - in process: batch-32 throughput (32 copies of one 640x480 JPEG a call) and a lone request's
+      latency, interleaved with the served one;
+    - served by `clip-pyfunc serve` (its defaults, 1 worker): throughput, p50 and p95 with
+      `clients` concurrent clients, each sending one image a request, and the rows per forward.
+
+    For the default engine also: `batch_wait_ms` values `waits` at 8 and 16 clients; 2 workers at 8
+    and 16 clients; metrics off against on (twice each, alternated); and the server's RSS after
+    its first request and every 100 of `mixed_requests` requests mixing good and hostile bodies.
+
+    Returns:
+        A JSON-ready dict; throughputs in images/s, latencies in ms, memory in MiB, `ratios` dimensionless.
+    """
+    import gc
+
+    import mlflow
+    import pandas as pd
+
+    from clip_pyfunc.benchmarks.bench import matmul_gflops
+    from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
+    from clip_pyfunc.registry import register_models
+    from clip_pyfunc.settings import load_settings
+
+    tmp = temporary_registry("clip-pyfunc-batching-")
+    ckpt = save_random_checkpoint(os.path.join(tmp, "checkpoint"), random_init)
+    summary = register_models(load_settings(None, {"model": {"source": ckpt}}))
+    uri = summary["models"]["image"]["uri"]
+    image = b64(photo_jpeg(640, 480, seed=1))
+    body = json.dumps({"dataframe_records": [{"input": image}]})
+    one, batch32 = pd.DataFrame({"input": [image]}), pd.DataFrame({"input": [image] * 32})
+    out: dict = {"benchmark": "serving-batching", "checkpoint": f"{random_init} shapes, random weights",
+                 "request": "one 640x480 JPEG, base64, dataframe_records", "seconds_per_point": seconds,
+                 "machine": machine_info(), "matmul_gflops": matmul_gflops(), "engines": {}}
+    layouts = (("default", None), ("torch_fp32", {"engine": "torch", "precision": "fp32"}))
+    for label, config in layouts:
+        log(f"[{label}] in process")
+        local = mlflow.pyfunc.load_model(uri, model_config=config)
+        result = {"runtime": local.unwrap_python_model().runtime_summary()}
+        local.predict(batch32)
+        calls = _clients_run(lambda: local.predict(batch32), 1, seconds)
+        result["in_process_batch32_img_per_s"] = round(calls["img_per_s"] * 32, 2)
+        with _Server(uri, model_config=config, log_path=os.path.join(tmp, f"{label}.log")) as server:
+            post = server.poster(body)
+            for _ in range(3):
+                post()
+                local.predict(one)
+            result["rss_after_first_requests_mib"] = server.rss_mib()
+            local_lat, served_lat = [], []
+            for _ in range(lone_requests):  # interleaved, so drift hits both alike
+                local_lat += time_calls(lambda: local.predict(one), 1, warmup=0)
+                served_lat += time_calls(post, 1, warmup=0)
+            result["lone"] = {"in_process_p50_ms": round(1000 * percentile(local_lat, 50), 1),
+                              "served_p50_ms": round(1000 * percentile(served_lat, 50), 1)}
+            result["lone"]["added_p50_ms"] = round(result["lone"]["served_p50_ms"] -
+                                                   result["lone"]["in_process_p50_ms"], 1)
+            local = None  # free its memory before the served measurements
+            gc.collect()
+            result["served_1_worker"] = []
+            for n in clients if label == "default" else (1, 8, 16):
+                before = server.forward_sizes()
+                point = _clients_run(post, n, seconds)
+                after = server.forward_sizes()
+                forwards = after["forwards"] - before["forwards"]
+                point["mean_rows_per_forward"] = round(point["requests"] / forwards, 2) if forwards else None
+                point["over_in_process_batch32"] = round(point["img_per_s"] / result["in_process_batch32_img_per_s"], 3)
+                log(f"[{label}] {point}")
+                result["served_1_worker"].append(point)
+        out["engines"][label] = result
+    default = out["engines"]["default"]
+    base = default["in_process_batch32_img_per_s"]
+
+    def point(n, **server_args):
+        with _Server(uri, **server_args) as server:
+            post = server.poster(body)
+            _clients_run(post, n, 2.0)  # warm up
+            got = _clients_run(post, n, seconds)
+            got["over_in_process_batch32"] = round(got["img_per_s"] / base, 3)
+            got.update(server.forward_sizes() if server_args.get("metrics", True) else {})
+            got["rss_mib"] = server.rss_mib()
+            return got
+
+    default["batch_wait_ms"] = {}
+    for wait in waits:
+        default["batch_wait_ms"][str(wait)] = [point(n, model_config={"batch_wait_ms": wait}) for n in (8, 16)]
+        log(f"[wait {wait}] {default['batch_wait_ms'][str(wait)]}")
+    default["served_2_workers"] = [point(n, workers=2) for n in (8, 16)]
+    log(f"[2 workers] {default['served_2_workers']}")
+    default["metrics_on_off"] = [{"metrics": on, **point(8, metrics=on)} for on in (True, False, True, False)]
+    log(f"[metrics] {default['metrics_on_off']}")
+    on = [p["img_per_s"] for p in default["metrics_on_off"] if p["metrics"]]
+    off = [p["img_per_s"] for p in default["metrics_on_off"] if not p["metrics"]]
+    with _Server(uri) as server:
+        server.poster(body)()
+        first = server.rss_mib()
+        mixed = _mixed_load(server, image, mixed_requests)
+        mixed["rss_after_first_request_mib"] = first
+        mixed["last_over_first"] = round(mixed["rss_every_100"][-1]["rss_mib"] / first, 3) if mixed[
+            "rss_every_100"] else None
+        default["mixed_requests"] = mixed
+    log(f"[mixed] {mixed}")
+    out["ratios"] = {
+        "metrics_on_over_off": round(sum(on) / sum(off), 3),
+        **{f"{label}_{p['clients']}_clients_over_in_process_batch32": p["over_in_process_batch32"]
+           for label, r in out["engines"].items() for p in r["served_1_worker"] if p["clients"] in (8, 16)},
+    }
+    return out
+
+
+def plot_batching(result: dict, path: str) -> None:
+    """Throughput and p95 latency against concurrent clients, one line per engine (docs/SERVING.md)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, r in result["engines"].items():
+        xs = [p["clients"] for p in r["served_1_worker"]]
+        left.plot(xs, [p["img_per_s"] for p in r["served_1_worker"]], marker="o", label=f"{label}, served")
+        left.axhline(r["in_process_batch32_img_per_s"], linestyle="--", linewidth=1,
+                     color=left.lines[-1].get_color(), label=f"{label}, in process, batch 32")
+        right.plot(xs, [p["p95_ms"] for p in r["served_1_worker"]], marker="o", label=label)
+    for ax, title, unit in ((left, "throughput", "images/s"), (right, "p95 latency", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients (one image per request)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    machine = result["machine"]
+    fig.suptitle(f"clip-pyfunc serve, 1 worker, {result['checkpoint']}; {machine['cpu']}, {machine['cores']} cores",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -175,7 +175,7 @@ def cmd_app(args: argparse.Namespace) -> dict:
     loaded = app.load(f"models:/{names.text_name}@{names.alias}", f"models:/{names.image_name}@{names.alias}",
                       classifier, classifier_required=bool(config.classifier),  # the conf default may be absent
                       index=None if args.no_index else settings.index)
-    app.run(loaded, config)  # serves until stopped
+    app.run(loaded, config, settings.serve)  # serves until stopped
     return {}
 
 
@@ -191,6 +191,21 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 def cmd_bench_serving(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import serving
 
+    if args.batching:
+        import json
+
+        if args.model_uri:
+            raise InvalidInput("--batching registers its own random-weight checkpoint (--random-init): "
+                               "give it without --model-uri")
+        result = serving.batching(args.random_init, seconds=args.seconds,
+                                  log=lambda line: print(line, file=sys.stderr, flush=True))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1)
+            serving.plot_batching(result, os.path.splitext(args.output)[0] + ".png")
+        return result
+    if not args.model_uri:
+        raise InvalidInput("bench-serving needs --model-uri (or --batching)")
     _require_model(args.model_uri, "--model-uri")
     if args.compare_workers:
         return serving.compare_workers(args.model_uri, seconds=args.seconds)

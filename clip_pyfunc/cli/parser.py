@@ -161,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no Prometheus metrics at /metrics")
     p.set_defaults(func=commands.cmd_serve)
     p = sub.add_parser("bench-serving", help="served vs in-process latency and throughput (one run)")
-    p.add_argument("--model-uri", "-m", required=True)
+    p.add_argument("--model-uri", "-m", help="the registered model to measure (not with --batching)")
+    p.add_argument("--batching", action="store_true",
+                   help="batching across requests: concurrency sweep, batch_wait_ms, workers, metrics on/off and "
+                        "memory under mixed hostile load, default engine and torch fp32, on a random checkpoint")
+    p.add_argument("--random-init", default="vit-b-32", help="--batching: the checkpoint's architecture")
+    p.add_argument("--output", help="--batching: write the JSON here, and the plot beside it (.png)")
     p.add_argument("--requests", type=int, default=40, help="timed single-image requests per side")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per throughput measurement")
     p.add_argument("--compare-workers", action="store_true",

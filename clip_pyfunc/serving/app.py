@@ -21,7 +21,7 @@ from typing import Any
 
 from clip_pyfunc.artifacts.checkpoint import weights_caveat
 from clip_pyfunc.errors import InvalidInput
-from clip_pyfunc.settings import AppConfig, IndexConfig
+from clip_pyfunc.settings import AppConfig, IndexConfig, ServeConfig
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 _REQUEST_ID = contextvars.ContextVar("request_id", default="-")
@@ -217,15 +217,29 @@ class _RequestContext:
             _REQUEST_ID.reset(token)
 
 
-def create_app(loaded: Loaded, config: AppConfig):
-    """The FastAPI app: the page, /health, /embeddings, /classify, /search and item thumbnails."""
+def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None):
+    """The FastAPI app: the page, /health, /embeddings, /classify, /search and item thumbnails, and
+    /metrics, the body limit and health failures of serving.edge (the `serve` settings)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, Response
     from mlflow.exceptions import MlflowException
     from starlette.concurrency import run_in_threadpool  # model calls block: keep them off the event loop
 
+    from clip_pyfunc.serving.edge import Edge
+    from clip_pyfunc.serving.metrics import Health, Metrics, watch
+
+    serve = serve or ServeConfig()
     app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None)
 
+    metrics = Metrics() if serve.metrics else None
+    health = Health(serve.unhealthy_after, metrics)
+    for kind in ("text", "image", "classifier"):
+        if getattr(loaded, kind) is not None:
+            watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind)
+    # Inside the request context: /metrics needs the API key when there is one, and a 413 carries the request id.
+    app.add_middleware(Edge, max_body_bytes=serve.max_body_bytes, metrics=metrics, health=health,
+                       health_paths=("/health",), paths=_METRIC_PATHS,
+                       error_body={"": _app_error, "/v1/": _openai_error})
     app.add_middleware(_RequestContext, api_key=config.api_key)
 
     @app.exception_handler(_Refused)
@@ -325,6 +339,24 @@ def create_app(loaded: Loaded, config: AppConfig):
         return Response(data, media_type="image/jpeg")
 
     return app
+
+
+_METRIC_PATHS = ("/", "/health", "/embeddings", "/classify", "/search", "/v1/embeddings", "/v1/models")
+
+
+def _app_error(message: str) -> bytes:
+    """The app's error body for the edge's 413 and 503 (the request id is in the X-Request-ID header)."""
+    import json
+
+    return json.dumps({"error": {"message": message}, "request_id": _REQUEST_ID.get()}).encode()
+
+
+def _openai_error(message: str) -> bytes:
+    """OpenAI's error body, for /v1/ paths."""
+    import json
+
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": None}}).encode()
 
 
 def _thumbnail(searcher, item_id: str, image_model) -> bytes:
@@ -461,7 +493,7 @@ def configure_logging() -> None:
     log.propagate = False
 
 
-def run(loaded: Loaded, config: AppConfig) -> None:
+def run(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None) -> None:
     """Serve the app with uvicorn on config.host:port (a warning when that is not loopback)."""
     import ipaddress
 
@@ -475,4 +507,4 @@ def run(loaded: Loaded, config: AppConfig) -> None:
     if not loopback:
         log.warning("binding %s: the app is reachable from the network%s", config.host,
                     "" if config.api_key else " and has no API key (--api-key)")
-    uvicorn.run(create_app(loaded, config), host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(create_app(loaded, config, serve), host=config.host, port=config.port, log_level="warning")
