@@ -46,6 +46,8 @@ RANGES = {
     "nncf": ">=2.14",
     # the web page's browser test drives Debian's chromium (tools/install-system-packages.sh installs it)
     "playwright": ">=1.40",
+    # the app's OpenAI-style API (/v1/embeddings) is tested with OpenAI's own client
+    "openai": ">=1.0",
 }
 
 # What a served model imports, and nothing else: no pyspark, no pytest. Logged pinned to what logged it.
@@ -75,7 +77,7 @@ PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("nncf", "pyyaml", "tqdm", "matplotl
 EXTRAS = {
     "spark": ("pyspark", "pyarrow"),
     "test": ("pytest", "pyspark", "pyarrow", "nbclient", "nbformat", "ipykernel", "uvicorn", "requests", "uv",
-             "psutil", "playwright"),
+             "psutil", "playwright", "openai"),
     "bench": ("matplotlib", "psutil"),
 }
 # conda.yaml runs the MLproject's entry points: register (the package), embed_table (spark) and bench.

@@ -171,7 +171,7 @@ class _Refused(Exception):
 
 class _RequestContext:
     """Each request's id (the client's `X-Request-ID` / `request_id`, else a new UUID), the API key check
-    and the access log line, as a pure ASGI middleware.
+    (`X-API-Key`, `Authorization: Bearer`, or `?key=`) and the access log line, as a pure ASGI middleware.
 
     Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs the app in a task of its own
     and streams the response through it, which cost 1.0 ms a request on the 2-core machine
@@ -196,11 +196,18 @@ class _RequestContext:
         method, path = scope["method"], scope["path"]
         try:
             if self.api_key and path not in _OPEN_PATHS:
-                key = headers.get("x-api-key") or QueryParams(scope.get("query_string", b"")).get("key") or ""
+                bearer = headers.get("authorization", "")  # what OpenAI's clients send
+                bearer = bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""
+                key = (headers.get("x-api-key") or bearer or QueryParams(scope.get("query_string", b"")).get("key")
+                       or "")
                 if not secrets.compare_digest(key.encode(), self.api_key.encode()):
                     log.warning("%s %s refused: missing or wrong API key", method, path)
-                    refused = JSONResponse({"error": {"message": "missing or wrong API key; send it as X-API-Key"},
-                                            "request_id": rid}, status_code=401, headers={"X-Request-ID": rid})
+                    body = {"error": {"message": "missing or wrong API key; send it as X-API-Key"}, "request_id": rid}
+                    if path.startswith("/v1/"):  # the OpenAI API answers in OpenAI's error shape
+                        body = {"error": {"message": "missing or wrong API key; send it as Authorization: Bearer "
+                                                     "<key>", "type": "invalid_request_error", "param": None,
+                                          "code": "invalid_api_key"}}
+                    refused = JSONResponse(body, status_code=401, headers={"X-Request-ID": rid})
                     await refused(scope, receive, send)
                     return
             status = []
@@ -338,6 +345,8 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         data = await run_in_threadpool(_thumbnail, loaded.searcher, item_id, loaded.image)
         return Response(data, media_type="image/jpeg")
 
+    from clip_pyfunc.serving.openai_api import add_routes
+    add_routes(app, loaded, config)
     return app
 
 
