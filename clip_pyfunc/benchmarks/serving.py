@@ -380,7 +380,7 @@ def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tupl
         local.predict(batch32)
         calls = _clients_run(lambda: local.predict(batch32), 1, seconds)
         result["in_process_batch32_img_per_s"] = round(calls["img_per_s"] * 32, 2)
-        with _Server(uri, model_config=config, log_path=os.path.join(tmp, f"{label}.log")) as server:
+        with _Server(uri, workers=1, model_config=config, log_path=os.path.join(tmp, f"{label}.log")) as server:
             post = server.poster(body)
             for _ in range(3):
                 post()
@@ -411,7 +411,7 @@ def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tupl
     base = default["in_process_batch32_img_per_s"]
 
     def point(n, **server_args):
-        with _Server(uri, **server_args) as server:
+        with _Server(uri, **{"workers": 1, **server_args}) as server:
             post = server.poster(body)
             _clients_run(post, n, 2.0)  # warm up
             got = _clients_run(post, n, seconds)
@@ -430,7 +430,7 @@ def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tupl
     log(f"[metrics] {default['metrics_on_off']}")
     on = [p["img_per_s"] for p in default["metrics_on_off"] if p["metrics"]]
     off = [p["img_per_s"] for p in default["metrics_on_off"] if not p["metrics"]]
-    with _Server(uri) as server:
+    with _Server(uri, workers=1) as server:
         server.poster(body)()
         first = server.rss_mib()
         mixed = _mixed_load(server, image, mixed_requests)
