@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import mlflow
 import numpy as np
@@ -269,6 +270,10 @@ def test_app_request_ids_and_logs(app):
     assert runtime["engine"] in ("torch", "openvino") and runtime["precision"] and runtime["note"] is None
     fresh = _post(app, "/search", data={"text": "a red circle"}).json()["request_id"]
     assert re.fullmatch(r"[0-9a-f-]{36}", fresh)
+    for _ in range(100):  # the access line is written once the response is sent, so just after the client has it
+        if fresh in open(app["log"]).read():
+            break
+        time.sleep(0.05)
     assert fresh in open(app["log"]).read()
 
 

@@ -161,42 +161,51 @@ class SharedForwards:
             self._forming = False
 
     def _run(self, batch: list[_Job]) -> None:
-        """Run one forward for the batch (outside the lock) and hand each caller its rows."""
+        """Run one forward for the batch (outside the lock) and hand each caller its rows; whatever
+        happens, every caller in it is answered and the engine is free again."""
+        started = time.perf_counter()
+        outputs: list = [RuntimeError("the shared forward did not run")] * len(batch)
+        try:
+            for job in batch:
+                self.observer.queue_wait(started - job.queued)
+            outputs = self._outputs(batch)
+            self.observer.forward(sum(job.rows for job in batch), len(batch), time.perf_counter() - started)
+        except BaseException as e:  # KeyboardInterrupt, or an observer's own error: reaches every caller
+            outputs = [e] * len(batch)
+        finally:
+            with self._cond:
+                self.forwards += 1
+                self.calls += len(batch)
+                for job, out in zip(batch, outputs):
+                    if isinstance(out, BaseException):
+                        job.error = out
+                    else:
+                        job.result = out
+                    job.done = True
+                self._running = False
+                self._cond.notify_all()
+
+    def _outputs(self, batch: list[_Job]) -> list:
+        """Each caller's vectors, or the exception its own rows raise."""
         import numpy as np
 
-        started = time.perf_counter()
-        for job in batch:
-            self.observer.queue_wait(started - job.queued)
+        if len(batch) == 1:
+            try:
+                return [self._forward(batch[0].method, batch[0].arrays)]
+            except Exception as e:
+                return [e]
+        joined = tuple(np.concatenate(parts) for parts in zip(*(job.arrays for job in batch)))
         try:
-            if len(batch) == 1:
-                outputs = [self._forward(batch[0].method, batch[0].arrays)]
-            else:
-                joined = tuple(np.concatenate(parts) for parts in zip(*(job.arrays for job in batch)))
+            vectors = self._forward(batch[0].method, joined)
+            return np.split(vectors, np.cumsum([job.rows for job in batch])[:-1])
+        except Exception:  # run each caller apart: an error reaches only the caller whose rows raise it
+            outputs = []
+            for job in batch:
                 try:
-                    vectors = self._forward(batch[0].method, joined)
-                    ends = np.cumsum([job.rows for job in batch])[:-1]
-                    outputs = np.split(vectors, ends)
-                except Exception:  # one caller apart from the others: each error reaches its own caller
-                    outputs = []
-                    for job in batch:
-                        try:
-                            outputs.append(self._forward(job.method, job.arrays))
-                        except Exception as e:
-                            outputs.append(e)
-        except BaseException as e:
-            outputs = [e] * len(batch)
-        self.observer.forward(sum(job.rows for job in batch), len(batch), time.perf_counter() - started)
-        with self._cond:
-            self.forwards += 1
-            self.calls += len(batch)
-            for job, out in zip(batch, outputs):
-                if isinstance(out, BaseException):
-                    job.error = out
-                else:
-                    job.result = out
-                job.done = True
-            self._running = False
-            self._cond.notify_all()
+                    outputs.append(self._forward(job.method, job.arrays))
+                except Exception as e:
+                    outputs.append(e)
+            return outputs
 
     def _forward(self, method: str, arrays: tuple):
         if self._faults > 0:
