@@ -189,8 +189,9 @@ class ServeConfig:
         host: Interface to bind (127.0.0.1 local only, 0.0.0.0 all).
         port: TCP port.
         workers: uvicorn worker processes (each loads its own copy of the model); torch threads
-            per worker are cores // workers. 2 serves more than 1 on 2 cores (docs/SERVING.md)
-            at the cost of a second model copy in memory and about twice the latency of a lone request.
+            per worker are cores // workers. 1: concurrent requests share its forward passes
+            (runtime.batching), which serves as much as 2 workers did without a second model copy
+            (docs/SERVING.md).
         timeout: Seconds a request may take before the server answers 504.
         env_manager: "local" (this environment) or "uv"/"virtualenv"/"conda" (built from the model; served by
             plain `mlflow models serve`, without the three settings below).
@@ -199,19 +200,23 @@ class ServeConfig:
         unhealthy_after: Predictions in a row that fail for reasons that are not the caller's (an engine error,
             out of memory) before /health and /ping answer 503; one success makes them 200 again.
         metrics: Serve Prometheus metrics at GET /metrics.
+        request_threads: Requests `clip-pyfunc serve` runs at once in each worker (MLflow runs each predict
+            in a thread of asyncio's default executor, which this sizes); the ones running at once are the
+            ones that can share a forward pass.
     """
 
     host: str = "127.0.0.1"
     port: int = 5001
-    workers: int = 2
+    workers: int = 1
     timeout: int = 60
     env_manager: str = "local"
     max_body_bytes: int = 100 * 1024 * 1024
     unhealthy_after: int = 3
     metrics: bool = True
+    request_threads: int = 32
 
     def __post_init__(self):
-        for name in ("port", "workers", "timeout", "max_body_bytes", "unhealthy_after"):
+        for name in ("port", "workers", "timeout", "max_body_bytes", "unhealthy_after", "request_threads"):
             _require_positive_int(name, getattr(self, name))
         if self.env_manager not in ENV_MANAGERS:
             raise ModelLoadError(f"env_manager {self.env_manager!r} is not one of {ENV_MANAGERS}")

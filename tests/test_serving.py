@@ -171,8 +171,8 @@ def test_serve_command_passes_settings_through():
 
 def test_serve_env_splits_the_cores_between_workers():
     cores = os.cpu_count() or 1
-    assert ServeConfig().workers == 2  # the layout that served more on 2 cores (docs/SERVING.md)
-    assert serve_env(ServeConfig(), {})["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert ServeConfig().workers == 1  # requests share its forwards (docs/SERVING.md)
+    assert serve_env(ServeConfig(workers=2), {})["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     assert serve_env(ServeConfig(workers=1), {})["OMP_NUM_THREADS"] == str(cores)
     assert serve_env(ServeConfig(workers=64), {})["OMP_NUM_THREADS"] == "1"
     assert serve_env(ServeConfig(), {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"  # the operator's wins

@@ -184,7 +184,7 @@ class _Server:
 
     def __init__(self, model_uri: str, *, workers: int | None = None, model_config: dict | None = None,
                  metrics: bool = True, log_path: str | None = None):
-        self.port = free_port()
+        self.port, self.metrics = free_port(), metrics
         cmd = [sys.executable, "-m", "clip_pyfunc.cli", "serve", "--model-uri", model_uri, "--port", str(self.port)]
         cmd += ["--workers", str(workers)] if workers else []
         cmd += [] if metrics else ["--no-metrics"]
@@ -332,28 +332,26 @@ def _mixed_load(server: _Server, image: str, requests_n: int, clients: int = 4) 
     return {"requests": requests_n, "clients": clients, "statuses": statuses, "rss_every_100": rss}
 
 
-def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tuple[int, ...] = (1, 2, 4, 8, 16),
-             waits: tuple[float, ...] = (2, 5, 10), lone_requests: int = 40, mixed_requests: int = 1000,
+def batching(random_init: str = "vit-b-32", seconds: float = 12.0, clients: tuple[int, ...] = (1, 2, 4, 8, 16),
+             waits: tuple[float, ...] = (10, 20), lone_requests: int = 40, mixed_requests: int = 1000,
              log=print) -> dict:
     """Batching across requests, served against in-process, in one run on one registered model.
 
     A random-weight checkpoint of `random_init`'s shapes is registered with the default settings
-    in a temporary registry. For the default engine and for torch fp32:
+    in a temporary registry. The machine's speed drifts by 10% and more between minutes, so every
+    served throughput is paired with an in-process batch-32 throughput measured just before it
+    (`seconds` each, the server idle meanwhile), and the ratio is taken within the pair.
 
-    - in process: batch-32 throughput (32 copies of one 640x480 JPEG a call) and a lone request's
-      latency, interleaved with the served one;
-    - served by `clip-pyfunc serve` (its defaults, 1 worker): throughput, p50 and p95 with
-      `clients` concurrent clients, each sending one image a request, and the rows per forward.
-
-    For the default engine also: `batch_wait_ms` values `waits` at 8 and 16 clients; 2 workers at 8
-    and 16 clients; metrics off against on (twice each, alternated); and the server's RSS after
-    its first request and every 100 of `mixed_requests` requests mixing good and hostile bodies.
+    For the default engine and for torch fp32, served by `clip-pyfunc serve` with its defaults
+    (1 worker): a lone request's p50 against in-process (interleaved), and throughput, p50 and p95
+    with `clients` concurrent clients, each sending one 640x480 JPEG a request, with the rows per
+    forward. For the default engine also: `batch_wait_ms` values `waits` and 2 workers, at 8 and
+    16 clients; metrics off against on (twice each, alternated, 8 clients); and the server's RSS
+    after its first request and every 100 of `mixed_requests` requests mixing good and hostile bodies.
 
     Returns:
-        A JSON-ready dict; throughputs in images/s, latencies in ms, memory in MiB, `ratios` dimensionless.
+        A JSON-ready dict; throughputs in images/s, latencies in ms, memory in MiB, ratios dimensionless.
     """
-    import gc
-
     import mlflow
     import pandas as pd
 
@@ -372,15 +370,26 @@ def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tupl
     out: dict = {"benchmark": "serving-batching", "checkpoint": f"{random_init} shapes, random weights",
                  "request": "one 640x480 JPEG, base64, dataframe_records", "seconds_per_point": seconds,
                  "machine": machine_info(), "matmul_gflops": matmul_gflops(), "engines": {}}
-    layouts = (("default", None), ("torch_fp32", {"engine": "torch", "precision": "fp32"}))
+
+    def paired(local, server, post, n) -> dict:
+        """In-process batch-32 throughput, then the served one with `n` clients: one pair."""
+        base = round(_clients_run(lambda: local.predict(batch32), 1, seconds)["img_per_s"] * 32, 2)
+        before = server.forward_sizes() if server.metrics else None
+        got = _clients_run(post, n, seconds)
+        if before is not None:
+            forwards = server.forward_sizes()["forwards"] - before["forwards"]
+            got["mean_rows_per_forward"] = round(got["requests"] / forwards, 2) if forwards else None
+        got["in_process_batch32_img_per_s"] = base
+        got["over_in_process_batch32"] = round(got["img_per_s"] / base, 3)
+        return got
+
+    layouts = (("default", {}), ("torch_fp32", {"engine": "torch", "precision": "fp32"}))
+    locals_ = {}
     for label, config in layouts:
-        log(f"[{label}] in process")
-        local = mlflow.pyfunc.load_model(uri, model_config=config)
-        result = {"runtime": local.unwrap_python_model().runtime_summary()}
+        local = locals_[label] = mlflow.pyfunc.load_model(uri, model_config=config or None)
         local.predict(batch32)
-        calls = _clients_run(lambda: local.predict(batch32), 1, seconds)
-        result["in_process_batch32_img_per_s"] = round(calls["img_per_s"] * 32, 2)
-        with _Server(uri, workers=1, model_config=config, log_path=os.path.join(tmp, f"{label}.log")) as server:
+        result = out["engines"][label] = {"runtime": local.unwrap_python_model().runtime_summary()}
+        with _Server(uri, model_config=config, log_path=os.path.join(tmp, f"{label}.log")) as server:
             post = server.poster(body)
             for _ in range(3):
                 post()
@@ -390,47 +399,40 @@ def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tupl
             for _ in range(lone_requests):  # interleaved, so drift hits both alike
                 local_lat += time_calls(lambda: local.predict(one), 1, warmup=0)
                 served_lat += time_calls(post, 1, warmup=0)
-            result["lone"] = {"in_process_p50_ms": round(1000 * percentile(local_lat, 50), 1),
-                              "served_p50_ms": round(1000 * percentile(served_lat, 50), 1)}
-            result["lone"]["added_p50_ms"] = round(result["lone"]["served_p50_ms"] -
-                                                   result["lone"]["in_process_p50_ms"], 1)
-            local = None  # free its memory before the served measurements
-            gc.collect()
+            lone = {"in_process_p50_ms": round(1000 * percentile(local_lat, 50), 1),
+                    "served_p50_ms": round(1000 * percentile(served_lat, 50), 1)}
+            lone["added_p50_ms"] = round(lone["served_p50_ms"] - lone["in_process_p50_ms"], 1)
+            result["lone"] = lone
+            log(f"[{label}] lone {lone}")
             result["served_1_worker"] = []
             for n in clients if label == "default" else (1, 8, 16):
-                before = server.forward_sizes()
-                point = _clients_run(post, n, seconds)
-                after = server.forward_sizes()
-                forwards = after["forwards"] - before["forwards"]
-                point["mean_rows_per_forward"] = round(point["requests"] / forwards, 2) if forwards else None
-                point["over_in_process_batch32"] = round(point["img_per_s"] / result["in_process_batch32_img_per_s"], 3)
-                log(f"[{label}] {point}")
-                result["served_1_worker"].append(point)
-        out["engines"][label] = result
+                _clients_run(post, n, 2.0)  # warm up at this concurrency
+                result["served_1_worker"].append(paired(local, server, post, n))
+                log(f"[{label}] {result['served_1_worker'][-1]}")
+        if label != "default":
+            locals_.pop(label)
+    local = locals_["default"]
     default = out["engines"]["default"]
-    base = default["in_process_batch32_img_per_s"]
 
-    def point(n, **server_args):
-        with _Server(uri, **{"workers": 1, **server_args}) as server:
+    def points(ns, label, **server_args):
+        with _Server(uri, **server_args) as server:
             post = server.poster(body)
-            _clients_run(post, n, 2.0)  # warm up
-            got = _clients_run(post, n, seconds)
-            got["over_in_process_batch32"] = round(got["img_per_s"] / base, 3)
-            got.update(server.forward_sizes() if server_args.get("metrics", True) else {})
-            got["rss_mib"] = server.rss_mib()
+            got = []
+            for n in ns:
+                _clients_run(post, n, 2.0)
+                got.append(paired(local, server, post, n))
+                got[-1]["rss_mib"] = server.rss_mib()
+            log(f"[{label}] {got}")
             return got
 
-    default["batch_wait_ms"] = {}
-    for wait in waits:
-        default["batch_wait_ms"][str(wait)] = [point(n, model_config={"batch_wait_ms": wait}) for n in (8, 16)]
-        log(f"[wait {wait}] {default['batch_wait_ms'][str(wait)]}")
-    default["served_2_workers"] = [point(n, workers=2) for n in (8, 16)]
-    log(f"[2 workers] {default['served_2_workers']}")
-    default["metrics_on_off"] = [{"metrics": on, **point(8, metrics=on)} for on in (True, False, True, False)]
-    log(f"[metrics] {default['metrics_on_off']}")
-    on = [p["img_per_s"] for p in default["metrics_on_off"] if p["metrics"]]
-    off = [p["img_per_s"] for p in default["metrics_on_off"] if not p["metrics"]]
-    with _Server(uri, workers=1) as server:
+    default["batch_wait_ms"] = {str(wait): points((8, 16), f"wait {wait}", model_config={"batch_wait_ms": wait})
+                                for wait in waits}
+    default["served_2_workers"] = points((8, 16), "2 workers", workers=2)
+    default["metrics_on_off"] = [{"metrics": on, **points((8,), f"metrics {on}", metrics=on)[0]}
+                                 for on in (True, False, True, False)]
+    on = [p["over_in_process_batch32"] for p in default["metrics_on_off"] if p["metrics"]]
+    off = [p["over_in_process_batch32"] for p in default["metrics_on_off"] if not p["metrics"]]
+    with _Server(uri) as server:
         server.poster(body)()
         first = server.rss_mib()
         mixed = _mixed_load(server, image, mixed_requests)
@@ -443,6 +445,8 @@ def batching(random_init: str = "vit-b-32", seconds: float = 15.0, clients: tupl
         "metrics_on_over_off": round(sum(on) / sum(off), 3),
         **{f"{label}_{p['clients']}_clients_over_in_process_batch32": p["over_in_process_batch32"]
            for label, r in out["engines"].items() for p in r["served_1_worker"] if p["clients"] in (8, 16)},
+        **{f"{label}_lone_added_p50_ms": r["lone"]["added_p50_ms"] for label, r in out["engines"].items()},
+        "rss_after_mixed_over_first": mixed["last_over_first"],
     }
     return out
 
@@ -458,8 +462,8 @@ def plot_batching(result: dict, path: str) -> None:
     for label, r in result["engines"].items():
         xs = [p["clients"] for p in r["served_1_worker"]]
         left.plot(xs, [p["img_per_s"] for p in r["served_1_worker"]], marker="o", label=f"{label}, served")
-        left.axhline(r["in_process_batch32_img_per_s"], linestyle="--", linewidth=1,
-                     color=left.lines[-1].get_color(), label=f"{label}, in process, batch 32")
+        left.plot(xs, [p["in_process_batch32_img_per_s"] for p in r["served_1_worker"]], linestyle="--",
+                  linewidth=1, color=left.lines[-1].get_color(), label=f"{label}, in process, batch 32 (paired)")
         right.plot(xs, [p["p95_ms"] for p in r["served_1_worker"]], marker="o", label=label)
     for ax, title, unit in ((left, "throughput", "images/s"), (right, "p95 latency", "ms")):
         ax.set_xscale("log", base=2)

@@ -73,6 +73,7 @@ class SharedForwards:
         self._queue: list[_Job] = []
         self._running = False
         self._forming = False
+        self._free_since = time.perf_counter()  # when the last forward ended
         self._callers = 0  # callers inside the model (see `caller`)
         self.forwards = 0  # forwards run, and the calls they answered: for tests and benchmarks
         self.calls = 0
@@ -148,7 +149,9 @@ class SharedForwards:
                     if queued.key == head.key and rows + queued.rows <= self.max_rows or not batch:
                         batch.append(queued)
                         rows += queued.rows
-                left = head.queued + self.wait_s - time.perf_counter()
+                # Counted from when the engine could take the batch, not from when the oldest call queued
+                # (it may have waited through a whole forward already).
+                left = max(head.queued, self._free_since) + self.wait_s - time.perf_counter()
                 decoding = self._callers > len(self._queue)
                 if rows >= self.max_rows or left <= 0 or not decoding:
                     for taken in batch:
@@ -183,6 +186,7 @@ class SharedForwards:
                         job.result = out
                     job.done = True
                 self._running = False
+                self._free_since = time.perf_counter()
                 self._cond.notify_all()
 
     def _outputs(self, batch: list[_Job]) -> list:

@@ -83,7 +83,15 @@ def create_app():
     """uvicorn's factory (one call per worker): load the model `serve` resolved and wrap it."""
     from mlflow.pyfunc import scoring_server
 
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
     config = ServeConfig(**json.loads(os.environ[_CONFIG_ENV]))
+    # MLflow runs each predict in asyncio's default executor (asyncio.to_thread): min(32, cores + 4)
+    # threads, 6 on 2 cores, would cap how many requests can share a forward. uvicorn calls this
+    # factory inside its running loop.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=config.request_threads, thread_name_prefix="clip-predict"))
     # MLflow's own loader: it honours SERVING_MODEL_CONFIG, as `mlflow models serve` does.
     model = scoring_server.load_model_with_mlflow_config(os.environ[_MODEL_PATH_ENV])
     return scoring_app(model, config)
