@@ -20,21 +20,7 @@ from clip_pyfunc.benchmarks.common import (b64, free_port, machine_info, percent
 
 def _throughput(call, clients: int, seconds: float) -> float:
     """Completed calls per second with `clients` threads calling back to back for `seconds`."""
-    done = [0] * clients
-    deadline = time.perf_counter() + seconds
-
-    def loop(i):
-        while time.perf_counter() < deadline:
-            call()
-            done[i] += 1
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done) / (time.perf_counter() - start)
+    return _clients_run(call, clients, seconds)["img_per_s"]
 
 
 def run(model_uri: str, requests_n: int = 40, seconds: float = 15.0) -> dict:
