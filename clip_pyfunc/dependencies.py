@@ -34,6 +34,7 @@ RANGES = {
     "httptools": ">=0.6",
     "uvloop": ">=0.19; sys_platform != 'win32'",  # not built for Windows; uvicorn runs its asyncio loop there
     "python-multipart": ">=0.0.9",
+    "prometheus-client": ">=0.17",
     "pyspark": ">=4.0,<5",
     "pytest": ">=8",
     "nbclient": ">=0.10",
@@ -71,9 +72,10 @@ TRANSFORMERS_REQUIREMENTS = ("transformers", "huggingface-hub", "sentencepiece",
 # httptools and uvloop: uvicorn's own speedups (its [standard] extra), which it picks up when
 # installed. The app's figures in docs/BENCHMARKS.md (issue 28) were measured with them; on a bare
 # FastAPI form POST they saved 0.07 and 0.48 ms in two runs (tools/http_floor.py).
+# prometheus-client: /metrics of `clip-pyfunc serve` and the app (serving.metrics; not a model requirement).
 PACKAGE_REQUIREMENTS = MODEL_REQUIREMENTS + ("nncf", "pyyaml", "tqdm", "matplotlib", "qdrant-edge-py", "qdrant-client",
                                              "pyarrow", "fastapi", "uvicorn", "httptools", "uvloop",
-                                             "python-multipart")
+                                             "python-multipart", "prometheus-client")
 EXTRAS = {
     "spark": ("pyspark", "pyarrow"),
     "test": ("pytest", "pyspark", "pyarrow", "nbclient", "nbformat", "ipykernel", "uvicorn", "requests", "uv",

@@ -20,21 +20,7 @@ from clip_pyfunc.benchmarks.common import (b64, free_port, machine_info, percent
 
 def _throughput(call, clients: int, seconds: float) -> float:
     """Completed calls per second with `clients` threads calling back to back for `seconds`."""
-    done = [0] * clients
-    deadline = time.perf_counter() + seconds
-
-    def loop(i):
-        while time.perf_counter() < deadline:
-            call()
-            done[i] += 1
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done) / (time.perf_counter() - start)
+    return _clients_run(call, clients, seconds)["img_per_s"]
 
 
 def run(model_uri: str, requests_n: int = 40, seconds: float = 15.0) -> dict:
@@ -332,6 +318,27 @@ def _mixed_load(server: _Server, image: str, requests_n: int, clients: int = 4) 
     return {"requests": requests_n, "clients": clients, "statuses": statuses, "rss_every_100": rss}
 
 
+def metrics_cost(requests_n: int = 20000) -> float:
+    """Microseconds the metrics add to a one-image request: every call a served request makes into
+    serving.metrics (the edge's request count and latency, the model's stages, forward, queue wait,
+    rows and health), timed in process over `requests_n` requests."""
+    from clip_pyfunc.serving.metrics import Health, Metrics, ModelMetrics
+
+    metrics = Metrics()
+    observer = ModelMetrics(metrics, Health(3, metrics), "image", "openvino", "fp32")
+    started = time.perf_counter()
+    for _ in range(requests_n):
+        observer.stage("decode", 0.004, 1)
+        observer.stage("preprocess", 0.001, 1)
+        observer.queue_wait(0.05)
+        observer.forward(4, 4, 0.3)
+        observer.success()
+        observer.rows(1, 0, [])
+        metrics.requests.labels("/invocations", "200").inc()
+        metrics.request_seconds.labels("/invocations").observe(0.1)
+    return (time.perf_counter() - started) / requests_n * 1e6
+
+
 def batching(random_init: str = "vit-b-32", seconds: float = 12.0, clients: tuple[int, ...] = (1, 2, 4, 8, 16),
              waits: tuple[float, ...] = (10, 20), lone_requests: int = 40, mixed_requests: int = 1000,
              log=print) -> dict:
@@ -441,8 +448,12 @@ def batching(random_init: str = "vit-b-32", seconds: float = 12.0, clients: tupl
             "rss_every_100"] else None
         default["mixed_requests"] = mixed
     log(f"[mixed] {mixed}")
+    cost_us = metrics_cost()
+    per_image_us = 1e6 / max(p["img_per_s"] for p in default["served_1_worker"])
+    default["metrics_cost_us_per_request"] = round(cost_us, 1)
     out["ratios"] = {
         "metrics_on_over_off": round(sum(on) / sum(off), 3),
+        "metrics_cost_over_request_time": round(cost_us / per_image_us, 6),
         **{f"{label}_{p['clients']}_clients_over_in_process_batch32": p["over_in_process_batch32"]
            for label, r in out["engines"].items() for p in r["served_1_worker"] if p["clients"] in (8, 16)},
         **{f"{label}_lone_added_p50_ms": r["lone"]["added_p50_ms"] for label, r in out["engines"].items()},

@@ -11,9 +11,12 @@ the stages do not know it is there:
 - A call that finds a forward running queues its arrays. When the forward ends, one of the
   waiting threads takes everything queued with the same input shapes, oldest first, up to
   `max_rows` rows, and runs it as one forward; each caller gets exactly its own rows back.
-- `wait_s` (the model_config's `batch_wait_ms`) lets that thread wait a little for callers
-  that are inside the model but still decoding, before it starts a batch that is not full.
-  It never waits when every caller in the model is already queued.
+- `wait_s` (the model_config's `batch_wait_ms`) lets that thread wait a little before it starts
+  a batch that is not full: for callers that are inside the model but still decoding, and, while
+  the engine is busy (its recent forwards were each shared by several calls), for the requests
+  on their way (clients whose answer just went out send their next one within milliseconds).
+  A lone caller (a single client, a Spark task, a notebook) never waits: nobody is decoding
+  beside it and its forwards hold one call each.
 - Arrays of different shapes (text padded to different lengths, NaFlex grids) never share a
   forward, so no caller's input is padded or cut to fit another's.
 - A shared forward that raises is run again one caller at a time, so an error reaches only
@@ -51,6 +54,12 @@ class _Job:
     done: bool = False
 
 
+# Calls per forward, on a moving average, above which the engine counts as busy: requests are arriving
+# together, and the next batch waits (up to wait_s) for the ones on their way. A lone caller's
+# forwards hold 1 call, so it never waits.
+_BUSY = 1.5
+
+
 class SharedForwards:
     """An engine whose concurrent callers share forward passes (see the module docstring).
 
@@ -74,6 +83,7 @@ class SharedForwards:
         self._running = False
         self._forming = False
         self._free_since = time.perf_counter()  # when the last forward ended
+        self._shared = 1.0  # calls per forward lately (a moving average): above 1, requests arrive together
         self._callers = 0  # callers inside the model (see `caller`)
         self.forwards = 0  # forwards run, and the calls they answered: for tests and benchmarks
         self.calls = 0
@@ -139,7 +149,8 @@ class SharedForwards:
 
     def _form(self) -> list[_Job] | None:
         """Under the lock: take the oldest queued call and those that fit with it; wait for more first
-        when the batch is not full and a caller is still decoding. None when the queue emptied meanwhile."""
+        (up to wait_s) when the batch is not full and a caller is still decoding or the engine is busy.
+        None when the queue emptied meanwhile."""
         self._forming = True
         try:
             while self._queue:
@@ -153,7 +164,8 @@ class SharedForwards:
                 # (it may have waited through a whole forward already).
                 left = max(head.queued, self._free_since) + self.wait_s - time.perf_counter()
                 decoding = self._callers > len(self._queue)
-                if rows >= self.max_rows or left <= 0 or not decoding:
+                busy = self._shared > _BUSY
+                if rows >= self.max_rows or left <= 0 or not (decoding or busy):
                     for taken in batch:
                         self._queue.remove(taken)
                     self._running = True
@@ -179,6 +191,7 @@ class SharedForwards:
             with self._cond:
                 self.forwards += 1
                 self.calls += len(batch)
+                self._shared += (len(batch) - self._shared) / 2
                 for job, out in zip(batch, outputs):
                     if isinstance(out, BaseException):
                         job.error = out
