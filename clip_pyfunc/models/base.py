@@ -19,7 +19,7 @@ from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors
 from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
                                         served_row_limit)
 from clip_pyfunc.runtime import OpenVINOEngine, TorchEngine, apply_precision, pick_runtime, torch_available
-from clip_pyfunc.runtime.batching import SharedForwards
+from clip_pyfunc.runtime.batching import SharedForwards, batch_wait_s
 from clip_pyfunc.runtime.observe import Observer
 from clip_pyfunc.settings import RuntimeConfig
 
@@ -54,7 +54,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         self.observer = Observer()  # a front end that exports metrics sets its own (set_observer)
         # Concurrent predict calls (MLflow's scoring server, the app) share forward passes.
         self.engine = SharedForwards(engine, max_rows=self.runtime.batch_size,
-                                     wait_s=self.config.batch_wait_ms / 1000,
+                                     wait_s=batch_wait_s(self.config.batch_wait_ms, engine.name),
                                      faults=self.config.inject_engine_failures)
         self._load_tower(path)
 
