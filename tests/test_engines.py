@@ -139,9 +139,9 @@ def test_concurrent_predicts_on_openvino_share_a_bounded_request_pool(registered
     want = [model.predict(r) for r in requests]
     with ThreadPoolExecutor(max_workers=12) as pool:
         got = list(pool.map(model.predict, requests))
-    for w, g in zip(want, got):
-        np.testing.assert_array_equal(w, g)
-    engine = model.unwrap_python_model().engine
+    for w, g in zip(want, got):  # concurrent calls share forwards (runtime.batching): equal but for the last bits
+        np.testing.assert_allclose(w, g, atol=2e-6)
+    engine = model.unwrap_python_model().engine.engine  # SharedForwards' engine
     assert engine._made <= engine._limit
 
 
