@@ -129,7 +129,7 @@ def test_int8_on_cuda_and_cuda_without_gpu_are_errors():
 
 def test_text_is_padded_to_the_batch_longest_not_77(registered):
     model = mlflow.pyfunc.load_model(registered["models"]["text"]["uri"], model_config={"batch_size": 4})
-    tower = model.unwrap_python_model().engine.module.text_model  # the encoder inside the family's full class
+    tower = model.unwrap_python_model().engine.engine.module.text_model  # SharedForwards -> TorchEngine -> the encoder
     widths = []
     hook = tower.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
                                            with_kwargs=True)
