@@ -353,19 +353,19 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 _METRIC_PATHS = ("/", "/health", "/embeddings", "/classify", "/search", "/v1/embeddings", "/v1/models")
 
 
-def _app_error(message: str) -> bytes:
+def _app_error(status: int, message: str) -> bytes:
     """The app's error body for the edge's 413 and 503 (the request id is in the X-Request-ID header)."""
     import json
 
     return json.dumps({"error": {"message": message}, "request_id": _REQUEST_ID.get()}).encode()
 
 
-def _openai_error(message: str) -> bytes:
+def _openai_error(status: int, message: str) -> bytes:
     """OpenAI's error body, for /v1/ paths."""
     import json
 
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": None}}).encode()
+    kind = "invalid_request_error" if status == 413 else "server_error"
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
 def _thumbnail(searcher, item_id: str, image_model) -> bytes:

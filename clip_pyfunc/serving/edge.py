@@ -23,9 +23,13 @@ from typing import Callable
 from clip_pyfunc.serving.metrics import Health, Metrics
 
 
-def mlflow_error(message: str) -> bytes:
-    """MLflow's JSON error body, with the error code MLflow uses for limits."""
-    return json.dumps({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": message}).encode()
+# MLflow's error codes for the edge's answers (mlflow.protos.databricks_pb2).
+_MLFLOW_CODES = {413: "REQUEST_LIMIT_EXCEEDED", 503: "TEMPORARILY_UNAVAILABLE"}
+
+
+def mlflow_error(status: int, message: str) -> bytes:
+    """MLflow's JSON error body for a 413 or a 503, with the error code MLflow has for each."""
+    return json.dumps({"error_code": _MLFLOW_CODES[status], "message": message}).encode()
 
 
 class Edge:
@@ -38,20 +42,20 @@ class Edge:
         health: The models' Health, or None (health paths always pass through).
         health_paths: Paths that answer 503 while unhealthy.
         paths: Paths counted under their own name; any other is counted as "other" (bounded labels).
-        error_body: message -> (body bytes) for a 413 or a 503, in the protocol of the app behind;
+        error_body: (status, message) -> body bytes for a 413 or a 503, in the protocol of the app behind;
             per path prefix, longest first, so /v1/ answers in OpenAI's shape (default: MLflow's).
     """
 
     def __init__(self, app, *, max_body_bytes: int, metrics: Metrics | None, health: Health | None,
                  health_paths: tuple[str, ...] = ("/ping", "/health"), paths: tuple[str, ...] = (),
-                 error_body: dict[str, Callable[[str], bytes]] | None = None):
+                 error_body: dict[str, Callable[[int, str], bytes]] | None = None):
         self.app, self.max_body_bytes = app, max_body_bytes
         self.metrics, self.health, self.health_paths = metrics, health, health_paths
         self.paths = frozenset(paths) | frozenset(health_paths) | {"/metrics"}
         self.error_body = sorted((error_body or {"": mlflow_error}).items(), key=lambda kv: -len(kv[0]))
 
-    def _body_for(self, path: str, message: str) -> bytes:
-        return next(make(message) for prefix, make in self.error_body if path.startswith(prefix))
+    def _body_for(self, path: str, status: int, message: str) -> bytes:
+        return next(make(status, message) for prefix, make in self.error_body if path.startswith(prefix))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -81,11 +85,11 @@ class Edge:
             await _respond(send, 200, body, content_type)
             return
         if path in self.health_paths and self.health is not None and not self.health.ok:
-            await _respond(send, 503, self._body_for(path, self.health.reason()), "application/json")
+            await _respond(send, 503, self._body_for(path, 503, self.health.reason()), "application/json")
             return
         length = _content_length(scope)
         if length is not None and length > self.max_body_bytes:
-            await _respond(send, 413, self._body_for(path, self._too_large(length)), "application/json", close=True)
+            await _respond(send, 413, self._body_for(path, 413, self._too_large(length)), "application/json", close=True)
             return
         if length is not None:  # declared and within the limit: h11/httptools stop at Content-Length
             await self.app(scope, receive, send)
@@ -103,7 +107,7 @@ class Edge:
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     refused[0] = True
-                    await _respond(send, 413, self._body_for(path, self._too_large(None)), "application/json",
+                    await _respond(send, 413, self._body_for(path, 413, self._too_large(None)), "application/json",
                                    close=True)
                     return {"type": "http.disconnect"}  # the app behind stops reading, as for a client gone
             return message
@@ -112,11 +116,17 @@ class Edge:
             if not refused[0]:  # after our 413, whatever the app answers is dropped
                 await send(message)
 
-        await self.app(scope, limited_receive, guarded_send)
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused[0]:
+                raise
+            # The app behind raised on the disconnect we told it of (starlette's ClientDisconnect): the
+            # 413 is the answer, and there is nothing to log.
 
     def _too_large(self, length: int | None) -> str:
-        size = f"{length} bytes" if length is not None else f"over {self.max_body_bytes} bytes"
-        return (f"request body is {size}, over the limit of {self.max_body_bytes} bytes (serve.max_body_bytes); "
+        size = f"is {length} bytes, over" if length is not None else "passed"
+        return (f"request body {size} the limit of {self.max_body_bytes} bytes (serve.max_body_bytes); "
                 "send fewer or smaller rows per request")
 
 
