@@ -78,7 +78,8 @@ class SharedForwards:
     Args:
         engine: The engine to run (runtime.TorchEngine or runtime.OpenVINOEngine).
         max_rows: Most rows in one shared forward (the model_config's `batch_size`).
-        wait_s: Most seconds the oldest queued call waits for callers still decoding (0: none).
+        wait_s: Most seconds a batch that is not full waits for callers still decoding or, while the
+            engine is busy, on their way (0: none).
         observer: Told each forward's rows, callers and time, and each call's queue wait.
         faults: Forwards that raise an engine error on purpose, counted from load (the
             model_config's `inject_engine_failures`), so that health checks can be tested.
@@ -104,8 +105,8 @@ class SharedForwards:
     def caller(self):
         """Count a request as inside the model for as long as it is (decoding, queued or in its forward).
 
-        A queued batch that is not full waits up to `wait_s` only while some counted caller has
-        not queued yet.
+        A queued batch that is not full waits up to `wait_s` while some counted caller has not
+        queued yet, or while the engine is busy (see `_form`).
         """
         with self._cond:
             self._callers += 1

@@ -51,22 +51,19 @@ def serve_env(config: ServeConfig, environ: dict[str, str] | None = None) -> dic
     return env
 
 
-def scoring_app(model, config: ServeConfig, metrics=None):
+def scoring_app(model, config: ServeConfig):
     """MLflow's scoring app for a loaded pyfunc model, behind the edge (ASGI).
 
     Args:
         model: A loaded mlflow.pyfunc.PyFuncModel.
         config: Serve settings (max_body_bytes, unhealthy_after, metrics).
-        metrics: The process's serving.metrics.Metrics; None makes one (when config.metrics is on).
     """
     from mlflow.pyfunc import scoring_server
 
     from clip_pyfunc.serving.edge import Edge
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
 
-    if config.metrics and metrics is None:
-        metrics = Metrics()
-    metrics = metrics if config.metrics else None
+    metrics = Metrics() if config.metrics else None
     health = Health(config.unhealthy_after, metrics)
     watch(model.unwrap_python_model(), metrics, health, _model_label(model))
     return Edge(scoring_server.init(model), max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
