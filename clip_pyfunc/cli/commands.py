@@ -158,7 +158,7 @@ def cmd_duplicates(args: argparse.Namespace) -> JsonLines:
 
     settings = settings_of(args)
     with _store(settings, must_exist=True) as store:
-        return JsonLines(duplicate_groups(store, args.threshold, k=args.k, progress=True))
+        return JsonLines(duplicate_groups(store, args.threshold, k=args.k, progress=True, linkage=args.linkage))
 
 
 def cmd_app(args: argparse.Namespace) -> dict:

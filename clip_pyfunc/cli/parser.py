@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_flags(p)
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that links two items")
     p.add_argument("--k", type=int, default=10, help="nearest neighbours looked at per item (default 10)")
+    p.add_argument("--linkage", choices=["complete", "transitive"], default="complete",
+                   help="complete (default): every pair in a group is at least --threshold similar; transitive: "
+                        "groups join through chains of pairs, so their ends may be far apart")
     p.set_defaults(func=commands.cmd_duplicates)
     p = sub.add_parser("app", help="the web page and JSON API (FastAPI on uvicorn) over the models and the index")
     _add_index_flags(p)

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 from clip_pyfunc.errors import one_line
 from clip_pyfunc.models.request import EMBEDDING_COL, ERROR_COL
 from clip_pyfunc.registry.lookup import model_error
-from clip_pyfunc.search.store import IndexRefused, build_settings, Space, Store, payload_type
+from clip_pyfunc.search.store import (PAYLOAD_TYPES, IndexRefused, Space, Store, build_settings, merge_field_types,
+                                      payload_type)
 
 NOT_FILTERED = ("path", "url")  # payload fields indexed for filters only when asked: unique per item, as the id is
 
@@ -61,10 +62,12 @@ def require_space(space: Space, collection: str, kind: str, metadata) -> None:
 
 
 def read_table(source: str, batch_rows: int = 1024) -> Iterator[Any]:
-    """Read an embed-table output in batches: a parquet file or directory, or a Spark table name.
+    """Read an embed-table output in batches of `pyarrow.RecordBatch`: a parquet file or directory, or a Spark table.
 
-    A parquet path is opened, and a missing one refused, at the call; a table is read (and Spark
-    started) only when the batches are iterated.
+    Values keep the table's own types: an integer column with nulls stays integers (pandas would
+    turn it into float64, and ids above 2**53 would merge, apache/arrow#43112). A parquet path is
+    opened, and a missing one refused, at the call; a table is read (and Spark started) only when
+    the batches are iterated.
 
     Raises:
         IndexRefused: No such file or folder, a file that is not parquet, or no such table.
@@ -78,7 +81,8 @@ def read_table(source: str, batch_rows: int = 1024) -> Iterator[Any]:
         except (pyarrow.ArrowInvalid, OSError) as e:
             raise IndexRefused(f"--input {source} is not a parquet file or folder ({one_line(e)}); give an "
                                "embed-table output") from e
-        return (batch.to_pandas() for batch in dataset.to_batches(batch_size=batch_rows))
+        columns = [c for c in dataset.schema.names if not c.startswith("__index_level_")]  # pandas' saved index
+        return dataset.to_batches(columns=columns, batch_size=batch_rows)
     if "/" in source or os.sep in source or source.endswith(".parquet"):  # a path: table names have neither
         raise IndexRefused(f"--input {source}: no such file or folder; give an embed-table output (a parquet "
                            "file or folder) or a table name")
@@ -86,7 +90,8 @@ def read_table(source: str, batch_rows: int = 1024) -> Iterator[Any]:
 
 
 def _read_spark_table(source: str, batch_rows: int) -> Iterator[Any]:
-    """Batches of a Spark table, read through the JVM (no Python workers)."""
+    """Batches of a Spark table, read through the JVM (no Python workers), with the rows' Python values."""
+    import pyarrow as pa
     from pyspark.errors import AnalysisException
 
     from clip_pyfunc.batch.spark.session import spark_session
@@ -98,15 +103,56 @@ def _read_spark_table(source: str, batch_rows: int) -> Iterator[Any]:
     except AnalysisException as e:
         raise IndexRefused(f"--input {source}: no such parquet path or table ({one_line(e)})") from e
     columns = table.columns
-    import pandas as pd
+
+    def batch():
+        return pa.RecordBatch.from_pydict({c: [r[n] for r in rows] for n, c in enumerate(columns)})
 
     for row in table.toLocalIterator():
         rows.append(tuple(row))
         if len(rows) == batch_rows:
-            yield pd.DataFrame(rows, columns=columns)
+            yield batch()
             rows = []
     if rows:
-        yield pd.DataFrame(rows, columns=columns)
+        yield batch()
+
+
+MAX_EXACT_FLOAT = 2 ** 53  # above it float64 cannot hold every whole number: two ids may read as one
+
+
+def table_id(value: object, row: int, id_col: str) -> int | str | None:
+    """A row's id as the point is keyed and answered by: an int or a str, or None where the row has none.
+
+    Whole floats and decimals up to 2**53 (an integer column that went through pandas with a null)
+    become ints, so 7.0 is the id 7 and a re-run from the integer column updates the same point.
+
+    Args:
+        value: The id cell, as read (`read_table`: Python values; numpy and pandas scalars also taken).
+        row: The row's number in the table, for messages.
+        id_col: The id column's name, for messages.
+
+    Raises:
+        IndexRefused: An id that cannot be told apart exactly: a float above 2**53 or not whole, a
+            boolean, or another type; the message names the row and what is allowed.
+    """
+    import decimal
+    import math
+
+    import pandas as pd
+
+    value = _plain_scalar(value)
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str, float, decimal.Decimal)):
+        raise IndexRefused(f"row {row}: id column {id_col!r} holds {value!r} ({type(value).__name__}); ids must be "
+                           "integers or strings")
+    if isinstance(value, (float, decimal.Decimal)):
+        if not (math.isfinite(value) and value == int(value) and abs(value) <= MAX_EXACT_FLOAT):
+            raise IndexRefused(
+                f"row {row}: id column {id_col!r} holds {value!r}, a float: ids above 2**53 or not whole cannot be "
+                "told apart exactly (an integer column with a null turns into float64 in pandas). Write the ids as "
+                "int64 (nullable) or strings, or name another --id-col")
+        return int(value)
+    return value
 
 
 def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None = None,
@@ -115,7 +161,10 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
 
     The rows go in bounded batches (memory holds one batch); HNSW, the payload indexes and the
     quantized copy are built once, at the end. A run killed halfway leaves a store that opens; a
-    re-run upserts the same ids again, so it completes it with no duplicates.
+    re-run upserts the same ids again, so it completes it with no duplicates. Ids keep their exact
+    value (`table_id`): one point per distinct id, whatever the column type; payload values keep
+    their types (integers stay integers, booleans booleans), and every field's type is recorded so
+    that `key=value` filters are typed by it (`search.query.parse_filters`).
 
     Args:
         store: From `search.store.open_store`.
@@ -126,66 +175,72 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
         progress: Show a progress bar on stderr.
 
     Returns:
-        {"collection", "model_uri", "rows", "indexed", "skipped" (rows with an error or no vector),
-        "added", "updated", "points", "filter_fields" (payload field -> index type), and "note" when the
-        collection was created with other build settings than `store.config` asks for}.
+        {"collection", "model_uri", "rows", "indexed", "skipped" (rows with an error, no vector or no id),
+        "skipped_error", "skipped_no_id", "rows_without_id" (the first 20 such rows' numbers, 0-based),
+        "added", "updated", "points", "filter_fields" (payload field -> index type), "payload_fields"
+        (every payload field -> its type), and "note" when the collection was created with other build
+        settings than `store.config` asks for}.
 
     Raises:
-        IndexRefused: Another embedding space, a vector of the wrong size, a missing column, or no such table.
+        IndexRefused: Another embedding space, a vector of the wrong size, a missing column, an id that
+            cannot be kept exactly, or no such table.
         ModelLoadError: MLflow cannot find `model_uri`.
     """
-    import numpy as np
     from tqdm import tqdm
 
     frames = read_table(source, batch_rows)  # a missing path is refused before the registry is asked
     space = model_space(model_uri)
     store.ensure(space)
     before = store.count()
-    rows = indexed = skipped = 0
+    rows = indexed = skipped_error = 0
+    no_id: list[int] = []
     fields: dict[str, str] = {}
     bar = tqdm(desc=f"index {store.collection}", unit=" rows", disable=not progress)
-    for frame in frames:
-        id_col = id_col or frame.columns[0]
+    for batch in frames:
+        names = batch.schema.names
+        id_col = id_col or names[0]
         for col in (id_col, EMBEDDING_COL):
-            if col not in frame.columns:
-                raise IndexRefused(f"column {col!r} not in {source}; columns: {list(frame.columns)}")
-        good = frame[EMBEDDING_COL].notna() & frame[id_col].notna()  # no id: nothing to upsert it by
-        if ERROR_COL in frame.columns:
-            good &= ~frame[ERROR_COL].map(lambda e: isinstance(e, str)).astype(bool)
-        skipped += int((~good).sum())
-        frame = frame[good]
-        payload_cols = [c for c in frame.columns if c not in (EMBEDDING_COL, ERROR_COL)]
-        if len(frame):
-            lengths = frame[EMBEDDING_COL].map(len)
-            wrong = (lengths != space.embedding_dim).to_numpy()
-            if wrong.any():
-                raise IndexRefused(f"row {frame[id_col][wrong].iloc[0]!r}: embedding has {lengths[wrong].iloc[0]} "
-                                   f"values, the collection holds {space.embedding_dim}-d vectors of "
-                                   f"{space.model_uri}")
-            vectors = np.stack([np.asarray(v, dtype=np.float32) for v in frame[EMBEDDING_COL]])
-            payloads = [{c: _plain(v) for c, v in zip(payload_cols, values)}
-                        for values in frame[payload_cols].itertuples(index=False, name=None)]
-            store.upsert([_plain(i) for i in frame[id_col]], vectors, payloads)
+            if col not in names:
+                raise IndexRefused(f"column {col!r} not in {source}; columns: {list(names)}")
+        ids = [table_id(v, rows + n, id_col) for n, v in enumerate(batch.column(id_col).to_pylist())]
+        errors = batch.column(ERROR_COL).to_pylist() if ERROR_COL in names else [None] * len(ids)
+        vectors, has_vector = _vectors(batch.column(EMBEDDING_COL))
+        good = []
+        for n, (item_id, error, vector) in enumerate(zip(ids, errors, has_vector)):
+            if isinstance(error, str) or not vector:
+                skipped_error += 1
+            elif item_id is None:
+                no_id.append(rows + n)
+            else:
+                good.append(n)
+        payload_cols = [c for c in names if c not in (EMBEDDING_COL, ERROR_COL)]
+        if good:
+            wrong = next((n for n in good if len(vectors[n]) != space.embedding_dim), None)
+            if wrong is not None:
+                raise IndexRefused(f"row {ids[wrong]!r}: embedding has {len(vectors[wrong])} values, the collection "
+                                   f"holds {space.embedding_dim}-d vectors of {space.model_uri}")
+            columns = {c: batch.column(c).take(good).to_pylist() for c in payload_cols}
+            payloads = [{c: _plain(columns[c][m]) for c in payload_cols} for m in range(len(good))]
+            store.upsert([ids[n] for n in good], _stack([vectors[n] for n in good]), payloads)
             for c in payload_cols:
-                if c not in fields:  # a field's type is read once, from its first value
-                    kind = next((payload_type(p[c]) for p in payloads if p[c] is not None), None)
-                    if kind:
-                        fields[c] = kind
-        indexed += len(frame)
-        rows += len(good)
-        bar.update(len(good))
+                kinds = {payload_type(p[c]) for p in payloads if p[c] is not None} - {None}
+                merge_field_types(fields, {c: kinds.pop() if len(kinds) == 1 else "mixed"} if kinds else {})
+        indexed += len(good)
+        rows += len(ids)
+        bar.update(len(ids))
     bar.close()
     wanted = store.config.filter_fields
-    filter_fields = {c: t for c, t in fields.items()
-                     if (c in wanted if wanted is not None else c not in (*NOT_FILTERED, id_col))}
+    filter_fields = {c: t for c, t in fields.items() if t in PAYLOAD_TYPES
+                     and (c in wanted if wanted is not None else c not in (*NOT_FILTERED, id_col))}
     bar = tqdm(desc=f"build the index of {store.collection} (HNSW)", total=1, disable=not progress)
-    store.finish(filter_fields)
+    store.finish(filter_fields, fields)
     bar.update(1)
     bar.close()
     after = store.count()
     report = {"collection": store.collection, "model_uri": space.model_uri, "rows": rows, "indexed": indexed,
-              "skipped": skipped, "added": after - before, "updated": indexed - (after - before), "points": after,
-              "filter_fields": filter_fields}
+              "skipped": skipped_error + len(no_id), "skipped_error": skipped_error, "skipped_no_id": len(no_id),
+              "rows_without_id": no_id[:20], "added": after - before, "updated": indexed - (after - before),
+              "points": after, "filter_fields": filter_fields, "payload_fields": fields}
     recorded = getattr(store, "build", None)  # an embedded store's settings, fixed when it was created
     if recorded is not None and recorded != build_settings(store.config):
         report["note"] = (f"the collection keeps the settings it was created with, {recorded}; index.* asks for "
@@ -193,11 +248,34 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     return report
 
 
+def _vectors(column) -> tuple[list, list[bool]]:
+    """An Arrow list column of vectors -> (per-row float32 arrays or None, whether each row has one)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    out = [values[offsets[n]:offsets[n + 1]] if valid[n] else None for n in range(len(column))]
+    return out, [v is not None and len(v) > 0 for v in out]
+
+
+def _stack(vectors) -> Any:
+    import numpy as np
+
+    return np.stack(vectors).astype(np.float32, copy=False)
+
+
 def _plain(value: object) -> object:
     """A JSON-ready payload value: numpy and pandas scalars to Python, missing values (None, NaN, pd.NA,
     NaT) and non-finite floats to None, dates and times to ISO 8601 strings, lists element by element;
     raw bytes (image data) left out as None."""
     import datetime
+    import decimal
     import math
 
     import pandas as pd
@@ -208,10 +286,18 @@ def _plain(value: object) -> object:
         return None
     if isinstance(value, (pd.Timestamp, datetime.date, datetime.time)):
         return value.isoformat()
-    if hasattr(value, "item"):  # a numpy scalar
-        value = value.item()
+    if isinstance(value, dict):  # a struct
+        return {str(k): _plain(v) for k, v in value.items()}
+    value = _plain_scalar(value)
+    if isinstance(value, decimal.Decimal):  # JSON has no decimals; both stores then hold the same number
+        value = float(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return None  # raw image bytes do not belong in a payload
     return value
+
+
+def _plain_scalar(value: object) -> object:
+    """A numpy scalar as its Python value; anything else as it is."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict)) else value

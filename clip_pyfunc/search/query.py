@@ -13,30 +13,74 @@ from typing import Any
 from clip_pyfunc.errors import InvalidInput, ModelLoadError
 from clip_pyfunc.registry.lookup import load_model
 from clip_pyfunc.search.index import require_space
-from clip_pyfunc.search.store import Filters, Store
+from clip_pyfunc.search.store import PAYLOAD_TYPES, Filters, Store
 
 
-def parse_filters(pairs: list[str] | None) -> Filters | None:
-    """`key=value` strings -> filters that every pair must match (numbers and booleans match as such too).
+def parse_filters(pairs: list[str] | None, fields: dict[str, str] | None = None, *,
+                  bool_filters: bool = True) -> Filters | None:
+    """`key=value` strings -> filters that every pair must match.
+
+    With `fields` (the collection's payload fields and their types, `Store.payload_fields`) each value
+    is typed by its field, so `on_sale=true` matches the boolean True and `stock=5` the integer 5,
+    exactly as `df[df.on_sale == True]` and `df[df.stock == 5]` would over the indexed table; a field
+    the collection does not hold, or one no `key=value` can match (floats, objects, mixed types), is
+    refused rather than matching nothing. Without `fields` (a collection indexed before they were
+    recorded) a value also matches as a number or a boolean where it reads as one.
+
+    Args:
+        pairs: "key=value" strings; the value is everything after the first '='.
+        fields: field -> type ("keyword", "integer", "bool", ...), or None.
+        bool_filters: Whether the store can match booleans (`Store.bool_filters`).
 
     Returns:
         [(key, [value, ...])], or None for no pairs.
 
     Raises:
-        InvalidInput: A pair without '=' or without a key.
+        InvalidInput: A pair without '=' or without a key; with `fields`, an unknown field, a field
+            that takes no `key=value` filter, or a value its field cannot hold (the message lists what is allowed).
     """
     must = []
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidInput(f"filter {pair!r} must be key=value")
-        options: list = [value]
-        if re.fullmatch(r"-?[0-9]+", value):
-            options.append(int(value))
-        elif value.lower() in ("true", "false"):
-            options.append(value.lower() == "true")
+        options = _typed(pair, key, value, fields) if fields is not None else _untyped(value)
+        if not bool_filters and any(isinstance(v, bool) for v in options):
+            raise InvalidInput(f"filter {pair!r}: this collection was indexed before boolean filters could match in "
+                               "the embedded store; re-run `clip-pyfunc index` into a new --collection to filter on "
+                               "booleans")
         must.append((key, options))
     return must or None
+
+
+def _untyped(value: str) -> list:
+    options: list = [value]
+    if re.fullmatch(r"-?[0-9]+", value):
+        options.append(int(value))
+    elif value.lower() in ("true", "false"):
+        options.append(value.lower() == "true")
+    return options
+
+
+def _typed(pair: str, key: str, value: str, fields: dict[str, str]) -> list:
+    """The one value `value` means in a field of the collection's type (see `parse_filters`)."""
+    filterable = {k: t for k, t in sorted(fields.items()) if t in PAYLOAD_TYPES}
+    kind = fields.get(key)
+    if kind is None:
+        raise InvalidInput(f"filter {pair!r}: the collection has no payload field {key!r}; fields that take "
+                           f"key=value filters: {filterable}")
+    if kind not in PAYLOAD_TYPES:
+        raise InvalidInput(f"filter {pair!r}: field {key!r} holds {kind} values, which key=value cannot match "
+                           f"exactly; fields that take key=value filters: {filterable}")
+    if kind == "integer":
+        if not re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+            raise InvalidInput(f"filter {pair!r}: field {key!r} holds integers; give a whole number")
+        return [int(value)]
+    if kind == "bool":
+        if value.strip().lower() not in ("true", "false"):
+            raise InvalidInput(f"filter {pair!r}: field {key!r} holds booleans; give true or false")
+        return [value.strip().lower() == "true"]
+    return [value]
 
 
 class Searcher:
@@ -92,53 +136,64 @@ class Searcher:
         """The k best items: [{"id", "score", "payload"}], best first (the `like` item itself left out)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise InvalidInput(f"k must be a whole number from 1 to 1000, got {k!r}")
+        must = parse_filters(filters, self.store.payload_fields(), bool_filters=self.store.bool_filters())
         vector = self.query_vector(text=text, image=image, like=like)
-        hits = self.store.query(vector, k + (like is not None), parse_filters(filters))
+        hits = self.store.query(vector, k + (like is not None), must)
         out = [hit.to_dict() for hit in hits if like is None or str(hit.id) != str(like)]
         return out[:k]
 
 
-def duplicate_groups(store: Store, threshold: float = 0.95, k: int = 10, batch: int = 256,
-                     progress: bool = False) -> list[dict[str, Any]]:
-    """Groups of items whose vectors are at least `threshold` cosine-similar (linked transitively).
+LINKAGES = ("complete", "transitive")
 
-    Uses the index: each item's k nearest neighbours above the threshold (an HNSW query per item,
-    `batch` at a time), not all pairs. Memory holds one batch of vectors, the ids and the links
-    found; time grows as items x query time. The search is approximate (HNSW), so a pair the graph
-    misses is not linked, and an item with more than k neighbours above the threshold links to its
-    k nearest only (a group still joins through those links); the planted-copy recall is measured
-    in docs/SEARCH.md.
+
+def duplicate_groups(store: Store, threshold: float = 0.95, k: int = 10, batch: int = 256,
+                     progress: bool = False, linkage: str = "complete") -> list[dict[str, Any]]:
+    """Groups of near-duplicate items, by cosine similarity of their vectors.
+
+    Candidate pairs come from the index: each item's k nearest neighbours at or above the threshold
+    (an HNSW query per item, `batch` at a time), not all pairs. Then, by `linkage`:
+
+    - "complete" (the default): every pair of members of a group is at least `threshold` similar
+      (complete-linkage clustering cut at the threshold; pairs are merged best first, and two groups
+      join only when every cross pair, computed exactly from the stored vectors, is at or above it).
+      A chain of items, each close to the next but its ends far apart (one product in twelve
+      colourways, a slow camera pan), is never one group.
+    - "transitive": groups are the connected components of the candidate pairs (single linkage):
+      two items share a group when a chain of pairs joins them, however far apart they are.
+
+    Memory holds one batch of vectors, the pairs found and the vectors of the items in some pair;
+    time grows as items x query time. The search is approximate (HNSW), so a pair the graph misses
+    is not found, and an item with more than k neighbours above the threshold is paired with its
+    k nearest only; the planted-copy recall and precision are measured in docs/SEARCH.md.
 
     Args:
         store: The collection's store.
-        threshold: Cosine similarity in [-1, 1] that links two items.
+        threshold: Cosine similarity in [-1, 1] at or above which two items are duplicates.
         k: Neighbours looked at per item.
         batch: Items queried together.
         progress: Show a progress bar on stderr.
+        linkage: "complete" or "transitive" (above).
 
     Returns:
-        [{"ids": [...], "size": n, "min_score": lowest linking score, "max_score": ...}], largest first.
+        [{"ids": [...], "size": n, "min_score", "max_score"}], largest first: the lowest and highest
+        cosine similarity over every pair of members (with "transitive", "min_score" may be below the
+        threshold, and "min_link_score" is the lowest pair that joined the group).
 
     Raises:
-        InvalidInput: A threshold outside [-1, 1], or k outside 1..1000.
+        InvalidInput: A threshold outside [-1, 1], k outside 1..1000, or another linkage.
     """
+    import numpy as np
     from tqdm import tqdm
 
     if not -1.0 <= threshold <= 1.0:
         raise InvalidInput(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
         raise InvalidInput(f"k must be a whole number from 1 to 1000, got {k!r}")
+    if linkage not in LINKAGES:
+        raise InvalidInput(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     store.space()
-    parent: dict[str, str] = {}
     names: dict[str, Any] = {}  # the id as the table holds it, by its string
-
-    def root(i: str) -> str:
-        parent.setdefault(i, i)
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    vectors: dict[str, Any] = {}  # the unit vectors of items in some pair
     links: dict[tuple[str, str], float] = {}
     bar = tqdm(desc="duplicates", unit=" items", total=store.count(), disable=not progress)
     for items in store.scroll(batch=batch, with_vectors=True, payload=False):
@@ -150,21 +205,89 @@ def duplicate_groups(store: Store, threshold: float = 0.95, k: int = 10, batch: 
                 if b == a:
                     continue
                 names[a], names[b] = item.id, hit.id
+                vectors.setdefault(a, _unit(item.vector))
                 pair = (a, b) if a < b else (b, a)
                 links[pair] = max(links.get(pair, -2.0), float(hit.score))
-                parent[root(a)] = root(b)
         bar.update(len(items))
     bar.close()
-    groups: dict[str, list[str]] = {}
-    for i in {i for pair in links for i in pair}:
-        groups.setdefault(root(i), []).append(i)
-    scores: dict[str, list[float]] = {}
-    for (a, _), score in links.items():
-        scores.setdefault(root(a), []).append(score)
+    missing = [names[i] for i in names if i not in vectors]  # paired only as someone's neighbour
+    for start in range(0, len(missing), batch):
+        for hit in store.retrieve(missing[start:start + batch], with_vectors=True):
+            vectors[str(hit.id)] = _unit(hit.vector)
+    groups = _complete_groups(links, vectors, threshold) if linkage == "complete" else _components(links)
+    lowest_link: dict[int, float] = {}  # by group, for "transitive"
+    if linkage == "transitive":
+        group_index = {i: n for n, members in enumerate(groups) for i in members}
+        for (a, _), score in links.items():
+            lowest_link[group_index[a]] = min(lowest_link.get(group_index[a], 2.0), score)
     out = []
-    for group, members in groups.items():
+    for n, members in enumerate(groups):
+        if len(members) < 2:
+            continue
         members.sort()
-        out.append({"ids": [names[i] for i in members], "size": len(members),
-                    "min_score": round(min(scores[group]), 6), "max_score": round(max(scores[group]), 6)})
+        low, high = _pair_range(np.stack([vectors[i] for i in members]))
+        group = {"ids": [names[i] for i in members], "size": len(members), "min_score": round(low, 6),
+                 "max_score": round(high, 6)}
+        if linkage == "transitive":
+            group["min_link_score"] = round(lowest_link[n], 6)
+        out.append(group)
     out.sort(key=lambda g: (-g["size"], -g["max_score"]))
     return out
+
+
+def _unit(vector):
+    import numpy as np
+
+    v = np.asarray(vector, dtype=np.float32)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def _complete_groups(links: dict[tuple[str, str], float], vectors: dict[str, Any], threshold: float) -> list[list[str]]:
+    """Complete-linkage groups: pairs taken best first; two groups join when every cross pair is >= threshold."""
+    import numpy as np
+
+    group_of: dict[str, list[str]] = {}
+    for (a, b), _ in sorted(links.items(), key=lambda kv: -kv[1]):
+        ga, gb = group_of.setdefault(a, [a]), group_of.setdefault(b, [b])
+        if ga is gb:
+            continue
+        cross = np.stack([vectors[i] for i in ga]) @ np.stack([vectors[i] for i in gb]).T
+        if float(cross.min()) >= threshold:
+            big, small = (ga, gb) if len(ga) >= len(gb) else (gb, ga)
+            big.extend(small)
+            for i in small:
+                group_of[i] = big
+    return list({id(g): g for g in group_of.values()}.values())
+
+
+def _components(links: dict[tuple[str, str], float]) -> list[list[str]]:
+    """Connected components of the pairs (single linkage)."""
+    parent: dict[str, str] = {}
+
+    def root(i: str) -> str:
+        parent.setdefault(i, i)
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for i in list(parent):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def _pair_range(matrix, chunk: int = 4096) -> tuple[float, float]:
+    """The lowest and highest cosine over every pair of rows of a unit-vector matrix [n, dim], n >= 2."""
+    import numpy as np
+
+    low, high = 2.0, -2.0
+    n = len(matrix)
+    for start in range(0, n, chunk):
+        block = matrix[start:start + chunk] @ matrix.T
+        rows = np.arange(start, min(start + chunk, n))
+        block[rows - start, rows] = np.nan  # an item with itself is not a pair
+        low, high = min(low, float(np.nanmin(block))), max(high, float(np.nanmax(block)))
+    return low, high

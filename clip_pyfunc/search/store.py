@@ -44,6 +44,11 @@ SHARD_DIR = "shard"
 _ID_NAMESPACE = uuid.UUID("6f1e2d1c-0b7a-4e55-9c3e-2f1f6f3a9d10")
 SERVER_INDEXING_THRESHOLD_KB = 20000  # Qdrant's default `optimizers.indexing_threshold`, restored by finish()
 PAYLOAD_TYPES = ("keyword", "integer", "bool")  # what `key=value` filters match
+FIELDS_KEY = "clip_pyfunc_fields"  # a server collection's metadata: payload field -> type (`payload_type`)
+# Qdrant Edge's Python binding (qdrant-edge-py 0.9) reads `MatchValue(True)` as the integer 1 (bool is an
+# int subclass), so a filter on a boolean field matches nothing. The embedded store therefore keeps each
+# boolean also as the keyword "true"/"false" under this key, filters on that, and hides it from answers.
+BOOL_KEY = "_clip_pyfunc_bool"
 
 MAKE_INDEX = ("Make one with `clip-pyfunc embed-table --model-uri MODEL --input PHOTOS --output TABLE` "
               "then `clip-pyfunc index --input TABLE --model-uri MODEL`")
@@ -113,18 +118,35 @@ def point_id(item_id: object) -> str:
 
 
 def payload_type(value: object) -> str | None:
-    """The payload index type of a value (`PAYLOAD_TYPES`), or None for what is not indexed (lists, None)."""
-    if isinstance(value, bool):
+    """The type of a JSON payload value: "bool", "integer", "keyword" (strings), "float", "object", or a
+    list's element type when its elements share one (Qdrant matches an array when any element matches);
+    None for None, an empty list and a list of mixed types. Only `PAYLOAD_TYPES` take `key=value` filters."""
+    if isinstance(value, bool):  # before int: True is an int in Python
         return "bool"
     if isinstance(value, int):
         return "integer"
     if isinstance(value, str):
         return "keyword"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        kinds = {payload_type(v) for v in value if v is not None}
+        return kinds.pop() if len(kinds) == 1 else None
     return None
+
+
+def merge_field_types(into: dict[str, str], fields: dict[str, str]) -> dict[str, str]:
+    """`into` updated with `fields`; a field seen with two types becomes "mixed" (no filter can match it all)."""
+    for name, kind in fields.items():
+        into[name] = kind if into.get(name, kind) == kind else "mixed"
+    return into
 
 
 def _hit(point, score: float | None = None) -> Hit:
     payload = dict(point.payload or {})
+    payload.pop(BOOL_KEY, None)
     return Hit(id=payload.pop(ID_KEY, str(point.id)), score=score, payload=payload,
                vector=getattr(point, "vector", None))
 
@@ -182,8 +204,23 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def finish(self, filter_fields: dict[str, str]) -> None:
-        """Build the payload indexes (field -> `PAYLOAD_TYPES`), HNSW and the quantized copy; blocks."""
+    def finish(self, filter_fields: dict[str, str], payload_fields: dict[str, str] | None = None) -> None:
+        """Build the payload indexes (field -> `PAYLOAD_TYPES`), HNSW and the quantized copy; blocks.
+
+        Args:
+            filter_fields: The fields to index for filters, with their types.
+            payload_fields: Every payload field seen, with its type (`payload_type`, or "mixed"); merged into
+                what the collection records (`payload_fields`). None records `filter_fields`.
+        """
+
+    @abstractmethod
+    def payload_fields(self) -> dict[str, str] | None:
+        """The payload fields the collection records, field -> type (`payload_type`, or "mixed"); filters are
+        typed by it. None for a collection indexed before clip-pyfunc recorded them."""
+
+    def bool_filters(self) -> bool:
+        """Whether a filter on a boolean field can match here (see `BOOL_KEY`)."""
+        return True
 
     @abstractmethod
     def query(self, vector, k: int, filters: Filters | None = None, score_threshold: float | None = None) -> list[Hit]:
@@ -273,6 +310,7 @@ class EdgeStore(Store):
         try:
             if os.path.isfile(os.path.join(shard, "edge_config.json")):
                 self._shard = EdgeShard.load(shard)
+                _remove_temp_segments(shard)  # a build killed halfway: the lock is ours, so it is dead
             else:
                 self._shard = EdgeShard.create(shard, self._edge_config(self._meta))
         except Exception as e:  # the binding raises a bare Exception
@@ -312,7 +350,8 @@ class EdgeStore(Store):
 
     def create(self, space: Space) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        meta = {"space": space.to_dict(), "build": build_settings(self.config), "payload_indexes": {}}
+        meta = {"space": space.to_dict(), "build": build_settings(self.config), "payload_indexes": {},
+                "payload_fields": {}, "bool_key": BOOL_KEY}
         self._write_meta(meta)
         self._open()
 
@@ -336,7 +375,8 @@ class EdgeStore(Store):
         """{"points", "indexed_vectors" (in the HNSW), "segments", "payload_indexes" (field names)}."""
         info = self._need().info()
         return {"points": info.points_count, "indexed_vectors": info.indexed_vectors_count,
-                "segments": info.segments_count, "payload_indexes": sorted(info.payload_schema)}
+                "segments": info.segments_count,
+                "payload_indexes": sorted(k.removeprefix(BOOL_KEY + ".") for k in info.payload_schema)}
 
     @property
     def payload_indexes(self) -> dict[str, str]:
@@ -344,26 +384,41 @@ class EdgeStore(Store):
         self._need()
         return dict(self._meta.get("payload_indexes", {}))
 
+    def payload_fields(self) -> dict[str, str] | None:
+        self._need()
+        fields = self._meta.get("payload_fields")
+        return None if fields is None else dict(fields)
+
+    def bool_filters(self) -> bool:
+        self._need()
+        return self._meta.get("bool_key") == BOOL_KEY
+
     def upsert(self, ids, vectors, payloads) -> None:
         from qdrant_edge import Point, UpdateOperation
 
-        points = [Point(point_id(i), v, {**p, ID_KEY: i}) for i, v, p in zip(ids, vectors, payloads)]
+        points = [Point(point_id(i), v, _with_bool_keywords({**p, ID_KEY: i}))
+                  for i, v, p in zip(ids, vectors, payloads)]
         if points:
             self._need().update(UpdateOperation.upsert_points(points))
 
-    def finish(self, filter_fields: dict[str, str]) -> None:
+    def finish(self, filter_fields: dict[str, str], payload_fields: dict[str, str] | None = None) -> None:
         from qdrant_edge import PayloadSchemaType, UpdateOperation
 
         shard = self._need()
         have = dict(self._meta.get("payload_indexes", {}))
         for name, kind in filter_fields.items():
             if have.get(name) != kind:
-                shard.update(UpdateOperation.create_field_index(name, getattr(PayloadSchemaType, kind.capitalize())))
+                # a boolean is filtered through its keyword copy (BOOL_KEY), so that copy is what is indexed
+                key, schema = (f"{BOOL_KEY}.{name}", "Keyword") if kind == "bool" else (name, kind.capitalize())
+                shard.update(UpdateOperation.create_field_index(key, getattr(PayloadSchemaType, schema)))
                 have[name] = kind
-        if have != self._meta.get("payload_indexes"):
-            self._write_meta({**self._meta, "payload_indexes": have})
+        fields = merge_field_types(dict(self._meta.get("payload_fields") or {}),
+                                   filter_fields if payload_fields is None else payload_fields)
+        if have != self._meta.get("payload_indexes") or fields != self._meta.get("payload_fields"):
+            self._write_meta({**self._meta, "payload_indexes": have, "payload_fields": fields})
         shard.optimize()
         shard.flush()
+        _remove_temp_segments(os.path.join(self.folder, SHARD_DIR))
 
     def _params(self, k: int, filtered: bool):
         from qdrant_edge import AcornSearchParams, QuantizationSearchParams, SearchParams
@@ -379,8 +434,13 @@ class EdgeStore(Store):
 
         if not filters:
             return None
-        return Filter(must=[Filter(should=[FieldCondition(key=key, match=MatchValue(v)) for v in options])
-                            for key, options in filters])
+
+        def condition(key, value):
+            if isinstance(value, bool):  # see BOOL_KEY
+                return FieldCondition(key=f"{BOOL_KEY}.{key}", match=MatchValue("true" if value else "false"))
+            return FieldCondition(key=key, match=MatchValue(value))
+
+        return Filter(must=[Filter(should=[condition(key, v) for v in options]) for key, options in filters])
 
     def _request(self, vector, k, filters=None, score_threshold=None, with_payload=True):
         from qdrant_edge import Query, QueryRequest
@@ -433,6 +493,34 @@ class EdgeStore(Store):
                 shard.flush()
             finally:
                 shard.close()  # releases the lock even when the flush failed
+
+
+def _with_bool_keywords(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload plus a keyword copy of its booleans under `BOOL_KEY` (lists of booleans element-wise)."""
+    def keyword(value):
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, list) and value and all(isinstance(v, bool) for v in value):
+            return [keyword(v) for v in value]
+        return None
+
+    copies = {k: w for k, v in payload.items() if (w := keyword(v)) is not None}
+    return {**payload, BOOL_KEY: copies} if copies else payload
+
+
+def _remove_temp_segments(shard: str) -> None:
+    """Remove what a segment build killed halfway left behind (`temp_segments/segment_builder_*`).
+
+    Called with the shard open, so this process holds its lock: no other builder is running, and
+    the shard's live segments are not under `temp_segments`.
+    """
+    import shutil
+
+    temp = os.path.join(shard, "temp_segments")
+    if os.path.isdir(temp):
+        for name in os.listdir(temp):
+            target = os.path.join(temp, name)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
 
 
 def _is_local_mode_folder(path: str) -> bool:
@@ -497,10 +585,14 @@ class ServerStore(Store):
         if points:
             self.client.upsert(self.collection, points=points, wait=True)
 
-    def finish(self, filter_fields: dict[str, str]) -> None:
+    def finish(self, filter_fields: dict[str, str], payload_fields: dict[str, str] | None = None) -> None:
         import warnings
 
         from qdrant_client import models
+
+        fields = merge_field_types(self.payload_fields() or {}, filter_fields if payload_fields is None else payload_fields)
+        metadata = self.client.get_collection(self.collection).config.metadata or {}
+        self.client.update_collection(self.collection, metadata={**metadata, FIELDS_KEY: fields})
 
         with warnings.catch_warnings():  # in-process mode says payload indexes do nothing there
             warnings.filterwarnings("ignore", message="Payload indexes have no effect")
@@ -511,6 +603,10 @@ class ServerStore(Store):
             indexing_threshold=SERVER_INDEXING_THRESHOLD_KB))
         while self.client.get_collection(self.collection).status != models.CollectionStatus.GREEN:
             time.sleep(1)  # the server builds in the background: finish() blocks until it is done
+
+    def payload_fields(self) -> dict[str, str] | None:
+        fields = (self.client.get_collection(self.collection).config.metadata or {}).get(FIELDS_KEY)
+        return None if fields is None else dict(fields)
 
     def _quantized(self) -> bool:
         """Whether the collection holds quantized vectors, as the server says (not as this conf asks)."""
@@ -639,7 +735,7 @@ def copy_store(source: Store, target: Store, *, batch: int = 1024, progress: boo
         copied += len(items)
         bar.update(len(items))
     bar.close()
-    target.finish(source.payload_indexes if isinstance(source, EdgeStore) else {})
+    target.finish(source.payload_indexes if isinstance(source, EdgeStore) else {}, source.payload_fields())
     return {"collection": target.collection, "from": source.where, "to": target.where, "copied": copied,
             "points": target.count()}
 

@@ -1,0 +1,217 @@
+"""Answers that never lose, merge or misfilter data: ids, payload types and filters, in both stores,
+the CLI and the app, checked against the same question asked of the table in pandas.
+
+The table holds the column types real tables carry: a nullable int64 id with 19-digit values, a
+boolean, a nullable integer, a float, a keyword, a list of keywords and a decimal. Its vectors are
+random (no meaning): the filters and ids are under test, not the ranking.
+"""
+
+from __future__ import annotations
+
+import decimal
+import json
+import subprocess
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_pyfunc.errors import InvalidInput
+from clip_pyfunc.search.index import index_table
+from clip_pyfunc.search.query import Searcher, parse_filters
+from clip_pyfunc.search.store import EdgeStore, IndexRefused, ServerStore
+
+BIG = 1239162456494753670  # above 2**53: as float64 it and BIG + 1 are one number
+ROWS = 19
+
+
+def _table(dim: int, with_null_id: bool = True) -> pd.DataFrame:
+    """19 items (7 on sale, 12 not), plus a row without an id; random unit vectors, seeded."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((ROWS + 1, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [7, 101, 102, BIG, BIG + 1] + [1000 + i for i in range(ROWS - 5)] + [None]
+    frame = pd.DataFrame({
+        "product_id": pd.array(ids, dtype="Int64"),
+        "embedding": list(vectors),
+        "error": [None] * (ROWS + 1),
+        "on_sale": [i % 3 == 0 for i in range(ROWS + 1)],  # rows 0, 3, ..., 18: 7 of the 19 with an id
+        "stock": pd.array([5 if i % 4 == 0 else (None if i % 4 == 1 else i) for i in range(ROWS + 1)], dtype="Int64"),
+        "colour": [("red", "blue", "green")[i % 3] for i in range(ROWS + 1)],
+        "price": [float(i) + 0.5 for i in range(ROWS + 1)],
+        "tags": [["a", "b"] if i % 2 else ["c"] for i in range(ROWS + 1)],
+    })
+    if not with_null_id:
+        frame = frame.iloc[:ROWS].copy()
+    return frame
+
+
+def _write(frame: pd.DataFrame, path) -> str:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.append_column("price_decimal", pa.array(
+        [decimal.Decimal(f"{p:.2f}") for p in frame["price"]], type=pa.decimal128(10, 2)))
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+def _pandas_ids(frame: pd.DataFrame, key: str, value) -> set:
+    """What `key=value` selects in pandas (rows with an id only)."""
+    frame = frame[frame["product_id"].notna()]
+    if key == "tags":
+        picked = frame[frame["tags"].map(lambda t: value in t)]
+    else:
+        picked = frame[(frame[key] == value).fillna(False).astype(bool)]
+    return {int(i) for i in picked["product_id"]}
+
+
+FILTERS = [("on_sale", "true", True), ("on_sale", "false", False), ("on_sale", "TRUE", True),
+           ("stock", "5", 5), ("stock", "6", 6), ("colour", "red", "red"), ("tags", "a", "a"), ("tags", "c", "c")]
+
+
+@pytest.fixture(params=["edge", "server"])
+def store(request, tmp_path):
+    from qdrant_client import QdrantClient
+
+    made = EdgeStore(str(tmp_path / "idx"), "c") if request.param == "edge" else \
+        ServerStore(QdrantClient(":memory:"), "c", where=":memory:")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Local mode performs exact")
+        yield made
+    made.close()
+
+
+def test_ids_keep_their_identity_and_filters_match_what_pandas_selects(store, registered, tmp_path):
+    from clip_pyfunc.search.index import model_space
+
+    uri = registered["models"]["image"]["uri"]
+    frame = _table(model_space(uri).embedding_dim)
+    report = index_table(store, _write(frame, tmp_path / "t.parquet"), uri, id_col="product_id", progress=False)
+    assert (report["points"], report["indexed"], report["skipped_no_id"], report["rows_without_id"]) == (
+        ROWS, ROWS, 1, [ROWS])
+    assert report["payload_fields"] == {"product_id": "integer", "on_sale": "bool", "stock": "integer", "colour": "keyword", "price": "float",
+                                        "tags": "keyword", "price_decimal": "float"}
+    assert report["filter_fields"] == {"on_sale": "bool", "stock": "integer", "colour": "keyword", "tags": "keyword"}
+    stored = {h.id: h.payload for batch in store.scroll() for h in batch}
+    assert set(stored) == {int(i) for i in frame["product_id"].dropna()}  # 19 points: BIG and BIG + 1 apart
+    assert all(type(i) is int for i in stored)
+    assert stored[7]["stock"] == 5 and type(stored[7]["stock"]) is int and stored[101]["stock"] is None
+    assert stored[BIG]["on_sale"] is True and stored[7]["price_decimal"] == 0.5
+    searcher = Searcher(store)
+    assert [h["id"] for h in searcher.search(like="101", k=ROWS) if h["id"] == 7] == [7]  # typed id found
+    assert {h.id for h in store.retrieve([str(BIG + 1)])} == {BIG + 1}
+    for key, typed, value in FILTERS:
+        want = _pandas_ids(frame, key, value)
+        got = {h["id"] for h in searcher.search(like=str(BIG), k=100, filters=[f"{key}={typed}"])} | (
+            {BIG} & want)
+        assert want and got == want, (key, typed, got, want)
+    both = {h["id"] for h in searcher.search(like="7", k=100, filters=["on_sale=true", "colour=red"])} | {7}
+    assert both == _pandas_ids(frame, "on_sale", True) & _pandas_ids(frame, "colour", "red")
+    # A re-run from the same rows without the null updates the same 19 points.
+    again = index_table(store, _write(_table(model_space(uri).embedding_dim, with_null_id=False),
+                                      tmp_path / "t2.parquet"), uri, id_col="product_id", progress=False)
+    assert (again["added"], again["updated"], again["points"], again["skipped"]) == (0, ROWS, ROWS, 0)
+
+
+def test_filters_that_cannot_match_are_refused_not_empty(store, registered, tmp_path):
+    from clip_pyfunc.search.index import model_space
+
+    uri = registered["models"]["image"]["uri"]
+    index_table(store, _write(_table(model_space(uri).embedding_dim), tmp_path / "t.parquet"), uri,
+                id_col="product_id", progress=False)
+    searcher = Searcher(store)
+    for bad, says in (("onsale=true", "no payload field 'onsale'"), ("price=1.5", "holds float values"),
+                      ("stock=five", "holds integers"), ("on_sale=yes", "holds booleans")):
+        with pytest.raises(InvalidInput, match=says) as e:
+            searcher.search(like="7", filters=[bad])
+        assert "'on_sale': 'bool'" in str(e.value) or "give" in str(e.value)
+
+
+def test_float_ids_are_kept_exactly_or_refused(store, registered, tmp_path):
+    """An id column that went through pandas with a null is float64: whole values up to 2**53 are the same ids as
+    the integers (7.0 is 7), and a value above 2**53 is refused naming its row, not merged with its neighbour."""
+    from clip_pyfunc.search.index import model_space
+
+    uri = registered["models"]["image"]["uri"]
+    frame = _table(model_space(uri).embedding_dim).iloc[[0, 1, 2, ROWS]]
+    floats = frame.assign(product_id=frame["product_id"].astype("float64"))
+    report = index_table(store, _write(floats, tmp_path / "f.parquet"), uri, id_col="product_id", progress=False)
+    assert (report["points"], report["skipped_no_id"]) == (3, 1)
+    again = index_table(store, _write(frame, tmp_path / "i.parquet"), uri, id_col="product_id", progress=False)
+    assert (again["added"], again["updated"]) == (0, 3)
+    big = _table(model_space(uri).embedding_dim).iloc[[3, 4]]
+    with pytest.raises(IndexRefused, match=r"row 0: id column 'product_id' holds 1\.2391624564947538e\+18"):
+        index_table(store, _write(big.assign(product_id=big["product_id"].astype("float64")), tmp_path / "b.parquet"),
+                    uri, id_col="product_id", progress=False)
+
+
+def test_untyped_filters_of_older_collections_and_a_store_without_bool_filters():
+    assert parse_filters(["on_sale=true"], {"on_sale": "bool"}) == [("on_sale", [True])]
+    assert parse_filters(["sku=00123"], {"sku": "keyword"}) == [("sku", ["00123"])]
+    assert parse_filters(["n=-5"], {"n": "integer"}) == [("n", [-5])]
+    with pytest.raises(InvalidInput, match="re-run `clip-pyfunc index` into a new --collection"):
+        parse_filters(["on_sale=true"], {"on_sale": "bool"}, bool_filters=False)
+
+
+@pytest.fixture
+def edge_index(registered, tmp_path):
+    from clip_pyfunc.search.index import model_space
+
+    uri = registered["models"]["image"]["uri"]
+    frame = _table(model_space(uri).embedding_dim)
+    table = _write(frame, tmp_path / "t.parquet")
+    path = str(tmp_path / "idx")
+    with EdgeStore(path, "clip") as store:
+        index_table(store, table, uri, id_col="product_id", progress=False)
+    return {"path": path, "frame": frame}
+
+
+def test_cli_filters_and_like_by_the_typed_id(edge_index):
+    def search(*args):
+        out = subprocess.run(["clip-pyfunc", "search", "--index-path", edge_index["path"], *args],
+                             capture_output=True, text=True, timeout=300)
+        return out
+
+    frame = edge_index["frame"]
+    for value in (True, False):
+        out = search("--like", "101", "--k", "100", "--filter", f"on_sale={str(value).lower()}")
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = {json.loads(line)["id"] for line in out.stdout.splitlines()}
+        assert got and got == _pandas_ids(frame, "on_sale", value) - {101}
+    out = search("--like", str(BIG + 1), "--k", "1")
+    assert out.returncode == 0 and json.loads(out.stdout)["id"] != BIG + 1, out.stderr[-2000:]
+    out = search("--like", "7", "--filter", "price=0.5")
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "holds float values" in lines[0], out.stderr
+
+
+def test_app_search_filters_by_type(edge_index, registered):
+    """POST /search in the app (driven in process) answers what pandas selects, and names a bad filter."""
+    import asyncio
+
+    import httpx
+
+    from clip_pyfunc.serving.app import create_app, load
+    from clip_pyfunc.settings import IndexConfig, load_settings
+
+    uris = registered["models"]
+    loaded = load(uris["text"]["uri"], uris["image"]["uri"], None, classifier_required=False,
+                  index=IndexConfig(path=edge_index["path"], collection="clip"))
+    app = create_app(loaded, load_settings().app)
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            good = await client.post("/search", data={"like": "102", "k": "100", "filter": "on_sale=false"})
+            bad = await client.post("/search", data={"like": "102", "filter": "onsale=false"})
+            return good, bad
+
+    try:
+        good, bad = asyncio.run(ask())
+    finally:
+        loaded.searcher.store.close()
+    assert good.status_code == 200, good.text
+    got = {h["id"] for h in good.json()["results"]}
+    assert got and got == _pandas_ids(edge_index["frame"], "on_sale", False) - {102}
+    assert bad.status_code == 400 and "no payload field 'onsale'" in bad.text, bad.text
