@@ -335,36 +335,69 @@ def shell_search(size: int, work: str, repeat: int = 5) -> dict:
             "python_import_cli_s_median": round(percentile(import_only, 50), 2)}
 
 
-def duplicates(size: int, work: str, planted_share: float = 0.01, threshold: float = 0.97) -> dict:
-    """duplicate_groups over `size` low-dim items with `planted_share` planted near-copies (cosine ~0.99)."""
+def duplicates(size: int, work: str, planted_share: float = 0.01, threshold: float = 0.97, chains: int = 10,
+               chain_length: int = 12) -> dict:
+    """duplicate_groups over `size` low-dim items with `planted_share` planted near-copies (cosine ~0.99) and
+    `chains` planted chains (each item at cosine 0.98 to the next, the ends far apart), by each linkage.
+
+    Per linkage: planted-pair recall (both copies in one group), pair precision (the share of the pairs
+    inside reported groups whose exact cosine is at or above the threshold), the largest group, the chains
+    reported whole, seconds and RSS growth.
+    """
     import numpy as np
 
-    from clip_pyfunc.search.query import duplicate_groups
+    from clip_pyfunc.search.query import LINKAGES, duplicate_groups
     from clip_pyfunc.search.store import EdgeStore
 
     rng = np.random.default_rng(11)
     matrix = low_dim_vectors(size, seed=1, centres=max(20, size // 50))
     planted = int(size * planted_share)
-    originals = rng.choice(size - planted, planted, replace=False)
+    originals = rng.choice(size - planted - chains * chain_length, planted, replace=False)
     copies = matrix[originals] + 0.004 * rng.standard_normal((planted, DIM), dtype=np.float32)
     matrix[size - planted:] = copies / np.linalg.norm(copies, axis=1, keepdims=True)
+    step = np.arccos(0.98)
+    first_chain = size - planted - chains * chain_length
+    for c in range(chains):  # x, then rotating away from x in the plane of (x, u), u orthogonal to x
+        x = matrix[first_chain + c * chain_length]
+        u = rng.standard_normal(DIM).astype(np.float32)
+        u -= (u @ x) * x
+        u /= np.linalg.norm(u)
+        angles = np.arange(chain_length) * step
+        matrix[first_chain + c * chain_length:first_chain + (c + 1) * chain_length] = \
+            np.outer(np.cos(angles), x) + np.outer(np.sin(angles), u)
     pair_cos = np.einsum("ij,ij->i", matrix[originals], matrix[size - planted:])
     path = os.path.join(work, f"dups-{size}")
     shutil.rmtree(path, ignore_errors=True)
     built = build_edge(path, matrix)
+    out = {"points": size, "planted_pairs": planted, "planted_pair_cosine_min": round(float(pair_cos.min()), 4),
+           "chains": chains, "chain_length": chain_length, "chain_step_cosine": 0.98,
+           "chain_end_cosine": round(float(np.cos(step * (chain_length - 1))), 4), "threshold": threshold,
+           "k": 10, "build": built}
+    for linkage in LINKAGES:
+        rss0 = _rss_mib()
+        t = time.perf_counter()
+        with EdgeStore(path, "bench") as store:
+            groups = duplicate_groups(store, threshold, linkage=linkage)
+        took = time.perf_counter() - t
+        group_of = {i: n for n, g in enumerate(groups) for i in g["ids"]}
+        found = sum(1 for o, c in zip(originals, range(size - planted, size))
+                    if f"item-{o}" in group_of and group_of.get(f"item-{o}") == group_of.get(f"item-{c}"))
+        pairs = above = 0
+        for g in groups:
+            rows = matrix[[int(i.split("-")[1]) for i in g["ids"]]]
+            cos = (rows @ rows.T)[np.triu_indices(len(rows), 1)]
+            pairs += len(cos)
+            above += int((cos >= threshold - 1e-6).sum())
+        whole = sum(1 for c in range(chains) if len({group_of.get(f"item-{first_chain + c * chain_length + j}")
+                                                      for j in range(chain_length)} - {None}) == 1
+                    and f"item-{first_chain + c * chain_length}" in group_of)
+        out[linkage] = {"planted_recall": round(found / planted, 4), "pairs_in_groups": pairs,
+                        "pair_precision": round(above / max(pairs, 1), 4), "groups": len(groups),
+                        "largest_group": max((g["size"] for g in groups), default=0), "chains_reported_whole": whole,
+                        "seconds": round(took, 1), "rss_growth_mib": round(_rss_mib() - rss0, 1)}
     del matrix
-    rss0 = _rss_mib()
-    t = time.perf_counter()
-    with EdgeStore(path, "bench") as store:
-        groups = duplicate_groups(store, threshold)
-    took = time.perf_counter() - t
-    group_of = {i: n for n, g in enumerate(groups) for i in g["ids"]}
-    found = sum(1 for o, c in zip(originals, range(size - planted, size))
-                if f"item-{o}" in group_of and group_of.get(f"item-{o}") == group_of.get(f"item-{c}"))
     shutil.rmtree(path, ignore_errors=True)
-    return {"points": size, "planted_pairs": planted, "planted_pair_cosine_min": round(float(pair_cos.min()), 4),
-            "threshold": threshold, "planted_recall": round(found / planted, 4), "groups": len(groups),
-            "seconds": round(took, 1), "build": built, "rss_growth_mib": round(_rss_mib() - rss0, 1)}
+    return out
 
 
 def register_random_vit(tmp: str) -> dict:
