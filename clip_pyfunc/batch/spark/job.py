@@ -10,13 +10,13 @@ import dataclasses
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 
 from clip_pyfunc.batch.spark.embed import ModelSource, embed_dataframe, prepare_model
 from clip_pyfunc.batch.spark.reader import read_input
 from clip_pyfunc.batch.spark.session import is_local
-from clip_pyfunc.batch.spark.writer import count_written, drop, looks_like_path, publish
+from clip_pyfunc.batch.spark.writer import (count_written, drop, looks_like_path, publish, restore_previous,
+                                            staging_location)
 from clip_pyfunc.errors import EmbedJobError
 from clip_pyfunc.models.request import ERROR_COL
 
@@ -43,13 +43,17 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
 
     The output is written to a staging location first, counted, then swapped in for the
     previous output (a re-run replaces it; a failed run leaves the old output untouched and
-    no partial output behind).
+    no partial output behind). The swap (writer.publish) moves the previous output aside
+    until the new one is in place; where it fails, the error names where each copy is, and the
+    staging copy is kept. A previous output that a killed swap left aside while `output` is
+    missing is moved back first.
 
     Returns:
         A JSON-ready report: rows, embedded, failed, model loads, seconds, rows/s, output.
 
     Raises:
-        EmbedJobError: Bad arguments, or bad rows with `fail_on_error`.
+        EmbedJobError: Bad arguments, bad rows with `fail_on_error`, or a failed swap (its
+            message names where the new output and the previous one are kept).
     """
     from pyspark.sql import functions as F
 
@@ -64,7 +68,8 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
         embedded, loads = embed_dataframe(df, model, input_col=input_col, normalize=normalize,
                                           model_config=model_config)
         is_table = not looks_like_path(output)
-        staging = f"{output}__staging_{uuid.uuid4().hex[:8]}" if is_table else f"{output}.staging-{uuid.uuid4().hex[:8]}"
+        restore_previous(spark, output, is_table)  # what a publish killed mid-swap left aside
+        staging = staging_location(output, is_table)
         try:
             if is_table:
                 embedded.write.mode("error").saveAsTable(staging)
@@ -79,9 +84,10 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
                             .select(id_col, ERROR_COL).limit(5).collect()]
                 raise EmbedJobError(f"{counts.failed} of {counts.rows} rows failed (--fail-on-error); "
                                     f"nothing was written. First: {examples}")
-            publish(spark, staging, output, is_table)
-        finally:
+        except BaseException:
             drop(spark, staging, is_table)
+            raise
+        publish(spark, staging, output, is_table)  # a failed swap keeps the staging copy and names it
     report = dict(counts.__dict__, output=output, model_uri=model.requested, model_version_uri=model.uri,
                   master=spark.sparkContext.master,
                   rows_per_s=round(counts.rows / counts.seconds, 2) if counts.seconds else None)
