@@ -98,6 +98,25 @@ def image_model(registered):
     return mlflow.pyfunc.load_model(registered["models"]["image"]["uri"])
 
 
+@pytest.fixture
+def cpu(monkeypatch):
+    """Sets the CPU the runtime sees, for tests of hardware-dependent rules: `cpu(native_bf16=True)`.
+
+    Such a test states the hardware it assumes instead of reading the machine it runs on (CI runs on
+    AVX2-only CPUs and on AVX512_BF16 ones). It replaces runtime.cpu_capabilities, the one place the
+    package reads the CPU's instruction sets, for this test only; what was registered before (the
+    session fixtures) was measured on the real CPU.
+    """
+    from clip_pyfunc import runtime
+
+    def pin(*, native_bf16: bool, int8_dot: bool = False):
+        capabilities = runtime.CpuCapabilities(native_bf16=native_bf16, int8_dot=int8_dot)
+        monkeypatch.setattr(runtime, "cpu_capabilities", lambda: capabilities)
+        return capabilities
+
+    return pin
+
+
 ENGINES = ("torch", "openvino")
 
 

@@ -17,13 +17,16 @@ import pytest
 import family_checkpoints
 from conftest import b64, encode, load_on_engine, photo
 from clip_pyfunc.errors import ModelLoadError
-from clip_pyfunc.runtime import DEFAULT_PRECISION_COSINE, cpu_has_native_bf16, pick_runtime
+from clip_pyfunc.runtime import DEFAULT_PRECISION_COSINE, pick_runtime
 from clip_pyfunc.settings import RuntimeConfig
 from test_families import IMAGES, TEXTS, reference_image, reference_text
 
 FAMILIES = sorted(family_checkpoints.BUILDERS)
 # Families whose tower OpenVINO cannot convert, and why: they register with the torch engine for that tower.
 NO_IR = {("align", "image"): "EfficientNet"}
+# The engine rules hold per CPU: each test of one sets the CPU it assumes (conftest's `cpu`), both kinds
+# CI runs on, rather than reading the machine it runs on.
+CPUS = pytest.mark.parametrize("native_bf16", [False, True], ids=["avx2-cpu", "native-bf16-cpu"])
 
 
 def _artifact(uri: str) -> str:
@@ -53,18 +56,20 @@ def test_every_family_on_openvino_matches_its_reference(registered_families, che
         assert np.abs(got - want).max() <= 2e-5, (tower, np.abs(got - want).max())
 
 
-def test_fidelity_is_recorded_and_default_takes_the_fastest_pair_that_held(registered):
+@CPUS
+def test_fidelity_is_recorded_and_default_takes_the_fastest_pair_that_held(registered, cpu, native_bf16):
     engines = registered["engines"]
     assert engines["openvino"]["fp32"] >= 0.99999  # same arithmetic as torch fp32, reordered
     image = registered["models"]["image"]
     tags = mlflow.MlflowClient().get_model_version(image["name"], image["version"]).tags
     assert float(tags["cosine_to_fp32_openvino_fp32"]) == engines["openvino"]["fp32"]
+    cpu(native_bf16=native_bf16)  # set for the loads only: registration measured on this machine's CPU
     model = mlflow.pyfunc.load_model(registered["models"]["image"]["uri"], model_config={"engine": "auto",
                                                                                           "precision": "default"})
     runtime = model.unwrap_python_model().runtime
     measured = {"torch": {k: v for k, v in engines["torch"].items() if k != "fp32"},
                 "openvino": {k: v for k, v in engines["openvino"].items() if k != "fallback"}}
-    if cpu_has_native_bf16() and max(measured["openvino"].get("bf16", 0), measured["torch"].get("bf16", 0)) >= \
+    if native_bf16 and max(measured["openvino"].get("bf16", 0), measured["torch"].get("bf16", 0)) >= \
             DEFAULT_PRECISION_COSINE:
         assert runtime.precision == "bf16"
     else:
@@ -76,15 +81,16 @@ def test_fidelity_is_recorded_and_default_takes_the_fastest_pair_that_held(regis
         "torch", "fp32")
 
 
-def test_pick_runtime_orders_engines_by_measured_fidelity():
-    cpu = RuntimeConfig(device="cpu")
+@CPUS
+def test_pick_runtime_orders_engines_by_measured_fidelity(cpu, native_bf16):
+    cpu(native_bf16=native_bf16)
+    default = RuntimeConfig(device="cpu")
     both = frozenset({"torch", "openvino"})
     held = {"torch": {}, "openvino": {"fp32": 0.9999999}}
     missed = {"torch": {}, "openvino": {"fp32": 0.99}}
-    if not cpu_has_native_bf16():
-        assert pick_runtime(cpu, held, both).engine == "openvino"
-    assert pick_runtime(cpu, missed, both).engine == "torch"  # an IR that missed the bar is never the default
-    assert pick_runtime(cpu, held, frozenset({"torch"})).engine == "torch"  # no IR here
+    assert pick_runtime(default, held, both).engine == "openvino"  # only fp32 measured: the IR that held, on any CPU
+    assert pick_runtime(default, missed, both).engine == "torch"  # an IR that missed the bar is never the default
+    assert pick_runtime(default, held, frozenset({"torch"})).engine == "torch"  # no IR here
     assert pick_runtime(RuntimeConfig(device="cpu", engine="torch"), held, both).engine == "torch"
     assert pick_runtime(RuntimeConfig(device="cpu", precision="int8"), held, both).engine == "torch"  # no int8 IR
     with pytest.raises(ModelLoadError, match="register with --int8"):
@@ -95,12 +101,15 @@ def test_pick_runtime_orders_engines_by_measured_fidelity():
         pick_runtime(RuntimeConfig(device="cuda", engine="openvino"), held, both)
     with pytest.raises(ModelLoadError, match="use device 'cpu' or 'auto'"):  # a torch-free model asked for CUDA
         pick_runtime(RuntimeConfig(device="cuda"), held, frozenset({"openvino"}))
-    if not cpu_has_native_bf16():  # explicit bf16 under engine auto runs where it can: torch's emulation
-        bf16 = {"torch": {}, "openvino": {"fp32": 0.9999999, "bf16": 0.99999}}
+    bf16 = {"torch": {}, "openvino": {"fp32": 0.9999999, "bf16": 0.99999}}
+    if not native_bf16:  # explicit bf16 under engine auto runs where it can: torch's emulation
         assert pick_runtime(RuntimeConfig(device="cpu", precision="bf16"), bf16, both).engine == "torch"
-    if not cpu_has_native_bf16():
         with pytest.raises(ModelLoadError, match="AVX512_BF16"):
             pick_runtime(RuntimeConfig(device="cpu", engine="openvino", precision="bf16"), held, both)
+    else:  # native bf16: OpenVINO's, where its bf16 held the default's cosine
+        assert pick_runtime(RuntimeConfig(device="cpu", precision="bf16"), bf16, both).engine == "openvino"
+        assert pick_runtime(RuntimeConfig(device="cpu", engine="openvino", precision="bf16"), held, both).precision \
+            == "bf16"
 
 
 def _copy_tower(registered, tower, tmp_path) -> str:
@@ -180,12 +189,18 @@ def test_openvino_model_is_logged_and_served_without_torch(torch_free, registere
         assert "openvino==" in reqs and "tokenizers==" in reqs, reqs
         assert "torch" not in reqs and "transformers" not in reqs and "mlflow-skinny==" in reqs, reqs
         assert not os.path.exists(os.path.join(_artifact(torch_free["models"][kind]["uri"]), "model.safetensors"))
+    # fp32 pinned: the bounds below compare OpenVINO fp32 with torch fp32. "default" would be OpenVINO bf16
+    # on CPUs with native bf16 (where its bf16 held 0.9999 at registration); which pair "default" takes is
+    # test_fidelity_is_recorded_and_default_takes_the_fastest_pair_that_held's subject.
     code = (
         "import json, sys, mlflow\n"
-        f"m = mlflow.pyfunc.load_model({torch_free['models']['combined']['uri']!r})\n"
+        f"m = mlflow.pyfunc.load_model({torch_free['models']['combined']['uri']!r},\n"
+        "                              model_config={'precision': 'fp32'})\n"
         "out = m.predict({'image': [sys.argv[1], ''], 'text': ['', 'a photo of a cat']})\n"
+        "runs = [(t.runtime.engine, t.runtime.precision) for t in (m.unwrap_python_model().image, "
+        "m.unwrap_python_model().text)]\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules,\n"
-        "                  'image': [float(x) for x in out['image_features'][0]],\n"
+        "                  'runs': runs, 'image': [float(x) for x in out['image_features'][0]],\n"
         "                  'text': [float(x) for x in out['text_features'][1]]}))\n"
     )
     image = b64(encode(photo(640, 480, 5), "JPEG"))
@@ -193,10 +208,14 @@ def test_openvino_model_is_logged_and_served_without_torch(torch_free, registere
                          env=dict(os.environ))
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["torch"] is False and got["transformers"] is False
+    assert got["runs"] == [["openvino", "fp32"]] * 2, got["runs"]
     torch_image = load_on_engine(registered["models"]["image"]["uri"], "torch").predict([image])[0]
     torch_text = load_on_engine(registered["models"]["text"]["uri"], "torch").predict(["a photo of a cat"])[0]
     # Same weights; PIL resamples the reduced-scale decode where torch would (pixels: test_fast_path).
     assert float(np.dot(got["image"], torch_image)) >= 0.999
+    # Same inputs and weights, and OpenVINO fp32 is torch fp32's arithmetic reordered (f32 inference is set
+    # explicitly, artifacts.openvino.compile_tower): the 0.99999 that registration's own fidelity check holds
+    # it to (test_fidelity_is_recorded_and_default_takes_the_fastest_pair_that_held).
     assert float(np.dot(got["text"], torch_text)) >= 0.99999
 
 

@@ -177,9 +177,12 @@ def test_models_logged_before_the_regrouping_still_load_and_predict(tiny_checkpo
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/old.db", "PYTHONPATH": str(old)}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     env.pop("CLIP_PYFUNC_CONF", None)  # the tests' settings name keys (engine) the old package never had
+    # It logs fp32, as the tests' settings pin it (tests/clip_pyfunc.yaml): its own "default" is bf16 on CPUs
+    # with native bf16 wherever bf16 held 0.9999 at registration, and the vectors compared below are fp32's.
     register = ("import json, sys, clip_pyfunc; from clip_pyfunc.config import load_settings; "
                 "from clip_pyfunc.registry import register_models; "
-                "s = register_models(load_settings(None, {'model': {'source': sys.argv[1]}})); "
+                "s = register_models(load_settings(None, {'model': {'source': sys.argv[1]}, "
+                "'runtime': {'precision': 'fp32'}})); "
                 "print(json.dumps({'file': clip_pyfunc.__file__, 'models': s['models']}))")
     out = subprocess.run([sys.executable, "-c", register, tiny_checkpoint], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=600)
@@ -193,10 +196,11 @@ def test_models_logged_before_the_regrouping_still_load_and_predict(tiny_checkpo
     results = {}
     for first in ("", "import clip_pyfunc.models; "):
         predict = (f"import json, sys, mlflow; {first}"
-                   "t = mlflow.pyfunc.load_model(sys.argv[1]).predict(json.loads(sys.argv[3])); "
-                   "i = mlflow.pyfunc.load_model(sys.argv[2]).predict([sys.argv[4]]); "
+                   "tm, im = mlflow.pyfunc.load_model(sys.argv[1]), mlflow.pyfunc.load_model(sys.argv[2]); "
+                   "t, i = tm.predict(json.loads(sys.argv[3])), im.predict([sys.argv[4]]); "
                    "print(json.dumps({'file': sys.modules['clip_pyfunc'].__file__, 'text': t.tolist(), "
-                   "'image': i.tolist()}))")
+                   "'image': i.tolist(), "
+                   "'precisions': [m.unwrap_python_model().runtime.precision for m in (tm, im)]}))")
         out = subprocess.run([sys.executable, "-c", predict, summary["models"]["text"]["uri"],
                               summary["models"]["image"]["uri"], json.dumps(texts), image],
                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -212,6 +216,8 @@ def test_models_logged_before_the_regrouping_still_load_and_predict(tiny_checkpo
 
     _, towers = export_towers(resolve_checkpoint(tiny_checkpoint), str(tmp_path / "towers"))
     text, image_model = local_models(towers, load_settings().runtime)
+    assert text.runtime.precision == image_model.runtime.precision == "fp32"
     for got in (own, today):
+        assert got["precisions"] == ["fp32", "fp32"], got["precisions"]  # like for like: fp32 on both sides
         np.testing.assert_allclose(np.asarray(got["text"]), text.embed_rows(texts)[0], atol=1e-5)
         np.testing.assert_allclose(np.asarray(got["image"]), image_model.embed_rows([image])[0], atol=1e-5)

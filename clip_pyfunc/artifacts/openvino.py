@@ -152,6 +152,8 @@ def compile_tower(artifact_dir: str, precision: str, threads: int):
         path = ir_path(artifact_dir)
     if not os.path.exists(path):
         raise ModelLoadError(f"no OpenVINO IR in {artifact_dir} ({os.path.basename(path)})")
+    # The precision hint is always explicit: left out, OpenVINO's CPU plugin reads the hardware
+    # itself and runs bf16 on AVX512_BF16/AMX CPUs, so an "fp32" tower would silently be bf16 there.
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
               "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     try:

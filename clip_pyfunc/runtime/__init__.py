@@ -198,17 +198,41 @@ def cpu_count() -> int:
     return len(affinity(0)) if affinity else (os.cpu_count() or 1)
 
 
-def cpu_has_int8_dot() -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512_VNNI, AVX-VNNI or AMX-INT8). Without
-    them OpenVINO's int8 ran slower than its fp32 on ViT-B/32 (docs/BENCHMARKS.md, "Engines")."""
+@dataclass(frozen=True, kw_only=True)
+class CpuCapabilities:
+    """The CPU instructions that decide which engine-and-precision pairs run natively.
+
+    Attributes:
+        native_bf16: bf16 dot products (AVX512_BF16 or AMX-BF16). Without them bf16 is emulated
+            (torch) or refused (OpenVINO), and never the default.
+        int8_dot: int8 dot products (AVX512_VNNI, AVX-VNNI or AMX-INT8). Without them OpenVINO's
+            int8 ran slower than its fp32 on ViT-B/32 (docs/BENCHMARKS.md, "Engines").
+    """
+
+    native_bf16: bool
+    int8_dot: bool
+
+
+def cpu_capabilities() -> CpuCapabilities:
+    """What this CPU runs natively, from its /proc/cpuinfo flags.
+
+    The one place the package reads the CPU's instruction sets: every precision rule asks this
+    function (directly or through cpu_has_native_bf16 / cpu_has_int8_dot), so a test states the
+    hardware it assumes by replacing it (tests/conftest.py, `cpu`).
+    """
     flags = cpu_info()[1]
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    return CpuCapabilities(native_bf16=bool({"avx512_bf16", "amx_bf16"} & flags),
+                           int8_dot=bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags))
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has int8 dot-product instructions (see cpu_capabilities)."""
+    return cpu_capabilities().int8_dot
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
-    flags = cpu_info()[1]
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """True when the CPU has bf16 dot-product instructions (see cpu_capabilities)."""
+    return cpu_capabilities().native_bf16
 
 
 # Engine-and-precision pairs, fastest first, as measured on ViT-B/32 shapes (docs/BENCHMARKS.md,
