@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from clip_pyfunc.runtime import features
 TOWERS = ("text", "image")
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "clip_pyfunc.json"
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -60,6 +63,9 @@ class CheckpointInfo:
         openvino_cosine: The same per precision on the OpenVINO engine ("fp32", "bf16"; "int8" for the
             int8 image IR, measured on held-out calibration images), against torch fp32.
         openvino_fallback: Per tower that has no OpenVINO IR, why (it runs on torch).
+        measurement_notes: Per "engine precision" pair ("torch bf16", "openvino int8"), what its
+            measurement at registration found beside the cosine: why it raised (it is then never
+            the default), or on which images int8 was judged (registry.precision, registry.quantize).
         pad_id: The id padded text positions take (the tokenizer's pad token, else its EOS).
         tokenizer: "tokenizers" where the bare `tokenizer.json` gave the same ids as the family's
             transformers tokenizer on the sample texts at registration (then no transformers is
@@ -81,6 +87,7 @@ class CheckpointInfo:
     precision_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
     openvino_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
     openvino_fallback: dict[str, str] = dataclasses.field(default_factory=dict)
+    measurement_notes: dict[str, str] = dataclasses.field(default_factory=dict)
     pad_id: int | None = None
     tokenizer: str = "transformers"
     image_spec: dict | None = None
@@ -104,12 +111,53 @@ class CheckpointInfo:
         Raises:
             ModelLoadError: Missing or malformed.
         """
+        from clip_pyfunc.stages.preprocess import ImageSpec
+
         path = os.path.join(artifact_dir, INFO_FILE)
         try:
             with open(path, encoding="utf-8") as f:
-                return cls(**json.load(f))
+                return from_record(cls, json.load(f), where=path, nested={"image_spec": ImageSpec})
         except (OSError, ValueError, TypeError) as e:
             raise ModelLoadError(f"cannot read the checkpoint description {path}: {e}") from e
+
+
+def from_record(cls, values: dict, *, where: str, nested: dict | None = None):
+    """Build a dataclass from a record an artifact stores, ignoring the fields this version does not know.
+
+    A newer clip-pyfunc may add fields; an older one (a Spark worker or notebook with the installed
+    package) still reads the artifact. The fields it does not know, top level and inside `nested`
+    records, are named in one logged warning and dropped; missing required fields still fail.
+
+    Args:
+        cls: The dataclass.
+        values: The stored record (a JSON object).
+        where: The file, for messages.
+        nested: {field: dataclass} for fields that hold another stored record as a dict; only its
+            unknown keys are dropped, it stays a dict.
+
+    Returns:
+        The dataclass instance.
+
+    Raises:
+        ValueError: The record is not an object. TypeError: A required field is missing.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+    values, unknown = _known(cls, values)
+    for name, inner in (nested or {}).items():
+        if isinstance(values.get(name), dict):
+            values[name], inner_unknown = _known(inner, values[name])
+            unknown += [f"{name}.{key}" for key in inner_unknown]
+    if unknown:
+        logger.warning("%s: ignoring field(s) this clip-pyfunc does not know (written by a newer version?): %s",
+                       where, ", ".join(unknown))
+    return cls(**values)
+
+
+def _known(cls, values: dict) -> tuple[dict, list[str]]:
+    """(the values of cls's fields, the names of the other keys in stored order)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}, [str(k) for k in values if k not in names]
 
 
 def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[CheckpointInfo, dict[str, str]]:

@@ -1,12 +1,16 @@
 """Evaluation data: read JSONL, CSV, parquet or a folder of images into rows of one kind.
 
 The kinds and their columns are described in clip_pyfunc.batch.evaluate (the package docstring).
+Image files are not read here: a row keeps its file's path, and `EvalData.images` reads the files
+of one batch when the batch is embedded, so memory stays bounded by `evaluate.batch_size` at any
+data size (only vectors and per-item results grow with the rows).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from clip_pyfunc.errors import InvalidInput
@@ -20,14 +24,41 @@ FORMATS = ("negatives", "pairs", "labels")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
+@dataclass(frozen=True, slots=True)
+class ImageFile:
+    """A row's image file, read only when its batch is embedded."""
+
+    path: str
+
+
+class ImageRefs(Sequence):
+    """Per row, an image as the data refers to it, read on access.
+
+    `refs` holds ImageFile paths, base64 text, raw bytes (cells the data file itself held) or an
+    InvalidInput. Indexing or slicing returns what the image stage takes: a file's bytes (read
+    then, not kept), the base64 text or bytes as they are, or an InvalidInput (a missing file ...).
+    """
+
+    def __init__(self, refs: list):
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [_load(ref) for ref in self.refs[index]]
+        return _load(self.refs[index])
+
+
 @dataclass(kw_only=True)
 class EvalData:
-    """A data set read for evaluation: one row per item, image references resolved to bytes or text.
+    """A data set read for evaluation: one row per item, images read per batch (ImageRefs).
 
     Attributes:
         kind: One of FORMATS.
         frame: The rows as read (what `mlflow.data` logs and digests).
-        images: Per row: encoded image bytes, a base64 string, or an InvalidInput (missing file ...).
+        images: Per row: the image (ImageRefs: file bytes read on access, base64, bytes, or an InvalidInput).
         texts: Per row: the caption, or the positive caption ("negatives"), or the label ("labels").
         negatives: Per row, "negatives" only: the negative captions.
         source: Where the data came from.
@@ -35,7 +66,7 @@ class EvalData:
 
     kind: str
     frame: object
-    images: list
+    images: ImageRefs
     texts: list
     negatives: list = field(default_factory=list)
     source: str = ""
@@ -76,7 +107,7 @@ def read_data(path: str, kind: str = "auto") -> EvalData:
             "image+caption (pairs), image+label (labels)"
         )
     texts = [_text(v) for v in frame[needed[1]].tolist()]
-    data = EvalData(kind=kind, frame=frame, images=[_image_ref(v, base) for v in frame["image"].tolist()],
+    data = EvalData(kind=kind, frame=frame, images=ImageRefs([_image_ref(v, base) for v in frame["image"].tolist()]),
                     texts=texts, source=os.path.abspath(path))
     if kind == "negatives":
         data.negatives = [_negatives(v) for v in frame["negatives"].tolist()]
@@ -129,11 +160,18 @@ def _image_ref(value, base: str):
     full = value if os.path.isabs(value) else os.path.join(base, value)
     if value[:5].lower() == "data:" or (len(value) > 255 and not os.path.exists(full)):
         return value  # base64 (too long for a file name): the decode stage checks it
+    return ImageFile(full)
+
+
+def _load(ref):
+    """What the image stage takes for one reference: a file's bytes (read now), else the reference itself."""
+    if not isinstance(ref, ImageFile):
+        return ref
     try:
-        with open(full, "rb") as f:
+        with open(ref.path, "rb") as f:
             return f.read()
     except OSError as e:
-        return InvalidInput(f"cannot read image file {full!r}: {e.strerror or e}")
+        return InvalidInput(f"cannot read image file {ref.path!r}: {e.strerror or e}")
 
 
 def read_embeddings(path: str, data: EvalData):

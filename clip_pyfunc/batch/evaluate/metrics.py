@@ -12,14 +12,19 @@ from clip_pyfunc.batch.evaluate.data import EvalData
 from clip_pyfunc.errors import InvalidInput
 
 
-def embed(model, values: list, batch_size: int, progress=None):
-    """Embed cells in batches: (float32 (n, dim) with NaN rows for bad ones, {row: reason}, seconds)."""
+def embed(model, values, batch_size: int, progress=None):
+    """Embed cells in batches, taking one batch of `values` at a time (data.ImageRefs reads its files then).
+
+    Returns:
+        (float32 (n, dim) with NaN rows for bad ones, {row: reason}, seconds in the model, rows handed to it).
+    """
     import numpy as np
 
-    out, errors, seconds = [], {}, 0.0
+    out, errors, seconds, handed = None, {}, 0.0, 0
     for start in range(0, len(values), batch_size):
         chunk = values[start : start + batch_size]
         cells = [None if isinstance(v, InvalidInput) else v for v in chunk]
+        handed += len(cells) - cells.count(None)
         t = time.perf_counter()
         vectors, bad = model.embed_rows(cells, normalize=True)
         seconds += time.perf_counter() - t
@@ -29,11 +34,13 @@ def embed(model, values: list, batch_size: int, progress=None):
             if isinstance(v, InvalidInput):
                 errors[start + j] = v.reason
                 vectors[j] = np.nan
-        out.append(vectors)
+        if out is None:  # filled in place: no list of batches to concatenate (twice the vectors) at the end
+            out = np.empty((len(values), vectors.shape[1]), np.float32)
+        out[start : start + len(chunk)] = vectors
         if progress is not None:
             progress.update(len(chunk))
-    dim = out[0].shape[1] if out else 0
-    return (np.concatenate(out) if out else np.zeros((0, dim), np.float32)), errors, seconds
+        del chunk, cells  # this batch's encoded images go before the next batch is read
+    return (out if out is not None else np.zeros((0, 0), np.float32)), errors, seconds, handed
 
 
 def evaluate_candidate(candidate, data: EvalData, templates, batch_size: int,
@@ -42,8 +49,9 @@ def evaluate_candidate(candidate, data: EvalData, templates, batch_size: int,
     import numpy as np
 
     if image_vectors is None:
-        images, bad_rows, image_seconds = embed(candidate.image, data.images, batch_size, progress)
+        images, bad_rows, image_seconds, n_images = embed(candidate.image, data.images, batch_size, progress)
     else:
+        n_images = 0  # nothing embedded here: no images/s
         images, bad_rows, image_seconds = image_vectors, {i: "no precomputed embedding" for i in
                                                           np.flatnonzero(np.isnan(image_vectors).any(1))}, 0.0
         if progress is not None:
@@ -64,7 +72,6 @@ def evaluate_candidate(candidate, data: EvalData, templates, batch_size: int,
     else:
         metrics, items, text_rows = _negatives_accuracy(candidate, data, images, good, batch_size)
     text_seconds = time.perf_counter() - t0
-    n_images = len(data.images) - sum(1 for v in data.images if isinstance(v, InvalidInput))
     metrics.update({
         "rows": len(data.images), "rows_evaluated": len(good), "rows_skipped": len(bad_rows),
         "images_per_s": round(n_images / image_seconds, 2) if image_seconds else None,
@@ -77,7 +84,7 @@ def evaluate_candidate(candidate, data: EvalData, templates, batch_size: int,
 
 
 def _texts(candidate, texts, batch_size):
-    vectors, errors, _ = embed(candidate.text, texts, batch_size)
+    vectors, errors, _, _ = embed(candidate.text, texts, batch_size)
     if errors:  # captions were checked before; a tokenizer refusal is still a bad row, named
         raise InvalidInput(f"text rows could not be embedded: {sorted(errors.items())[:3]}")
     return vectors
@@ -113,9 +120,8 @@ def _retrieval(candidate, data, images, good, batch_size):
     import numpy as np
 
     texts = _texts(candidate, [data.texts[r] for r in good], batch_size)
-    sims = images[good] @ texts.T  # image i's own caption is text i
-    ranks_i2t = [int((row > row[i]).sum()) + 1 for i, row in enumerate(sims)]
-    ranks_t2i = [int((col > col[i]).sum()) + 1 for i, col in enumerate(sims.T)]
+    ranks_i2t = _ranks(images[good], texts)  # image i's own caption is text i
+    ranks_t2i = _ranks(texts, images[good])
     metrics = {}
     for k in (1, 5, 10):
         metrics[f"image_to_text_recall_at_{k}"] = float(np.mean([r <= k for r in ranks_i2t])) if good else 0.0
@@ -127,6 +133,24 @@ def _retrieval(candidate, data, images, good, batch_size):
     items = [{"row": r, "caption": data.texts[r], "image_to_text_rank": a, "text_to_image_rank": b}
              for r, a, b in zip(good, ranks_i2t, ranks_t2i)]
     return metrics, items, len(good)
+
+
+def _ranks(queries, keys, block_elements: int = 1 << 22) -> list[int]:
+    """Per query i, the rank of key i among all keys by dot product (1 = best; ties count in its favour).
+
+    Taken a block of queries at a time, so memory is a (block, n) slice of the similarities
+    (at most `block_elements` floats), never the whole (n, n) matrix.
+    """
+    import numpy as np
+
+    n = len(queries)
+    block = max(1, block_elements // max(n, 1))
+    ranks = []
+    for start in range(0, n, block):
+        sims = queries[start : start + block] @ keys.T
+        own = sims[np.arange(len(sims)), start + np.arange(len(sims))]  # from the same product: exact ties
+        ranks.extend(int(r) + 1 for r in (sims > own[:, None]).sum(axis=1))
+    return ranks
 
 
 def _negatives_accuracy(candidate, data, images, good, batch_size):
