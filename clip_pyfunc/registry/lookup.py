@@ -1,10 +1,58 @@
-"""Registry lookups: what a logged model is, which models share its run (its embedding space),
+"""Registry lookups: what a logged model is, its embedding space, which models share its run,
 pinning an alias to its version, and loading or resolving a URI with a one-line error."""
 
 from __future__ import annotations
 
 from clip_pyfunc.errors import ModelLoadError, one_line
 from clip_pyfunc.settings import RuntimeConfig
+
+# The metadata key (and version tag) registration writes: a digest of the checkpoint's exported
+# weights and the dimension (registry.publish.weights_space).
+SPACE_KEY = "embedding_space"
+
+
+def embedding_space(metadata) -> str:
+    """A model's embedding space: vectors of two models compare only when their spaces are equal.
+
+    Args:
+        metadata: The model's MLflow metadata: a ModelInfo (`model_info`, before loading) or a loaded
+            model's `metadata`.
+
+    Returns:
+        The recorded space ("sha256:<digest>/<dim>": one checkpoint, however many registrations); for a
+        model logged before spaces were recorded, "run:<run id>", so the two towers of one run still match.
+    """
+    recorded = (metadata.metadata or {}).get(SPACE_KEY)
+    if recorded:
+        return recorded
+    if metadata.run_id:
+        return f"run:{metadata.run_id}"
+    return f"model:{metadata.model_uuid}"  # no run, no record: matches nothing but itself
+
+
+def require_same_space(text_meta, image_meta, text_uri: str, image_uri: str) -> str:
+    """Refuse a text and an image model of different embedding spaces: their vectors would not compare.
+
+    Args:
+        text_meta: The text model's metadata (see `embedding_space`).
+        image_meta: The image model's.
+        text_uri: The text model's URI, for the message.
+        image_uri: The image model's.
+
+    Returns:
+        The space they share.
+
+    Raises:
+        ModelLoadError: Two spaces; the message names both URIs and their spaces.
+    """
+    text, image = embedding_space(text_meta), embedding_space(image_meta)
+    if text != image:
+        raise ModelLoadError(
+            f"text model {text_uri} (embedding space {text}) and image model {image_uri} (embedding space {image}) "
+            "are of different embedding spaces, so their vectors do not compare; use the text and image models of "
+            "one checkpoint (e.g. both @ the alias of one `clip-pyfunc register`)")
+    return text
+
 
 def model_kind(model_uri: str) -> str:
     """What a logged model is, from its artifacts: "text", "image", "combined" or "classifier"."""
@@ -21,7 +69,8 @@ def model_kind(model_uri: str) -> str:
 
 
 def run_models(model_uri: str) -> dict[str, str]:
-    """The registered models logged in the same run as `model_uri` (one embedding space), by kind.
+    """The registered models logged in the same run as `model_uri`, by kind (check their spaces with
+    `require_same_space`: a version registered against the run by hand may be of another).
 
     Returns:
         {"text": "models:/name/version", "image": ..., "combined": ..., as registered}; the model

@@ -1,19 +1,26 @@
 """Log both towers as models-from-code pyfunc models and register them under an alias.
 
+A registration creates every version first and moves the aliases it touches last, all or none
+(`move_aliases`), so `@alias` never points text and image at different embedding spaces. Each
+model and version records its space (`embedding_space`: a digest of the exported weights and the
+dimension), which readers compare with `lookup.require_same_space`.
+
 The tracking and registry URI is MLflow's own: MLFLOW_TRACKING_URI when set, else
 MLflow's default (`sqlite:///mlflow.db` in the working directory).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Any
 
 from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint, resolve_checkpoint
 from clip_pyfunc.artifacts.openvino import export_openvino
-from clip_pyfunc.artifacts.towers import WEIGHTS_FILE, CheckpointInfo, export_towers
-from clip_pyfunc.registry.lookup import local_models
+from clip_pyfunc.artifacts.towers import TOWERS, WEIGHTS_FILE, CheckpointInfo, export_towers
+from clip_pyfunc.errors import one_line
+from clip_pyfunc.registry.lookup import SPACE_KEY, local_models
 from clip_pyfunc.registry.precision import TAG_COSINE, measure_precisions
 from clip_pyfunc.registry.requirements import copy_model_code, entry_file, pip_requirements
 from clip_pyfunc.registry.signatures import (INPUT_CONTRACT, classifier_signature, combined_signature, input_example,
@@ -23,23 +30,48 @@ TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision
 TAG_FAMILY, TAG_SCORING, TAG_SCALE, TAG_BIAS = "family", "scoring", "score_scale", "score_bias"
 TAG_TOY = "toy_checkpoint"
 TAG_LABEL_SET, TAG_LABEL_HASH = "label_set", "label_set_hash"
+TAG_SPACE = SPACE_KEY
+_CHUNK = 1 << 20
 
 
-def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> dict[str, str]:
-    """What both models and their registry versions record: source, dimension, family and scoring.
+def weights_space(towers: dict[str, str], embedding_dim: int) -> str:
+    """The embedding space of exported towers: a sha256 of both towers' fp32 weights files, and the dimension.
+
+    The export is deterministic, so two registrations of one checkpoint give one space and another
+    checkpoint another. Call it before `prepare_engines`, which may remove the weights files.
+
+    Returns:
+        "sha256:<32 hex digits>/<dim>".
+    """
+    digest = hashlib.sha256()
+    for tower in TOWERS:
+        path = os.path.join(towers[tower], WEIGHTS_FILE)
+        digest.update(f"{tower} {os.path.getsize(path)}\n".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:32]}/{embedding_dim}"
+
+
+def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, space: str) -> dict[str, str]:
+    """What both models and their registry versions record: source, dimension, embedding space
+    (`weights_space`), family and scoring.
 
     The scoring constants are what the zero-shot classifier and `evaluate` use: softmax over
     labels of scale*cos (CLIP-like; scale = exp(logit_scale), or 1/temperature for ALIGN), or
     an independent sigmoid(scale*cos + bias) per label (SigLIP).
     """
     tags = {TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: str(info.embedding_dim),
-            TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale), TAG_BIAS: repr(info.bias)}
+            TAG_SPACE: space, TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale),
+            TAG_BIAS: repr(info.bias)}
     for precision, cosine in info.precision_cosine.items():
         tags[TAG_COSINE + precision] = repr(cosine)
     for precision, cosine in info.openvino_cosine.items():
         tags[TAG_COSINE + "openvino_" + precision] = repr(cosine)
     for tower, reason in info.openvino_fallback.items():
         tags[f"openvino_fallback_{tower}"] = reason[:250]
+    for pair, note in info.measurement_notes.items():  # why a pair has no cosine; what int8 was judged on
+        tags["measurement_note_" + pair.replace(" ", "_")] = note
     if checkpoint.random_init:
         tags[TAG_RANDOM] = checkpoint.random_init
     if checkpoint.toy:
@@ -48,17 +80,66 @@ def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo) -> dict
 
 
 def log_tower(
-    checkpoint: ResolvedCheckpoint, info: CheckpointInfo, tower: str, artifact: str, runtime: RuntimeConfig,
+    tags: dict[str, str], info: CheckpointInfo, tower: str, artifact: str, runtime: RuntimeConfig,
     workdir: str, registered_name: str | None = None,
 ):
     """Log one exported tower as a pyfunc model in the active run; register it when a name is given.
+
+    Args:
+        tags: The model's metadata (`model_metadata`).
 
     Returns:
         mlflow's ModelInfo.
     """
     return _log_model(tower, f"clip_{tower}_embedding", {tower: artifact}, model_signature(runtime.normalize),
-                      input_example(tower), runtime, workdir, registered_name,
-                      {**model_metadata(checkpoint, info), "input": INPUT_CONTRACT}, info)
+                      input_example(tower), runtime, workdir, registered_name, {**tags, "input": INPUT_CONTRACT}, info)
+
+
+def move_aliases(client, alias: str, versions: dict[str, str]) -> None:
+    """Point `alias` of each registered model at its version: all of them, or none.
+
+    MLflow moves one alias per call. When a move fails (or the process is interrupted), the aliases
+    already moved go back to the versions they named before, or are deleted where there was none, and
+    the error is raised; an alias that cannot be put back is named in a note on it. Call this last,
+    once every version exists.
+
+    Args:
+        client: An MlflowClient.
+        alias: The alias to move (e.g. "champion").
+        versions: {registered model name: version}.
+
+    Raises:
+        MlflowException: A move failed; the aliases are where they were.
+    """
+    before = {}
+    for name in versions:
+        previous = client.get_registered_model(name).aliases.get(alias)
+        before[name] = None if previous is None else str(previous)
+    moved = []
+    try:
+        for name, version in versions.items():
+            client.set_registered_model_alias(name, alias, version)
+            moved.append(name)
+    except BaseException as e:
+        for name in reversed(moved):
+            try:
+                if before[name] is None:
+                    client.delete_registered_model_alias(name, alias)
+                else:
+                    client.set_registered_model_alias(name, alias, before[name])
+            except Exception as undo:  # the registry may be what failed: say what is left to fix
+                e.add_note(f"{name}@{alias} was left at version {versions[name]} and could not be put back to "
+                           f"{before[name] or '(no alias)'}: {one_line(undo)}; set it by hand")
+        raise
+
+
+def _record_version(client, name: str, model_info, tags: dict[str, str], description: str) -> str:
+    """Tag and describe a newly registered version; its number."""
+    version = str(model_info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=description)
+    return version
 
 
 def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, towers) -> list[str]:
@@ -147,13 +228,14 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, towers = export_towers(checkpoint, workdir)
+        space = weights_space(towers, info.embedding_dim)
         info = prepare_engines(info, towers, settings)
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
         artifacts = {"image": towers["image"], "labels": labels_dir}
         if dynamic_labels:
             artifacts["text"] = towers["text"]
-        tags = {**model_metadata(checkpoint, info), TAG_LABEL_SET: labels.name, TAG_LABEL_HASH: labels.digest,
+        tags = {**model_metadata(checkpoint, info, space), TAG_LABEL_SET: labels.name, TAG_LABEL_HASH: labels.digest,
                 "labels": str(len(labels.labels)), "templates": str(len(labels.templates)),
                 "dynamic_labels": str(dynamic_labels).lower()}
         with mlflow.start_run(run_name=f"register classifier {checkpoint.source}") as run:
@@ -162,15 +244,12 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
             model_info = _log_model("classifier", "clip_zero_shot_classifier", artifacts,
                                     classifier_signature(cfg.top_k), input_example("image"), settings.runtime,
                                     workdir, cfg.name, {**tags, "input": INPUT_CONTRACT}, info)
-    version = str(model_info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(cfg.name, version, key, value)
-    client.update_model_version(cfg.name, version, description=(
+    version = _record_version(client, cfg.name, model_info, tags, description=(
         f"Zero-shot image classifier over {len(labels.labels)} labels ({labels.name}, {labels.digest}) with "
         f"{info.family} {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, of base64 images or "
         f"raw bytes. Output: labels and scores, best first ({info.scoring} scoring); params top_k"
         f"{', candidate_labels, hypothesis_template' if dynamic_labels else ''}.{_warning(checkpoint)}"))
-    client.set_registered_model_alias(cfg.name, cfg.alias, version)
+    move_aliases(client, cfg.alias, {cfg.name: version})
     summary = {
         "tracking_uri": mlflow.get_tracking_uri(), "registry_uri": mlflow.get_registry_uri(),
         "run_id": run.info.run_id, "checkpoint": checkpoint.source, "revision": checkpoint.revision,
@@ -187,7 +266,8 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
 
 
 def register_models(settings: Settings) -> dict[str, Any]:
-    """Log the text and image models in one run, register both, point the alias at them.
+    """Log the text and image models (and the combined one) in one run, register them, then point the alias
+    at all of them (`move_aliases`: all or none, so a failure leaves every alias where it was).
 
     Args:
         settings: Checkpoint source, registry names and alias, runtime config.
@@ -198,6 +278,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
 
     Raises:
         ModelLoadError: The checkpoint cannot be found or read, or is not a supported family.
+        MlflowException: Logging, registering or moving an alias failed (no alias moved).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -209,23 +290,22 @@ def register_models(settings: Settings) -> dict[str, Any]:
     models = {}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
         info, artifacts = export_towers(checkpoint, workdir)
+        space = weights_space(artifacts, info.embedding_dim)
         info = prepare_engines(info, artifacts, settings)
-        tags = model_metadata(checkpoint, info)
+        tags = model_metadata(checkpoint, info, space)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
-                               "embedding_dim": info.embedding_dim, "family": info.family})
+                               "embedding_dim": info.embedding_dim, "family": info.family, TAG_SPACE: space})
             for tower, name in (("text", reg.text_name), ("image", reg.image_name)):
-                model_info = log_tower(checkpoint, info, tower, artifacts[tower], settings.runtime, workdir,
+                model_info = log_tower(tags, info, tower, artifacts[tower], settings.runtime, workdir,
                                        registered_name=name)
-                version = str(model_info.registered_model_version)
-                for key, value in tags.items():
-                    client.set_model_version_tag(name, version, key, value)
-                client.update_model_version(name, version, description=_description(tower, checkpoint, info))
-                client.set_registered_model_alias(name, reg.alias, version)
+                version = _record_version(client, name, model_info, tags, _description(tower, checkpoint, info))
                 models[tower] = {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}",
                                  "model_uri": model_info.model_uri}
             if reg.with_combined:
                 models["combined"] = _register_combined(checkpoint, info, artifacts, settings, workdir, tags)
+            # Last, once every version exists, and inside the run so a failure marks it failed.
+            move_aliases(client, reg.alias, {m["name"]: m["version"] for m in models.values()})
     summary = {
         "tracking_uri": mlflow.get_tracking_uri(),
         "registry_uri": mlflow.get_registry_uri(),
@@ -234,6 +314,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
         "revision": checkpoint.revision,
         "family": info.family,
         "embedding_dim": info.embedding_dim,
+        "embedding_space": space,
         "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
         "precision_cosine_to_fp32": info.precision_cosine,
         "engines": engines_summary(info),
@@ -251,7 +332,8 @@ def register_models(settings: Settings) -> dict[str, Any]:
 
 def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, artifacts: dict[str, str],
                        settings: Settings, workdir: str, tags: dict[str, str]) -> dict[str, str]:
-    """Log and register the combined image+text model (both tower artifacts) in the active run."""
+    """Log and register the combined image+text model (both tower artifacts) in the active run; the caller
+    moves its alias."""
     import dataclasses
 
     from mlflow import MlflowClient
@@ -264,25 +346,23 @@ def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, art
     model_info = _log_model("combined", "clip_image_text_embedding", dict(artifacts),
                             combined_signature(runtime.normalize), input_example("combined"), runtime, workdir,
                             reg.combined_name, {**tags, "input": CONTRACT}, info)
-    client, name = MlflowClient(), reg.combined_name
-    version = str(model_info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    name = reg.combined_name
     norm = "L2-normalised" if runtime.normalize else "not normalised (Azure ML compatible)"
-    client.update_model_version(name, version, description=(
+    version = _record_version(MlflowClient(), name, model_info, tags, description=(
         f"{info.family} image and text embeddings of {checkpoint.source} @ {checkpoint.revision} in one request. "
         f"Input: {CONTRACT}. Output: image_features and text_features, float32 [{info.embedding_dim}] or null, "
         f"{norm} by default (param normalize).{_warning(checkpoint)}"))
-    client.set_registered_model_alias(name, reg.alias, version)
     return {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}", "model_uri": model_info.model_uri,
             "normalize": runtime.normalize}
 
 
 def engines_summary(info: CheckpointInfo) -> dict[str, Any]:
     """The registration summary's engines: per engine, each measured precision's lowest cosine to torch
-    fp32, and the towers OpenVINO could not take, with why (they run on torch)."""
+    fp32, and the towers OpenVINO could not take, with why (they run on torch); under "notes", per
+    "engine precision", why a pair raised when measured, or what int8 was judged on."""
     return {"torch": {"fp32": 1.0, **info.precision_cosine},
-            "openvino": {**info.openvino_cosine, "fallback": dict(info.openvino_fallback)}}
+            "openvino": {**info.openvino_cosine, "fallback": dict(info.openvino_fallback)},
+            "notes": dict(info.measurement_notes)}
 
 
 def _warning(checkpoint: ResolvedCheckpoint) -> str:

@@ -58,7 +58,7 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
 
     Args:
         text_uri: The text model (e.g. models:/clip_text_embedding@champion).
-        image_uri: The image model of the same run.
+        image_uri: The image model of the same embedding space (the same checkpoint).
         classifier_uri: The zero-shot classifier; None runs without /classify.
         classifier_required: False: a classifier the registry does not hold is left out (a warning)
             instead of stopping the app.
@@ -66,16 +66,18 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
             /search. A collection is opened only when its embedding space is the models'.
 
     Raises:
-        ModelLoadError: A model cannot be found or loaded.
+        ModelLoadError: A model cannot be found or loaded, or the text and image models are of different
+            embedding spaces.
         IndexRefused: The collection holds another embedding space, or the index is locked by
             another process or its server cannot be reached.
     """
-    from clip_pyfunc.registry.lookup import load_model, model_info
+    from clip_pyfunc.registry.lookup import load_model, model_info, require_same_space
     from clip_pyfunc.search.query import Searcher
 
     store, no_index = _open_index(index)  # first: a locked store or an unreachable server fails at once
     try:
         infos = {"text": model_info(text_uri, "text model"), "image": model_info(image_uri, "image model")}
+        require_same_space(infos["text"], infos["image"], text_uri, image_uri)
         found, no_classifier = _find_classifier(classifier_uri, classifier_required)
         if store is not None and (no_index := _check_collection(store, infos)):
             store.close()  # no collection: leave the folder free for `clip-pyfunc index`

@@ -12,7 +12,7 @@ from clip_pyfunc.batch.evaluate.data import read_embeddings, read_data
 from clip_pyfunc.batch.evaluate.metrics import HEADLINE, evaluate_candidate
 from clip_pyfunc.batch.evaluate.report import plot, markdown
 from clip_pyfunc.errors import InvalidInput, ModelLoadError
-from clip_pyfunc.registry.lookup import local_models, model_kind, run_models
+from clip_pyfunc.registry.lookup import local_models, model_info, model_kind, require_same_space, run_models
 
 
 @dataclass(kw_only=True)
@@ -32,7 +32,8 @@ def load_candidate(spec: str, workdir: str) -> Candidate:
     """Load a model pair from a registered model URI (paired through its run), a directory or a hub id.
 
     Raises:
-        ModelLoadError: The URI's run holds no model of the other tower, or the checkpoint cannot be read.
+        ModelLoadError: The URI's run holds no model of the other tower or one of another embedding space, or
+            the checkpoint cannot be read.
     """
     start = time.perf_counter()
     if spec.startswith(("models:/", "runs:/")):
@@ -57,6 +58,8 @@ def _load_registered(uri: str):
         raise ModelLoadError(f"{uri} is a {kind} model whose run holds no registered {missing} to pair it with; "
                              "pass the text or image model of a `clip-pyfunc register` run")
     uris = {"text": uri if kind == "text" else paired["text"], "image": uri if kind == "image" else paired["image"]}
+    require_same_space(model_info(uris["text"], "text model"), model_info(uris["image"], "image model"),
+                       uris["text"], uris["image"])
     models = {tower: mlflow.pyfunc.load_model(u).unwrap_python_model() for tower, u in uris.items()}
     versions = [tuple(u[len("models:/"):].rsplit("/", 1)) for u in (paired["text"], paired["image"])
                 if u.startswith("models:/") and "@" not in u]
