@@ -215,3 +215,38 @@ def test_app_search_filters_by_type(edge_index, registered):
     got = {h["id"] for h in good.json()["results"]}
     assert got and got == _pandas_ids(edge_index["frame"], "on_sale", False) - {102}
     assert bad.status_code == 400 and "no payload field 'onsale'" in bad.text, bad.text
+
+
+def test_a_space_is_the_weights_not_the_run(store, registered, tiny_checkpoint):
+    """Two registrations of one checkpoint write into one collection; a newer clip-pyfunc's extra space field is
+    dropped with a warning, not a failed open."""
+    import logging
+
+    from clip_pyfunc.registry import register_models
+    from clip_pyfunc.search.index import model_space, require_space
+    from clip_pyfunc.search.store import Space
+    from clip_pyfunc.settings import load_settings
+
+    first = model_space(registered["models"]["image"]["uri"])
+    again = register_models(load_settings(None, {"model": {"source": tiny_checkpoint}, "registry": {
+        "text_name": "integrity_text", "image_name": "integrity_image", "combined_name": "integrity_combined"}}))
+    second = model_space(again["models"]["image"]["uri"])
+    assert first.run_id != second.run_id and first.embedding_space == second.embedding_space != ""
+    store.ensure(first)
+    store.ensure(second)  # the same weights: accepted
+    info = __import__("mlflow").models.get_model_info(again["models"]["text"]["uri"])
+    require_space(first, "c", "text", info)
+    other = Space(model_uri="models:/x/1", run_id=second.run_id, models={}, embedding_dim=first.embedding_dim,
+                  embedding_space="sha256:0000/1")
+    with pytest.raises(IndexRefused, match="another embedding space"):
+        store.ensure(other)
+    logger = logging.getLogger("clip_pyfunc.search.store")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        newer = Space.from_dict({**first.to_dict(), "catalogue": "t.parquet"}, "here")
+    finally:
+        logger.removeHandler(handler)
+    assert newer == first and len(records) == 1 and "catalogue" in records[0].getMessage()

@@ -29,19 +29,20 @@ def model_space(model_uri: str) -> Space:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from clip_pyfunc.registry.lookup import pin_model_uri, run_models
+    from clip_pyfunc.registry.lookup import embedding_space, pin_model_uri, run_models
 
     try:
         info = mlflow.models.get_model_info(model_uri)
         dim = int((info.metadata or {}).get("embedding_dim", 0))
         return Space(model_uri=pin_model_uri(model_uri), run_id=info.run_id or "", models=run_models(model_uri),
-                     embedding_dim=dim)
+                     embedding_dim=dim, embedding_space=embedding_space(info))
     except MlflowException as e:
         raise model_error("--model-uri", model_uri, e) from e
 
 
 def require_space(space: Space, collection: str, kind: str, metadata) -> None:
-    """Refuse a model of another run or dimension than the collection's: its queries would land elsewhere.
+    """Refuse a model of another embedding space (weights) or dimension than the collection's: its queries would
+    land elsewhere. A collection made before spaces were recorded compares by run.
 
     Args:
         space: The collection's space (`Store.space`).
@@ -50,15 +51,19 @@ def require_space(space: Space, collection: str, kind: str, metadata) -> None:
         metadata: The model's MLflow metadata: a ModelInfo (before loading) or a loaded model's `metadata`.
 
     Raises:
-        IndexRefused: Another run or dimension.
+        IndexRefused: Another space or dimension.
     """
+    from clip_pyfunc.registry.lookup import embedding_space
+
     run_id = metadata.run_id or ""
     dim = int((metadata.metadata or {}).get("embedding_dim", 0))
-    if run_id != space.run_id or dim != space.embedding_dim:
+    held = embedding_space(metadata) if space.embedding_space else f"run:{run_id}"
+    if held != space.key or dim != space.embedding_dim:
         raise IndexRefused(
-            f"collection {collection!r} holds vectors of {space.model_uri} (run {space.run_id}, dim "
-            f"{space.embedding_dim}); the {kind} model is of run {run_id or '?'}, dim {dim}: another embedding "
-            f"space. Query with the collection's models {space.models}, or re-index with this one")
+            f"collection {collection!r} holds vectors of {space.model_uri} (space {space.key}, run {space.run_id}, "
+            f"dim {space.embedding_dim}); the {kind} model is of space {embedding_space(metadata)}, run "
+            f"{run_id or '?'}, dim {dim}: another embedding space. Query with the collection's models "
+            f"{space.models}, or re-index with this one")
 
 
 def read_table(source: str, batch_rows: int = 1024) -> Iterator[Any]:

@@ -79,14 +79,39 @@ class Space:
     run_id: str
     models: dict[str, str]
     embedding_dim: int
+    embedding_space: str = ""  # registry.lookup.embedding_space of the model; "" in collections made before it
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], where: str) -> Space:
+        """A space as a collection recorded it; fields a newer clip-pyfunc added are dropped, with one warning.
+
+        Raises:
+            IndexRefused: A field this version needs is missing.
+        """
+        import logging
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            logging.getLogger(__name__).warning("%s: the collection's space records fields this clip-pyfunc does not "
+                                                "know, left out: %s", where, ", ".join(unknown))
+        try:
+            return cls(**{k: v for k, v in record.items() if k in known})
+        except TypeError as e:
+            raise IndexRefused(f"{where}: the collection's recorded space is incomplete ({e})") from e
+
+    @property
+    def key(self) -> str:
+        """What two spaces compare by: the weights' digest, or for a collection made before it, its run."""
+        return self.embedding_space or f"run:{self.run_id}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_uri": self.model_uri, "run_id": self.run_id, "models": dict(self.models),
-                "embedding_dim": self.embedding_dim}
+                "embedding_dim": self.embedding_dim, "embedding_space": self.embedding_space}
 
     def same_as(self, other: Space) -> bool:
-        """The same space: one run (its models share it) and one dimension."""
-        return self.run_id == other.run_id and self.embedding_dim == other.embedding_dim
+        """The same space: one checkpoint's weights (however many registrations), or one run, and one dimension."""
+        return self.key == other.key and self.embedding_dim == other.embedding_dim
 
 
 def build_settings(config: IndexConfig) -> dict[str, Any]:
@@ -179,7 +204,7 @@ class Store(ABC):
         """Create the collection for `space`, or check that an existing one holds the same space.
 
         Raises:
-            IndexRefused: The collection holds another embedding space (another run or dimension).
+            IndexRefused: The collection holds another embedding space (other weights, or dimension).
         """
         try:
             held = self.space()
@@ -188,9 +213,9 @@ class Store(ABC):
             return
         if not held.same_as(space):
             raise IndexRefused(
-                f"collection {self.collection!r} holds vectors of {held.model_uri} (run {held.run_id}, dim "
-                f"{held.embedding_dim}); these come from {space.model_uri} (run {space.run_id}, dim "
-                f"{space.embedding_dim}), another embedding space. Mixing them gives wrong answers: index into "
+                f"collection {self.collection!r} holds vectors of {held.model_uri} (space {held.key}, run "
+                f"{held.run_id}, dim {held.embedding_dim}); these come from {space.model_uri} (space {space.key}, run "
+                f"{space.run_id}, dim {space.embedding_dim}), another embedding space. Mixing them gives wrong answers: index into "
                 "another --collection, or re-embed everything with the collection's model")
 
     @abstractmethod
@@ -346,7 +371,7 @@ class EdgeStore(Store):
 
     def space(self) -> Space:
         self._need()
-        return Space(**self._meta["space"])
+        return Space.from_dict(self._meta["space"], self.folder)
 
     def create(self, space: Space) -> None:
         os.makedirs(self.folder, exist_ok=True)
@@ -559,7 +584,7 @@ class ServerStore(Store):
         if not meta:
             raise IndexRefused(f"collection {self.collection!r} was not made by clip-pyfunc: it records no "
                                "embedding model")
-        return Space(**meta)
+        return Space.from_dict(meta, f"{self.where} {self.collection!r}")
 
     def create(self, space: Space) -> None:
         from qdrant_client import models
