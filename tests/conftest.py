@@ -251,3 +251,16 @@ def images_to_array(images, spec):
     from clip_pyfunc.stages.preprocess import resize_and_crop
 
     return crops_to_array([resize_and_crop(img, spec) for img in images], spec)
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    """A local Spark session for one test module (local[2], small batches), stopped after it."""
+    from clip_pyfunc.batch.spark import spark_session, stop_session
+
+    session = spark_session("local[2]", batch_rows=8,
+                            conf={"spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse")),
+                                  "spark.sql.shuffle.partitions": "4"})
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    stop_session(session)

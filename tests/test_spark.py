@@ -14,22 +14,12 @@ import pandas as pd
 import pytest
 
 from conftest import b64, encode, photo
-from clip_pyfunc.batch.spark import embed_dataframe, prepare_model, run_job, spark_session, stop_session
+from clip_pyfunc.batch.spark import embed_dataframe, prepare_model, run_job
 from clip_pyfunc.batch.spark.classes import _java_binary, class_archive_options
 from clip_pyfunc.batch.spark.session import DAEMON_KEY, DAEMON_MODULE, is_local, local_quick_start, worker_threads
 from clip_pyfunc.errors import EmbedJobError
 
 pytestmark = [pytest.mark.spark]
-
-
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory):
-    session = spark_session("local[2]", batch_rows=8,
-                            conf={"spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse")),
-                                  "spark.sql.shuffle.partitions": "4"})
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    stop_session(session)
 
 
 def _varied_images(n: int = 50):

@@ -19,24 +19,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from clip_pyfunc.batch.spark import run_job, spark_session, stop_session
+from clip_pyfunc.batch.spark import run_job
 from clip_pyfunc.batch.spark import writer
 from clip_pyfunc.errors import EmbedJobError
 
 pytestmark = [pytest.mark.spark]
 
 OLD, NEW, OTHER = 3, 5, 2  # rows in the previous output, the new one, another writer's
-
-
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory):
-    """The same local session as tests/test_spark.py's (getOrCreate: one per process at a time)."""
-    session = spark_session("local[2]", batch_rows=8,
-                            conf={"spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse")),
-                                  "spark.sql.shuffle.partitions": "4"})
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    stop_session(session)
 
 
 class Crash(BaseException):
