@@ -250,3 +250,81 @@ def test_a_space_is_the_weights_not_the_run(store, registered, tiny_checkpoint):
     finally:
         logger.removeHandler(handler)
     assert newer == first and len(records) == 1 and "catalogue" in records[0].getMessage()
+
+
+def test_rows_that_would_merge_or_vanish_are_named(store, registered, tmp_path):
+    """A repeated id is counted and named (its last row wins), an `id` payload column that the stored id would
+    overwrite is refused, an id column with no values is refused, and float ids from 2**53 up are refused while
+    whole decimals of any size are ids."""
+    from clip_pyfunc.search.index import model_space, table_id
+
+    uri = registered["models"]["image"]["uri"]
+    frame = _table(model_space(uri).embedding_dim).iloc[:6].copy()
+    frame.loc[4, "product_id"] = 7  # row 4 repeats row 0's id
+    report = index_table(store, _write(frame, tmp_path / "r.parquet"), uri, id_col="product_id", progress=False)
+    assert (report["points"], report["repeated_ids"], report["rows_with_repeated_id"]) == (5, 1, [4])
+    with pytest.raises(IndexRefused, match="column 'id' in .*rename it, or give --id-col id"):
+        index_table(store, _write(frame.assign(id="x"), tmp_path / "i.parquet"), uri, id_col="product_id",
+                    progress=False)
+    empty = frame.assign(product_id=pd.array([None] * len(frame), dtype="Int64"))
+    with pytest.raises(IndexRefused, match="every row's id in column 'product_id' is empty"):
+        index_table(store, _write(empty, tmp_path / "e.parquet"), uri, id_col="product_id", progress=False)
+    with pytest.raises(IndexRefused, match="row 3: .* from 9007199254740992 up"):
+        table_id(float(2 ** 53), 3, "product_id")
+    assert table_id(decimal.Decimal(BIG + 1), 0, "product_id") == BIG + 1
+    with pytest.raises(IndexRefused, match="from 16777216 up"):
+        table_id(float(2 ** 24), 0, "product_id", exact_below=2 ** 24)
+
+
+def test_lists_of_booleans_with_nulls_match(store):
+    from clip_pyfunc.search.store import Space
+
+    store.ensure(Space(model_uri="m", run_id="r", models={}, embedding_dim=4))
+    store.upsert(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3],
+                 [{"flags": [True, None]}, {"flags": [False]}, {"flags": [None, False, True]}])
+    store.finish({"flags": "bool"}, {"flags": "bool"})
+    got = {h.id for h in store.query(np.ones(4, np.float32) / 2, 10, parse_filters(["flags=true"],
+                                                                                 store.payload_fields()))}
+    assert got == {"a", "c"}
+
+
+def test_a_copy_of_a_collection_without_field_types_stays_untyped(tmp_path):
+    from qdrant_client import QdrantClient
+
+    from clip_pyfunc.search.store import Space, copy_store
+
+    with EdgeStore(str(tmp_path / "idx"), "c") as edge:
+        edge.ensure(Space(model_uri="m", run_id="r", models={}, embedding_dim=4))
+        edge.upsert(["a"], np.eye(4, dtype=np.float32)[:1], [{"path": "/a.jpg"}])
+        edge.finish({})
+        assert edge.payload_fields() is None
+        server = ServerStore(QdrantClient(":memory:"), "c", where=":memory:")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Local mode performs exact")
+            copy_store(edge, server)
+        assert server.payload_fields() is None and parse_filters(["path=/a.jpg"], None) == [("path", ["/a.jpg"])]
+        server.close()
+
+
+@pytest.mark.spark
+def test_a_spark_table_keeps_its_types(spark, registered, tmp_path):
+    """A Spark table is read with its own schema: a batch of failed rows only (embedding all null) and a struct
+    of mixed field types are indexed, and the integer ids stay integers."""
+    from pyspark.sql import types as T
+
+    from clip_pyfunc.search.index import model_space
+
+    uri = registered["models"]["image"]["uri"]
+    dim = model_space(uri).embedding_dim
+    schema = T.StructType([T.StructField("product_id", T.LongType()), T.StructField("embedding",
+                           T.ArrayType(T.FloatType())), T.StructField("error", T.StringType()),
+                           T.StructField("info", T.StructType([T.StructField("name", T.StringType()),
+                                                               T.StructField("stock", T.LongType())]))])
+    vector = [1.0 / dim ** 0.5] * dim
+    rows = [(1, None, "row 0: bytes are not an image", ("x", 1)), (2, None, "row 1: not an image", ("y", 2)),
+            (BIG, vector, None, ("z", 3)), (None, vector, None, ("w", None))]
+    spark.createDataFrame(rows, schema).write.saveAsTable("integrity_items")
+    with EdgeStore(str(tmp_path / "idx"), "c") as store:
+        report = index_table(store, "integrity_items", uri, id_col="product_id", batch_rows=2, progress=False)
+        assert (report["points"], report["skipped_error"], report["skipped_no_id"]) == (1, 2, 1)
+        assert [(h.id, h.payload["info"]) for h in store.retrieve([str(BIG)])] == [(BIG, {"name": "z", "stock": 3})]

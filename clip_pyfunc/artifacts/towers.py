@@ -93,12 +93,10 @@ class CheckpointInfo:
     image_spec: dict | None = None
 
     def to_dict(self) -> dict:
-        """The stored record; fields added since readers stopped failing on unknown ones are left out while they
-        hold their default, so that the artifact stays readable by the clip-pyfunc that came before them."""
+        """The stored record, without `measurement_notes`: they are registration's to report (the summary and the
+        version tags), and the reader before this one fails on a field it does not know."""
         values = dataclasses.asdict(self)
-        for name in _NEWER_FIELDS:
-            if not values.get(name):
-                values.pop(name, None)
+        values.pop("measurement_notes")
         return values
 
     def measured(self) -> dict[str, dict[str, float]]:
@@ -125,9 +123,6 @@ class CheckpointInfo:
                 return from_record(cls, json.load(f), where=path, nested={"image_spec": ImageSpec})
         except (OSError, ValueError, TypeError) as e:
             raise ModelLoadError(f"cannot read the checkpoint description {path}: {e}") from e
-
-
-_NEWER_FIELDS = ("measurement_notes",)  # CheckpointInfo fields an older reader fails on; written only when set
 
 
 def from_record(cls, values: dict, *, where: str, nested: dict | None = None):

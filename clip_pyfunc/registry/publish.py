@@ -120,9 +120,15 @@ def move_aliases(client, alias: str, versions: dict[str, str]) -> None:
         for name, version in versions.items():
             client.set_registered_model_alias(name, alias, version)
             moved.append(name)
+        now = {name: _alias_version(client, name, alias) for name in versions}
+        if now != {name: str(v) for name, v in versions.items()}:  # another registration moved one meanwhile
+            raise RegistryRace(f"while moving @{alias} to {versions}, another registration moved it: now {now}; "
+                               "register again once the other one is done")
     except BaseException as e:
         for name in reversed(moved):
             try:
+                if _alias_version(client, name, alias) != str(versions[name]):
+                    continue  # someone else's move since ours: not ours to undo
                 if before[name] is None:
                     client.delete_registered_model_alias(name, alias)
                 else:
@@ -131,6 +137,16 @@ def move_aliases(client, alias: str, versions: dict[str, str]) -> None:
                 e.add_note(f"{name}@{alias} was left at version {versions[name]} and could not be put back to "
                            f"{before[name] or '(no alias)'}: {one_line(undo)}; set it by hand")
         raise
+
+
+class RegistryRace(Exception):
+    """Another registration moved an alias while this one was moving it."""
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    """The version `alias` of `name` points at now, or None."""
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else str(version)
 
 
 def _record_version(client, name: str, model_info, tags: dict[str, str], description: str) -> str:

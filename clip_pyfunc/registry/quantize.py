@@ -167,7 +167,9 @@ def int8_verdict(measure: Int8Measure) -> tuple[bool, str]:
         (offered, note).
     """
     m = measure
-    offered = m.held_out >= INT8_OFFER_COSINE and m.varied >= INT8_OFFER_COSINE
+    # Never offered on an empty set: a lowest cosine over no images is no measurement.
+    offered = (m.held_out >= INT8_OFFER_COSINE and m.varied >= INT8_OFFER_COSINE and m.held_out_images > 0
+               and m.varied_images > 0)
     few = " (few)" if m.held_out_images < MIN_HELD_OUT else ""
     note = (f"{'offered' if offered else 'not offered'}: lowest cosine to torch fp32 {m.held_out} on "
             f"{m.held_out_images} held-out calibration images{few} and {m.varied} on {m.varied_images} shipped "

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 from clip_pyfunc.errors import one_line
 from clip_pyfunc.models.request import EMBEDDING_COL, ERROR_COL
 from clip_pyfunc.registry.lookup import model_error
-from clip_pyfunc.search.store import (PAYLOAD_TYPES, IndexRefused, Space, Store, build_settings, merge_field_types,
-                                      payload_type)
+from clip_pyfunc.search.store import (ID_KEY, PAYLOAD_TYPES, IndexRefused, Space, Store, build_settings,
+                                      merge_field_types, payload_type)
 
 NOT_FILTERED = ("path", "url")  # payload fields indexed for filters only when asked: unique per item, as the id is
 
@@ -101,19 +101,21 @@ def _read_spark_table(source: str, batch_rows: int) -> Iterator[Any]:
 
     from clip_pyfunc.batch.spark.session import spark_session
 
+    from pyspark.sql.pandas.types import to_arrow_schema
+
     spark = spark_session(start_workers=False)
     rows = []
     try:
         table = spark.table(source)
     except AnalysisException as e:
         raise IndexRefused(f"--input {source}: no such parquet path or table ({one_line(e)})") from e
-    columns = table.columns
+    schema = to_arrow_schema(table.schema)  # the table's own types, not ones guessed from a batch's values
 
     def batch():
-        return pa.RecordBatch.from_pydict({c: [r[n] for r in rows] for n, c in enumerate(columns)})
+        return pa.RecordBatch.from_pylist(rows, schema=schema)
 
     for row in table.toLocalIterator():
-        rows.append(tuple(row))
+        rows.append(row.asDict(recursive=True))  # structs as dicts
         if len(rows) == batch_rows:
             yield batch()
             rows = []
@@ -121,23 +123,27 @@ def _read_spark_table(source: str, batch_rows: int) -> Iterator[Any]:
         yield batch()
 
 
-MAX_EXACT_FLOAT = 2 ** 53  # above it float64 cannot hold every whole number: two ids may read as one
+EXACT_FLOAT_IDS = 2 ** 53  # float64 holds every whole number below it; at and above, two ids may be one float
+EXACT_FLOAT32_IDS = 2 ** 24  # the same for float32
 
 
-def table_id(value: object, row: int, id_col: str) -> int | str | None:
+def table_id(value: object, row: int, id_col: str, exact_below: int = EXACT_FLOAT_IDS) -> int | str | None:
     """A row's id as the point is keyed and answered by: an int or a str, or None where the row has none.
 
-    Whole floats and decimals up to 2**53 (an integer column that went through pandas with a null)
-    become ints, so 7.0 is the id 7 and a re-run from the integer column updates the same point.
+    Whole floats below `exact_below` (2**53 for float64: an integer column that went through pandas
+    with a null) and whole decimals of any size become ints, so 7.0 is the id 7 and a re-run from
+    the integer column updates the same point.
 
     Args:
         value: The id cell, as read (`read_table`: Python values; numpy and pandas scalars also taken).
         row: The row's number in the table, for messages.
         id_col: The id column's name, for messages.
+        exact_below: Where the column's float type stops holding every whole number (2**24 for float32).
 
     Raises:
-        IndexRefused: An id that cannot be told apart exactly: a float above 2**53 or not whole, a
-            boolean, or another type; the message names the row and what is allowed.
+        IndexRefused: An id that cannot be told apart exactly: a float at or above `exact_below` or not
+            whole, a decimal not whole, a boolean, or another type; the message names the row and what
+            is allowed.
     """
     import decimal
     import math
@@ -150,12 +156,17 @@ def table_id(value: object, row: int, id_col: str) -> int | str | None:
     if isinstance(value, bool) or not isinstance(value, (int, str, float, decimal.Decimal)):
         raise IndexRefused(f"row {row}: id column {id_col!r} holds {value!r} ({type(value).__name__}); ids must be "
                            "integers or strings")
-    if isinstance(value, (float, decimal.Decimal)):
-        if not (math.isfinite(value) and value == int(value) and abs(value) <= MAX_EXACT_FLOAT):
+    if isinstance(value, decimal.Decimal):
+        if not (value.is_finite() and value == value.to_integral_value()):
+            raise IndexRefused(f"row {row}: id column {id_col!r} holds the decimal {value}; ids must be whole numbers "
+                               "or strings")
+        return int(value)
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value == int(value) and abs(value) < exact_below):
             raise IndexRefused(
-                f"row {row}: id column {id_col!r} holds {value!r}, a float: ids above 2**53 or not whole cannot be "
-                "told apart exactly (an integer column with a null turns into float64 in pandas). Write the ids as "
-                "int64 (nullable) or strings, or name another --id-col")
+                f"row {row}: id column {id_col!r} holds {value!r}, a float: ids from {exact_below} up or not whole "
+                "cannot be told apart exactly (an integer column with a null turns into float64 in pandas). Write "
+                "the ids as int64 (nullable) or strings, or name another --id-col")
         return int(value)
     return value
 
@@ -182,6 +193,8 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     Returns:
         {"collection", "model_uri", "rows", "indexed", "skipped" (rows with an error, no vector or no id),
         "skipped_error", "skipped_no_id", "rows_without_id" (the first 20 such rows' numbers, 0-based),
+        "repeated_ids" (rows whose id an earlier row had: each replaced that row's point, last one wins),
+        "rows_with_repeated_id" (the first 20),
         "added", "updated", "points", "filter_fields" (payload field -> index type), "payload_fields"
         (every payload field -> its type), and "note" when the collection was created with other build
         settings than `store.config` asks for}.
@@ -191,6 +204,7 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
             cannot be kept exactly, or no such table.
         ModelLoadError: MLflow cannot find `model_uri`.
     """
+    import pyarrow as pa
     from tqdm import tqdm
 
     frames = read_table(source, batch_rows)  # a missing path is refused before the registry is asked
@@ -199,6 +213,8 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     before = store.count()
     rows = indexed = skipped_error = 0
     no_id: list[int] = []
+    repeated: list[int] = []  # rows whose id an earlier row of this run had: they replace it
+    seen: set[int] = set()
     fields: dict[str, str] = {}
     bar = tqdm(desc=f"index {store.collection}", unit=" rows", disable=not progress)
     for batch in frames:
@@ -207,7 +223,11 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
         for col in (id_col, EMBEDDING_COL):
             if col not in names:
                 raise IndexRefused(f"column {col!r} not in {source}; columns: {list(names)}")
-        ids = [table_id(v, rows + n, id_col) for n, v in enumerate(batch.column(id_col).to_pylist())]
+        if ID_KEY in names and id_col != ID_KEY:
+            raise IndexRefused(f"column {ID_KEY!r} in {source}: the store keeps each item's id under that payload key, "
+                               f"so its values would be replaced by {id_col!r}'s; rename it, or give --id-col {ID_KEY}")
+        exact_below = EXACT_FLOAT32_IDS if pa.types.is_float32(batch.schema.field(id_col).type) else EXACT_FLOAT_IDS
+        ids = [table_id(v, rows + n, id_col, exact_below) for n, v in enumerate(batch.column(id_col).to_pylist())]
         errors = batch.column(ERROR_COL).to_pylist() if ERROR_COL in names else [None] * len(ids)
         vectors, has_vector = _vectors(batch.column(EMBEDDING_COL))
         good = []
@@ -218,6 +238,10 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
                 no_id.append(rows + n)
             else:
                 good.append(n)
+                key = hash(str(item_id))  # ids compare by their text (point_id); a hash keeps memory small
+                if key in seen:
+                    repeated.append(rows + n)
+                seen.add(key)
         payload_cols = [c for c in names if c not in (EMBEDDING_COL, ERROR_COL)]
         if good:
             wrong = next((n for n in good if len(vectors[n]) != space.embedding_dim), None)
@@ -234,6 +258,9 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
         rows += len(ids)
         bar.update(len(ids))
     bar.close()
+    if rows and not indexed and len(no_id) == rows:
+        raise IndexRefused(f"--input {source}: every row's id in column {id_col!r} is empty, so nothing can be "
+                           "indexed; name the id column with --id-col")
     wanted = store.config.filter_fields
     filter_fields = {c: t for c, t in fields.items() if t in PAYLOAD_TYPES
                      and (c in wanted if wanted is not None else c not in (*NOT_FILTERED, id_col))}
@@ -244,7 +271,8 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     after = store.count()
     report = {"collection": store.collection, "model_uri": space.model_uri, "rows": rows, "indexed": indexed,
               "skipped": skipped_error + len(no_id), "skipped_error": skipped_error, "skipped_no_id": len(no_id),
-              "rows_without_id": no_id[:20], "added": after - before, "updated": indexed - (after - before),
+              "rows_without_id": no_id[:20], "repeated_ids": len(repeated), "rows_with_repeated_id": repeated[:20],
+              "added": after - before, "updated": indexed - (after - before),
               "points": after, "filter_fields": filter_fields, "payload_fields": fields}
     recorded = getattr(store, "build", None)  # an embedded store's settings, fixed when it was created
     if recorded is not None and recorded != build_settings(store.config):
@@ -261,6 +289,8 @@ def _vectors(column) -> tuple[list, list[bool]]:
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    if pa.types.is_null(column.type):  # a batch of failed rows only, typed from its values
+        return [None] * len(column), [False] * len(column)
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)

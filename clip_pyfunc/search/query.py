@@ -30,7 +30,8 @@ def parse_filters(pairs: list[str] | None, fields: dict[str, str] | None = None,
     Args:
         pairs: "key=value" strings; the value is everything after the first '='.
         fields: field -> type ("keyword", "integer", "bool", ...), or None.
-        bool_filters: Whether the store can match booleans (`Store.bool_filters`).
+        bool_filters: Whether the store can match booleans (`Store.bool_filters`); where it cannot, a
+            boolean field is refused (typed) or the value matches as a string only (untyped).
 
     Returns:
         [(key, [value, ...])], or None for no pairs.
@@ -44,7 +45,10 @@ def parse_filters(pairs: list[str] | None, fields: dict[str, str] | None = None,
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidInput(f"filter {pair!r} must be key=value")
-        options = _typed(pair, key, value, fields) if fields is not None else _untyped(value)
+        if fields is None:  # a collection from before field types: as it was filtered then
+            options = [v for v in _untyped(value) if bool_filters or not isinstance(v, bool)]
+        else:
+            options = _typed(pair, key, value, fields)
         if not bool_filters and any(isinstance(v, bool) for v in options):
             raise InvalidInput(f"filter {pair!r}: this collection was indexed before boolean filters could match in "
                                "the embedded store; re-run `clip-pyfunc index` into a new --collection to filter on "
@@ -247,16 +251,24 @@ def _complete_groups(links: dict[tuple[str, str], float], vectors: dict[str, Any
     import numpy as np
 
     group_of: dict[str, list[str]] = {}
+    refused: set[tuple[int, int, int, int]] = set()  # two groups, as they were, that may not join
+    retired: list[list[str]] = []
     for (a, b), _ in sorted(links.items(), key=lambda kv: -kv[1]):
         ga, gb = group_of.setdefault(a, [a]), group_of.setdefault(b, [b])
         if ga is gb:
             continue
+        pair = (id(ga), len(ga), id(gb), len(gb)) if id(ga) < id(gb) else (id(gb), len(gb), id(ga), len(ga))
+        if pair in refused:  # groups only grow, so (identity, size) names one state of each
+            continue
         cross = np.stack([vectors[i] for i in ga]) @ np.stack([vectors[i] for i in gb]).T
-        if float(cross.min()) >= threshold:
+        if float(cross.min()) < threshold:
+            refused.add(pair)
+        else:
             big, small = (ga, gb) if len(ga) >= len(gb) else (gb, ga)
             big.extend(small)
             for i in small:
                 group_of[i] = big
+            retired.append(small)  # kept alive, so that its id() is never another group's
     return list({id(g): g for g in group_of.values()}.values())
 
 
@@ -279,12 +291,14 @@ def _components(links: dict[tuple[str, str], float]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _pair_range(matrix, chunk: int = 4096) -> tuple[float, float]:
-    """The lowest and highest cosine over every pair of rows of a unit-vector matrix [n, dim], n >= 2."""
+def _pair_range(matrix, block_values: int = 1 << 24) -> tuple[float, float]:
+    """The lowest and highest cosine over every pair of rows of a unit-vector matrix [n, dim], n >= 2, in
+    blocks of at most `block_values` float32 values (64 MiB)."""
     import numpy as np
 
     low, high = 2.0, -2.0
     n = len(matrix)
+    chunk = max(1, block_values // n)
     for start in range(0, n, chunk):
         block = matrix[start:start + chunk] @ matrix.T
         rows = np.arange(start, min(start + chunk, n))

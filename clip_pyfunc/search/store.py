@@ -235,7 +235,8 @@ class Store(ABC):
         Args:
             filter_fields: The fields to index for filters, with their types.
             payload_fields: Every payload field seen, with its type (`payload_type`, or "mixed"); merged into
-                what the collection records (`payload_fields`). None records `filter_fields`.
+                what the collection records (`payload_fields`). None records nothing (filters stay untyped
+                on a collection that never recorded its fields).
         """
 
     @abstractmethod
@@ -376,7 +377,7 @@ class EdgeStore(Store):
     def create(self, space: Space) -> None:
         os.makedirs(self.folder, exist_ok=True)
         meta = {"space": space.to_dict(), "build": build_settings(self.config), "payload_indexes": {},
-                "payload_fields": {}, "bool_key": BOOL_KEY}
+                "bool_key": BOOL_KEY}
         self._write_meta(meta)
         self._open()
 
@@ -437,10 +438,11 @@ class EdgeStore(Store):
                 key, schema = (f"{BOOL_KEY}.{name}", "Keyword") if kind == "bool" else (name, kind.capitalize())
                 shard.update(UpdateOperation.create_field_index(key, getattr(PayloadSchemaType, schema)))
                 have[name] = kind
-        fields = merge_field_types(dict(self._meta.get("payload_fields") or {}),
-                                   filter_fields if payload_fields is None else payload_fields)
-        if have != self._meta.get("payload_indexes") or fields != self._meta.get("payload_fields"):
-            self._write_meta({**self._meta, "payload_indexes": have, "payload_fields": fields})
+        meta = {**self._meta, "payload_indexes": have}
+        if payload_fields is not None:
+            meta["payload_fields"] = merge_field_types(dict(self._meta.get("payload_fields") or {}), payload_fields)
+        if meta != self._meta:
+            self._write_meta(meta)
         shard.optimize()
         shard.flush()
         _remove_temp_segments(os.path.join(self.folder, SHARD_DIR))
@@ -525,8 +527,9 @@ def _with_bool_keywords(payload: dict[str, Any]) -> dict[str, Any]:
     def keyword(value):
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, list) and value and all(isinstance(v, bool) for v in value):
-            return [keyword(v) for v in value]
+        present = [v for v in value if v is not None] if isinstance(value, list) else []
+        if present and all(isinstance(v, bool) for v in present):  # as payload_type types it: nulls left out
+            return [keyword(v) for v in present]
         return None
 
     copies = {k: w for k, v in payload.items() if (w := keyword(v)) is not None}
@@ -615,9 +618,10 @@ class ServerStore(Store):
 
         from qdrant_client import models
 
-        fields = merge_field_types(self.payload_fields() or {}, filter_fields if payload_fields is None else payload_fields)
-        metadata = self.client.get_collection(self.collection).config.metadata or {}
-        self.client.update_collection(self.collection, metadata={**metadata, FIELDS_KEY: fields})
+        if payload_fields is not None:
+            fields = merge_field_types(self.payload_fields() or {}, payload_fields)
+            metadata = self.client.get_collection(self.collection).config.metadata or {}
+            self.client.update_collection(self.collection, metadata={**metadata, FIELDS_KEY: fields})
 
         with warnings.catch_warnings():  # in-process mode says payload indexes do nothing there
             warnings.filterwarnings("ignore", message="Payload indexes have no effect")
