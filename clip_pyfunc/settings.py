@@ -126,8 +126,24 @@ class RuntimeConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> RuntimeConfig:
-        """Build from a `model_config` dict, rejecting unknown keys by name."""
-        return _from_dict(cls, values or {}, "model_config")
+        """Build from a model's `model_config`, as MLflow hands it to `load_context`.
+
+        MLflow merges what the caller passes into the logged model_config and drops (with a warning)
+        caller keys the logged one lacks, so a key this version does not know was logged by a newer
+        clip-pyfunc: it is left out, with one warning naming it, and the model still loads where an
+        older version is installed (a Spark worker, a notebook that imported the package first).
+
+        Raises:
+            ModelLoadError: A bad value.
+        """
+        import logging
+
+        values = dict(values or {})
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            logging.getLogger(__name__).warning("model_config keys this clip-pyfunc does not know (logged by a newer "
+                                                "version) left out: %s", ", ".join(unknown))
+        return _from_dict(cls, {k: v for k, v in values.items() if k not in unknown}, "model_config")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the plain dict that is logged as the model's `model_config`."""

@@ -108,3 +108,17 @@ def test_registered_model_with_injected_fields_loads_and_predicts(registered, im
     got = model.predict(inputs)
     assert got.dtype == np.float32 and got.shape[0] == len(inputs)
     np.testing.assert_array_equal(got, reference.predict(inputs))
+
+
+def test_a_model_config_key_of_a_newer_version_is_left_out_with_a_warning(caplog):
+    """MLflow drops caller keys the logged model_config lacks, so an unknown key reaching the model was logged by
+    a newer clip-pyfunc: the model loads, and the key is named once."""
+    import logging
+
+    from clip_pyfunc.settings import RuntimeConfig
+
+    with caplog.at_level(logging.WARNING, logger="clip_pyfunc.settings"):
+        config = RuntimeConfig.from_dict({**RuntimeConfig().to_dict(), "decode_threads": 4, "batch_size": 8})
+    assert config.batch_size == 8
+    named = [r.getMessage() for r in caplog.records if "decode_threads" in r.getMessage()]
+    assert len(named) == 1 and "left out" in named[0]
