@@ -117,8 +117,13 @@ def test_a_model_config_key_of_a_newer_version_is_left_out_with_a_warning(caplog
 
     from clip_pyfunc.settings import RuntimeConfig
 
-    with caplog.at_level(logging.WARNING, logger="clip_pyfunc.settings"):
-        config = RuntimeConfig.from_dict({**RuntimeConfig().to_dict(), "decode_threads": 4, "batch_size": 8})
+    logger = logging.getLogger("clip_pyfunc.settings")
+    disabled, logger.disabled = logger.disabled, False  # a logging set-up earlier in the session may have
+    try:
+        with caplog.at_level(logging.WARNING, logger="clip_pyfunc.settings"):
+            config = RuntimeConfig.from_dict({**RuntimeConfig().to_dict(), "decode_threads": 4, "batch_size": 8})
+    finally:
+        logger.disabled = disabled
     assert config.batch_size == 8
     named = [r.getMessage() for r in caplog.records if "decode_threads" in r.getMessage()]
     assert len(named) == 1 and "left out" in named[0]

@@ -245,10 +245,12 @@ def test_a_space_is_the_weights_not_the_run(store, registered, tiny_checkpoint):
     handler = logging.Handler()
     handler.emit = records.append
     logger.addHandler(handler)
+    disabled, logger.disabled = logger.disabled, False  # a logging set-up earlier in the session may have
     try:
         newer = Space.from_dict({**first.to_dict(), "catalogue": "t.parquet"}, "here")
     finally:
         logger.removeHandler(handler)
+        logger.disabled = disabled
     assert newer == first and len(records) == 1 and "catalogue" in records[0].getMessage()
 
 
