@@ -88,13 +88,13 @@ class Space:
         Raises:
             IndexRefused: A field this version needs is missing.
         """
-        import logging
+        import warnings
 
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(record) - known)
         if unknown:
-            logging.getLogger(__name__).warning("%s: the collection's space records fields this clip-pyfunc does not "
-                                                "know, left out: %s", where, ", ".join(unknown))
+            warnings.warn(f"{where}: the collection's space records fields this clip-pyfunc does not know, left out: "
+                          f"{', '.join(unknown)}", UserWarning, stacklevel=2)
         try:
             return cls(**{k: v for k, v in record.items() if k in known})
         except TypeError as e:
