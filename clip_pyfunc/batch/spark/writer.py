@@ -12,7 +12,7 @@ import time
 import uuid
 
 from clip_pyfunc.batch.spark.session import is_local
-from clip_pyfunc.errors import EmbedJobError
+from clip_pyfunc.errors import EmbedJobError, one_line
 from clip_pyfunc.models.request import ERROR_COL
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def publish(spark, staging: str, output: str, is_table: bool) -> None:
         move(spark, staging, output, is_table)
     except Exception as e:
         where = _after_failed_swap(spark, staging, output, previous, is_table, moved_aside)
-        raise EmbedJobError(f"could not publish {output}: {step} failed ({_short(e)}). {where}") from e
+        raise EmbedJobError(f"could not publish {output}: {step} failed ({one_line(e)}). {where}") from e
     if previous:
         try:
             drop(spark, previous, is_table)
@@ -140,7 +140,7 @@ def publish(spark, staging: str, output: str, is_table: bool) -> None:
                 raise EmbedJobError(f"{previous} is still there after the delete")
         except Exception as e:  # noqa: BLE001 - the new output is in place; the old copy is only left over
             log.warning("published %s, but could not remove the previous output kept at %s (%s); delete it "
-                        "once the new output is checked", output, previous, _short(e))
+                        "once the new output is checked", output, previous, one_line(e))
 
 
 def _after_failed_swap(spark, staging: str, output: str, previous: str | None, is_table: bool,
@@ -155,7 +155,7 @@ def _after_failed_swap(spark, staging: str, output: str, previous: str | None, i
             move(spark, previous, output, is_table)
             old = f"The previous output is back at {output}."
         except Exception as e:  # noqa: BLE001 - reported in the job's error, with where the copy is
-            old = (f"The previous output is kept at {previous} (moving it back to {output} failed: {_short(e)}; "
+            old = (f"The previous output is kept at {previous} (moving it back to {output} failed: {one_line(e)}; "
                    f"a job run on {output} while it is missing moves it back).")
     try:
         staged = exists(spark, staging, is_table)
@@ -189,7 +189,7 @@ def restore_previous(spark, output: str, is_table: bool) -> str | None:
         move(spark, left[-1], output, is_table)
     except Exception as e:
         raise EmbedJobError(f"{output} is missing and an interrupted publish left the previous output at "
-                            f"{left[-1]}; moving it back failed ({_short(e)})") from e
+                            f"{left[-1]}; moving it back failed ({one_line(e)})") from e
     log.warning("%s was missing after an interrupted publish: moved the previous output back from %s",
                 output, left[-1])
     return left[-1]
@@ -248,12 +248,6 @@ def drop(spark, staging: str, is_table: bool) -> None:
     fs, path = hadoop_fs(spark, staging)
     if fs.exists(path):
         fs.delete(path, True)
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    """One line of an error (a Java one spans many), at most `limit` characters."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def hadoop_fs(spark, location: str):
