@@ -111,10 +111,7 @@ def move_aliases(client, alias: str, versions: dict[str, str]) -> None:
     Raises:
         MlflowException: A move failed; the aliases are where they were.
     """
-    before = {}
-    for name in versions:
-        previous = client.get_registered_model(name).aliases.get(alias)
-        before[name] = None if previous is None else str(previous)
+    before = {name: _alias_version(client, name, alias) for name in versions}
     moved = []
     try:
         for name, version in versions.items():
