@@ -58,6 +58,7 @@ def parse_filters(pairs: list[str] | None, fields: dict[str, str] | None = None,
 
 
 def _untyped(value: str) -> list:
+    """The string, and the number or boolean it reads as (filters of collections without field types)."""
     options: list = [value]
     if re.fullmatch(r"-?[0-9]+", value):
         options.append(int(value))
@@ -250,26 +251,29 @@ def _complete_groups(links: dict[tuple[str, str], float], vectors: dict[str, Any
     """Complete-linkage groups: pairs taken best first; two groups join when every cross pair is >= threshold."""
     import numpy as np
 
-    group_of: dict[str, list[str]] = {}
-    refused: set[tuple[int, int, int, int]] = set()  # two groups, as they were, that may not join
-    retired: list[list[str]] = []
+    label_of: dict[str, int] = {}  # item -> its group's label; labels are never reused
+    members: dict[int, list[str]] = {}
+    refused: set[tuple[int, int, int, int]] = set()  # (label, size, label, size): two groups as they were
     for (a, b), _ in sorted(links.items(), key=lambda kv: -kv[1]):
-        ga, gb = group_of.setdefault(a, [a]), group_of.setdefault(b, [b])
-        if ga is gb:
+        for i in (a, b):
+            if i not in label_of:
+                label_of[i] = len(label_of)
+                members[label_of[i]] = [i]
+        la, lb = sorted((label_of[a], label_of[b]))
+        if la == lb:
             continue
-        pair = (id(ga), len(ga), id(gb), len(gb)) if id(ga) < id(gb) else (id(gb), len(gb), id(ga), len(ga))
-        if pair in refused:  # groups only grow, so (identity, size) names one state of each
+        state = (la, len(members[la]), lb, len(members[lb]))  # groups only grow: a size names one state
+        if state in refused:
             continue
-        cross = np.stack([vectors[i] for i in ga]) @ np.stack([vectors[i] for i in gb]).T
+        cross = np.stack([vectors[i] for i in members[la]]) @ np.stack([vectors[i] for i in members[lb]]).T
         if float(cross.min()) < threshold:
-            refused.add(pair)
-        else:
-            big, small = (ga, gb) if len(ga) >= len(gb) else (gb, ga)
-            big.extend(small)
-            for i in small:
-                group_of[i] = big
-            retired.append(small)  # kept alive, so that its id() is never another group's
-    return list({id(g): g for g in group_of.values()}.values())
+            refused.add(state)
+            continue
+        big, small = (la, lb) if len(members[la]) >= len(members[lb]) else (lb, la)
+        for i in members[small]:
+            label_of[i] = big
+        members[big].extend(members.pop(small))
+    return list(members.values())
 
 
 def _components(links: dict[tuple[str, str], float]) -> list[list[str]]:
