@@ -99,9 +99,9 @@ def _read_spark_table(source: str, batch_rows: int) -> Iterator[Any]:
     import pyarrow as pa
     from pyspark.errors import AnalysisException
 
-    from clip_pyfunc.batch.spark.session import spark_session
-
     from pyspark.sql.pandas.types import to_arrow_schema
+
+    from clip_pyfunc.batch.spark.session import spark_session
 
     spark = spark_session(start_workers=False)
     rows = []
@@ -229,10 +229,10 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
         exact_below = EXACT_FLOAT32_IDS if pa.types.is_float32(batch.schema.field(id_col).type) else EXACT_FLOAT_IDS
         ids = [table_id(v, rows + n, id_col, exact_below) for n, v in enumerate(batch.column(id_col).to_pylist())]
         errors = batch.column(ERROR_COL).to_pylist() if ERROR_COL in names else [None] * len(ids)
-        vectors, has_vector = _vectors(batch.column(EMBEDDING_COL))
+        vectors = _vectors(batch.column(EMBEDDING_COL))
         good = []
-        for n, (item_id, error, vector) in enumerate(zip(ids, errors, has_vector)):
-            if isinstance(error, str) or not vector:
+        for n, (item_id, error, vector) in enumerate(zip(ids, errors, vectors)):
+            if isinstance(error, str) or vector is None or not len(vector):
                 skipped_error += 1
             elif item_id is None:
                 no_id.append(rows + n)
@@ -281,8 +281,8 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     return report
 
 
-def _vectors(column) -> tuple[list, list[bool]]:
-    """An Arrow list column of vectors -> (per-row float32 arrays or None, whether each row has one)."""
+def _vectors(column) -> list:
+    """An Arrow list column of vectors -> per-row float32 arrays (None where the row has none)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -290,13 +290,12 @@ def _vectors(column) -> tuple[list, list[bool]]:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_null(column.type):  # a batch of failed rows only, typed from its values
-        return [None] * len(column), [False] * len(column)
+        return [None] * len(column)
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    out = [values[offsets[n]:offsets[n + 1]] if valid[n] else None for n in range(len(column))]
-    return out, [v is not None and len(v) > 0 for v in out]
+    return [values[offsets[n]:offsets[n + 1]] if valid[n] else None for n in range(len(column))]
 
 
 def _stack(vectors) -> Any:
