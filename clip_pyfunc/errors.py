@@ -53,6 +53,33 @@ class ModelLoadError(ClipPyfuncError):
     """What the operator configured (checkpoint, device, precision, settings) cannot be loaded."""
 
 
+class Unavailable(ClipPyfuncError):
+    """A served request was not run, for a reason that is neither the caller's input nor a model failure.
+
+    Subclasses say why; a server answers each with its own status (serving edges, models.request).
+    """
+
+
+class Overloaded(Unavailable):
+    """More work is waiting than the server bounds its queue to (HTTP 429).
+
+    Attributes:
+        retry_after: Seconds after which the work waiting now should be done (for `Retry-After`).
+    """
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ForwardStalled(Unavailable):
+    """A forward pass has run past its limit: the engine is stuck (HTTP 503)."""
+
+
+class RequestCancelled(Unavailable):
+    """The request's client went away or was answered already (its 504), so its rows were dropped."""
+
+
 class EmbedJobError(ClipPyfuncError):
     """A batch job refused its arguments, or to publish its output (bad rows with --fail-on-error)."""
 

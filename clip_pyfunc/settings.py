@@ -62,8 +62,9 @@ class RuntimeConfig:
             A lone request never waits. None (the default) picks by engine: 40 on torch, whose forward
             serves twice as many images a second at 8 rows as at 1, and 0 on OpenVINO, whose forward
             serves about as many at any batch size (docs/SERVING.md).
-        inject_engine_failures: Make the first N forwards after load fail as an engine error would, to
-            check that health probes turn unhealthy and recover (0, the default, injects nothing).
+
+    Faults injected on purpose (failing or hanging forwards, to test health probes) are not a setting a
+    logged model carries: they come from the environment (runtime.batching.FAULTS_ENV).
     """
 
     device: str = "auto"
@@ -86,7 +87,6 @@ class RuntimeConfig:
     url_max_redirects: int = 3
     url_concurrency: int = 8
     batch_wait_ms: float | None = None
-    inject_engine_failures: int = 0
 
     def __post_init__(self):
         device = self.device
@@ -116,10 +116,6 @@ class RuntimeConfig:
         wait = self.batch_wait_ms
         if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 1000):
             raise ModelLoadError(f"batch_wait_ms must be a number of milliseconds in [0, 1000], got {wait!r}")
-        if isinstance(self.inject_engine_failures, bool) or not isinstance(self.inject_engine_failures, int) \
-                or self.inject_engine_failures < 0:
-            raise ModelLoadError(f"inject_engine_failures must be a whole number >= 0, got "
-                                 f"{self.inject_engine_failures!r}")
         if isinstance(self.url_max_redirects, bool) or not isinstance(self.url_max_redirects, int) \
                 or self.url_max_redirects < 0:
             raise ModelLoadError(f"url_max_redirects must be a whole number >= 0, got {self.url_max_redirects!r}")
@@ -138,7 +134,7 @@ class RuntimeConfig:
         """
         import logging
 
-        values = dict(values or {})
+        values = {k: v for k, v in (values or {}).items() if k not in _RETIRED_MODEL_CONFIG}
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             logging.getLogger(__name__).warning("model_config keys this clip-pyfunc does not know (logged by a newer "
@@ -150,6 +146,11 @@ class RuntimeConfig:
         values = dataclasses.asdict(self)
         values["url_allow_private"] = list(self.url_allow_private)
         return values
+
+
+# model_config keys that models logged by earlier versions carry and this one no longer reads (left out
+# without a warning): `inject_engine_failures` became the environment's CLIP_PYFUNC_FAULTS.
+_RETIRED_MODEL_CONFIG = frozenset({"inject_engine_failures"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,7 +221,17 @@ class ServeConfig:
         metrics: Serve Prometheus metrics at GET /metrics.
         request_threads: Requests `clip-pyfunc serve` runs at once in each worker (MLflow runs each predict
             in a thread of asyncio's default executor, which this sizes); the ones running at once are the
-            ones that can share a forward pass.
+            ones that can share a forward pass. A request that finds them all busy is answered 429.
+        max_queue_seconds: The bounded queue: a request is admitted while the rows ahead of it would be done
+            within this many seconds at the measured forward rate (at least two full forwards may wait);
+            past it the answer is 429 with `Retry-After`, at once. A request that finds the model idle is
+            always admitted.
+        stall_seconds: A forward running longer than max(this, 10x what its rows took before) counts as
+            stuck: /health answers 503 and the requests waiting behind it 503 at once, until it returns.
+        drain_seconds: After SIGTERM, readiness answers 503, requests already accepted get this many
+            seconds to finish, and the process exits within it (Kubernetes' default grace period is 30 s).
+        warmup: Run forwards at the shapes the model serves before the server answers, so the first request
+            is as fast as the next.
     """
 
     host: str = "127.0.0.1"
@@ -232,14 +243,29 @@ class ServeConfig:
     unhealthy_after: int = 3
     metrics: bool = True
     request_threads: int = 32
+    max_queue_seconds: float = 2.0
+    stall_seconds: float = 10.0
+    drain_seconds: float = 25.0
+    warmup: bool = True
 
     def __post_init__(self):
         for name in ("port", "workers", "timeout", "max_body_bytes", "unhealthy_after", "request_threads"):
             _require_positive_int(name, getattr(self, name))
         if self.env_manager not in ENV_MANAGERS:
             raise ModelLoadError(f"env_manager {self.env_manager!r} is not one of {ENV_MANAGERS}")
-        if not isinstance(self.metrics, bool):
-            raise ModelLoadError(f"metrics must be true or false, got {self.metrics!r}")
+        for name in ("metrics", "warmup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelLoadError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("max_queue_seconds", "stall_seconds", "drain_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ModelLoadError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+
+    def limits(self):
+        """The guards this server puts on each model's engine (runtime.batching.ServingLimits)."""
+        from clip_pyfunc.runtime.batching import ServingLimits
+
+        return ServingLimits(max_queue_s=float(self.max_queue_seconds), stall_floor_s=float(self.stall_seconds))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (handed to the server's workers)."""

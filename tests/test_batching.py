@@ -7,6 +7,7 @@ threads the way MLflow's scoring server calls them (one thread per request).
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from conftest import ENGINES, b64, encode, load_on_engine, photo
+from clip_pyfunc.runtime.batching import FAULTS_ENV
 from clip_pyfunc.runtime.observe import Observer
 
 GOOD = [b64(encode(photo(90 + 7 * i, 70 + 5 * i, seed=i), "JPEG" if i % 2 else "PNG")) for i in range(6)]
@@ -130,11 +132,12 @@ def test_a_lone_call_never_waits(registered):
     assert max(recorder.waits) < 0.5, recorder.waits  # 1 s had it waited
 
 
-def test_a_failing_shared_forward_reaches_only_its_own_caller(registered):
+def test_a_failing_shared_forward_reaches_only_its_own_caller(registered, monkeypatch):
     """Two calls share a forward that fails: it is run again per caller, and the injected failures
     (two) fail the shared forward and the first caller's own, never the second caller's."""
-    model = load_on_engine(registered["models"]["image"]["uri"], "torch", batch_wait_ms=500,
-                           inject_engine_failures=2)
+    with monkeypatch.context() as m:  # the faults come from the environment at load (FAULTS_ENV)
+        m.setenv(FAULTS_ENV, json.dumps({"fail": 2}))
+        model = load_on_engine(registered["models"]["image"]["uri"], "torch", batch_wait_ms=500)
     recorder = Recorder()
     model.unwrap_python_model().set_observer(recorder)
 

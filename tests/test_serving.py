@@ -21,6 +21,7 @@ from PIL import Image
 from conftest import b64, encode, free_port, model_server, photo, start_server, stop_server, wait_ready
 from clip_pyfunc.settings import ServeConfig, load_settings
 from clip_pyfunc.registry import register_models
+from clip_pyfunc.runtime.batching import FAULTS_ENV
 from clip_pyfunc.serving.serve import serve_command, serve_env
 
 pytestmark = [pytest.mark.serving]
@@ -259,12 +260,13 @@ EDGE_LIMIT = 200_000
 @pytest.fixture(scope="module")
 def edge_server(served_models, tmp_path_factory):
     """`clip-pyfunc serve`, 1 worker, a small body limit, unhealthy after 2 failures, the first 3 forwards
-    failing on purpose (MLflow's SERVING_MODEL_CONFIG), and a batch wait so that concurrent requests share."""
+    failing on purpose (CLIP_PYFUNC_FAULTS), and a batch wait so that concurrent requests share."""
     root = tmp_path_factory.mktemp("edge")
     conf = root / "serve.yaml"
-    conf.write_text(f"serve:\n  max_body_bytes: {EDGE_LIMIT}\n  unhealthy_after: 2\n  workers: 1\n")
+    # no warm-up: its forwards would take the injected failures
+    conf.write_text(f"serve:\n  max_body_bytes: {EDGE_LIMIT}\n  unhealthy_after: 2\n  workers: 1\n  warmup: false\n")
     port = free_port()
-    env = {"SERVING_MODEL_CONFIG": json.dumps({"inject_engine_failures": 3, "batch_wait_ms": 100})}
+    env = {"SERVING_MODEL_CONFIG": json.dumps({"batch_wait_ms": 100}), FAULTS_ENV: json.dumps({"fail": 3})}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -162,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body; past it 413 without reading it (default 100 MiB)")
     p.add_argument("--no-metrics", dest="serve.metrics", action="store_const", const=False,
                    help="no Prometheus metrics at /metrics")
+    p.add_argument("--max-queue-seconds", dest="serve.max_queue_seconds", type=float,
+                   help="bounded queue: past this much waiting work, 429 with Retry-After (default 2)")
+    p.add_argument("--stall-seconds", dest="serve.stall_seconds", type=float,
+                   help="a forward past max(this, 10x its measured time) is stuck: health and waiting requests "
+                        "503 (default 10)")
+    p.add_argument("--drain-seconds", dest="serve.drain_seconds", type=float,
+                   help="after SIGTERM, seconds accepted requests get to finish before the process exits (default 25)")
+    p.add_argument("--no-warmup", dest="serve.warmup", action="store_const", const=False,
+                   help="answer before running warm-up forwards")
     p.set_defaults(func=commands.cmd_serve)
     p = sub.add_parser("bench-serving", help="served vs in-process latency and throughput (one run)")
     p.add_argument("--model-uri", "-m", help="the registered model to measure (not with --batching)")

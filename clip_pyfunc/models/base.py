@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import mlflow.pyfunc
 
-from clip_pyfunc.errors import InvalidInput, ModelLoadError, combine_row_errors
+from clip_pyfunc.errors import InvalidInput, ModelLoadError, Unavailable, combine_row_errors
 from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
                                         served_row_limit)
 from clip_pyfunc.runtime import OpenVINOEngine, TorchEngine, apply_precision, pick_runtime, torch_available
@@ -54,8 +54,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         self.observer = Observer()  # a front end that exports metrics sets its own (set_observer)
         # Concurrent predict calls (MLflow's scoring server, the app) share forward passes.
         self.engine = SharedForwards(engine, max_rows=self.runtime.batch_size,
-                                     wait_s=batch_wait_s(self.config.batch_wait_ms, engine.name),
-                                     faults=self.config.inject_engine_failures)
+                                     wait_s=batch_wait_s(self.config.batch_wait_ms, engine.name))
         self._load_tower(path)
 
     def set_observer(self, observer: Observer) -> None:
@@ -153,12 +152,12 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         out = np.full((len(values), dim), np.nan, dtype=np.float32)
         errors: list[InvalidInput] = []
         try:
-            with self.engine.caller():
+            with self.engine.caller(len(values)):
                 for positions, embeddings, bad in self._embed_valid(values, stop_on_error=stop_on_error):
                     errors.extend(bad)
                     if embeddings is not None and len(positions):
                         out[positions] = finish(embeddings, normalize)
-        except InvalidInput:
+        except (InvalidInput, Unavailable):  # the caller's rows, or a server's guard (runtime.batching)
             raise
         except Exception as e:  # an engine error or out of memory: the model's failure, not the caller's
             self.observer.failure(e)

@@ -10,6 +10,7 @@ from clip_pyfunc.stages.fetch import url_policy
 from clip_pyfunc.stages.encode import encode_patches, encode_pixels
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.models.base import ClipEmbeddingModel
+from clip_pyfunc.runtime.batching import check_request, current_request
 from clip_pyfunc.stages.preprocess import ImageSpec, fast_draft_edge, preprocess_image, read_image_spec
 
 
@@ -84,10 +85,15 @@ class ClipImageEmbedding(ClipEmbeddingModel):
 
         size = self.runtime.batch_size
         failed = False
+        request = current_request.get()  # a served request: stop decoding once its client is gone
+
+        def prepare(value):
+            check_request(request)
+            return self._prepare(value)
+
         for start in range(0, len(values), size):
             chunk = fetch_urls(values[start : start + size], self.url_policy)
-            rows = list(pool.map(self._prepare, chunk)) if pool and len(chunk) > 1 else [
-                self._prepare(v) for v in chunk]
+            rows = list(pool.map(prepare, chunk)) if pool and len(chunk) > 1 else [prepare(v) for v in chunk]
             errors = [r.at(start + j) for j, r in enumerate(rows) if isinstance(r, InvalidInput)]
             failed = failed or bool(errors)
             positions = [start + j for j, r in enumerate(rows) if not isinstance(r, InvalidInput)]

@@ -11,7 +11,7 @@ import contextlib
 import os
 from typing import Any
 
-from clip_pyfunc.errors import InvalidInput, preview
+from clip_pyfunc.errors import ForwardStalled, InvalidInput, Overloaded, Unavailable, preview
 
 INPUT_COLUMN = "input"
 # The columns of a table job's output (Spark's embed-table, read back by search.index): the vector
@@ -22,19 +22,28 @@ _TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 @contextlib.contextmanager
 def invalid_input_as_400():
-    """Turn an InvalidInput raised inside into MLflow's INVALID_PARAMETER_VALUE (a served 400), and any other
-    failure (an engine error, out of memory) into INTERNAL_ERROR (a served 500, not the caller's fault).
+    """Turn an InvalidInput raised inside into MLflow's INVALID_PARAMETER_VALUE (a served 400), a server's
+    guards into RESOURCE_EXHAUSTED (Overloaded, 429), TEMPORARILY_UNAVAILABLE (ForwardStalled, 503) and
+    CANCELLED (RequestCancelled, 499, for a client that is gone), and any other failure (an engine error,
+    out of memory) into INTERNAL_ERROR (a served 500, not the caller's fault).
 
     MLflow's scoring server answers an exception that is not an MlflowException with 400 BAD_REQUEST
     and a stack trace, which would blame the caller for the model's failure.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+    from mlflow.protos.databricks_pb2 import CANCELLED, INTERNAL_ERROR, RESOURCE_EXHAUSTED, TEMPORARILY_UNAVAILABLE
+
+    from clip_pyfunc.runtime.batching import current_request
 
     try:
         yield
     except InvalidInput as e:
         raise MlflowException.invalid_parameter_value(str(e)) from e
+    except Unavailable as e:  # a server's guards (runtime.batching): 429, 503, or a request nobody waits for
+        if isinstance(e, Overloaded) and (state := current_request.get()) is not None:
+            state.retry_after = e.retry_after  # the edge sends it as Retry-After
+        code = {Overloaded: RESOURCE_EXHAUSTED, ForwardStalled: TEMPORARILY_UNAVAILABLE}.get(type(e), CANCELLED)
+        raise MlflowException(str(e), error_code=code) from e
     except MlflowException:
         raise
     except Exception as e:

@@ -28,16 +28,125 @@ rows: requests whose params differ share forwards without changing each other's 
 The pattern is the one Triton's dynamic batcher and Infinity's batch handler use (a queue, a
 maximum batch size and a maximum queue delay); here the waiting threads take turns to run the
 forward, so no thread of our own runs in the background.
+
+A server adds three guards (`ServingLimits`, set by `clip-pyfunc serve` and the app; in-process
+calls, Spark and plain `mlflow models serve` run without them):
+
+- **Bounded queue.** A call is admitted only while the rows inside the model (decoding, queued
+  or in a forward) would be done within `max_queue_s` at the measured forward rate; past it the
+  call raises `Overloaded` before it decodes anything, with the seconds to retry after. A call
+  that finds the model empty is always admitted.
+- **Stalled forwards.** A forward running past its limit (`stall_factor` times what its rows
+  took before, at least `stall_floor_s`) makes `stalled()` true (health answers 503), and every
+  caller waiting behind it, or arriving, raises `ForwardStalled` at once. It clears by itself
+  when the forward returns.
+- **Abandoned requests.** A front end marks each request with a `RequestState` (the context
+  variable `current_request`, which the threads that run `predict` inherit). When its client
+  disconnects or it was answered already (a 504), its queued rows are dropped before their
+  forward, and its decoding stops at the next row (`check_request`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import json
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 
+from clip_pyfunc.errors import ForwardStalled, ModelLoadError, Overloaded, RequestCancelled
 from clip_pyfunc.runtime.observe import Observer
+
+# Faults injected on purpose, to test health probes and the guards: JSON, e.g. {"fail": 3} (the first
+# 3 forwards raise EngineFailure), {"hang": 1, "hang_s": 30} (the next forward sleeps 30 s first),
+# {"delay_s": 0.2} (every forward sleeps 0.2 s first). Read from the environment at load, so that no
+# logged model carries it.
+FAULTS_ENV = "CLIP_PYFUNC_FAULTS"
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One served request's fate, shared by the front end (event loop) and the threads that run it.
+
+    `cancel(reason)` is called by the front end when the client disconnected or the request was
+    answered already; the model then drops the request's work that has not started.
+    """
+
+    reason: str | None = None
+    retry_after: int | None = None  # set by the model when it refused the request as Overloaded
+
+    def cancel(self, reason: str) -> None:
+        """Mark the request abandoned (the first reason stays)."""
+        if self.reason is None:
+            self.reason = reason
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reason is not None
+
+
+# The request a thread works for; asyncio.to_thread and anyio's worker threads copy the context, so the
+# thread that runs `predict` sees what the front end set. None: not a served request.
+current_request: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
+    "clip_pyfunc_request", default=None)
+
+
+def check_request(state: RequestState | None = None) -> None:
+    """Raise RequestCancelled when the current request (or `state`) was abandoned; cheap, call it per row."""
+    state = state if state is not None else current_request.get()
+    if state is not None and state.reason is not None:
+        raise RequestCancelled(f"request dropped: {state.reason}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingLimits:
+    """A server's guards on a shared engine (see the module docstring).
+
+    Attributes:
+        max_queue_s: Most seconds of work (at the measured forward rate) admitted behind the running
+            forward; None: no bound.
+        stall_floor_s: A forward is stalled after max(stall_floor_s, stall_factor x its rows' measured
+            seconds); None: never.
+        stall_factor: See stall_floor_s.
+    """
+
+    max_queue_s: float | None = None
+    stall_floor_s: float | None = None
+    stall_factor: float = 10.0
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults injected on purpose (FAULTS_ENV): failing, hanging and slow forwards."""
+
+    fail: int = 0
+    hang: int = 0
+    hang_s: float = 0.0
+    delay_s: float = 0.0
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Faults":
+        """The faults FAULTS_ENV asks for (none when unset).
+
+        Raises:
+            ModelLoadError: FAULTS_ENV is not a JSON object of these fields with numbers >= 0.
+        """
+        raw = (os.environ if environ is None else environ).get(FAULTS_ENV, "").strip()
+        if not raw:
+            return cls()
+        try:
+            values = json.loads(raw)
+            faults = cls(**values)
+            numbers = [faults.fail, faults.hang, faults.hang_s, faults.delay_s]
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in numbers):
+                raise ValueError("every value must be a number >= 0")
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{FAULTS_ENV} must be a JSON object with fail, hang, hang_s and delay_s "
+                                 f"(numbers >= 0), got {raw[:80]!r} ({e})") from e
+        return faults
 
 
 @dataclass(eq=False)
@@ -48,6 +157,7 @@ class _Job:
     key: tuple
     arrays: tuple
     rows: int
+    request: RequestState | None = None
     queued: float = field(default_factory=time.perf_counter)
     result: object = None
     error: BaseException | None = None
@@ -81,16 +191,17 @@ class SharedForwards:
         wait_s: Most seconds a batch that is not full waits for callers still decoding or, while the
             engine is busy, on their way (0: none).
         observer: Told each forward's rows, callers and time, and each call's queue wait.
-        faults: Forwards that raise an engine error on purpose, counted from load (the
-            model_config's `inject_engine_failures`), so that health checks can be tested.
+        faults: Faults injected on purpose (default: those FAULTS_ENV asks for).
     """
 
     def __init__(self, engine, *, max_rows: int, wait_s: float = 0.0, observer: Observer | None = None,
-                 faults: int = 0):
+                 faults: Faults | None = None):
         self.engine, self.runtime, self.name = engine, engine.runtime, engine.name
         self.max_rows, self.wait_s = max(1, int(max_rows)), max(0.0, float(wait_s))
         self.observer = observer or Observer()
-        self._faults = int(faults)
+        faults = Faults.from_env() if faults is None else faults
+        self._fail, self._hang, self._hang_s, self._delay_s = faults.fail, faults.hang, faults.hang_s, faults.delay_s
+        self.limits = ServingLimits()
         self._cond = threading.Condition()
         self._queue: list[_Job] = []
         self._running = False
@@ -98,24 +209,83 @@ class SharedForwards:
         self._free_since = time.perf_counter()  # when the last forward ended
         self._shared = 1.0  # calls per forward lately (a moving average): above 1, requests arrive together
         self._callers = 0  # callers inside the model (see `caller`)
+        self._rows_inside = 0  # their rows
+        self._running_since: float | None = None  # when the running forward started
+        self._running_rows = 0
+        self._row_s: float | None = None  # seconds per row of a forward, a moving average (None: none yet)
         self.forwards = 0  # forwards run, and the calls they answered: for tests and benchmarks
         self.calls = 0
+        self.dropped = 0  # calls dropped before their forward: their request was abandoned
+
+    def set_limits(self, limits: ServingLimits) -> None:
+        """Guard this engine as a server does (see ServingLimits); ServingLimits() removes the guards."""
+        self.limits = limits
 
     @contextlib.contextmanager
-    def caller(self):
+    def caller(self, rows: int = 0):
         """Count a request as inside the model for as long as it is (decoding, queued or in its forward).
 
         A queued batch that is not full waits up to `wait_s` while some counted caller has not
-        queued yet, or while the engine is busy (see `_form`).
+        queued yet, or while the engine is busy (see `_form`). Under ServingLimits, a caller is
+        admitted first (see `_admit`).
+
+        Raises:
+            Overloaded: The rows inside would take more than `max_queue_s` at the measured rate.
+            ForwardStalled: A forward has run past its limit.
+            RequestCancelled: The current request was abandoned already.
         """
+        check_request()
         with self._cond:
+            self._admit(rows)
             self._callers += 1
+            self._rows_inside += rows
         try:
             yield
         finally:
             with self._cond:
                 self._callers -= 1
+                self._rows_inside -= rows
                 self._cond.notify_all()
+
+    def _admit(self, rows: int) -> None:
+        """Under the lock: refuse a new caller while a forward is stalled or the queue is full."""
+        if (stalled := self._stalled_by()) is not None:
+            raise ForwardStalled(stalled)
+        bound_s, row_s = self.limits.max_queue_s, self._row_s
+        if bound_s is None or row_s is None or self._rows_inside == 0:
+            return  # no bound, nothing measured yet, or nobody ahead: a lone request always runs
+        # At least two full forwards may wait, so that a burst still fills batches.
+        bound_rows = max(2 * self.max_rows, bound_s / row_s)
+        if self._rows_inside + rows > bound_rows:
+            ahead_s = self._rows_inside * row_s
+            raise Overloaded(f"the server is at capacity: {self._rows_inside} rows are ahead of this request, "
+                             f"about {ahead_s:.1f} s of work, over serve.max_queue_seconds ({bound_s:g} s); "
+                             f"retry after {math.ceil(ahead_s)} s", retry_after=max(1, math.ceil(ahead_s)))
+
+    def stall_limit(self) -> float | None:
+        """Seconds the running forward may take before it counts as stalled (None: no limit)."""
+        floor = self.limits.stall_floor_s
+        if floor is None:
+            return None
+        expected = 0.0 if self._row_s is None else self._row_s * max(1, self._running_rows)
+        return max(floor, self.limits.stall_factor * expected)
+
+    def _stalled_by(self) -> str | None:
+        """Why the engine counts as stuck (the running forward is past its limit), or None."""
+        since, limit = self._running_since, self.stall_limit()
+        if since is None or limit is None:
+            return None
+        running = time.perf_counter() - since
+        if running <= limit:
+            return None
+        return (f"a forward of {self._running_rows} rows has run {running:.1f} s, past its limit of {limit:.1f} s "
+                f"(serve.stall_seconds, or {self.limits.stall_factor:g}x what its rows took before); the engine "
+                "may be stuck")
+
+    def stalled(self) -> str | None:
+        """Why the engine is stuck (for health), or None while forwards complete in time."""
+        with self._cond:
+            return self._stalled_by()
 
     def text_features(self, input_ids, attention_mask=None):
         """As the engine's: token ids int64 (n, L) and mask (n, L) or None -> vectors float32 (n, dim)."""
@@ -132,7 +302,9 @@ class SharedForwards:
 
     def _call(self, method: str, arrays: tuple):
         key = (method,) + tuple((a.shape[1:], a.dtype.str) for a in arrays)
-        job = _Job(method, key, arrays, len(arrays[0]))
+        request = current_request.get()
+        check_request(request)
+        job = _Job(method, key, arrays, len(arrays[0]), request)
         with self._cond:
             self._queue.append(job)
             self._cond.notify_all()  # a thread forming a batch may be waiting for this one
@@ -148,17 +320,33 @@ class SharedForwards:
         return job.result
 
     def _next_batch(self, job: _Job) -> list[_Job] | None:
-        """Wait until `job` is answered (None) or this thread may run the next batch (that batch)."""
+        """Wait until `job` is answered (None) or this thread may run the next batch (that batch).
+
+        While it waits, a stalled forward or its request abandoned answers it at once (see the
+        module docstring); it then checks every 50 ms.
+        """
+        guarded = self.limits.stall_floor_s is not None or job.request is not None
         with self._cond:
             while True:
                 if job.done:
+                    return None
+                queued = job in self._queue
+                error = (RequestCancelled(f"request dropped: {job.request.reason}")
+                         if queued and job.request is not None and job.request.cancelled else None)
+                if error is None and guarded and (stalled := self._stalled_by()) is not None:
+                    error = ForwardStalled(stalled)  # queued behind the stuck forward, or in it
+                if error is not None:
+                    if queued:
+                        self._queue.remove(job)
+                    self.dropped += isinstance(error, RequestCancelled)
+                    job.error, job.done = error, True
                     return None
                 if not self._running and not self._forming and self._queue:
                     batch = self._form()
                     if batch is not None:
                         return batch
                     continue
-                self._cond.wait()
+                self._cond.wait(0.05 if guarded else None)
 
     def _form(self) -> list[_Job] | None:
         """Under the lock: take the oldest queued call and those that fit with it; wait for more first
@@ -167,6 +355,9 @@ class SharedForwards:
         self._forming = True
         try:
             while self._queue:
+                self._drop_abandoned()
+                if not self._queue:
+                    break
                 head = self._queue[0]
                 batch, rows = [], 0
                 for queued in self._queue:
@@ -182,26 +373,43 @@ class SharedForwards:
                     for taken in batch:
                         self._queue.remove(taken)
                     self._running = True
+                    self._running_since, self._running_rows = time.perf_counter(), rows
                     return batch
                 self._cond.wait(left)
             return None
         finally:
             self._forming = False
 
+    def _drop_abandoned(self) -> None:
+        """Under the lock: answer the queued calls of abandoned requests (RequestCancelled), unrun."""
+        for job in [job for job in self._queue if job.request is not None and job.request.cancelled]:
+            self._queue.remove(job)
+            self.dropped += 1
+            job.error, job.done = RequestCancelled(f"request dropped: {job.request.reason}"), True
+        self._cond.notify_all()
+
     def _run(self, batch: list[_Job]) -> None:
         """Run one forward for the batch (outside the lock) and hand each caller its rows; whatever
         happens, every caller in it is answered and the engine is free again."""
         started = time.perf_counter()
+        rows = sum(job.rows for job in batch)
         outputs: list = [RuntimeError("the shared forward did not run")] * len(batch)
+        seconds = None
         try:
             for job in batch:
                 self.observer.queue_wait(started - job.queued)
             outputs = self._outputs(batch)
-            self.observer.forward(sum(job.rows for job in batch), len(batch), time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.observer.forward(rows, len(batch), seconds)
         except BaseException as e:  # KeyboardInterrupt, or an observer's own error: reaches every caller
             outputs = [e] * len(batch)
         finally:
             with self._cond:
+                limit = self.stall_limit()
+                if seconds is not None and (limit is None or seconds <= limit):  # a stalled one is no measure
+                    row_s = seconds / max(1, rows)
+                    self._row_s = row_s if self._row_s is None else self._row_s + (row_s - self._row_s) / 4
+                self._running_since, self._running_rows = None, 0
                 self.forwards += 1
                 self.calls += len(batch)
                 self._shared += (len(batch) - self._shared) / 2
@@ -238,12 +446,20 @@ class SharedForwards:
             return outputs
 
     def _forward(self, method: str, arrays: tuple):
-        if self._faults > 0:
-            with self._cond:
-                self._faults -= 1
-            raise EngineFailure("injected engine failure (inject_engine_failures in the model_config)")
+        if self._fail or self._hang or self._delay_s:
+            self._injected_fault()
         return getattr(self.engine, method)(*arrays)
+
+    def _injected_fault(self) -> None:
+        """Fail, hang or slow this forward as FAULTS_ENV asks (the failures first, then the hangs)."""
+        with self._cond:
+            fail, hang = self._fail > 0, self._fail == 0 and self._hang > 0
+            self._fail -= fail
+            self._hang -= hang
+        if fail:
+            raise EngineFailure(f"injected engine failure ({FAULTS_ENV})")
+        time.sleep((self._hang_s if hang else 0.0) + self._delay_s)
 
 
 class EngineFailure(RuntimeError):
-    """A forward failed on purpose (`inject_engine_failures`), as an engine error would."""
+    """A forward failed on purpose (FAULTS_ENV), as an engine error would."""

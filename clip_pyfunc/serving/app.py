@@ -9,18 +9,23 @@ error saying how to make it. Each response carries `request_id`, the client's `X
 """
 
 
+import contextlib
 import contextvars
 import io
+import json
 import logging
 import os
 import re
 import secrets
+import signal
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from clip_pyfunc.artifacts.checkpoint import weights_caveat
-from clip_pyfunc.errors import InvalidInput
+from clip_pyfunc.errors import ForwardStalled, InvalidInput, Overloaded, Unavailable
+from clip_pyfunc.serving.payload import RequestRefused, parse_content_type
 from clip_pyfunc.settings import AppConfig, IndexConfig, ServeConfig
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
@@ -28,6 +33,7 @@ _REQUEST_ID = contextvars.ContextVar("request_id", default="-")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_HEADERS = ("x-request-id", "request_id")  # clip_syte's clients send `request_id`
 _OPEN_PATHS = ("/", "/health")  # the page itself asks for the key; health checks need none
+_KEY_QUERY_NAMES = ("key", "api_key", "apikey", "api-key", "token", "access_token")  # refused in a URL
 MAX_K = 1000  # results per query
 log = logging.getLogger("clip_pyfunc.serving.app")
 
@@ -173,7 +179,8 @@ class _Refused(Exception):
 
 class _RequestContext:
     """Each request's id (the client's `X-Request-ID` / `request_id`, else a new UUID), the API key check
-    (`X-API-Key`, `Authorization: Bearer`, or `?key=`) and the access log line, as a pure ASGI middleware.
+    (`X-API-Key` or `Authorization: Bearer`; a key in the URL is refused, since proxies and access logs keep
+    URLs) and the access log line, as a pure ASGI middleware.
 
     Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs the app in a task of its own
     and streams the response through it, which cost 1.0 ms a request on the 2-core machine
@@ -200,11 +207,15 @@ class _RequestContext:
             if self.api_key and path not in _OPEN_PATHS:
                 bearer = headers.get("authorization", "")  # what OpenAI's clients send
                 bearer = bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""
-                key = (headers.get("x-api-key") or bearer or QueryParams(scope.get("query_string", b"")).get("key")
-                       or "")
-                if not secrets.compare_digest(key.encode(), self.api_key.encode()):
-                    log.warning("%s %s refused: missing or wrong API key", method, path)
-                    body = {"error": {"message": "missing or wrong API key; send it as X-API-Key"}, "request_id": rid}
+                key = headers.get("x-api-key") or bearer or ""
+                in_url = any(name.lower() in _KEY_QUERY_NAMES
+                             for name in QueryParams(scope.get("query_string", b"")).keys())
+                if in_url or not secrets.compare_digest(key.encode(), self.api_key.encode()):
+                    why = ("an API key in the URL is refused (proxies and access logs keep URLs); send it in the "
+                           "X-API-Key header" if in_url else "missing or wrong API key; send it as X-API-Key")
+                    log.warning("%s %s refused: %s", method, path, "key in the URL" if in_url else
+                                "missing or wrong API key")
+                    body = {"error": {"message": why}, "request_id": rid}
                     if path.startswith("/v1/"):  # the OpenAI API answers in OpenAI's error shape
                         body = {"error": {"message": "missing or wrong API key; send it as Authorization: Bearer "
                                                      "<key>", "type": "invalid_request_error", "param": None,
@@ -234,22 +245,43 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
     from mlflow.exceptions import MlflowException
     from starlette.concurrency import run_in_threadpool  # model calls block: keep them off the event loop
 
-    from clip_pyfunc.serving.edge import Edge
+    from clip_pyfunc.serving.edge import Edge, Lifecycle
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
+    from clip_pyfunc.serving.serve import warm_up
 
     serve = serve or ServeConfig()
-    app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None)
+    lifecycle = Lifecycle()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        """From SIGTERM on, /health answers 503; uvicorn then lets accepted requests finish
+        (serve.drain_seconds) and exits. Its own handler is installed by now: this wraps it."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread() and callable(previous):  # under uvicorn
+
+            def handle(sig, frame):
+                lifecycle.draining = True
+                previous(sig, frame)
+
+            signal.signal(signal.SIGTERM, handle)
+        yield
+
+    app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     metrics = Metrics() if serve.metrics else None
     health = Health(serve.unhealthy_after, metrics)
     for kind in ("text", "image", "classifier"):
         if getattr(loaded, kind) is not None:
-            watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind)
+            if serve.warmup:
+                warm_up(getattr(loaded, kind))  # before metrics watch it: its forwards are not requests
+            watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind, serve.limits())
     # Inside the request context: /metrics needs the API key when there is one, and a 413 carries the request id.
     app.add_middleware(Edge, max_body_bytes=serve.max_body_bytes, metrics=metrics, health=health,
                        health_paths=("/health",), paths=_METRIC_PATHS,
-                       error_body={"": _app_error, "/v1/": _openai_error})
+                       error_body={"": _app_error, "/v1/": _openai_error}, model_paths=_MODEL_PATHS,
+                       max_requests=serve.request_threads, lifecycle=lifecycle)
     app.add_middleware(_RequestContext, api_key=config.api_key)
+    app.state.lifecycle = lifecycle
 
     @app.exception_handler(_Refused)
     async def refused(request: Request, e: _Refused):
@@ -257,6 +289,17 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
                 "request_id": request.state.request_id}
         log.info("refused %s: %s", e.field or "-", e.message)
         return JSONResponse(body, status_code=e.status)
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, e: Unavailable):
+        """The engine's guards (runtime.batching): 429 with Retry-After, 503 for a stuck forward, 499 for a
+        request whose client is gone."""
+        status = 429 if isinstance(e, Overloaded) else 503 if isinstance(e, ForwardStalled) else 499
+        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, Overloaded) else {}
+        body = (json.loads(_openai_error(status, str(e))) if request.url.path.startswith("/v1/") else
+                {"error": {"message": str(e)}, "request_id": request.state.request_id})
+        log.info("unavailable (%s): %s", status, e)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -304,12 +347,13 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         if loaded.classifier is None:
             raise _Refused(503, loaded.no_classifier or "no classifier loaded; start the app with --classifier URI")
         fields = await _form(request, config)
+        _known_fields(fields, ("image", "top_k"))
         image = _one_image(fields)
         top_k = _int_field(fields, "top_k", 3)
         try:
             result = await run_in_threadpool(loaded.classifier.predict, [image], params={"top_k": top_k})
         except MlflowException as e:
-            raise _Refused(400, _reason(e), "image") from e
+            raise _refusal(e, "image") from e
         top = [{"label": label, "score": float(score)} for label, score in zip(result["labels"][0], result["scores"][0])]
         return {"top_categories": top, "request_id": request.state.request_id}
 
@@ -319,6 +363,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         if loaded.searcher is None:
             raise _Refused(404, loaded.no_index or "no index")
         fields = await _form(request, config)
+        _known_fields(fields, ("text", "image", "like", "k", "filter"))
         query = {name: fields[name] for name in ("text", "image", "like") if name in fields}
         if len(query) != 1:
             raise _Refused(400, f"send exactly one of the fields text, image or like; got {sorted(query) or 'none'}")
@@ -332,7 +377,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         try:
             hits = await run_in_threadpool(loaded.searcher.search, **query, k=k, filters=filters)
         except (InvalidInput, MlflowException) as e:
-            raise _Refused(400, _reason(e), next(iter(query))) from e
+            raise _refusal(e, next(iter(query))) from e
         for hit in hits:
             hit["thumbnail"] = _thumbnail_url(hit)
         return {"results": hits, "request_id": request.state.request_id}
@@ -353,6 +398,20 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
 
 _METRIC_PATHS = ("/", "/health", "/embeddings", "/classify", "/search", "/v1/embeddings", "/v1/models")
+_MODEL_PATHS = ("/embeddings", "/classify", "/search", "/v1/embeddings")  # requests that run a model
+
+
+def _refusal(e: Exception, field: str) -> "_Refused":
+    """A model's refusal as the app's: MLflow's 429, 503 and 499 (the engine's guards) keep their status,
+    the rest (the caller's input) is a 400."""
+    status = e.get_http_status_code() if hasattr(e, "get_http_status_code") else 400
+    return _Refused(status if status in (429, 499, 503) else 400, _reason(e), field)
+
+
+def _known_fields(fields: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse a field the endpoint does not read (a misspelt `topk` would otherwise be ignored)."""
+    if unknown := sorted(set(fields) - set(allowed)):
+        raise _Refused(400, f"unknown fields {unknown}; this endpoint reads: {', '.join(allowed)}", unknown[0])
 
 
 def _app_error(status: int, message: str) -> bytes:
@@ -413,7 +472,11 @@ async def _form(request, config: AppConfig) -> dict[str, Any]:
         raise _Refused(413, f"request is {length} bytes, over {config.max_fields} fields x "
                             f"{config.max_upload_bytes} bytes (max_fields, max_upload_bytes)")
     await _body(request, limit)
-    if request.headers.get("content-type", "").startswith("application/json"):
+    try:
+        media = parse_content_type(request.headers.get("content-type") or "application/x-www-form-urlencoded")[0]
+    except RequestRefused as e:
+        raise _Refused(e.status, e.message) from e
+    if media == "application/json":
         try:
             body = await request.json()
         except ValueError as e:
@@ -518,4 +581,10 @@ def run(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None) -> 
     if not loopback:
         log.warning("binding %s: the app is reachable from the network%s", config.host,
                     "" if config.api_key else " and has no API key (--api-key)")
-    uvicorn.run(create_app(loaded, config, serve), host=config.host, port=config.port, log_level="warning")
+    serve = serve or ServeConfig()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # what an earlier run left there is not this run's
+        from clip_pyfunc.serving.metrics import clear_multiprocess_dir
+
+        clear_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    uvicorn.run(create_app(loaded, config, serve), host=config.host, port=config.port, log_level="warning",
+                timeout_graceful_shutdown=serve.drain_seconds)

@@ -2,10 +2,20 @@
 
 - **Body limit.** A request whose `Content-Length` is over `max_body_bytes` is answered 413 at
   once, without reading its body; a chunked one is counted as it arrives and answered 413 as
-  soon as it passes the limit. The application behind never sees the rest, and the server
-  closes the connection, so a 400 MB body costs the server what it read up to the limit.
-- **Health.** While `Health` says the model is failing, the health paths answer 503 with the
-  reason; otherwise they pass through unchanged.
+  soon as it passes the limit. A compressed body (`Content-Encoding: gzip` or `deflate`) is
+  inflated as it arrives and counted as it inflates, so a gzip bomb is a 413 too. The
+  application behind never sees the rest, and the server closes the connection.
+- **Scoring requests** (`Scoring`, `clip-pyfunc serve`'s `/invocations`): what MLflow's parser
+  would get wrong is answered here, in MLflow's JSON error shape: no Content-Type is JSON, media
+  types and their parameters are read case-insensitively and unquoted (serving.payload), params
+  the model does not declare are a 400 (MLflow drops them), and so is a number, boolean or
+  object where a text model takes a string (MLflow turns it into one).
+- **Health.** While `Health` says the model is failing, or the server is draining after SIGTERM
+  (`Lifecycle`), the health paths answer 503 with the reason; otherwise they pass through.
+- **Requests nobody waits for.** Each request to a model path runs with a
+  runtime.batching.RequestState: when its client disconnects, or it was answered 504, the model
+  drops its work that has not started. Past `max_requests` model requests at once the answer is
+  429 at once, and every 429 carries `Retry-After`.
 - **Metrics.** `GET /metrics` answers Prometheus' text format (serving.metrics); every request
   is counted by path and status, and timed.
 
@@ -16,43 +26,82 @@ task of its own and cost about 1 ms a request here (docs/SEARCH.md).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from dataclasses import dataclass
 from typing import Callable
 
+from clip_pyfunc.runtime.batching import RequestState, current_request
 from clip_pyfunc.serving.metrics import Health, Metrics
+from clip_pyfunc.serving.payload import (RequestRefused, Inflater, canonical_content_type, check_text_cells,
+                                         content_codings, scoring_cells, unknown_params)
 
-
-# MLflow's error codes for the edge's answers (mlflow.protos.databricks_pb2).
-_MLFLOW_CODES = {413: "REQUEST_LIMIT_EXCEEDED", 503: "TEMPORARILY_UNAVAILABLE"}
+# MLflow's error codes for the edge's answers (mlflow.protos.databricks_pb2; MLflow has none for 415).
+_MLFLOW_CODES = {400: "INVALID_PARAMETER_VALUE", 413: "REQUEST_LIMIT_EXCEEDED", 415: "BAD_REQUEST",
+                 429: "RESOURCE_EXHAUSTED", 503: "TEMPORARILY_UNAVAILABLE"}
 
 
 def mlflow_error(status: int, message: str) -> bytes:
-    """MLflow's JSON error body for a 413 or a 503, with the error code MLflow has for each."""
-    return json.dumps({"error_code": _MLFLOW_CODES[status], "message": message}).encode()
+    """MLflow's JSON error body for an answer of the edge, with the error code MLflow has for its status."""
+    return json.dumps({"error_code": _MLFLOW_CODES.get(status, "BAD_REQUEST"), "message": message}).encode()
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What the edge checks in an MLflow scoring request before MLflow parses it.
+
+    Attributes:
+        paths: The scoring paths (`/invocations`).
+        params: The param names the model's signature declares; others are refused.
+        text: The model embeds text: its input cells must be JSON strings (or null).
+    """
+
+    paths: tuple[str, ...]
+    params: frozenset[str]
+    text: bool = False
+
+
+class Lifecycle:
+    """Whether the server is draining (SIGTERM received): readiness then answers 503."""
+
+    def __init__(self):
+        self.draining = False
 
 
 class Edge:
-    """Body limit, health gate and metrics around an ASGI app (see the module docstring).
+    """Body limit, scoring checks, health gate, abandoned requests and metrics around an ASGI app (see the
+    module docstring).
 
     Args:
         app: The ASGI application behind (MLflow's scoring app, or the app's FastAPI).
-        max_body_bytes: Most bytes of a request body (serve.max_body_bytes).
+        max_body_bytes: Most bytes of a request body, inflated (serve.max_body_bytes).
         metrics: The process's Metrics, or None to serve without /metrics and request metrics.
         health: The models' Health, or None (health paths always pass through).
-        health_paths: Paths that answer 503 while unhealthy.
+        health_paths: Paths that answer 503 while unhealthy or draining.
         paths: Paths counted under their own name; any other is counted as "other" (bounded labels).
-        error_body: (status, message) -> body bytes for a 413 or a 503, in the protocol of the app behind;
-            per path prefix, longest first, so /v1/ answers in OpenAI's shape (default: MLflow's).
+        error_body: (status, message) -> body bytes for the edge's own answers, in the protocol of the app
+            behind; per path prefix, longest first, so /v1/ answers in OpenAI's shape (default: MLflow's).
+        scoring: The scoring requests' checks (`clip-pyfunc serve`), or None.
+        model_paths: Paths whose requests run a model: they get a RequestState and count against
+            `max_requests`.
+        max_requests: Most model requests at once (serve.request_threads); None: no bound.
+        lifecycle: Says when the server drains; None: never.
     """
 
     def __init__(self, app, *, max_body_bytes: int, metrics: Metrics | None, health: Health | None,
                  health_paths: tuple[str, ...] = ("/ping", "/health"), paths: tuple[str, ...] = (),
-                 error_body: dict[str, Callable[[int, str], bytes]] | None = None):
+                 error_body: dict[str, Callable[[int, str], bytes]] | None = None, scoring: Scoring | None = None,
+                 model_paths: tuple[str, ...] = (), max_requests: int | None = None,
+                 lifecycle: Lifecycle | None = None):
         self.app, self.max_body_bytes = app, max_body_bytes
         self.metrics, self.health, self.health_paths = metrics, health, health_paths
         self.paths = frozenset(paths) | frozenset(health_paths) | {"/metrics"}
         self.error_body = sorted((error_body or {"": mlflow_error}).items(), key=lambda kv: -len(kv[0]))
+        self.scoring = scoring
+        self.model_paths = frozenset(model_paths) | frozenset(scoring.paths if scoring else ())
+        self.max_requests, self.lifecycle = max_requests, lifecycle
+        self.running = 0  # model requests in the app now
 
     def _body_for(self, path: str, status: int, message: str) -> bytes:
         return next(make(status, message) for prefix, make in self.error_body if path.startswith(prefix))
@@ -81,24 +130,132 @@ class Edge:
     async def _handle(self, scope, receive, send, path):
         method = scope["method"]
         if path == "/metrics" and method == "GET" and self.metrics is not None:
+            if self.health is not None:
+                self.health.refresh()
             body, content_type = self.metrics.render()
             await _respond(send, 200, body, content_type)
             return
-        if path in self.health_paths and self.health is not None and not self.health.ok:
-            await _respond(send, 503, self._body_for(path, 503, self.health.reason()), "application/json")
-            return
-        length = _content_length(scope)
+        if path in self.health_paths:
+            why = ("the server is shutting down (SIGTERM); send requests to another replica"
+                   if self.lifecycle is not None and self.lifecycle.draining else
+                   None if self.health is None or self.health.ok else self.health.reason())
+            if why:
+                await _respond(send, 503, self._body_for(path, 503, why), "application/json")
+                return
+        headers = dict(scope.get("headers", ()))
+        length = _content_length(headers.get(b"content-length"))
         if length is not None and length > self.max_body_bytes:
             await _respond(send, 413, self._body_for(path, 413, self._too_large(length)), "application/json", close=True)
             return
-        if length is not None:  # declared and within the limit: h11/httptools stop at Content-Length
-            await self.app(scope, receive, send)
+        if path not in self.model_paths or method != "POST":
+            await self._pass(scope, receive, send, path, headers, length)
             return
-        await self._chunked(scope, receive, send, path)
+        if self.max_requests is not None and self.running >= self.max_requests:
+            await _respond(send, 429, self._body_for(path, 429, f"the server is running {self.running} requests, its "
+                                                     "limit (serve.request_threads); retry after 1 s"),
+                           "application/json", extra=[(b"retry-after", b"1")])
+            return
+        self.running += 1
+        state = RequestState()
+        token = current_request.set(state)  # the app's tasks and threads copy the context from here
+        try:
+            await self._model_request(scope, receive, send, path, headers, length, state)
+        finally:
+            current_request.reset(token)
+            self.running -= 1
 
-    async def _chunked(self, scope, receive, send, path):
+    async def _pass(self, scope, receive, send, path, headers, length):
+        """A request that runs no model: inflated when coded, else limited as it streams."""
+        if b"content-encoding" in headers:
+            try:
+                body = await self._read_body(receive, headers, length)
+            except RequestRefused as e:
+                await self._refuse(send, path, e)
+                return
+            replay = _Replay(receive, body, None)
+            try:
+                await self.app(_with_body(scope, body, None), replay, send)
+            finally:
+                replay.close()
+        elif length is not None:  # declared and within the limit: h11/httptools stop at Content-Length
+            await self.app(scope, receive, send)
+        else:
+            await self._chunked(scope, receive, send, path)
+
+    async def _model_request(self, scope, receive, send, path, headers, length, state: RequestState):
+        """Read the body (inflated, checked for scoring), then run the app; the client's disconnect or a 504
+        marks `state` abandoned."""
+        scoring = self.scoring if self.scoring is not None and path in self.scoring.paths else None
+        if scoring is None and b"content-encoding" not in headers:
+            replay = _Replay(receive, None, state)
+        else:
+            try:
+                body = await self._read_body(receive, headers, length)
+                content_type = None
+                if scoring is not None:
+                    raw = headers.get(b"content-type")
+                    content_type = canonical_content_type(None if raw is None else raw.decode("latin-1"))
+                    if content_type.startswith("application/json"):
+                        _check_scoring_json(body, scoring)
+            except RequestRefused as e:
+                await self._refuse(send, path, e)
+                return
+            scope = _with_body(scope, body, content_type)
+            replay = _Replay(receive, body, state)
+        refused = [False]
+
+        async def watched_send(message):
+            if message["type"] == "http.response.start":
+                if message["status"] == 504:  # the server's own timeout answered: nobody waits for the rows
+                    state.cancel("answered 504 (the server's request timeout)")
+                if message["status"] == 429 and not any(k.lower() == b"retry-after" for k, _ in message["headers"]):
+                    message = {**message, "headers": [*message["headers"],
+                                                      (b"retry-after", str(state.retry_after or 1).encode())]}
+            if not refused[0]:
+                await send(message)
+
+        try:
+            if replay.body is None and length is None:  # streamed without a length: limited as it comes
+                await self._chunked(scope, replay, watched_send, path, refused)
+            else:
+                await self.app(scope, replay, watched_send)
+        finally:
+            replay.close()
+
+    async def _read_body(self, receive, headers, length) -> bytes:
+        """The whole body, inflated when coded, within the limit.
+
+        Raises:
+            RequestRefused: 413 past the limit (counted inflated), 415 for a coding not inflated, 400 for a
+                body that is not in its coding.
+        """
+        inflater = None
+        if b"content-encoding" in headers:
+            codings = content_codings(headers[b"content-encoding"].decode("latin-1"))
+            inflater = Inflater(codings, self.max_body_bytes) if codings else None
+        chunks, received = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestRefused(400, "the client disconnected before sending the whole body")
+            data = message.get("body", b"")
+            received += len(data)
+            if received > self.max_body_bytes:  # the coded bytes count too
+                raise RequestRefused(413, self._too_large(length))
+            chunks.append(inflater.feed(data) if inflater else data)
+            if not message.get("more_body", False):
+                break
+        if inflater:
+            chunks.append(inflater.finish())
+        return b"".join(chunks)
+
+    async def _refuse(self, send, path, e: RequestRefused):
+        await _respond(send, e.status, self._body_for(path, e.status, e.message), "application/json",
+                       close=e.status == 413)
+
+    async def _chunked(self, scope, receive, send, path, refused=None):
         """A body without Content-Length (chunked): count it, and answer 413 once it passes the limit."""
-        received, refused = 0, [False]
+        received, refused = 0, refused if refused is not None else [False]
 
         async def limited_receive():
             nonlocal received
@@ -130,16 +287,85 @@ class Edge:
                 "send fewer or smaller rows per request")
 
 
-def _content_length(scope) -> int | None:
+class _Replay:
+    """The receive channel the app behind gets: the body read already (or the client's, as it streams),
+    then a wait for the client's disconnect, which one watcher task reads and tells `state` of."""
+
+    def __init__(self, receive, body: bytes | None, state: RequestState | None):
+        self.receive, self.body, self.state = receive, body, state
+        self._sent = False
+        self._gone = asyncio.Event()
+        self._watcher: asyncio.Task | None = None
+        if body is not None:
+            self._watch()
+
+    async def __call__(self):
+        if self.body is not None:
+            if not self._sent:
+                self._sent = True
+                return {"type": "http.request", "body": self.body, "more_body": False}
+        elif self._watcher is None:  # streaming: pass the body through, then watch
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self._disconnected()
+            elif not message.get("more_body", False):
+                self._watch()
+            return message
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    def _watch(self):
+        if self.state is not None or self.body is not None:
+            self._watcher = asyncio.ensure_future(self._wait_for_disconnect())
+
+    async def _wait_for_disconnect(self):
+        while (await self.receive())["type"] != "http.disconnect":
+            pass  # nothing else comes after the body; keep reading until the disconnect
+        self._disconnected()
+
+    def _disconnected(self):
+        self._gone.set()
+        if self.state is not None:
+            self.state.cancel("the client disconnected")
+
+    def close(self):
+        """The app has answered: stop watching."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+def _check_scoring_json(body: bytes, scoring: Scoring) -> None:
+    """The params and, for a text model, the cells' JSON types of a scoring body (serving.payload)."""
+    if not (scoring.text or b'"params"' in body):
+        return  # an image request without params: nothing to check, and no second parse of its base64
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return  # MLflow answers invalid JSON itself
+    unknown_params(payload, scoring.params)
+    if scoring.text and (cells := scoring_cells(payload)) is not None:
+        check_text_cells(cells)
+
+
+def _with_body(scope, body: bytes, content_type: str | None):
+    """The scope with the headers of the body handed on: its length, no coding, the canonical media type."""
+    headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-encoding")
+               and not (content_type is not None and k == b"content-type")]
+    headers.append((b"content-length", str(len(body)).encode()))
+    if content_type is not None:
+        headers.append((b"content-type", content_type.encode()))
+    return {**scope, "headers": headers}
+
+
+def _content_length(value: bytes | None) -> int | None:
     """The declared body length; a malformed one counts as over any limit (the server refuses it anyway)."""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 1 << 62
-    return None
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else 1 << 62
 
 
-async def _respond(send, status: int, body: bytes, content_type: str, close: bool = False) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+async def _respond(send, status: int, body: bytes, content_type: str, close: bool = False, extra=()) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status,
                 "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})

@@ -7,14 +7,22 @@ prometheus_client, labelled with the model (`image`, `text`, ...), its engine an
 memory): after `unhealthy_after` in a row, `/health` and `/ping` answer 503 until a
 prediction succeeds again. The HTTP edge (serving.edge) counts requests and their latency.
 
+A forward that runs past its limit (runtime.batching.ServingLimits) makes the server unhealthy
+too, for as long as it runs.
+
 Metric names follow Prometheus' conventions (a `clip_pyfunc_` prefix, `_seconds` and
 `_total` suffixes). With several uvicorn workers, prometheus_client's multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR, set by `clip-pyfunc serve`) sums them in every worker's answer.
+prometheus_client keeps a dead worker's files (client_python#495): every scrape first marks the
+workers that are gone dead (their `healthy` gauge, a live-mode gauge, is then left out; their
+counters keep counting, as a counter must), and `clear_multiprocess_dir` empties the folder before
+a server run, so that a run never reports another's requests.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 from clip_pyfunc.runtime.observe import Observer
@@ -58,8 +66,9 @@ class Metrics:
                                     _MODEL_LABELS, buckets=_TIME_BUCKETS, registry=r)
         self.failures = Counter("clip_pyfunc_model_failures", "Predictions that failed for reasons that are not "
                                 "the caller's (engine errors, out of memory)", _MODEL_LABELS, registry=r)
+        # livemin: with several workers, the least healthy live worker's (a dead worker's is left out)
         self.healthy = Gauge("clip_pyfunc_healthy", "1 while /health answers 200, 0 while it answers 503",
-                             registry=r, multiprocess_mode="min")
+                             registry=r, multiprocess_mode="livemin")
 
     def render(self) -> tuple[bytes, str]:
         """(the text exposition of every metric, its content type); every worker's when multiprocess."""
@@ -68,14 +77,55 @@ class Metrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
+            forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+_DB_FILE = re.compile(r"^(?P<kind>[a-z_]+?)_(?P<pid>\d+)\.db$")
+
+
+def forget_dead_workers(folder: str) -> list[int]:
+    """Mark the workers whose processes are gone dead in a multiprocess folder; returns their pids.
+
+    prometheus_client's `mark_process_dead` removes a dead process's live-mode gauge files (the
+    `healthy` gauge); its counters and histograms stay, so totals never go down.
+    """
+    from prometheus_client import multiprocess
+
+    gone = set()
+    for name in os.listdir(folder):
+        match = _DB_FILE.match(name)
+        if match and match["kind"].startswith("gauge_live") and not _alive(int(match["pid"])):
+            gone.add(int(match["pid"]))
+    for pid in gone:
+        multiprocess.mark_process_dead(pid, folder)
+    return sorted(gone)
+
+
+def clear_multiprocess_dir(folder: str) -> None:
+    """Remove every metrics file of an earlier run from a multiprocess folder (prometheus_client's own
+    rule: the folder is wiped between runs). Only its `*.db` files: an operator's folder may hold others."""
+    for name in os.listdir(folder):
+        if _DB_FILE.match(name):
+            os.remove(os.path.join(folder, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process with that pid: alive
+        return True
+    return True
+
+
 class Health(Observer):
-    """Healthy until `unhealthy_after` predictions in a row fail for reasons that are not the caller's.
+    """Healthy until `unhealthy_after` predictions in a row fail for reasons that are not the caller's, or
+    while a watched engine's forward runs past its limit (runtime.batching.SharedForwards.stalled).
 
     Args:
         unhealthy_after: Failures in a row that make the server unhealthy (serve.unhealthy_after).
@@ -87,6 +137,8 @@ class Health(Observer):
         self._lock = threading.Lock()
         self.failures_in_a_row = 0
         self.last_error: str | None = None
+        self.engines: list = []  # SharedForwards whose stalls count (see `watch`)
+        self._healthy = True
         if metrics is not None:
             metrics.healthy.set(1)
 
@@ -94,22 +146,35 @@ class Health(Observer):
         with self._lock:
             self.failures_in_a_row += 1
             self.last_error = f"{type(error).__name__}: {error}"[:300]
-            if self.metrics is not None and self.failures_in_a_row >= self.unhealthy_after:
-                self.metrics.healthy.set(0)
+        self.refresh()
 
     def success(self) -> None:
         if self.failures_in_a_row:  # read without the lock: the common case costs nothing
             with self._lock:
                 self.failures_in_a_row = 0
-                if self.metrics is not None:
-                    self.metrics.healthy.set(1)
+            self.refresh()
+
+    def _stalled(self) -> str | None:
+        return next((why for engine in self.engines if (why := engine.stalled())), None)
 
     @property
     def ok(self) -> bool:
-        return self.failures_in_a_row < self.unhealthy_after
+        """Whether /health answers 200 now (the `healthy` gauge follows)."""
+        healthy = self.failures_in_a_row < self.unhealthy_after and self._stalled() is None
+        if healthy != self._healthy:
+            self._healthy = healthy
+            if self.metrics is not None:
+                self.metrics.healthy.set(int(healthy))
+        return healthy
+
+    def refresh(self) -> None:
+        """Bring the `healthy` gauge up to date (a stall starts and ends with time, not with a call)."""
+        _ = self.ok
 
     def reason(self) -> str:
         """Why the server is unhealthy (for the 503's body)."""
+        if stalled := self._stalled():
+            return stalled
         return (f"the last {self.failures_in_a_row} predictions failed for reasons that are not the caller's "
                 f"(serve.unhealthy_after is {self.unhealthy_after}); last error: {self.last_error}")
 
@@ -157,14 +222,16 @@ class ModelMetrics(Observer):
         self.health.success()
 
 
-def watch(python_model, metrics: Metrics | None, health: Health, name: str) -> list[str]:
-    """Set a ModelMetrics on a loaded clip-pyfunc model (and on each tower of the combined model).
+def watch(python_model, metrics: Metrics | None, health: Health, name: str, limits=None) -> list[str]:
+    """Set a ModelMetrics on a loaded clip-pyfunc model (and on each tower of the combined model), make its
+    engine's stalls count in `health`, and guard the engine with the server's `limits`.
 
     Args:
         python_model: What `PyFuncModel.unwrap_python_model()` returns.
         metrics: Where to record; None: only `health` observes the model (metrics off).
         name: The `model` label ("image", "text", "classifier"; the combined model's towers add
             "/image" and "/text").
+        limits: runtime.batching.ServingLimits for the model's engine; None leaves it unguarded.
 
     Returns:
         The labels set; empty for a model that is not clip-pyfunc's (it is served without model metrics).
@@ -173,6 +240,12 @@ def watch(python_model, metrics: Metrics | None, health: Health, name: str) -> l
         runtime = python_model.runtime
         python_model.set_observer(health if metrics is None else
                                   ModelMetrics(metrics, health, name, runtime.engine, runtime.precision))
+        engine = python_model.engine
+        if engine not in health.engines:
+            health.engines.append(engine)
+        if limits is not None:
+            engine.set_limits(limits)
         return [name]
     towers = [(f"{name}/{kind}", getattr(python_model, kind, None)) for kind in ("image", "text")]
-    return [label for label, tower in towers if tower is not None for label in watch(tower, metrics, health, label)]
+    return [label for label, tower in towers if tower is not None
+            for label in watch(tower, metrics, health, label, limits)]

@@ -29,6 +29,7 @@ from typing import Any
 # A child of the app's logger: its lines carry the request id and go where the app's go.
 log = logging.getLogger("clip_pyfunc.serving.app.openai")
 _ENCODINGS = ("float", "base64")
+_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")  # what OpenAI's embeddings API takes
 _IMAGE_PREFIX = "data:image/"
 _URL_PREFIXES = ("https://", "http://")
 _DATA_URL_HEADER = 256  # characters allowed for `data:image/<type>;base64,` on top of the base64 itself
@@ -125,6 +126,9 @@ def add_routes(app, loaded, config) -> None:
         """OpenAI's embeddings: `model`, `input` (a string or a list of strings: texts, data-URL images),
         `encoding_format` ("float" or "base64"), `dimensions` (the model's own or absent), `user` (ignored)."""
         body = await _json_body(request, body_limit)
+        if unknown := sorted(set(body) - set(_FIELDS)):  # OpenAI's own API refuses them too
+            raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}; this endpoint "
+                                   f"reads {', '.join(_FIELDS)}", unknown[0], "unknown_parameter")
         model = _model(body, names)
         encoding_format = _encoding_format(body)
         _check_dimensions(body, dim)

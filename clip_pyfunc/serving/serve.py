@@ -4,10 +4,16 @@ With `env_manager: local` (the default: the package is installed where this runs
 is MLflow's own scoring app (`mlflow.pyfunc.scoring_server.init`, what `mlflow models serve`
 runs), under uvicorn, wrapped by serving.edge.Edge:
 
-- `/invocations`, `/version` and every payload form pass through byte for byte;
+- `/invocations`, `/version` and every payload form pass through byte for byte, once the edge has
+  answered what MLflow would get wrong (serving.edge: headers, gzip, unknown params, non-string text);
 - a body over `serve.max_body_bytes` is answered 413 without being read;
 - `/ping` and `/health` answer 503 after `serve.unhealthy_after` predictions in a row failed for
-  reasons that are not the caller's, and 200 again once one succeeds;
+  reasons that are not the caller's, and 200 again once one succeeds; also while a forward runs
+  past its limit (`serve.stall_seconds`), and from SIGTERM on;
+- the queue is bounded (`serve.max_queue_seconds`): past it, 429 with `Retry-After` at once;
+- rows of a request whose client went away, or that was answered 504, are not embedded;
+- SIGTERM drains: accepted requests finish within `serve.drain_seconds`, then the process exits;
+- each worker runs warm-up forwards before it answers (`serve.warmup`);
 - `GET /metrics` answers Prometheus' text format (serving.metrics).
 
 With another environment manager (uv, virtualenv, conda), the model's own environment holds
@@ -20,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 
 from clip_pyfunc.settings import ServeConfig
@@ -63,11 +71,74 @@ def scoring_app(model, config: ServeConfig):
     from clip_pyfunc.serving.edge import Edge
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
 
+    from clip_pyfunc.serving.edge import Scoring
+
+    python_model = model.unwrap_python_model()
+    if config.warmup:
+        warm_up(model)  # before metrics watch the model: its forwards are not requests
     metrics = Metrics() if config.metrics else None
     health = Health(config.unhealthy_after, metrics)
-    watch(model.unwrap_python_model(), metrics, health, _model_label(model))
+    watch(python_model, metrics, health, _model_label(model), config.limits())
+    schema = model.metadata.get_params_schema()
+    scoring = Scoring(paths=("/invocations",), params=frozenset(p.name for p in schema.params) if schema else
+                      frozenset(), text=getattr(python_model, "tower", "") == "text")
     return Edge(scoring_server.init(model), max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
-                paths=_SCORING_PATHS)
+                paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=LIFECYCLE)
+
+
+# This process's lifecycle: draining from SIGTERM on (see `_drain_on_sigterm`).
+LIFECYCLE = None
+
+
+def _drain_on_sigterm():
+    """Readiness answers 503 from SIGTERM on. uvicorn's own handler (installed before the factory runs) then
+    stops accepting, lets accepted requests finish within timeout_graceful_shutdown (serve.drain_seconds)
+    and exits: this wraps it, in each worker."""
+    from clip_pyfunc.serving.edge import Lifecycle
+
+    global LIFECYCLE
+    LIFECYCLE = Lifecycle()
+    lifecycle, previous = LIFECYCLE, signal.getsignal(signal.SIGTERM)
+
+    def handle(sig, frame):
+        lifecycle.draining = True
+        log.warning("SIGTERM: draining; readiness answers 503")
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle)
+
+
+def warm_up(model) -> None:
+    """Run the model on the inputs it serves (one 640x480 JPEG and a short text, one row and a few) through
+    MLflow's scoring path, so that the first request finds its code paths, allocations and the engine's
+    kernels for those shapes ready. A failure is logged, not raised: health reports a failing model."""
+    import base64
+    import time
+
+    from mlflow.pyfunc import scoring_server
+
+    from clip_pyfunc.dev.samples import photo_jpeg
+
+    python_model = model.unwrap_python_model()
+    tower = getattr(python_model, "tower", "")  # the combined model has none: it holds both towers
+    kinds = [tower] if tower else [k for k in ("image", "text") if getattr(python_model, k, None) is not None]
+    image = base64.b64encode(photo_jpeg(640, 480, seed=0)).decode()
+    rows = {"image": [image], "text": ["a photo of a cat"]}
+    started = time.perf_counter()
+    try:
+        for kind in kinds:
+            for n in (1, 2, 1):  # one row and a batch; one again, as the first request will be
+                cells = rows[kind] * n
+                body = json.dumps({"inputs": cells} if len(kinds) == 1 else
+                                  {"dataframe_records": [{k: rows[k][0] for k in kinds}] * n})
+                result = scoring_server.invocations(body, "application/json", model,
+                                                    model.metadata.get_input_schema())
+                if result.status != 200:
+                    raise RuntimeError(f"{result.status}: {str(result.response)[:200]}")
+        log.info("warm-up forwards done in %.2f s", time.perf_counter() - started)
+    except Exception as e:  # noqa: BLE001 - the server still starts; failing requests make health say so
+        log.warning("warm-up failed (%s: %s); serving anyway", type(e).__name__, e)
 
 
 def _model_label(model) -> str:
@@ -89,6 +160,7 @@ def create_app():
     # factory inside its running loop.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=config.request_threads, thread_name_prefix="clip-predict"))
+    _drain_on_sigterm()
     # MLflow's own loader: it honours SERVING_MODEL_CONFIG, as `mlflow models serve` does.
     model = scoring_server.load_model_with_mlflow_config(os.environ[_MODEL_PATH_ENV])
     return scoring_app(model, config)
@@ -113,7 +185,16 @@ def serve(model_uri: str, config: ServeConfig) -> None:
     os.environ[_MODEL_PATH_ENV] = path
     os.environ[_CONFIG_ENV] = json.dumps(config.to_dict())
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(config.timeout)
-    if config.workers > 1 and config.metrics and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clip-pyfunc-metrics-")
-    uvicorn.run("clip_pyfunc.serving.serve:create_app", factory=True, host=config.host, port=config.port,
-                workers=config.workers, log_level="info", timeout_graceful_shutdown=config.timeout)
+    made = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the operator's: what an earlier run left is not this run's
+        from clip_pyfunc.serving.metrics import clear_multiprocess_dir
+
+        clear_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    elif config.workers > 1 and config.metrics:
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clip-pyfunc-metrics-")
+    try:
+        uvicorn.run("clip_pyfunc.serving.serve:create_app", factory=True, host=config.host, port=config.port,
+                    workers=config.workers, log_level="info", timeout_graceful_shutdown=config.drain_seconds)
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
