@@ -308,11 +308,14 @@ BAD_FORMS = {
 
 def test_protocol_is_mlflows_byte_for_byte(image_server, plain_image_server):
     """Every payload form, good and bad, and /version: the same status, content type and body bytes as
-    plain `mlflow models serve` of the same model (vectors: the same JSON with numbers equal to 2e-6)."""
+    plain `mlflow models serve` of the same model, except an unknown param (refused by our edge) (vectors: the same JSON with numbers equal to 2e-6)."""
     forms = {**PAYLOADS, **BAD_FORMS, "params": {"dataframe_records": [{"input": IMAGES[0]}],
                                                  "params": {"normalize": False}}}
     for name, body in sorted(forms.items()):
         ours, theirs = _invoke(image_server["url"], body), _invoke(plain_image_server, body)
+        if name == "unknown param":  # where the edge differs on purpose: MLflow drops it, ours is a 400 naming it
+            assert theirs.status_code == 200 and ours.status_code == 400 and "nope" in ours.json()["message"]
+            continue
         assert (ours.status_code, ours.headers["content-type"]) == (theirs.status_code,
                                                                     theirs.headers["content-type"]), name
         if ours.status_code == 200:  # the floats may differ in the last bits (threads per worker differ)

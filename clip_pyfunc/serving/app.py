@@ -217,8 +217,9 @@ class _RequestContext:
                                 "missing or wrong API key")
                     body = {"error": {"message": why}, "request_id": rid}
                     if path.startswith("/v1/"):  # the OpenAI API answers in OpenAI's error shape
-                        body = {"error": {"message": "missing or wrong API key; send it as Authorization: Bearer "
-                                                     "<key>", "type": "invalid_request_error", "param": None,
+                        message = (why.replace("X-API-Key header", "Authorization: Bearer <key> header") if in_url
+                                   else "missing or wrong API key; send it as Authorization: Bearer <key>")
+                        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                                           "code": "invalid_api_key"}}
                     refused = JSONResponse(body, status_code=401, headers={"X-Request-ID": rid})
                     await refused(scope, receive, send)
