@@ -311,14 +311,13 @@ def test_rows_of_clients_that_disconnected_are_not_embedded(slow_server):
 
 
 def test_rows_of_a_request_answered_504_are_not_embedded(slow_server):
-    """20 rows = 10 forwards of 0.3 s: the 3 s timeout answers 504 first; the forwards stop there."""
+    """40 rows = 20 forwards of 0.3 s: the 3 s timeout answers 504 first; the forwards stop there."""
     before = _quiet(slow_server)
     started = time.perf_counter()
-    r = slow_server.post({"inputs": IMAGES[:1] * 20}, {"Content-Type": "application/json"})
+    r = slow_server.post({"inputs": IMAGES[:1] * 40}, {"Content-Type": "application/json"})
     assert r.status_code == 504 and time.perf_counter() - started < 5, (r.status_code, r.text[:200])
     forwards = _quiet(slow_server) - before
     assert forwards <= 3 / DELAY + 1, forwards  # the ones before the 504 (about 10 in 3 s), not one more
-    assert forwards < 10
     assert slow_server.post({"inputs": [IMAGES[0]]}).status_code == 200
 
 

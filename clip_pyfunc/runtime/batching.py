@@ -209,7 +209,7 @@ class SharedForwards:
         self._free_since = time.perf_counter()  # when the last forward ended
         self._shared = 1.0  # calls per forward lately (a moving average): above 1, requests arrive together
         self._callers = 0  # callers inside the model (see `caller`)
-        self._rows_inside = 0  # their rows
+        self._inside: list[tuple[int, RequestState | None]] = []  # their rows and requests
         self._running_since: float | None = None  # when the running forward started
         self._running_rows = 0
         self._row_s: float | None = None  # seconds per row of a forward, a moving average (None: none yet)
@@ -234,31 +234,40 @@ class SharedForwards:
             ForwardStalled: A forward has run past its limit.
             RequestCancelled: The current request was abandoned already.
         """
-        check_request()
+        request = current_request.get()
+        check_request(request)
+        entry = (rows, request)
         with self._cond:
             self._admit(rows)
             self._callers += 1
-            self._rows_inside += rows
+            self._inside.append(entry)
         try:
             yield
         finally:
             with self._cond:
                 self._callers -= 1
-                self._rows_inside -= rows
+                self._inside.remove(entry)
                 self._cond.notify_all()
+
+    def _rows_ahead(self) -> int:
+        """Under the lock: rows inside the model whose requests are still wanted."""
+        return sum(rows for rows, request in self._inside if request is None or not request.cancelled)
 
     def _admit(self, rows: int) -> None:
         """Under the lock: refuse a new caller while a forward is stalled or the queue is full."""
         if (stalled := self._stalled_by()) is not None:
             raise ForwardStalled(stalled)
         bound_s, row_s = self.limits.max_queue_s, self._row_s
-        if bound_s is None or row_s is None or self._rows_inside == 0:
-            return  # no bound, nothing measured yet, or nobody ahead: a lone request always runs
+        if bound_s is None or row_s is None:
+            return  # no bound, or nothing measured yet
+        ahead = self._rows_ahead()
+        if ahead == 0:
+            return  # nobody ahead (abandoned requests do not count): a lone request always runs
         # At least two full forwards may wait, so that a burst still fills batches.
         bound_rows = max(2 * self.max_rows, bound_s / row_s)
-        if self._rows_inside + rows > bound_rows:
-            ahead_s = self._rows_inside * row_s
-            raise Overloaded(f"the server is at capacity: {self._rows_inside} rows are ahead of this request, "
+        if ahead + rows > bound_rows:
+            ahead_s = ahead * row_s
+            raise Overloaded(f"the server is at capacity: {ahead} rows are ahead of this request, "
                              f"about {ahead_s:.1f} s of work, over serve.max_queue_seconds ({bound_s:g} s); "
                              f"retry after {math.ceil(ahead_s)} s", retry_after=max(1, math.ceil(ahead_s)))
 

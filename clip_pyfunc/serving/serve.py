@@ -109,6 +109,24 @@ def _drain_on_sigterm():
     signal.signal(signal.SIGTERM, handle)
 
 
+def _supervise(config) -> None:
+    """uvicorn's multiprocess supervisor (what uvicorn.run starts for workers > 1), passing SIGTERM on to the
+    workers at once: its own loop looks at signals every 0.5 s, and readiness must answer 503 from the
+    signal on."""
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    queued = signal.getsignal(signal.SIGTERM)  # the supervisor's own: it queues the signal for its loop
+
+    def handle(sig, frame):
+        for process in supervisor.processes:
+            process.terminate()  # each worker drains (its readiness answers 503 from now on)
+        queued(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle)
+    supervisor.run()
+
+
 def warm_up(model) -> None:
     """Run the model on the inputs it serves (one 640x480 JPEG and a short text, one row and a few) through
     MLflow's scoring path, so that the first request finds its code paths, allocations and the engine's
@@ -136,7 +154,7 @@ def warm_up(model) -> None:
                                                     model.metadata.get_input_schema())
                 if result.status != 200:
                     raise RuntimeError(f"{result.status}: {str(result.response)[:200]}")
-        log.info("warm-up forwards done in %.2f s", time.perf_counter() - started)
+        logging.getLogger("uvicorn.error").info("warm-up forwards done in %.2f s", time.perf_counter() - started)
     except Exception as e:  # noqa: BLE001 - the server still starts; failing requests make health say so
         log.warning("warm-up failed (%s: %s); serving anyway", type(e).__name__, e)
 
@@ -193,8 +211,13 @@ def serve(model_uri: str, config: ServeConfig) -> None:
     elif config.workers > 1 and config.metrics:
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clip-pyfunc-metrics-")
     try:
-        uvicorn.run("clip_pyfunc.serving.serve:create_app", factory=True, host=config.host, port=config.port,
-                    workers=config.workers, log_level="info", timeout_graceful_shutdown=config.drain_seconds)
+        if config.workers > 1:
+            _supervise(uvicorn.Config("clip_pyfunc.serving.serve:create_app", factory=True, host=config.host,
+                                      port=config.port, workers=config.workers, log_level="info",
+                                      timeout_graceful_shutdown=config.drain_seconds))
+        else:
+            uvicorn.run("clip_pyfunc.serving.serve:create_app", factory=True, host=config.host, port=config.port,
+                        log_level="info", timeout_graceful_shutdown=config.drain_seconds)
     finally:
         if made:
             shutil.rmtree(made, ignore_errors=True)
