@@ -219,3 +219,25 @@ def test_api_key_as_bearer_and_the_old_ways_but_never_in_the_url(app):
     assert r.status_code == 401 and r.json()["request_id"] == r.headers["X-Request-ID"], r.text
     assert "API key" in r.json()["error"]["message"]
     assert KEY not in open(app["log"]).read()  # no log line prints the key
+
+
+def test_a_misspelt_field_is_refused_by_name_not_dropped(client, app):
+    """OpenAI's own API refuses an argument it does not take; so does ours, instead of ignoring it."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=TEXT, input="a cat", extra_body={"normalise": False})
+    assert e.value.body["param"] == "normalise" and "normalise" in e.value.body["message"], e.value.body
+    r = requests.post(f"{app['url']}/embeddings", data={"t": "a cat"},
+                      headers={"X-API-Key": KEY, "Content-Encoding": "gzip"}, timeout=30)
+    assert r.status_code == 400 and "gzip" in r.json()["error"]["message"], r.text  # not gzip: named
+
+
+def test_the_app_reads_gzip_bodies_and_media_types_in_any_case(client, app):
+    import gzip
+
+    body = gzip.compress(json.dumps({"model": TEXT, "input": ["a cat"]}).encode())
+    r = requests.post(f"{app['url']}/v1/embeddings", data=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "Application/JSON",
+                               "Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    want = client.embeddings.create(model=TEXT, input=["a cat"]).data[0].embedding
+    assert np.allclose(r.json()["data"][0]["embedding"], want, atol=1e-6)

@@ -241,6 +241,17 @@ def test_app_embeddings_equal_direct_predict(app, folder, space):
     np.testing.assert_allclose(body["embeddings"]["caption"], text, atol=1e-6)
 
 
+def test_app_refuses_a_field_it_does_not_read(app, folder):
+    """A misspelt `topk` or `kk` is named with the fields the endpoint reads, not silently ignored."""
+    image = (folder / "red-circle-0.png").read_bytes()
+    r = _post(app, "/classify", files={"image": ("a.png", image, "image/png")}, data={"topk": "1"})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "topk", r.text
+    assert "top_k" in r.json()["error"]["message"]
+    r = _post(app, "/search", data={"text": "a red circle", "kk": "3"})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "kk" and "k, filter" in r.text, r.text
+    assert _post(app, "/search", data={"text": "a red circle", "k": "3"}).status_code == 200
+
+
 def test_app_classify_and_search(app, folder, space):
     """/classify answers what the registered classifier answers, and names most toy images right."""
     classifier = mlflow.pyfunc.load_model(space["classifier"])

@@ -104,14 +104,16 @@ class _Server:
         log_path: Where the server's stdout and stderr go.
     """
 
-    def __init__(self, model_uri: str, root: str, log_path: str):
+    def __init__(self, model_uri: str, root: str, log_path: str, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.port, self.log_path = free_port(), log_path
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "clip_pyfunc.cli", "serve", "--model-uri", model_uri, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "clip_pyfunc.cli", "serve", "--model-uri", model_uri, "--port", str(self.port),
+               *args]
         self.started = time.perf_counter()
         with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=root, env=_tree_env(root), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(cmd, cwd=root, env={**_tree_env(root), **(env or {})}, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, seconds: float = 300.0) -> float:
         """Poll GET /ping every 50 ms; seconds from process start to its first 200."""
@@ -162,6 +164,17 @@ class _Server:
         text = requests.get(f"{self.url}/metrics", timeout=30).text
         return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                    if s.name == "clip_pyfunc_rows_total" and s.labels.get("outcome") == "embedded")
+
+    def forward_seconds(self) -> tuple[float, float]:
+        """(sum of seconds, count) of the server's forwards so far, from its /metrics."""
+        import requests
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(f"{self.url}/metrics", timeout=30).text
+        got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name.startswith("clip_pyfunc_stage_seconds_") and s.labels.get("stage") == "forward"
+               and s.name.endswith(("_sum", "_count"))}
+        return got.get("clip_pyfunc_stage_seconds_sum", 0.0), got.get("clip_pyfunc_stage_seconds_count", 0.0)
 
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) used so far by the server's process tree."""
@@ -394,7 +407,12 @@ def unloaded_batch_rate(uri: str, image: str, rows: int = 32, repeat: int = 3) -
 def overload(uri: str, trees: dict[str, str], tmp: str, clients: int, seconds: float, image: str,
              unloaded_img_per_s: float | None, log: Callable[[str], None] = _stderr) -> dict:
     """Per tree, a fresh server and `clients` clients posting two 2-megapixel JPEGs a request back to
-    back for `seconds` (client timeout 120 s), honouring Retry-After on 429/503 (capped at 2 s)."""
+    back for `seconds` (client timeout 120 s), honouring Retry-After on 429/503 (capped at 2 s).
+
+    The same server's rate with 8 such clients, just before (`served_unloaded_img_per_s`, 15 s), is
+    the unloaded rate through the same path; `over_served_unloaded` compares the overloaded rate with
+    it. The clients run on the same cores as the server: every refused request's 2.6 MB body is
+    sent and read, on the server's cores too."""
     body = _records([image, image])
     out: dict = {}
 
@@ -404,6 +422,8 @@ def overload(uri: str, trees: dict[str, str], tmp: str, clients: int, seconds: f
 
             with requests.Session() as session:  # one request first: the model's lazy set-up is not overload
                 _timed_post(session, f"{server.url}/invocations", body)
+            unloaded = _summarise(_hammer(f"{server.url}/invocations", body, 8, 15.0, 120,
+                                          honour_retry_after=True), 2)
             peak, stop = [server.rss_mib()], threading.Event()
 
             def watch_rss():
@@ -423,6 +443,9 @@ def overload(uri: str, trees: dict[str, str], tmp: str, clients: int, seconds: f
         got["retry_after_on_429"] = _header_share(run["answers"], 429)
         got["retry_after_on_503"] = _header_share(run["answers"], 503)
         got["over_unloaded_batch_rate"] = _ratio(got["img_per_s"], unloaded_img_per_s)
+        got["served_unloaded_img_per_s"] = unloaded["img_per_s"]
+        got["served_unloaded_p99_ms"] = unloaded["p99_ms"]
+        got["over_served_unloaded"] = _ratio(got["img_per_s"], unloaded["img_per_s"])
         got["rss_peak_mib"] = round(peak[0])
         got["server_alive_after"] = alive
         return got
@@ -458,13 +481,20 @@ def _give_up_after(port: int, request: bytes, seconds: float, sent: list, index:
         time.sleep(max(0.0, deadline - time.perf_counter()))
 
 
-def gone_clients(uri: str, trees: dict[str, str], tmp: str, log: Callable[[str], None] = _stderr) -> dict:
+def gone_clients(uri: str, trees: dict[str, str], tmp: str, log: Callable[[str], None] = _stderr,
+                 noise_share: float = 0.1) -> dict:
     """Per tree, a fresh server: 8 clients each send 24 2000x2000 PNGs and close the connection after 1 s;
     at 1.2 s a lone 640x480 JPEG request is timed; then the server is watched until idle (no embedded row
-    and under 0.25 cores of CPU for 2 s, at most 60 s) to count the abandoned rows it embedded anyway."""
+    and under 0.25 cores of CPU for 2 s, at most 60 s) to count the abandoned rows it embedded anyway.
+
+    `noise_share` of each PNG's rows carry noise: 0 gives small bodies (smooth gradients), 0.1 bodies of
+    30 MiB whose JSON MLflow parses for 0.2 s each, holding the GIL, before any model code runs. A full
+    forward's time (32 rows, measured in the same server before the burst) is reported beside the lone
+    request's, since the goal is a wait of at most one forward."""
     import requests
 
-    pngs = [_noisy_png(seed) for seed in range(_GONE_ROWS)]
+    pngs = [_noisy_png(seed, noise_share=noise_share) for seed in range(_GONE_ROWS)]
+    full = _records([b64(photo_jpeg(640, 480, seed=1))] * 32)
     payload = _records([b64(png) for png in pngs]).encode()
     request = (b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)) + payload
@@ -476,6 +506,11 @@ def gone_clients(uri: str, trees: dict[str, str], tmp: str, log: Callable[[str],
             url = f"{server.url}/invocations"
             _timed_post(session, url, lone)  # the model's lazy set-up
             idle_lone = sorted(_timed_post(session, url, lone)[1] for _ in range(3))[1]
+            _timed_post(session, url, full)
+            forward_s, forwards = server.forward_seconds()
+            _timed_post(session, url, full)
+            full_forward_s = server.forward_seconds()[0] - forward_s  # one forward of 32 rows
+            assert server.forward_seconds()[1] == forwards + 1
             before = server.embedded_rows()
             sent = [0.0] * _GONE_CLIENTS
             start = time.perf_counter()
@@ -506,13 +541,117 @@ def gone_clients(uri: str, trees: dict[str, str], tmp: str, log: Callable[[str],
                 "sent_share_by_client": [round(s, 3) for s in sent],
                 "idle_lone_ms": round(1000 * idle_lone, 1), "lone_sent_at_s": round(lone_at, 2),
                 "lone_status": lone_status, "lone_ms": round(1000 * lone_s, 1),
-                "lone_over_idle": _ratio(lone_s, idle_lone, 2),
+                "lone_over_idle": _ratio(lone_s, idle_lone, 2), "full_forward_ms": round(1000 * full_forward_s, 1),
+                "lone_over_full_forward": _ratio(lone_s, full_forward_s, 2),
                 "abandoned_rows": _GONE_CLIENTS * _GONE_ROWS, "abandoned_rows_embedded": int(embedded),
                 "busy_s": round(busy_until - start, 2), "idle_wait_timed_out": waited_out}
 
     for label, root in trees.items():
         out[label] = _attempt(f"gone {label}", lambda: one(label, root), log)
         log(f"[gone {label}] {out[label]}")
+    return out
+
+
+# ---------------------------------------------------------------- 5. SIGTERM, 6. a hanging forward
+
+
+def drain(uri: str, trees: dict[str, str], tmp: str, log: Callable[[str], None] = _stderr,
+          clients: int = 8, before_s: float = 3.0) -> dict:
+    """Per tree and for 1 and 2 workers: `clients` clients send one 640x480 JPEG a request back to back;
+    after `before_s` SIGTERM goes to the server's main process only (as a container runtime sends it).
+    Counts the requests sent before the signal and how many of them failed, the seconds to exit, and
+    what readiness (GET /ping every 0.1 s) answered after the signal."""
+    import requests
+
+    body = _records([b64(photo_jpeg(640, 480, seed=1))])
+    out: dict = {}
+
+    def one(label: str, root: str, workers: int) -> dict:
+        server = _Server(uri, root, os.path.join(tmp, f"drain-{label}-{workers}.log"),
+                         args=("--workers", str(workers)))
+        with server:
+            stop, answers = threading.Event(), []
+
+            def client():
+                with requests.Session() as session:
+                    while not stop.is_set():
+                        sent = time.perf_counter()
+                        try:
+                            status = session.post(f"{server.url}/invocations", data=body, headers=_HEADERS,
+                                                  timeout=120).status_code
+                        except requests.RequestException as e:
+                            status = type(e).__name__
+                            time.sleep(0.05)
+                        answers.append((sent, status))
+
+            threads = [threading.Thread(target=client) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            time.sleep(before_s)
+            signalled = time.perf_counter()
+            os.kill(server.proc.pid, signal.SIGTERM)
+            ready: dict[str, int] = {}
+            while server.proc.poll() is None and time.perf_counter() - signalled < 120:
+                try:
+                    key = str(requests.get(f"{server.url}/ping", timeout=1).status_code)
+                except requests.RequestException:
+                    key = "refused"
+                ready[key] = ready.get(key, 0) + 1
+                time.sleep(0.1)
+            exited = time.perf_counter() - signalled
+            stop.set()
+            for t in threads:
+                t.join()
+        before = [status for sent, status in answers if sent < signalled]
+        return {"workers": workers, "sent_before_signal": len(before),
+                "failed_before_signal": sum(status != 200 for status in before),
+                "exit_s": round(exited, 2), "readiness_after_signal": ready}
+
+    for label, root in trees.items():
+        for workers in (1, 2):
+            out[f"{label}_{workers}_workers"] = _attempt(f"drain {label} {workers}", lambda: one(label, root, workers),
+                                                         log)
+            log(f"[drain {label} {workers}] {out[f'{label}_{workers}_workers']}")
+    return out
+
+
+def hang(uri: str, root: str, tmp: str, log: Callable[[str], None] = _stderr, hang_s: float = 20.0) -> dict:
+    """The current tree only (CLIP_PYFUNC_FAULTS is new): the first forward hangs `hang_s`; a second request
+    queues behind it, a third arrives later. Seconds (from the hanging request's start) until /health
+    answers 503, until each other request is answered and with what, and until health is 200 again.
+    Serve defaults (stall_seconds 10), without warm-up, which would take the fault."""
+    import requests
+
+    body = _records([b64(photo_jpeg(640, 480, seed=1))])
+    env = {"CLIP_PYFUNC_FAULTS": json.dumps({"hang": 1, "hang_s": hang_s})}
+    out: dict = {"hang_s": hang_s}
+    with _Server(uri, root, os.path.join(tmp, "hang.log"), args=("--no-warmup",), env=env) as server:
+        start = time.perf_counter()
+        answers: dict = {}
+
+        def post(name: str, delay: float):
+            time.sleep(delay)
+            r = requests.post(f"{server.url}/invocations", data=body, headers=_HEADERS, timeout=120)
+            answers[name] = {"status": r.status_code, "answered_at_s": round(time.perf_counter() - start, 2),
+                             "sent_at_s": round(delay, 2)}
+
+        threads = [threading.Thread(target=post, args=args) for args in
+                   (("hanging", 0.0), ("queued_behind", 0.5), ("arriving_later", 12.0))]
+        for t in threads:
+            t.start()
+        unhealthy_at = healthy_again_at = None
+        while time.perf_counter() - start < hang_s + 10:
+            status = requests.get(f"{server.url}/health", timeout=5).status_code
+            now = round(time.perf_counter() - start, 2)
+            if status == 503 and unhealthy_at is None:
+                unhealthy_at = now
+            if status == 200 and unhealthy_at is not None and healthy_again_at is None:
+                healthy_again_at = now
+                break
+            time.sleep(0.1)
+        for t in threads:
+            t.join()
+    out.update({"health_503_at_s": unhealthy_at, "health_200_again_at_s": healthy_again_at, **answers})
     return out
 
 
@@ -596,10 +735,17 @@ def _measure(trees: dict[str, str], tmp: str, quick: bool, seconds: float, log: 
                        **overload(uri, trees, tmp, overload_clients, overload_s, image_2mp,
                                   unloaded.get("img_per_s"), log=log)}
     log("4. gone clients")
-    out["gone_clients"] = {"clients": _GONE_CLIENTS, "rows_per_request": _GONE_ROWS,
-                           "request": "2000x2000 PNGs (gradients, noise over a tenth), base64",
-                           "gives_up_after_s": _GONE_AFTER_S, "lone_request": "one 640x480 JPEG",
-                           **gone_clients(uri, trees, tmp, log=log)}
+    out["gone_clients"] = {
+        f"noise_{share:g}": {"clients": _GONE_CLIENTS, "rows_per_request": _GONE_ROWS,
+                             "request": f"2000x2000 PNGs (gradients, noise over {share:g} of the rows), base64",
+                             "gives_up_after_s": _GONE_AFTER_S, "lone_request": "one 640x480 JPEG",
+                             **gone_clients(uri, trees, tmp, log=log, noise_share=share)}
+        for share in (0.0, 0.1)}
+    log("5. SIGTERM during traffic")
+    out["drain"] = drain(uri, trees, tmp, log=log)
+    log("6. a hanging forward")
+    out["hang"] = _attempt("hang", lambda: hang(uri, trees["current"], tmp, log=log), log)
+    log(f"[hang] {out['hang']}")
     out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     out["ratios"] = _ratios(out) if "baseline" in trees else {}
     out["server_logs"] = tmp
@@ -609,7 +755,10 @@ def _measure(trees: dict[str, str], tmp: str, quick: bool, seconds: float, log: 
 def _ratios(out: dict) -> dict:
     """Current over baseline, for the figures the issue asks to compare."""
     def pair(section: str, key: str):
-        base, cur = out[section].get("baseline", {}), out[section].get("current", {})
+        part = out
+        for name in section.split("/"):
+            part = part[name]
+        base, cur = part.get("baseline", {}), part.get("current", {})
         return _ratio(cur.get(key), base.get(key))
 
     return {
@@ -619,7 +768,8 @@ def _ratios(out: dict) -> dict:
         "cold_first_request_current_over_baseline": pair("cold_start", "median_first_request_s"),
         "overload_img_per_s_current_over_baseline": pair("overload", "img_per_s"),
         "overload_p99_current_over_baseline": pair("overload", "p99_ms"),
-        "gone_lone_ms_current_over_baseline": pair("gone_clients", "lone_ms"),
+        "gone_lone_ms_current_over_baseline_small_bodies": pair("gone_clients/noise_0", "lone_ms"),
+        "gone_lone_ms_current_over_baseline_30_mib_bodies": pair("gone_clients/noise_0.1", "lone_ms"),
     }
 
 

@@ -255,21 +255,36 @@ class SharedForwards:
 
     def _admit(self, rows: int) -> None:
         """Under the lock: refuse a new caller while a forward is stalled or the queue is full."""
+        if (refused := self._refusal(rows)) is not None:
+            raise refused
+
+    def refusal(self, rows: int = 1):
+        """What a request of `rows` rows would be refused with now (Overloaded, ForwardStalled), or None.
+
+        A front end asks before it parses a request's body, so that refusing costs next to nothing
+        (`rows` 1: whatever the request holds, it is refused when one row would be).
+        """
+        with self._cond:
+            return self._refusal(rows)
+
+    def _refusal(self, rows: int):
+        """Under the lock: see `refusal`."""
         if (stalled := self._stalled_by()) is not None:
-            raise ForwardStalled(stalled)
+            return ForwardStalled(stalled)
         bound_s, row_s = self.limits.max_queue_s, self._row_s
         if bound_s is None or row_s is None:
-            return  # no bound, or nothing measured yet
+            return None  # no bound, or nothing measured yet
         ahead = self._rows_ahead()
         if ahead == 0:
-            return  # nobody ahead (abandoned requests do not count): a lone request always runs
+            return None  # nobody ahead (abandoned requests do not count): a lone request always runs
         # At least two full forwards may wait, so that a burst still fills batches.
         bound_rows = max(2 * self.max_rows, bound_s / row_s)
-        if ahead + rows > bound_rows:
-            ahead_s = ahead * row_s
-            raise Overloaded(f"the server is at capacity: {ahead} rows are ahead of this request, "
-                             f"about {ahead_s:.1f} s of work, over serve.max_queue_seconds ({bound_s:g} s); "
-                             f"retry after {math.ceil(ahead_s)} s", retry_after=max(1, math.ceil(ahead_s)))
+        if ahead + rows <= bound_rows:
+            return None
+        ahead_s = ahead * row_s
+        return Overloaded(f"the server is at capacity: {ahead} rows are ahead of this request, about "
+                          f"{ahead_s:.1f} s of work, over serve.max_queue_seconds ({bound_s:g} s); retry after "
+                          f"{math.ceil(ahead_s)} s", retry_after=max(1, math.ceil(ahead_s)))
 
     def stall_limit(self) -> float | None:
         """Seconds the running forward may take before it counts as stalled (None: no limit)."""

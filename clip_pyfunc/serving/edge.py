@@ -87,20 +87,23 @@ class Edge:
             `max_requests`.
         max_requests: Most model requests at once (serve.request_threads); None: no bound.
         lifecycle: Says when the server drains; None: never.
+        admission: Asked once a model request's body is read, before the app parses it: the
+            errors.Unavailable the request would be refused with (Overloaded: 429 with
+            Retry-After, ForwardStalled: 503), or None. A refusal then costs no parse.
     """
 
     def __init__(self, app, *, max_body_bytes: int, metrics: Metrics | None, health: Health | None,
                  health_paths: tuple[str, ...] = ("/ping", "/health"), paths: tuple[str, ...] = (),
                  error_body: dict[str, Callable[[int, str], bytes]] | None = None, scoring: Scoring | None = None,
                  model_paths: tuple[str, ...] = (), max_requests: int | None = None,
-                 lifecycle: Lifecycle | None = None):
+                 lifecycle: Lifecycle | None = None, admission: Callable[[], Exception | None] | None = None):
         self.app, self.max_body_bytes = app, max_body_bytes
         self.metrics, self.health, self.health_paths = metrics, health, health_paths
         self.paths = frozenset(paths) | frozenset(health_paths) | {"/metrics"}
         self.error_body = sorted((error_body or {"": mlflow_error}).items(), key=lambda kv: -len(kv[0]))
         self.scoring = scoring
         self.model_paths = frozenset(model_paths) | frozenset(scoring.paths if scoring else ())
-        self.max_requests, self.lifecycle = max_requests, lifecycle
+        self.max_requests, self.lifecycle, self.admission = max_requests, lifecycle, admission
         self.running = 0  # model requests in the app now
 
     def _body_for(self, path: str, status: int, message: str) -> bytes:
@@ -199,6 +202,13 @@ class Edge:
                         _check_scoring_json(body, scoring)
             except RequestRefused as e:
                 await self._refuse(send, path, e)
+                return
+            if self.admission is not None and (unavailable := self.admission()) is not None:
+                retry = getattr(unavailable, "retry_after", None)
+                await _respond(send, 503 if retry is None else 429,
+                               self._body_for(path, 503 if retry is None else 429, str(unavailable)),
+                               "application/json", extra=[] if retry is None else [(b"retry-after",
+                                                                                   str(retry).encode())])
                 return
             scope = _with_body(scope, body, content_type)
             replay = _Replay(receive, body, state)

@@ -82,8 +82,10 @@ def scoring_app(model, config: ServeConfig):
     schema = model.metadata.get_params_schema()
     scoring = Scoring(paths=("/invocations",), params=frozenset(p.name for p in schema.params) if schema else
                       frozenset(), text=getattr(python_model, "tower", "") == "text")
+    engines = [e for e in health.engines]  # the model's shared engines (watch found them)
     return Edge(scoring_server.init(model), max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
-                paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=LIFECYCLE)
+                paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=LIFECYCLE,
+                admission=lambda: next((r for e in engines if (r := e.refusal()) is not None), None))
 
 
 # This process's lifecycle: draining from SIGTERM on (see `_drain_on_sigterm`).
