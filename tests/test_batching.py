@@ -8,6 +8,7 @@ threads the way MLflow's scoring server calls them (one thread per request).
 from __future__ import annotations
 
 import json
+import time
 import threading
 
 import numpy as np
@@ -153,3 +154,127 @@ def test_a_failing_shared_forward_reaches_only_its_own_caller(registered, monkey
     assert failed[0].get_http_status_code() == 500
     assert len(recorder.failures) == 1
     assert recorder.forwards[0][1] == 2  # the first forward was the shared one
+
+
+# ---------------------------------------------------------------- a server's guards (ServingLimits), in process
+
+
+def _slow_model(registered, monkeypatch, delay_s=0.2, batch_size=2):
+    with monkeypatch.context() as m:
+        m.setenv(FAULTS_ENV, json.dumps({"delay_s": delay_s}))
+        return load_on_engine(registered["models"]["image"]["uri"], "torch", batch_size=batch_size, batch_wait_ms=0)
+
+
+def _in_request(state, fn, *args, **kwargs):
+    """Run fn as a served request would: with `state` as the current request."""
+    from clip_pyfunc.runtime.batching import current_request
+
+    token = current_request.set(state)
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as e:
+        return e
+    finally:
+        current_request.reset(token)
+
+
+def test_an_abandoned_request_stops_before_its_next_forward(registered, monkeypatch):
+    """8 rows in forwards of 2 (0.2 s each): cancelled after the first forward started, the rest never run,
+    and the call answers CANCELLED (499) instead of vectors nobody reads."""
+    from clip_pyfunc.runtime.batching import RequestState
+
+    model = _slow_model(registered, monkeypatch)
+    engine = model.unwrap_python_model().engine
+    state, got = RequestState(), []
+    caller = threading.Thread(target=lambda: got.append(_in_request(state, model.predict, GOOD[:1] * 8)))
+    caller.start()
+    time.sleep(0.25)
+    state.cancel("the client disconnected")
+    caller.join(timeout=10)
+    assert isinstance(got[0], MlflowException) and got[0].get_http_status_code() == 499, got
+    assert "client disconnected" in got[0].message
+    assert engine.forwards <= 2, engine.forwards  # of 4
+
+
+def test_queued_rows_of_an_abandoned_request_are_dropped_and_others_answered(registered, monkeypatch):
+    """Two requests queue behind a running forward; one is abandoned: it is dropped unrun, the other answered."""
+    from clip_pyfunc.runtime.batching import RequestState
+
+    model = _slow_model(registered, monkeypatch, delay_s=0.4, batch_size=8)
+    engine = model.unwrap_python_model().engine
+    first, gone, kept = RequestState(), RequestState(), RequestState()
+    got: dict = {}
+    threads = [threading.Thread(target=lambda s=s, n=n: got.__setitem__(n, _in_request(s, model.predict, GOOD[:1])))
+               for s, n in ((first, "first"), (gone, "gone"), (kept, "kept"))]
+    threads[0].start()
+    time.sleep(0.15)  # the first forward is running
+    threads[1].start()
+    threads[2].start()
+    time.sleep(0.1)
+    gone.cancel("the client disconnected")
+    for t in threads:
+        t.join(timeout=10)
+    assert got["gone"].get_http_status_code() == 499, got["gone"]
+    assert not isinstance(got["first"], Exception) and not isinstance(got["kept"], Exception), got
+    assert engine.dropped == 1 and engine.calls == 2, (engine.dropped, engine.calls)
+
+
+def test_the_queue_bound_refuses_with_429_and_retry_after_and_never_a_lone_request(registered, monkeypatch):
+    """Forwards of 2 rows at 0.2 s: 0.1 s a row. With 0.4 s of queue, 12 concurrent 2-row requests: the first
+    few are admitted, the rest 429 RESOURCE_EXHAUSTED with retry_after, before decoding; a lone one always runs.
+    Without limits (in process, Spark) nothing is ever refused."""
+    from clip_pyfunc.runtime.batching import RequestState, ServingLimits
+
+    model = _slow_model(registered, monkeypatch)
+    engine = model.unwrap_python_model().engine
+    model.predict(GOOD[:2])  # the forward rate is measured
+    _, unbounded = _concurrent_calls(model, RequestState, 12)
+    assert not any(isinstance(g, Exception) for g in unbounded), unbounded
+    engine.set_limits(ServingLimits(max_queue_s=0.4))
+    states, got = _concurrent_calls(model, RequestState, 12)
+    refused = [(g, s) for g, s in zip(got, states) if isinstance(g, Exception)]
+    assert 0 < len(refused) < 12, got
+    for error, state in refused:
+        assert error.get_http_status_code() == 429 and "serve.max_queue_seconds" in error.message, error
+        assert state.retry_after >= 1
+    assert not isinstance(_in_request(RequestState(), model.predict, GOOD[:2]), Exception)  # alone: admitted
+    assert engine.refusal(1) is None
+
+
+def _concurrent_calls(model, make_state, n):
+    states = [make_state() for _ in range(n)]
+    got = [None] * n
+
+    def call(i):
+        got[i] = _in_request(states[i], model.predict, GOOD[:2])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return states, got
+
+
+def test_a_stalled_forward_answers_waiting_callers_at_once_and_clears_by_itself(registered, monkeypatch):
+    """The first forward hangs 3 s, the stall floor is 0.5 s: the caller queued behind it gets
+    ForwardStalled (503) within about a second, stalled() names it, and it clears when the forward returns."""
+    from clip_pyfunc.runtime.batching import RequestState, ServingLimits
+
+    with monkeypatch.context() as m:
+        m.setenv(FAULTS_ENV, json.dumps({"hang": 1, "hang_s": 3}))
+        model = load_on_engine(registered["models"]["image"]["uri"], "torch", batch_wait_ms=0)
+    engine = model.unwrap_python_model().engine
+    engine.set_limits(ServingLimits(stall_floor_s=0.5))
+    got: dict = {}
+    stuck = threading.Thread(target=lambda: got.__setitem__("stuck", _in_request(RequestState(), model.predict,
+                                                                                  GOOD[:1])))
+    stuck.start()
+    time.sleep(0.2)
+    started = time.perf_counter()
+    behind = _in_request(RequestState(), model.predict, GOOD[1:2])
+    assert behind.get_http_status_code() == 503 and time.perf_counter() - started < 1.5, behind
+    assert "stuck" in engine.stalled()
+    stuck.join(timeout=10)
+    assert not isinstance(got["stuck"], Exception) and engine.stalled() is None
+    assert not isinstance(model.predict(GOOD[:1]), Exception)

@@ -533,22 +533,28 @@ def test_metrics_describe_this_runs_live_workers_only(registered, tmp_path):
 
 
 def test_the_first_request_after_start_is_as_fast_as_the_next(registered, tmp_path):
-    """Warm-up forwards run before the server answers: the first image request is within 1.5x the steady
-    p50 (plus 20 ms for loopback jitter on a model this small)."""
+    """Warm-up requests run before the server answers, so the first image request is within 1.5x the steady
+    p50 (plus 20 ms: on a model this small, loopback and a CPU coming back from idle weigh more than the
+    forward; the ViT-B/32 figure is in docs/SERVING.md). Its decode stage, which costs 5 ms on first use
+    against 0.15 ms after, is checked on its own: that fails without warm-up."""
     server = Server(registered["models"]["image"]["uri"], tmp_path)
     try:
         body = {"dataframe_records": [{"input": IMAGES[0]}]}
         started = time.perf_counter()
         assert server.post(body).status_code == 200
         first = time.perf_counter() - started
+        first_decode = server.sample("clip_pyfunc_stage_seconds_sum", stage="decode")
         steady = []
         for _ in range(20):
             started = time.perf_counter()
             server.post(body)
             steady.append(time.perf_counter() - started)
         p50 = float(np.median(steady))
+        decode = (server.sample("clip_pyfunc_stage_seconds_sum", stage="decode") - first_decode) / 20
         assert first <= 1.5 * p50 + 0.02, (first, p50)
-        assert "warm-up forwards done" in server.log.read_text()
+        assert first_decode <= 5 * decode + 0.0005, (first_decode, decode)
+        log = server.log.read_text()
+        assert "warm-up forwards done" in log and log.index("warm-up forwards done") < log.index("startup complete")
         assert server.sample("clip_pyfunc_rows_total", outcome="embedded") == 21  # warm-up is not a request
     finally:
         server.stop()

@@ -59,23 +59,23 @@ def serve_env(config: ServeConfig, environ: dict[str, str] | None = None) -> dic
     return env
 
 
-def scoring_app(model, config: ServeConfig):
+def scoring_app(model, config: ServeConfig, executor=None):
     """MLflow's scoring app for a loaded pyfunc model, behind the edge (ASGI).
 
     Args:
         model: A loaded mlflow.pyfunc.PyFuncModel.
-        config: Serve settings (max_body_bytes, unhealthy_after, metrics).
+        config: Serve settings (max_body_bytes, unhealthy_after, metrics, warmup...).
+        executor: The thread pool that runs the requests' `predict` (for the warm-up; see `warm_up`).
     """
     from mlflow.pyfunc import scoring_server
 
-    from clip_pyfunc.serving.edge import Edge
+    from clip_pyfunc.serving.edge import Edge, Scoring
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
 
-    from clip_pyfunc.serving.edge import Scoring
-
     python_model = model.unwrap_python_model()
+    app = scoring_server.init(model)
     if config.warmup:
-        warm_up(model)  # before metrics watch the model: its forwards are not requests
+        warm_up(model, app, executor)  # before metrics watch the model: its forwards are not requests
     metrics = Metrics() if config.metrics else None
     health = Health(config.unhealthy_after, metrics)
     watch(python_model, metrics, health, _model_label(model), config.limits())
@@ -83,7 +83,7 @@ def scoring_app(model, config: ServeConfig):
     scoring = Scoring(paths=("/invocations",), params=frozenset(p.name for p in schema.params) if schema else
                       frozenset(), text=getattr(python_model, "tower", "") == "text")
     engines = [e for e in health.engines]  # the model's shared engines (watch found them)
-    return Edge(scoring_server.init(model), max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
+    return Edge(app, max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
                 paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=LIFECYCLE,
                 admission=lambda: next((r for e in engines if (r := e.refusal()) is not None), None))
 
@@ -129,10 +129,21 @@ def _supervise(config) -> None:
     supervisor.run()
 
 
-def warm_up(model) -> None:
-    """Run the model on the inputs it serves (one 640x480 JPEG and a short text, one row and a few) through
-    MLflow's scoring path, so that the first request finds its code paths, allocations and the engine's
-    kernels for those shapes ready. A failure is logged, not raised: health reports a failing model."""
+def warm_up(model, app=None, executor=None) -> None:
+    """Run the model on the inputs it serves (one 640x480 JPEG and a short text, one row and a few), so that
+    the first request finds its code paths, allocations and the engine's kernels for those shapes ready.
+
+    Args:
+        model: The loaded pyfunc model.
+        app: MLflow's scoring app (ASGI) for it: one request then goes through it whole (routing,
+            middleware, parsing, the answer's JSON), as an HTTP request would.
+        executor: The thread pool that will run `predict` for the server's requests: the model's warm-up
+            runs in it, since an engine's first call on a thread sets up that thread (torch's and
+            OpenVINO's thread pools: 2-8 ms on the tiny test model), and the pool reuses an idle thread
+            for the next request.
+
+    A failure is logged, not raised: health reports a failing model.
+    """
     import base64
     import time
 
@@ -146,19 +157,62 @@ def warm_up(model) -> None:
     image = base64.b64encode(photo_jpeg(640, 480, seed=0)).decode()
     rows = {"image": [image], "text": ["a photo of a cat"]}
     started = time.perf_counter()
+
+    def body(n: int) -> str:
+        return json.dumps({"inputs": rows[kinds[0]] * n} if len(kinds) == 1 else
+                          {"dataframe_records": [{k: rows[k][0] for k in kinds}] * n})
+
+    def score(n: int) -> tuple[int, str]:
+        result = scoring_server.invocations(body(n), "application/json", model, model.metadata.get_input_schema())
+        return result.status, str(result.response)
+
     try:
-        for kind in kinds:
-            for n in (1, 2, 1):  # one row and a batch; one again, as the first request will be
-                cells = rows[kind] * n
-                body = json.dumps({"inputs": cells} if len(kinds) == 1 else
-                                  {"dataframe_records": [{k: rows[k][0] for k in kinds}] * n})
-                result = scoring_server.invocations(body, "application/json", model,
-                                                    model.metadata.get_input_schema())
-                if result.status != 200:
-                    raise RuntimeError(f"{result.status}: {str(result.response)[:200]}")
+        answers = [_asgi_post(app, "/invocations", body(1).encode())] if app is not None else []
+        for n in (1, 2, 1):  # one row and a batch; one again, as the first request will be
+            answers.append(executor.submit(score, n).result() if executor is not None else score(n))
+        for status, answer in answers:
+            if status != 200:
+                raise RuntimeError(f"{status}: {answer[:200]}")
         logging.getLogger("uvicorn.error").info("warm-up forwards done in %.2f s", time.perf_counter() - started)
     except Exception as e:  # noqa: BLE001 - the server still starts; failing requests make health say so
         log.warning("warm-up failed (%s: %s); serving anyway", type(e).__name__, e)
+
+
+def _asgi_post(app, path: str, body: bytes) -> tuple[int, str]:
+    """POST `body` (JSON) to an ASGI app in memory, on an event loop of its own in another thread (uvicorn's
+    loop is running where the factory is called): (status, body of the answer)."""
+    import asyncio
+    import threading
+
+    answer = {"status": 0, "body": b""}
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    errors: list = []
+
+    def run():
+        try:
+            asyncio.run(app(scope, receive, send))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="clip-warmup")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return answer["status"], answer["body"].decode("utf-8", "replace")
 
 
 def _model_label(model) -> str:
@@ -178,12 +232,12 @@ def create_app():
     # MLflow runs each predict in asyncio's default executor (asyncio.to_thread): min(32, cores + 4)
     # threads, 6 on 2 cores, would cap how many requests can share a forward. uvicorn calls this
     # factory inside its running loop.
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=config.request_threads, thread_name_prefix="clip-predict"))
+    executor = ThreadPoolExecutor(max_workers=config.request_threads, thread_name_prefix="clip-predict")
+    asyncio.get_running_loop().set_default_executor(executor)
     _drain_on_sigterm()
     # MLflow's own loader: it honours SERVING_MODEL_CONFIG, as `mlflow models serve` does.
     model = scoring_server.load_model_with_mlflow_config(os.environ[_MODEL_PATH_ENV])
-    return scoring_app(model, config)
+    return scoring_app(model, config, executor)
 
 
 def serve(model_uri: str, config: ServeConfig) -> None:
