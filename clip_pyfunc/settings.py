@@ -213,7 +213,8 @@ class ServeConfig:
             (docs/SERVING.md).
         timeout: Seconds a request may take before the server answers 504.
         env_manager: "local" (this environment) or "uv"/"virtualenv"/"conda" (built from the model; served by
-            plain `mlflow models serve`, without the three settings below).
+            plain `mlflow models serve`, without the edge: the settings below from max_body_bytes on do not
+            apply).
         max_body_bytes: Most bytes of a request body; past it the answer is 413, sent without reading the body
             (`clip-pyfunc serve` and the app).
         unhealthy_after: Predictions in a row that fail for reasons that are not the caller's (an engine error,
@@ -260,12 +261,6 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
                 raise ModelLoadError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
-
-    def limits(self):
-        """The guards this server puts on each model's engine (runtime.batching.ServingLimits)."""
-        from clip_pyfunc.runtime.batching import ServingLimits
-
-        return ServingLimits(max_queue_s=float(self.max_queue_seconds), stall_floor_s=float(self.stall_seconds))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (handed to the server's workers)."""

@@ -165,6 +165,14 @@ def _slow_model(registered, monkeypatch, delay_s=0.2, batch_size=2):
         return load_on_engine(registered["models"]["image"]["uri"], "torch", batch_size=batch_size, batch_wait_ms=0)
 
 
+def _until(condition, seconds=30.0):
+    """Poll `condition` (engine state a test waits for) every 10 ms."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "never got there"
+        time.sleep(0.01)
+
+
 def _in_request(state, fn, *args, **kwargs):
     """Run fn as a served request would: with `state` as the current request."""
     from clip_pyfunc.runtime.batching import current_request
@@ -207,10 +215,10 @@ def test_queued_rows_of_an_abandoned_request_are_dropped_and_others_answered(reg
     threads = [threading.Thread(target=lambda s=s, n=n: got.__setitem__(n, _in_request(s, model.predict, GOOD[:1])))
                for s, n in ((first, "first"), (gone, "gone"), (kept, "kept"))]
     threads[0].start()
-    time.sleep(0.15)  # the first forward is running
+    _until(lambda: engine._running_since is not None)  # the first forward is running
     threads[1].start()
     threads[2].start()
-    time.sleep(0.1)
+    _until(lambda: len(engine._queue) == 2)  # both queued behind it
     gone.cancel("the client disconnected")
     for t in threads:
         t.join(timeout=10)
@@ -270,7 +278,7 @@ def test_a_stalled_forward_answers_waiting_callers_at_once_and_clears_by_itself(
     stuck = threading.Thread(target=lambda: got.__setitem__("stuck", _in_request(RequestState(), model.predict,
                                                                                   GOOD[:1])))
     stuck.start()
-    time.sleep(0.2)
+    _until(lambda: engine._running_since is not None)  # the hanging forward began
     started = time.perf_counter()
     behind = _in_request(RequestState(), model.predict, GOOD[1:2])
     assert behind.get_http_status_code() == 503 and time.perf_counter() - started < 1.5, behind

@@ -203,3 +203,22 @@ def test_two_dimensional_columns_are_refused_not_flattened(models):
 
     with pytest.raises(MlflowException, match=r"column 'text' has shape \(2, 2\); send one cell per row"):
         models["combined"].predict({"text": np.array([["a", "b"], ["c", "d"]])})
+
+
+@pytest.mark.serving
+def test_served_combined_model_refuses_a_number_in_its_text_column(azure, models, tmp_path):
+    """`clip-pyfunc serve`'s edge checks the combined model's `text` column as it checks a text model's input:
+    a number is the 400 `predict` gives in process, in the forms MLflow would turn it into a string."""
+    from test_serving_platform import Server
+
+    server = Server(azure["models"]["combined"]["uri"], tmp_path)
+    try:
+        for payload in ({"inputs": {"image": [IMAGES[0], IMAGES[1]], "text": ["a cat", 95120]}},
+                        {"instances": [{"image": IMAGES[0], "text": "a cat"}, {"image": IMAGES[1], "text": 95120}]},
+                        {"dataframe_records": [{"image": IMAGES[0], "text": "a"}, {"image": IMAGES[1], "text": 95120}]}):
+            r = server.post(payload)
+            assert r.status_code == 400 and "row 1" in r.json()["message"] and "95120" in r.text, r.text[:300]
+        r = server.post({"dataframe_records": [{"image": IMAGES[0], "text": "a cat"}]})
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        server.stop()

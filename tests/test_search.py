@@ -269,7 +269,7 @@ def test_app_classify_and_search(app, folder, space):
     r = _post(app, "/search", data={"text": "a green circle", "k": "3"})
     assert _label_of(r.json()["results"][0]["id"]) == "green circle" and len(r.json()["results"]) == 3
     assert all(h["thumbnail"].startswith("/items/") for h in r.json()["results"])
-    thumb = requests.get(f"{app['url']}{r.json()['results'][0]['thumbnail']}", params={"key": API_KEY}, timeout=30)
+    thumb = requests.get(f"{app['url']}{r.json()['results'][0]['thumbnail']}", headers={"X-API-Key": API_KEY}, timeout=30)
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
 
 

@@ -147,14 +147,17 @@ def _raw_post(port: int, head: bytes, body: bytes, timeout=30) -> tuple[int, byt
         s.sendall(head + body)
         got = b""
         while b"\r\n\r\n" not in got:
-            got += s.recv(65536)
+            chunk = s.recv(65536)
+            if not chunk:
+                raise AssertionError(f"the server closed the connection without an answer: {got[:200]!r}")
+            got += chunk
         header, _, rest = got.partition(b"\r\n\r\n")
         length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
                       if line.lower().startswith(b"content-length"))
         while len(rest) < length:
             chunk = s.recv(65536)
             if not chunk:
-                break
+                raise AssertionError(f"the server closed the connection {length - len(rest)} bytes short")
             rest += chunk
         return int(header.split()[1]), rest
 
@@ -265,6 +268,14 @@ def slow_server(registered, tmp_path_factory):
     server.stop()
 
 
+def _until(condition, seconds=30.0):
+    """Poll `condition` every 50 ms until it holds (a test's precondition, not a timing assertion)."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "the server never got there"
+        time.sleep(0.05)
+
+
 def _quiet(server, seconds=1.5, most=30):
     """Wait until the server embeds nothing more for `seconds`; the forwards run so far."""
     deadline, last, since = time.time() + most, None, time.time()
@@ -333,7 +344,7 @@ def test_a_hanging_forward_turns_health_503_and_answers_waiting_callers_at_once(
         stuck: dict = {}
         first = threading.Thread(target=lambda: stuck.update(r=server.post({"inputs": [IMAGES[0]]})))
         first.start()
-        time.sleep(0.3)
+        _until(lambda: server.sample("clip_pyfunc_queue_wait_seconds_count") >= 1)  # its forward (the hang) began
         behind: dict = {}
         waiting = threading.Thread(target=lambda: behind.update(r=server.post({"inputs": [IMAGES[1]]}),
                                                                 t=time.perf_counter()))
@@ -416,9 +427,12 @@ def test_sigterm_drains_accepted_requests_and_exits_in_time(registered, tmp_path
         stop.set()
         runner.join()
         assert server.proc.poll() is not None and exited <= drain + 1, exited
-        before = [status for sent, _, status in got if sent < signalled - 0.05]
+        # Sent well before the signal: accepted, so answered 200. In the last 0.5 s a request on a keep-alive
+        # connection may still be unread when uvicorn closes idle connections: not accepted, a connection
+        # error for the client to retry, but never another status.
+        before = [status for sent, _, status in got if sent < signalled - 0.5]
         assert len(before) >= 10 and all(status == 200 for status in before), before
-        after = [status for sent, _, status in got if sent >= signalled]
+        after = [status for sent, _, status in got if sent >= signalled - 0.5]
         assert all(status in (200, 503) or isinstance(status, str) for status in after), after
         assert 200 not in ready_after, ready_after
     finally:
@@ -465,7 +479,9 @@ def test_overload_is_429_with_retry_after_and_answered_requests_stay_fast(regist
         assert set(statuses) <= {200, 429}, sorted(set(statuses))
         refused = [r for r in results if r[0] == 429]
         assert refused and all(r[2] and int(r[2]) >= 1 for r in refused), refused[:3]
-        assert max(t for s, t, _ in refused) < 0.5, "429 is answered at once"
+        assert float(np.median([t for s, t, _ in refused])) < 0.2, "429 is answered at once, not after a wait"
+        rows, forwards = (server.sample("clip_pyfunc_forward_rows_sum"), server.sample("clip_pyfunc_forward_rows_count"))
+        assert rows / forwards >= 3.5, (rows, forwards)  # the queue kept the forwards full (4 rows)
         answered = sorted(t for s, t, _ in results if s == 200)
         p99 = answered[int(0.99 * (len(answered) - 1))]
         assert p99 <= 2.5, p99  # 0.5 s of queue, the forward running, and its own: not minutes
@@ -535,11 +551,17 @@ def test_metrics_describe_this_runs_live_workers_only(registered, tmp_path):
 def test_the_first_request_after_start_is_as_fast_as_the_next(registered, tmp_path):
     """Warm-up requests run before the server answers, so the first image request is within 1.5x the steady
     p50 (plus 20 ms: on a model this small, loopback and a CPU coming back from idle weigh more than the
-    forward; the ViT-B/32 figure is in docs/SERVING.md). Its decode stage, which costs 5 ms on first use
-    against 0.15 ms after, is checked on its own: that fails without warm-up."""
+    forward; the ViT-B/32 figure is in docs/SERVING.md). Its decode stage, which costs about 5 ms on first
+    use against 0.15 ms after, is checked on its own against a server started without warm-up."""
+    body = {"dataframe_records": [{"input": IMAGES[0]}]}
+    cold = Server(registered["models"]["image"]["uri"], tmp_path, serve={"warmup": False})
+    try:
+        assert cold.post(body).status_code == 200
+        cold_decode = cold.sample("clip_pyfunc_stage_seconds_sum", stage="decode")
+    finally:
+        cold.stop()
     server = Server(registered["models"]["image"]["uri"], tmp_path)
     try:
-        body = {"dataframe_records": [{"input": IMAGES[0]}]}
         started = time.perf_counter()
         assert server.post(body).status_code == 200
         first = time.perf_counter() - started
@@ -552,7 +574,8 @@ def test_the_first_request_after_start_is_as_fast_as_the_next(registered, tmp_pa
         p50 = float(np.median(steady))
         decode = (server.sample("clip_pyfunc_stage_seconds_sum", stage="decode") - first_decode) / 20
         assert first <= 1.5 * p50 + 0.02, (first, p50)
-        assert first_decode <= 5 * decode + 0.0005, (first_decode, decode)
+        assert first_decode < 0.5 * cold_decode and first_decode <= 5 * decode + 0.001, (first_decode, cold_decode,
+                                                                                           decode)
         log = server.log.read_text()
         assert "warm-up forwards done" in log and log.index("warm-up forwards done") < log.index("startup complete")
         assert server.sample("clip_pyfunc_rows_total", outcome="embedded") == 21  # warm-up is not a request
@@ -569,3 +592,34 @@ def test_faults_are_read_from_the_environment_and_checked(monkeypatch):
     for bad in ('{"fial": 1}', '{"fail": -1}', "[1]", "nope", '{"fail": true}'):
         with pytest.raises(ModelLoadError, match=FAULTS_ENV):
             Faults.from_env({FAULTS_ENV: bad})
+
+
+def test_inflating_reads_every_gzip_member_and_refuses_what_is_not_its_coding():
+    """A gzip body of several members is the members one after another (RFC 1952 2.2), not the first alone;
+    bytes after a deflate stream, a cut stream, and output past the limit are refused, fed in any chunks."""
+    from clip_pyfunc.serving.payload import Inflater, RequestRefused
+
+    def inflate(codings, data, limit=10_000, chunk=5):
+        inflater = Inflater(codings, limit)
+        out = b"".join(inflater.feed(data[i:i + chunk]) for i in range(0, len(data), chunk))
+        return out + inflater.finish()
+
+    members = gzip.compress(b"input\na\n") + gzip.compress(b"b\nc\n")
+    assert inflate(["gzip"], members) == b"input\na\nb\nc\n"
+    assert inflate(["deflate", "gzip"], gzip.compress(zlib.compress(b"twice"))) == b"twice"
+    assert inflate(["gzip"], gzip.compress(b"x" * 10_000), chunk=1) == b"x" * 10_000  # exactly the limit
+    for codings, data, status in ((["gzip"], gzip.compress(b"x" * 10_001), 413),
+                                  (["gzip"], gzip.compress(b"0" * 50_000_000), 413),
+                                  (["deflate"], zlib.compress(b"abc") + b"more", 400),
+                                  (["gzip"], gzip.compress(b"abc")[:-4], 400),
+                                  (["gzip"], b"not gzip at all", 400)):
+        with pytest.raises(RequestRefused) as e:
+            inflate(codings, data)
+        assert e.value.status == status, (codings, data[:20], e.value.message)
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500(text_server, image_server):
+    for server in (text_server, image_server):
+        for body in ("[" * 200_000 + "]" * 200_000, '{"inputs": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001):
+            r = server.post(body, {"Content-Type": "application/json"})
+            assert r.status_code == 400 and "nests too deep" in _error(r)["message"], r.text[:300]

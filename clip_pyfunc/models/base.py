@@ -19,7 +19,7 @@ from clip_pyfunc.errors import InvalidInput, ModelLoadError, Unavailable, combin
 from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
                                         served_row_limit)
 from clip_pyfunc.runtime import OpenVINOEngine, TorchEngine, apply_precision, pick_runtime, torch_available
-from clip_pyfunc.runtime.batching import SharedForwards, batch_wait_s
+from clip_pyfunc.runtime.batching import SharedForwards, batch_wait_s, check_request
 from clip_pyfunc.runtime.observe import Observer
 from clip_pyfunc.settings import RuntimeConfig
 
@@ -157,6 +157,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
                     errors.extend(bad)
                     if embeddings is not None and len(positions):
                         out[positions] = finish(embeddings, normalize)
+            check_request()  # abandoned during its last forward: nobody receives these rows
         except (InvalidInput, Unavailable):  # the caller's rows, or a server's guard (runtime.batching)
             raise
         except Exception as e:  # an engine error or out of memory: the model's failure, not the caller's

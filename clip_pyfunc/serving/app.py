@@ -248,7 +248,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
     from clip_pyfunc.serving.edge import Edge, Lifecycle
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
-    from clip_pyfunc.serving.serve import warm_up
+    from clip_pyfunc.serving.serve import serving_limits, warm_up
 
     serve = serve or ServeConfig()
     lifecycle = Lifecycle()
@@ -275,7 +275,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         if getattr(loaded, kind) is not None:
             if serve.warmup:
                 warm_up(getattr(loaded, kind))  # before metrics watch it: its forwards are not requests
-            watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind, serve.limits())
+            watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind, serving_limits(serve))
     # Inside the request context: /metrics needs the API key when there is one, and a 413 carries the request id.
     app.add_middleware(Edge, max_body_bytes=serve.max_body_bytes, metrics=metrics, health=health,
                        health_paths=("/health",), paths=_METRIC_PATHS,
@@ -316,6 +316,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
             "points": await run_in_threadpool(searcher.store.count, exact=False),  # a server store asks over HTTP
             "space": searcher.space.models}
         return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
+                "api_key_required": bool(config.api_key),  # the page then shows its key field
                 "models": loaded.uris, "index": index, "no_index": loaded.no_index,
                 "runtime": {kind: model.unwrap_python_model().runtime_summary()
                             for kind, model in (("text", loaded.text), ("image", loaded.image))},
@@ -348,8 +349,8 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         if loaded.classifier is None:
             raise _Refused(503, loaded.no_classifier or "no classifier loaded; start the app with --classifier URI")
         fields = await _form(request, config)
+        image = _one_image(fields)  # a missing image is named first, as the thing to send
         _known_fields(fields, ("image", "top_k"))
-        image = _one_image(fields)
         top_k = _int_field(fields, "top_k", 3)
         try:
             result = await run_in_threadpool(loaded.classifier.predict, [image], params={"top_k": top_k})

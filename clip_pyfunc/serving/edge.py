@@ -54,12 +54,13 @@ class Scoring:
     Attributes:
         paths: The scoring paths (`/invocations`).
         params: The param names the model's signature declares; others are refused.
-        text: The model embeds text: its input cells must be JSON strings (or null).
+        text_column: The column whose cells the model embeds as text (`input` for a text model, `text`
+            for the combined model): they must be JSON strings (or null). None: no text column.
     """
 
     paths: tuple[str, ...]
     params: frozenset[str]
-    text: bool = False
+    text_column: str | None = None
 
 
 class Lifecycle:
@@ -145,7 +146,9 @@ class Edge:
             if why:
                 await _respond(send, 503, self._body_for(path, 503, why), "application/json")
                 return
-        headers = dict(scope.get("headers", ()))
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope.get("headers", ()):  # a repeated header is one list (RFC 9110 5.3)
+            headers[name] = headers[name] + b", " + value if name in headers else value
         length = _content_length(headers.get(b"content-length"))
         if length is not None and length > self.max_body_bytes:
             await _respond(send, 413, self._body_for(path, 413, self._too_large(length)), "application/json", close=True)
@@ -247,7 +250,7 @@ class Edge:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise RequestRefused(400, "the client disconnected before sending the whole body")
+                raise RequestRefused(499, "the client disconnected before sending the whole body")
             data = message.get("body", b"")
             received += len(data)
             if received > self.max_body_bytes:  # the coded bytes count too
@@ -344,16 +347,24 @@ class _Replay:
             self._watcher.cancel()
 
 
+# More brackets than any request of max_rows rows holds: parse it here, where a JSON nested too deep for
+# Python's parser (RecursionError) is a 400; MLflow's app would answer it 500 with a traceback.
+_MANY_BRACKETS = 5000
+
+
 def _check_scoring_json(body: bytes, scoring: Scoring) -> None:
     """The params and, for a text model, the cells' JSON types of a scoring body (serving.payload)."""
-    if not (scoring.text or b'"params"' in body):
+    nested = body.count(b"[") + body.count(b"{") > _MANY_BRACKETS  # C-speed counts, no parse
+    if not (scoring.text_column or nested or b'"params"' in body):
         return  # an image request without params: nothing to check, and no second parse of its base64
     try:
         payload = json.loads(body)
     except ValueError:
         return  # MLflow answers invalid JSON itself
+    except RecursionError as e:  # json's C parser recurses per nesting level
+        raise RequestRefused(400, "the JSON body nests too deep") from e
     unknown_params(payload, scoring.params)
-    if scoring.text and (cells := scoring_cells(payload)) is not None:
+    if scoring.text_column and (cells := scoring_cells(payload, scoring.text_column)) is not None:
         check_text_cells(cells)
 
 

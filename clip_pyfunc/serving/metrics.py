@@ -21,6 +21,7 @@ a server run, so that a run never reports another's requests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -101,7 +102,8 @@ def forget_dead_workers(folder: str) -> list[int]:
         if match and match["kind"].startswith("gauge_live") and not _alive(int(match["pid"])):
             gone.add(int(match["pid"]))
     for pid in gone:
-        multiprocess.mark_process_dead(pid, folder)
+        with contextlib.suppress(FileNotFoundError):  # another worker's scrape removed them first
+            multiprocess.mark_process_dead(pid, folder)
     return sorted(gone)
 
 
@@ -170,6 +172,16 @@ class Health(Observer):
     def refresh(self) -> None:
         """Bring the `healthy` gauge up to date (a stall starts and ends with time, not with a call)."""
         _ = self.ok
+
+    def keep_fresh(self, seconds: float = 1.0) -> None:
+        """Refresh the gauge every `seconds` from a daemon thread. With several workers a scrape reads every
+        worker's gauge, and a stalled worker whose own /health nobody asks would not update its own."""
+        def loop():
+            while not stop.wait(seconds):
+                self.refresh()
+
+        stop = threading.Event()
+        threading.Thread(target=loop, name="clip-health", daemon=True).start()
 
     def reason(self) -> str:
         """Why the server is unhealthy (for the 503's body)."""

@@ -123,6 +123,9 @@ def content_codings(value: str | None) -> list[str]:
 class Inflater:
     """Undo a body's content codings as it arrives, counting the inflated bytes against `limit`.
 
+    A gzip body may hold several members one after another (RFC 1952 2.2), each inflated in turn;
+    bytes after the end of a deflate stream are an error.
+
     Args:
         codings: From `content_codings`, in the order applied (undone last first).
         limit: Most bytes of the body once inflated (serve.max_body_bytes).
@@ -134,27 +137,12 @@ class Inflater:
 
     def __init__(self, codings: list[str], limit: int):
         self.limit = limit
-        # zlib's wbits: 16 + 15 reads a gzip member, 15 a zlib stream (HTTP's deflate is zlib, RFC 9110 8.4.1.2)
-        self._steps = [(c, zlib.decompressobj(31 if c in ("gzip", "x-gzip") else 15)) for c in reversed(codings)]
+        self._stages = [_Stage(c) for c in reversed(codings)]
         self.size = 0
 
     def feed(self, data: bytes) -> bytes:
         """Inflate the next bytes of the body; what they inflate to."""
-        room = self.limit + 1 - self.size  # what may still come out (max_length 0 would mean no bound)
-        for coding, step in self._steps:
-            try:
-                out = step.decompress(data, room)
-                while step.unconsumed_tail and len(out) < room:  # more to come than one call returns
-                    out += step.decompress(step.unconsumed_tail, room - len(out))
-            except zlib.error as e:
-                raise RequestRefused(400, f"the body is not valid {coding} (Content-Encoding): {e}") from e
-            if self.size + len(out) > self.limit:  # also when input is left over: out filled `room`
-                raise self._too_large()
-            data = out
-        self.size += len(data)
-        if self.size > self.limit:
-            raise self._too_large()
-        return data
+        return self._through(data, final=False)
 
     def finish(self) -> bytes:
         """The rest of the inflated body, once every byte has been fed.
@@ -162,19 +150,48 @@ class Inflater:
         Raises:
             RequestRefused: 400 when a coding's stream is cut short.
         """
-        data = b""
-        for coding, step in self._steps:
-            data = (step.decompress(data, self.limit + 1) if data else b"") + step.flush()
-            if not step.eof:
-                raise RequestRefused(400, f"the body ends before its {coding} stream does (Content-Encoding)")
+        return self._through(b"", final=True)
+
+    def _through(self, data: bytes, final: bool) -> bytes:
+        room = self.limit + 1 - self.size  # what may still come out (zlib's max_length 0 would mean no bound)
+        for stage in self._stages:
+            data = stage.inflate(data, room, final)
+            if self.size + len(data) > self.limit:  # also when input is left over: the output filled `room`
+                raise RequestRefused(413, f"request body passed the limit of {self.limit} bytes once inflated "
+                                          "(Content-Encoding; serve.max_body_bytes); send fewer or smaller rows "
+                                          "per request")
         self.size += len(data)
-        if self.size > self.limit:
-            raise self._too_large()
         return data
 
-    def _too_large(self) -> RequestRefused:
-        return RequestRefused(413, f"request body passed the limit of {self.limit} bytes once inflated "
-                                   "(Content-Encoding; serve.max_body_bytes); send fewer or smaller rows per request")
+
+class _Stage:
+    """One content coding being undone (zlib: wbits 31 reads a gzip member, 15 a zlib stream, which is
+    HTTP's deflate, RFC 9110 8.4.1.2)."""
+
+    def __init__(self, coding: str):
+        self.coding, self.gzip = coding, coding in ("gzip", "x-gzip")
+        self.z = zlib.decompressobj(31 if self.gzip else 15)
+
+    def inflate(self, data: bytes, room: int, final: bool) -> bytes:
+        """What `data` inflates to, at most `room` bytes (more input left over then); with `final`, the
+        stream must end here."""
+        out = bytearray()
+        try:
+            while data and len(out) < room:
+                if self.z.eof:
+                    if not self.gzip:
+                        raise RequestRefused(400, f"the body has bytes after the end of its {self.coding} stream")
+                    self.z = zlib.decompressobj(31)  # the next gzip member
+                out += self.z.decompress(data, room - len(out))
+                data = self.z.unconsumed_tail or (self.z.unused_data if self.z.eof else b"")
+            if final and len(out) < room:
+                out += self.z.flush()
+        except zlib.error as e:
+            raise RequestRefused(400, f"the body is not valid {self.coding} (Content-Encoding): {e}") from e
+        # Input left over means the output filled `room`, which the caller refuses.
+        if not data and final and not self.z.eof:
+            raise RequestRefused(400, f"the body ends before its {self.coding} stream does (Content-Encoding)")
+        return bytes(out)
 
 
 def unknown_params(payload: object, allowed: frozenset[str]) -> None:
@@ -194,9 +211,15 @@ def unknown_params(payload: object, allowed: frozenset[str]) -> None:
         raise RequestRefused(400, f"unknown params {unknown}; this model's params are: {shown}")
 
 
-def scoring_cells(payload: object) -> list[object] | None:
-    """The input column's cells of a JSON scoring payload, as `predict` would see its rows; None for a
-    shape MLflow itself refuses or reads otherwise (it answers those)."""
+def scoring_cells(payload: object, column: str = INPUT_COLUMN) -> list[object] | None:
+    """The cells of `column` in a JSON scoring payload, as `predict` would see its rows; None for a shape
+    MLflow itself refuses or reads otherwise (it answers those).
+
+    For `input` (a model of one input column), a payload with a single column of another name, or
+    plain cells, is read as that column too, as `models.request.input_values` does; another column
+    (the combined model's `text`) is read only by its name.
+    """
+    single = column == INPUT_COLUMN
     if not isinstance(payload, dict):
         return None
     forms = [form for form in _PAYLOAD_FORMS if form in payload]
@@ -207,32 +230,34 @@ def scoring_cells(payload: object) -> list[object] | None:
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             return None
         columns = body.get("columns")
-        width = len(columns) if isinstance(columns, list) else None
-        at = columns.index(INPUT_COLUMN) if isinstance(columns, list) and INPUT_COLUMN in columns else (
-            0 if width in (1, None) else None)
-        if at is None:
+        if isinstance(columns, list) and column in columns:
+            at = columns.index(column)
+        elif single and (not isinstance(columns, list) or len(columns) == 1):
+            at = 0
+        else:
             return None
-        rows = body["data"]
-        return [row[at] if isinstance(row, list) and len(row) > at else None for row in rows]
+        return [row[at] if isinstance(row, list) and len(row) > at else None for row in body["data"]]
     if isinstance(body, dict):  # {"input": [...]} (inputs, instances)
         keys = list(body)
-        key = INPUT_COLUMN if INPUT_COLUMN in keys else (keys[0] if len(keys) == 1 else None)
+        key = column if column in keys else (keys[0] if single and len(keys) == 1 else None)
         if key is None:
             return None
         cells = body[key]
         return cells if isinstance(cells, list) else [cells]
     if isinstance(body, list):
-        return [_record_cell(row) for row in body]
-    return [body]  # a single value (inputs: "a cat")
+        if not single and not all(isinstance(row, dict) for row in body):
+            return None
+        return [_record_cell(row, column, single) for row in body]
+    return [body] if single else None  # a single value (inputs: "a cat")
 
 
-def _record_cell(row: object) -> object:
-    """A record's input cell: its `input`, or its one value; a plain cell is itself."""
+def _record_cell(row: object, column: str, single: bool) -> object:
+    """A record's cell of `column` (or, for `input`, its one value); a plain cell is itself."""
     if not isinstance(row, dict):
         return row
-    if INPUT_COLUMN in row:
-        return row[INPUT_COLUMN]
-    return next(iter(row.values())) if len(row) == 1 else None
+    if column in row:
+        return row[column]
+    return next(iter(row.values())) if single and len(row) == 1 else None
 
 
 def check_text_cells(cells: list[object]) -> None:

@@ -23,6 +23,7 @@ the edge (a warning says so).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ def scoring_app(model, config: ServeConfig, executor=None):
     """
     from mlflow.pyfunc import scoring_server
 
+    from clip_pyfunc.models.combined import TEXT_COLUMN
     from clip_pyfunc.serving.edge import Edge, Scoring
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
 
@@ -78,14 +80,26 @@ def scoring_app(model, config: ServeConfig, executor=None):
         warm_up(model, app, executor)  # before metrics watch the model: its forwards are not requests
     metrics = Metrics() if config.metrics else None
     health = Health(config.unhealthy_after, metrics)
-    watch(python_model, metrics, health, _model_label(model), config.limits())
+    watch(python_model, metrics, health, _model_label(model), serving_limits(config))
+    if metrics is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        health.keep_fresh()
     schema = model.metadata.get_params_schema()
+    tower = getattr(python_model, "tower", "")
+    text_column = "input" if tower == "text" else TEXT_COLUMN if getattr(python_model, "text", None) is not None and \
+        not tower else None  # a text model's input, the combined model's text column
     scoring = Scoring(paths=("/invocations",), params=frozenset(p.name for p in schema.params) if schema else
-                      frozenset(), text=getattr(python_model, "tower", "") == "text")
+                      frozenset(), text_column=text_column)
     engines = [e for e in health.engines]  # the model's shared engines (watch found them)
     return Edge(app, max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
                 paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=LIFECYCLE,
                 admission=lambda: next((r for e in engines if (r := e.refusal()) is not None), None))
+
+
+def serving_limits(config: ServeConfig):
+    """The guards a server puts on each model's engine (runtime.batching.ServingLimits) from its settings."""
+    from clip_pyfunc.runtime.batching import ServingLimits
+
+    return ServingLimits(max_queue_s=float(config.max_queue_seconds), stall_floor_s=float(config.stall_seconds))
 
 
 # This process's lifecycle: draining from SIGTERM on (see `_drain_on_sigterm`).
@@ -115,14 +129,25 @@ def _supervise(config) -> None:
     """uvicorn's multiprocess supervisor (what uvicorn.run starts for workers > 1), passing SIGTERM on to the
     workers at once: its own loop looks at signals every 0.5 s, and readiness must answer 503 from the
     signal on."""
+    import inspect
+
+    import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    sockets = [config.bind_socket()]
+    if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.55 takes the worker's target
+        supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets)
+    else:
+        supervisor = Multiprocess(config, sockets=sockets)
     queued = signal.getsignal(signal.SIGTERM)  # the supervisor's own: it queues the signal for its loop
 
     def handle(sig, frame):
+        # Exiting first: the supervisor's loop must not take a draining worker for a dead one and start
+        # another. Then the signal itself, not Process.terminate(), which also closes the health pipes.
+        supervisor.should_exit.set()
         for process in supervisor.processes:
-            process.terminate()  # each worker drains (its readiness answers 503 from now on)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)  # each worker drains (readiness answers 503 from now on)
         queued(sig, frame)
 
     signal.signal(signal.SIGTERM, handle)
