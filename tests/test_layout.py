@@ -138,6 +138,14 @@ def test_light_imports_stay_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_cli_builds_its_parser_without_the_benchmarks_or_heavy_libraries():
+    """`clip-pyfunc --help` (and every command's parsing) imports no benchmark module and no heavy library."""
+    code = ("import sys; from clip_pyfunc.cli.parser import build_parser; build_parser(); "
+            f"print(sorted(m for m in sys.modules if m.startswith('clip_pyfunc.benchmarks') or m in {HEAVY!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_a_logged_model_ships_and_imports_only_the_rooms_below_the_edges(registered, tmp_path):
     import mlflow
 

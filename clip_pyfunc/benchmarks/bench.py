@@ -16,11 +16,8 @@ import sys
 import time
 
 from clip_pyfunc.benchmarks.common import b64, machine_info, photo_jpeg, temporary_registry, time_calls
+from clip_pyfunc.dev.samples import IMAGE_WORKLOADS
 
-IMAGE_WORKLOADS = {"jpeg_640x480": (640, 480), "jpeg_2mp": (1632, 1224), "jpeg_12mp": (4000, 3000),
-                   "png_screenshot": (1440, 900),
-                   # camera-like JPEGs: fine texture and sensor grain (samples.camera_jpeg), 3-5 MB at 12 MP
-                   "camera_640x480": (640, 480), "camera_2mp": (1632, 1224), "camera_12mp": (4000, 3000)}
 SHORT_QUERIES = ["a red bicycle", "two dogs playing in snow", "a bowl of ramen", "modern glass office tower",
                  "a cat on a sofa", "vintage film camera", "sunset over the ocean", "a child flying a kite"]
 LONG_CAPTION = ("a wide photograph of a busy street market in the late afternoon with stalls of fresh fruit, "

@@ -63,7 +63,7 @@ def _add_index_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from clip_pyfunc.dev.random_checkpoint import ARCHITECTURES
-    from clip_pyfunc.benchmarks.bench import IMAGE_WORKLOADS
+    from clip_pyfunc.dev.samples import IMAGE_WORKLOADS
 
     parser = argparse.ArgumentParser(prog="clip-pyfunc", description=commands.__doc__, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,6 +11,13 @@ from __future__ import annotations
 import base64
 import io
 
+# The benchmarks' image workloads: name -> (width, height) in pixels. Here, not in benchmarks/, so that the
+# CLI can list them in its parser without importing the benchmarks.
+IMAGE_WORKLOADS = {"jpeg_640x480": (640, 480), "jpeg_2mp": (1632, 1224), "jpeg_12mp": (4000, 3000),
+                   "png_screenshot": (1440, 900),
+                   # camera-like JPEGs: fine texture and sensor grain (camera_jpeg), 3-5 MB at 12 MP
+                   "camera_640x480": (640, 480), "camera_2mp": (1632, 1224), "camera_12mp": (4000, 3000)}
+
 SAMPLE_SHAPES = (("red", "circle"), ("blue", "triangle"), ("green", "square"), ("purple", "triangle"))
 SAMPLE_TEXTS = tuple(f"a {colour} {shape}" for colour, shape in SAMPLE_SHAPES)
 
