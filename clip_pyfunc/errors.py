@@ -80,6 +80,13 @@ class RequestCancelled(Unavailable):
     """The request's client went away or was answered already (its 504), so its rows were dropped."""
 
 
+class ConfigError(ModelLoadError):
+    """A setting the operator wrote (conf/, a flag, a model_config) is not one the package takes.
+
+    A ModelLoadError, so that code catching what the operator configured catches it too.
+    """
+
+
 class EmbedJobError(ClipPyfuncError):
     """A batch job refused its arguments, or to publish its output (bad rows with --fail-on-error)."""
 

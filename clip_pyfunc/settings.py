@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from clip_pyfunc.errors import ModelLoadError
+from clip_pyfunc.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("default", "auto", "fp32", "bf16", "fp16", "int8")
@@ -89,36 +89,16 @@ class RuntimeConfig:
     batch_wait_ms: float | None = None
 
     def __post_init__(self):
-        device = self.device
-        if not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise ModelLoadError(f"device {device!r} is not one of {DEVICES} or 'cuda:N'")
-        if self.engine not in ENGINES:
-            raise ModelLoadError(f"engine {self.engine!r} is not one of {ENGINES}")
-        if self.precision not in PRECISIONS:
-            raise ModelLoadError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        for name in ("batch_size", "max_rows", "max_image_bytes", "max_image_pixels", "label_cache_size"):
-            _require_positive_int(name, getattr(self, name))
-        if self.num_threads is not None:
-            _require_positive_int("num_threads", self.num_threads)
-        for name in ("truncate_text", "fast_decode", "normalize", "allow_urls", "allow_http"):
-            if not isinstance(getattr(self, name), bool):
-                raise ModelLoadError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        hosts = self.url_allow_private
-        if isinstance(hosts, list):
-            object.__setattr__(self, "url_allow_private", hosts := tuple(hosts))
-        if not isinstance(hosts, tuple) or not all(isinstance(h, str) and h for h in hosts):
-            raise ModelLoadError(f"url_allow_private must be a list of host names, got {hosts!r}")
-        for name in ("url_connect_timeout", "url_read_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ModelLoadError(f"{name} must be a positive number of seconds, got {value!r}")
-        _require_positive_int("url_concurrency", self.url_concurrency)
-        wait = self.batch_wait_ms
-        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 1000):
-            raise ModelLoadError(f"batch_wait_ms must be a number of milliseconds in [0, 1000], got {wait!r}")
-        if isinstance(self.url_max_redirects, bool) or not isinstance(self.url_max_redirects, int) \
-                or self.url_max_redirects < 0:
-            raise ModelLoadError(f"url_max_redirects must be a whole number >= 0, got {self.url_max_redirects!r}")
+        _check_fields(self, {
+            "device": _device, "engine": _one_of(ENGINES), "precision": _one_of(PRECISIONS),
+            **dict.fromkeys(("batch_size", "max_rows", "max_image_bytes", "max_image_pixels", "label_cache_size",
+                             "url_concurrency"), _positive_int),
+            "num_threads": _optional(_positive_int),
+            **dict.fromkeys(("truncate_text", "fast_decode", "normalize", "allow_urls", "allow_http"), _flag),
+            "url_allow_private": _host_names,
+            **dict.fromkeys(("url_connect_timeout", "url_read_timeout"), _positive_seconds),
+            "batch_wait_ms": _optional(_batch_wait_ms), "url_max_redirects": _whole_at_least(0),
+        })
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> RuntimeConfig:
@@ -130,7 +110,7 @@ class RuntimeConfig:
         older version is installed (a Spark worker, a notebook that imported the package first).
 
         Raises:
-            ModelLoadError: A bad value.
+            ConfigError: A bad value (a ModelLoadError).
         """
         import logging
 
@@ -250,17 +230,12 @@ class ServeConfig:
     warmup: bool = True
 
     def __post_init__(self):
-        for name in ("port", "workers", "timeout", "max_body_bytes", "unhealthy_after", "request_threads"):
-            _require_positive_int(name, getattr(self, name))
-        if self.env_manager not in ENV_MANAGERS:
-            raise ModelLoadError(f"env_manager {self.env_manager!r} is not one of {ENV_MANAGERS}")
-        for name in ("metrics", "warmup"):
-            if not isinstance(getattr(self, name), bool):
-                raise ModelLoadError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("max_queue_seconds", "stall_seconds", "drain_seconds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
-                raise ModelLoadError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+        _check_fields(self, {
+            **dict.fromkeys(("port", "workers", "timeout", "max_body_bytes", "unhealthy_after", "request_threads"),
+                            _positive_int),
+            "env_manager": _one_of(ENV_MANAGERS), **dict.fromkeys(("metrics", "warmup"), _flag),
+            **dict.fromkeys(("max_queue_seconds", "stall_seconds", "drain_seconds"), _seconds_up_to_an_hour),
+        })
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (handed to the server's workers)."""
@@ -283,12 +258,7 @@ class EvaluateConfig:
     batch_size: int = 256
 
     def __post_init__(self):
-        templates = self.templates
-        if isinstance(templates, list):
-            object.__setattr__(self, "templates", tuple(templates))
-        if not self.templates or not all(is_template(t) for t in self.templates):
-            raise ModelLoadError(f"templates must be a non-empty list of strings with one '{{}}' each, got {templates!r}")
-        _require_positive_int("batch_size", self.batch_size)
+        _check_fields(self, {"templates": _templates, "batch_size": _positive_int})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,10 +280,7 @@ class ClassifierConfig:
     top_k: int = 3
 
     def __post_init__(self):
-        if isinstance(self.templates, list):
-            object.__setattr__(self, "templates", tuple(self.templates))
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ModelLoadError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+        _check_fields(self, {"templates": _as_tuple, "top_k": _whole_at_least(0)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,8 +323,7 @@ class IndexConfig:
         store = {name: getattr(self, name) for name in self.__dataclass_fields__
                  if name not in ("path", "url", "collection", "batch_rows")}
         object.__setattr__(self, "filter_fields", check_index_settings(**store))
-        if isinstance(self.batch_rows, bool) or not isinstance(self.batch_rows, int) or self.batch_rows < 1:
-            raise ModelLoadError(f"index.batch_rows must be a whole number >= 1, got {self.batch_rows!r}")
+        _check_fields(self, {"batch_rows": _whole_at_least(1)}, prefix="index.")
 
 
 INDEX_QUANTIZATIONS = ("none", "int8")
@@ -371,22 +337,21 @@ def check_index_settings(*, hnsw_m, hnsw_ef_construct, hnsw_ef, hnsw_payload_m, 
         `filter_fields` as a tuple, or None.
 
     Raises:
-        ModelLoadError: A setting out of range or of the wrong type.
+        ConfigError: A setting out of range or of the wrong type.
     """
     if quantization not in INDEX_QUANTIZATIONS:
-        raise ModelLoadError(f"index.quantization must be one of {INDEX_QUANTIZATIONS}, got {quantization!r}")
+        raise ConfigError(f"index.quantization must be one of {INDEX_QUANTIZATIONS}, got {quantization!r}")
     for name, value, least in (("hnsw_m", hnsw_m, 1), ("hnsw_ef_construct", hnsw_ef_construct, 1),
                                ("hnsw_ef", hnsw_ef, 1), ("hnsw_payload_m", hnsw_payload_m, 0),
                                ("full_scan_threshold_kb", full_scan_threshold_kb, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ModelLoadError(f"index.{name} must be a whole number >= {least}, got {value!r}")
+        _whole_at_least(least)(f"index.{name}", value)
     if isinstance(oversampling, bool) or not isinstance(oversampling, (int, float)) or oversampling < 1:
-        raise ModelLoadError(f"index.oversampling must be a number >= 1, got {oversampling!r}")
+        raise ConfigError(f"index.oversampling must be a number >= 1, got {oversampling!r}")
     if filter_fields is None:
         return None
     if isinstance(filter_fields, str) or not all(isinstance(f, str) for f in filter_fields):
-        raise ModelLoadError(f"index.filter_fields must be a list of payload field names (or null), got "
-                             f"{filter_fields!r}")
+        raise ConfigError(f"index.filter_fields must be a list of payload field names (or null), got "
+                          f"{filter_fields!r}")
     return tuple(filter_fields)
 
 
@@ -411,8 +376,7 @@ class AppConfig:
     api_key: str | None = None
 
     def __post_init__(self):
-        for name in ("port", "max_upload_bytes", "max_fields"):
-            _require_positive_int(name, getattr(self, name))
+        _check_fields(self, dict.fromkeys(("port", "max_upload_bytes", "max_fields"), _positive_int))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -445,7 +409,7 @@ def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] 
         The validated settings.
 
     Raises:
-        ModelLoadError: The file is missing or malformed, or a key or value is not allowed.
+        ConfigError: The file is missing or malformed, or a key or value is not allowed (a ModelLoadError).
     """
     data: dict[str, Any] = {}
     if path is None:
@@ -457,12 +421,12 @@ def load_settings(path: str | None = None, overrides: dict[str, dict[str, Any]] 
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ModelLoadError(f"could not read settings file {path}: {e}") from e
+            raise ConfigError(f"could not read settings file {path}: {e}") from e
         if not isinstance(data, dict):
-            raise ModelLoadError(f"settings file {path} must hold a mapping of sections {sorted(_SECTIONS)}")
+            raise ConfigError(f"settings file {path} must hold a mapping of sections {sorted(_SECTIONS)}")
     unknown = set(data) - set(_SECTIONS)
     if unknown:
-        raise ModelLoadError(f"unknown section(s) {sorted(unknown)} in {path}; allowed: {sorted(_SECTIONS)}")
+        raise ConfigError(f"unknown section(s) {sorted(unknown)} in {path}; allowed: {sorted(_SECTIONS)}")
     sections = {}
     for name, cls in _SECTIONS.items():
         values = dict(data.get(name) or {})
@@ -480,10 +444,97 @@ def _from_dict(cls, values: dict[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ModelLoadError(f"unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(names)}")
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(names)}")
     return cls(**values)
 
 
-def _require_positive_int(name: str, value: object) -> None:
+# ---------------------------------------------------------------- field checks, declared once
+# Each takes (name, value) and returns the value to keep (a list becomes a tuple), or raises ConfigError
+# naming the setting, the value and what is allowed. The dataclasses list theirs in __post_init__.
+
+
+def _check_fields(config, checks: dict[str, Any], prefix: str = "") -> None:
+    """Run each field's check on a frozen dataclass, keeping what the check returns."""
+    for name, check in checks.items():
+        value = getattr(config, name)
+        kept = check(prefix + name, value)
+        if kept is not value:
+            object.__setattr__(config, name, kept)
+
+
+def _positive_int(name: str, value: object):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelLoadError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _whole_at_least(least: int):
+    def check(name: str, value: object):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}")
+        return value
+    return check
+
+
+def _flag(name: str, value: object):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(name: str, value: object):
+        if value not in choices:
+            raise ConfigError(f"{name} {value!r} is not one of {choices}")
+        return value
+    return check
+
+
+def _optional(check):
+    return lambda name, value: value if value is None else check(name, value)
+
+
+def _number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _positive_seconds(name: str, value: object):
+    if not _number(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+    return value
+
+
+def _seconds_up_to_an_hour(name: str, value: object):
+    if not _number(value) or not 0 < value <= 3600:
+        raise ConfigError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+    return value
+
+
+def _batch_wait_ms(name: str, value: object):
+    if not _number(value) or not 0 <= value <= 1000:
+        raise ConfigError(f"{name} must be a number of milliseconds in [0, 1000], got {value!r}")
+    return value
+
+
+def _device(name: str, value: object):
+    if not (value in DEVICES or (isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit())):
+        raise ConfigError(f"{name} {value!r} is not one of {DEVICES} or 'cuda:N'")
+    return value
+
+
+def _as_tuple(name: str, value: object):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _host_names(name: str, value: object):
+    hosts = _as_tuple(name, value)
+    if not isinstance(hosts, tuple) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f"{name} must be a list of host names, got {hosts!r}")
+    return hosts
+
+
+def _templates(name: str, value: object):
+    templates = _as_tuple(name, value)
+    if not templates or not isinstance(templates, tuple) or not all(is_template(t) for t in templates):
+        raise ConfigError(f"{name} must be a non-empty list of strings with one '{{}}' each, got {value!r}")
+    return templates

@@ -41,12 +41,22 @@ def test_flags_override_file(tmp_path):
     ("runtime:\n  device: tpu\n", r"device 'tpu' is not one of"),
     ("runtime:\n  max_rows: -1\n", r"max_rows must be a positive integer, got -1"),
     ("- a list\n", r"must hold a mapping"),
+    ("serve:\n  drain_seconds: 0\n", r"drain_seconds must be a number of seconds in \(0, 3600\], got 0"),
+    ("serve:\n  warmup: 'no'\n", r"warmup must be true or false, got 'no'"),
+    ("index:\n  batch_rows: 0\n", r"index.batch_rows must be a whole number >= 1, got 0"),
+    ("evaluate:\n  templates: ['no slot']\n", r"templates must be a non-empty list of strings with one"),
+    ("classifier:\n  top_k: -2\n", r"top_k must be a whole number >= 0, got -2"),
+    ("app:\n  max_fields: 0\n", r"max_fields must be a positive integer, got 0"),
 ])
 def test_bad_settings_name_the_key(tmp_path, text, match):
+    """Every section's mistakes are a ConfigError (a ModelLoadError) naming the setting and the value."""
+    from clip_pyfunc.errors import ConfigError
+
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    with pytest.raises(ModelLoadError, match=match):
+    with pytest.raises(ConfigError, match=match) as e:
         load_settings(str(path))
+    assert isinstance(e.value, ModelLoadError)
 
 
 def test_runtime_config_round_trips():
