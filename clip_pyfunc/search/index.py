@@ -274,7 +274,7 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
               "rows_without_id": no_id[:20], "repeated_ids": len(repeated), "rows_with_repeated_id": repeated[:20],
               "added": after - before, "updated": indexed - (after - before),
               "points": after, "filter_fields": filter_fields, "payload_fields": fields}
-    recorded = getattr(store, "build", None)  # an embedded store's settings, fixed when it was created
+    recorded = store.created_with()  # an embedded store's settings, fixed when it was created
     if recorded is not None and recorded != build_settings(store.config):
         report["note"] = (f"the collection keeps the settings it was created with, {recorded}; index.* asks for "
                           f"{build_settings(store.config)}: index into a new --collection to use them")

@@ -248,6 +248,16 @@ class Store(ABC):
         """Whether a filter on a boolean field can match here (see `BOOL_KEY`)."""
         return True
 
+    def filter_fields(self) -> dict[str, str]:
+        """The payload fields indexed for filters, field -> `PAYLOAD_TYPES`, as this store records them
+        ({} where it records none: a server's collection)."""
+        return {}
+
+    def created_with(self) -> dict[str, Any] | None:
+        """The build settings (`build_settings`) the collection was created with, where the store records
+        them (an embedded one); None elsewhere."""
+        return None
+
     @abstractmethod
     def query(self, vector, k: int, filters: Filters | None = None, score_threshold: float | None = None) -> list[Hit]:
         """The k nearest items to `vector` (float32 [dim]) by cosine, best first."""
@@ -409,6 +419,12 @@ class EdgeStore(Store):
         """The payload fields indexed for filters: field -> `PAYLOAD_TYPES`."""
         self._need()
         return dict(self._meta.get("payload_indexes", {}))
+
+    def filter_fields(self) -> dict[str, str]:
+        return self.payload_indexes
+
+    def created_with(self) -> dict[str, Any] | None:
+        return self.build
 
     def payload_fields(self) -> dict[str, str] | None:
         self._need()
@@ -764,7 +780,7 @@ def copy_store(source: Store, target: Store, *, batch: int = 1024, progress: boo
         copied += len(items)
         bar.update(len(items))
     bar.close()
-    target.finish(source.payload_indexes if isinstance(source, EdgeStore) else {}, source.payload_fields())
+    target.finish(source.filter_fields(), source.payload_fields())
     return {"collection": target.collection, "from": source.where, "to": target.where, "copied": copied,
             "points": target.count()}
 
