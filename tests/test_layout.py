@@ -138,6 +138,16 @@ def test_light_imports_stay_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_apps_routes_ask_the_service_and_never_reach_into_a_model():
+    """serving.app's routes and serving.openai_api go through serving.service.EmbeddingService; the app's one
+    unwrap sets the metrics observer on each model (serving.metrics.watch), which is not a route."""
+    routes = {name: open(os.path.join(ROOT, "clip_pyfunc", "serving", f"{name}.py")).read()
+              for name in ("app", "openai_api")}
+    assert "unwrap_python_model" not in routes["openai_api"]
+    lines = [line for line in routes["app"].splitlines() if "unwrap_python_model" in line]
+    assert len(lines) == 1 and "watch(" in lines[0], lines
+
+
 def test_the_cli_builds_its_parser_without_the_benchmarks_or_heavy_libraries():
     """`clip-pyfunc --help` (and every command's parsing) imports no benchmark module and no heavy library."""
     code = ("import sys; from clip_pyfunc.cli.parser import build_parser; build_parser(); "

@@ -250,7 +250,10 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
     from clip_pyfunc.serving.serve import serving_limits, warm_up
 
+    from clip_pyfunc.serving.service import EmbeddingService
+
     serve = serve or ServeConfig()
+    service = EmbeddingService(loaded)  # the routes ask it, never a model
     lifecycle = Lifecycle()
 
     @contextlib.asynccontextmanager
@@ -318,9 +321,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
                 "api_key_required": bool(config.api_key),  # the page then shows its key field
                 "models": loaded.uris, "index": index, "no_index": loaded.no_index,
-                "runtime": {kind: model.unwrap_python_model().runtime_summary()
-                            for kind, model in (("text", loaded.text), ("image", loaded.image))},
-                "no_classifier": loaded.no_classifier}
+                "runtime": service.runtime(), "no_classifier": loaded.no_classifier}
 
     @app.post("/embeddings")
     async def embeddings(request: Request):
@@ -334,9 +335,9 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         texts = {k: v for k, v in fields.items() if isinstance(v, str)}
         images = {k: v for k, v in fields.items() if isinstance(v, bytes)}
         out = {}
-        for group, model in ((texts, loaded.text), (images, loaded.image)):
+        for group, kind in ((texts, "text"), (images, "image")):
             if group:
-                vectors, errors = await run_in_threadpool(model.unwrap_python_model().embed_rows, list(group.values()))
+                vectors, errors = await run_in_threadpool(service.embed, kind, list(group.values()))
                 names = list(group)
                 if errors:
                     raise _Refused(400, errors[0].reason, names[errors[0].row])
@@ -353,10 +354,10 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         _known_fields(fields, ("image", "top_k"))
         top_k = _int_field(fields, "top_k", 3)
         try:
-            result = await run_in_threadpool(loaded.classifier.predict, [image], params={"top_k": top_k})
+            labels, scores = await run_in_threadpool(service.classify, image, top_k)
         except MlflowException as e:
             raise _refusal(e, "image") from e
-        top = [{"label": label, "score": float(score)} for label, score in zip(result["labels"][0], result["scores"][0])]
+        top = [{"label": label, "score": score} for label, score in zip(labels, scores)]
         return {"top_categories": top, "request_id": request.state.request_id}
 
     @app.post("/search")
@@ -377,7 +378,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         if filters is not None and not (isinstance(filters, list) and all(isinstance(f, str) for f in filters)):
             raise _Refused(400, "filters are key=value strings", "filter")
         try:
-            hits = await run_in_threadpool(loaded.searcher.search, **query, k=k, filters=filters)
+            hits = await run_in_threadpool(service.search, **query, k=k, filters=filters)
         except (InvalidInput, MlflowException) as e:
             raise _refusal(e, next(iter(query))) from e
         for hit in hits:
@@ -391,11 +392,11 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
         if loaded.searcher is None:
             raise _Refused(404, loaded.no_index or "no index", ID_KEY)
-        data = await run_in_threadpool(_thumbnail, loaded.searcher, item_id, loaded.image)
+        data = await run_in_threadpool(_thumbnail, loaded.searcher, item_id, service.image_limits)
         return Response(data, media_type="image/jpeg")
 
     from clip_pyfunc.serving.openai_api import add_routes
-    add_routes(app, loaded, config)
+    add_routes(app, service, loaded.uris, config)
     return app
 
 
@@ -431,8 +432,8 @@ def _openai_error(status: int, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
-def _thumbnail(searcher, item_id: str, image_model) -> bytes:
-    """Decode an indexed item's file with the image model's own decoder and limits; a 160 px JPEG."""
+def _thumbnail(searcher, item_id: str, limits) -> bytes:
+    """Decode an indexed item's file with the image model's own decoder and `limits`; a 160 px JPEG."""
     from clip_pyfunc.stages.decode import open_image
     from clip_pyfunc.search.store import ID_KEY
 
@@ -440,7 +441,6 @@ def _thumbnail(searcher, item_id: str, image_model) -> bytes:
     path = (found[0].payload or {}).get("path") if found else None
     if not isinstance(path, str):
         raise _Refused(404, f"no indexed item {item_id!r} with a local path", ID_KEY)
-    limits = image_model.unwrap_python_model().limits
     try:
         with open(path.removeprefix("file:"), "rb") as f:
             data = f.read(limits.max_bytes + 1)

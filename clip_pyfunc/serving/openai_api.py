@@ -1,7 +1,8 @@
 """OpenAI's embeddings API over the app's text and image models: `POST /v1/embeddings` and `GET /v1/models`.
 
 An edge like the rest of the app: it reads the request, sorts each input into text or image, and
-calls the loaded models' own `embed_rows`; it decodes nothing itself. Clients written for OpenAI
+asks the app's embedding service (serving.service), which calls the loaded models' own `embed_rows`;
+it decodes nothing itself. Clients written for OpenAI
 (the `openai` Python client with `base_url=".../v1"`, LangChain, LlamaIndex) then get this
 model's vectors. Both towers share one embedding space, so one request may mix texts and images:
 
@@ -83,7 +84,7 @@ def encode_vector(vector, encoding_format: str):
     return vector.tolist()
 
 
-def add_routes(app, loaded, config) -> None:
+def add_routes(app, service, uris: dict[str, str | None], config) -> None:
     """Register `POST /v1/embeddings`, `GET /v1/models` and the handler of their errors on the app.
 
     Usage counts the tokens the text tower reads for each text (special tokens included, after
@@ -95,20 +96,18 @@ def add_routes(app, loaded, config) -> None:
 
     Args:
         app: The FastAPI app (serving.app.create_app).
-        loaded: The loaded models (serving.app.Loaded): `text`, `image`, `uris`.
+        service: The app's serving.service.EmbeddingService (the routes ask it, never a model).
+        uris: The loaded models' URIs ({"text", "image", ...}), for the names `model` accepts.
         config: The app's settings (settings.AppConfig): max_upload_bytes, max_fields.
     """
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool  # model calls block: keep them off the event loop
 
-    names = accepted_names(loaded.uris)
-    text_model, image_model = loaded.text.unwrap_python_model(), loaded.image.unwrap_python_model()
-    dim = text_model.embedding_dim
-    max_items = text_model.config.max_rows
+    names = accepted_names(uris)
+    dim, max_items, urls_on = service.embedding_dim, service.max_items, service.urls_on
     item_limit = -(-config.max_upload_bytes // 3) * 4  # base64 of max_upload_bytes
     body_limit = item_limit * config.max_fields + 64 * 1024
-    urls_on = image_model.url_policy is not None
 
     @app.exception_handler(OpenAIError)
     async def refused(request: Request, e: OpenAIError):
@@ -136,10 +135,10 @@ def add_routes(app, loaded, config) -> None:
         kinds = [input_kind(v, urls_on) for v in values]
         vectors: list[Any] = [None] * len(values)
         tokens = 0
-        for kind, tower in (("image", image_model), ("text", text_model)):  # images fail more often: first
+        for kind in ("image", "text"):  # images fail more often: first
             rows = [i for i, k in enumerate(kinds) if k == kind]
             if rows:
-                got, counted = await run_in_threadpool(_embed, tower, [values[i] for i in rows], rows, kind,
+                got, counted = await run_in_threadpool(_embed, service, [values[i] for i in rows], rows, kind,
                                                         urls_on)
                 tokens += counted
                 for row, vector in zip(rows, got):
@@ -149,7 +148,7 @@ def add_routes(app, loaded, config) -> None:
                 "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def _embed(model, values: list[str], rows: list[int], kind: str, urls_on: bool):
+def _embed(service, values: list[str], rows: list[int], kind: str, urls_on: bool):
     """(float32 vectors, tokens read) of one tower's inputs, `rows` their places in `input`.
 
     Raises:
@@ -161,8 +160,8 @@ def _embed(model, values: list[str], rows: list[int], kind: str, urls_on: bool):
     from clip_pyfunc.errors import InvalidInput
 
     try:
-        vectors, errors = model.embed_rows(values, normalize=model.config.normalize, stop_on_error=True)
-        tokens = _count_tokens(model, values) if kind == "text" and not errors else 0
+        vectors, errors = service.embed(kind, values)
+        tokens = service.count_tokens(values) if kind == "text" and not errors else 0
     except (InvalidInput, MlflowException) as e:
         raise OpenAIError(400, f"the {kind} model refused the input: {getattr(e, 'message', None) or e}",
                           "input", "invalid_input") from e
@@ -171,13 +170,6 @@ def _embed(model, values: list[str], rows: list[int], kind: str, urls_on: bool):
         raise OpenAIError(400, f"input[{rows[errors[0].row]}] ({kind}): {errors[0].reason}{more}; "
                                f"{_allowed(urls_on)}", "input", "invalid_input")
     return vectors, tokens
-
-
-def _count_tokens(model, texts: list[str]) -> int:
-    """Tokens the text tower reads for `texts`: the model's own tokenizer and truncation."""
-    from clip_pyfunc.stages.preprocess import tokenize
-
-    return sum(len(ids) for ids in tokenize(model.tokenizer, texts, model.text_spec) if isinstance(ids, list))
 
 
 def _allowed(urls_on: bool) -> str:
