@@ -17,8 +17,6 @@ import logging
 import os
 import re
 import secrets
-import signal
-import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,16 +256,8 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        """From SIGTERM on, /health answers 503; uvicorn then lets accepted requests finish
-        (serve.drain_seconds) and exits. Its own handler is installed by now: this wraps it."""
-        previous = signal.getsignal(signal.SIGTERM)
-        if threading.current_thread() is threading.main_thread() and callable(previous):  # under uvicorn
-
-            def handle(sig, frame):
-                lifecycle.draining = True
-                previous(sig, frame)
-
-            signal.signal(signal.SIGTERM, handle)
+        """From SIGTERM on, /health answers 503 (uvicorn's own handler is installed by now)."""
+        lifecycle.drain_on_sigterm()
         yield
 
     app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None, lifespan=lifespan)
@@ -285,7 +275,6 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
                        error_body={"": _app_error, "/v1/": _openai_error}, model_paths=_MODEL_PATHS,
                        max_requests=serve.request_threads, lifecycle=lifecycle)
     app.add_middleware(_RequestContext, api_key=config.api_key)
-    app.state.lifecycle = lifecycle
 
     @app.exception_handler(_Refused)
     async def refused(request: Request, e: _Refused):

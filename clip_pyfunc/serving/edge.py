@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -68,6 +71,22 @@ class Lifecycle:
 
     def __init__(self):
         self.draining = False
+
+    def drain_on_sigterm(self) -> None:
+        """From SIGTERM on, say the server is draining, then hand the signal to the handler installed before
+        (uvicorn's: it stops accepting, lets accepted requests finish within timeout_graceful_shutdown,
+        serve.drain_seconds, and exits). Call it once uvicorn's handler is in place (its app factory or
+        lifespan); outside the main thread, or with no handler to wrap, it does nothing."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            return
+
+        def handle(sig, frame):
+            self.draining = True
+            logging.getLogger(__name__).warning("SIGTERM: draining; readiness answers 503")
+            previous(sig, frame)
+
+        signal.signal(signal.SIGTERM, handle)
 
 
 class Edge:

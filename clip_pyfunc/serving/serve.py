@@ -60,13 +60,14 @@ def serve_env(config: ServeConfig, environ: dict[str, str] | None = None) -> dic
     return env
 
 
-def scoring_app(model, config: ServeConfig, executor=None):
+def scoring_app(model, config: ServeConfig, executor=None, lifecycle=None):
     """MLflow's scoring app for a loaded pyfunc model, behind the edge (ASGI).
 
     Args:
         model: A loaded mlflow.pyfunc.PyFuncModel.
         config: Serve settings (max_body_bytes, unhealthy_after, metrics, warmup...).
         executor: The thread pool that runs the requests' `predict` (for the warm-up; see `warm_up`).
+        lifecycle: The worker's serving.edge.Lifecycle (readiness 503 while draining); None: never drains.
     """
     from mlflow.pyfunc import scoring_server
 
@@ -89,9 +90,9 @@ def scoring_app(model, config: ServeConfig, executor=None):
         not tower else None  # a text model's input, the combined model's text column
     scoring = Scoring(paths=("/invocations",), params=frozenset(p.name for p in schema.params) if schema else
                       frozenset(), text_column=text_column)
-    engines = [e for e in health.engines]  # the model's shared engines (watch found them)
+    engines = health.engines  # the model's shared engines (watch found them)
     return Edge(app, max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
-                paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=LIFECYCLE,
+                paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=lifecycle,
                 admission=lambda: next((r for e in engines if (r := e.refusal()) is not None), None))
 
 
@@ -100,29 +101,6 @@ def serving_limits(config: ServeConfig):
     from clip_pyfunc.runtime.batching import ServingLimits
 
     return ServingLimits(max_queue_s=float(config.max_queue_seconds), stall_floor_s=float(config.stall_seconds))
-
-
-# This process's lifecycle: draining from SIGTERM on (see `_drain_on_sigterm`).
-LIFECYCLE = None
-
-
-def _drain_on_sigterm():
-    """Readiness answers 503 from SIGTERM on. uvicorn's own handler (installed before the factory runs) then
-    stops accepting, lets accepted requests finish within timeout_graceful_shutdown (serve.drain_seconds)
-    and exits: this wraps it, in each worker."""
-    from clip_pyfunc.serving.edge import Lifecycle
-
-    global LIFECYCLE
-    LIFECYCLE = Lifecycle()
-    lifecycle, previous = LIFECYCLE, signal.getsignal(signal.SIGTERM)
-
-    def handle(sig, frame):
-        lifecycle.draining = True
-        log.warning("SIGTERM: draining; readiness answers 503")
-        if callable(previous):
-            previous(sig, frame)
-
-    signal.signal(signal.SIGTERM, handle)
 
 
 def _supervise(config) -> None:
@@ -253,16 +231,19 @@ def create_app():
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
+    from clip_pyfunc.serving.edge import Lifecycle
+
     config = ServeConfig(**json.loads(os.environ[_CONFIG_ENV]))
     # MLflow runs each predict in asyncio's default executor (asyncio.to_thread): min(32, cores + 4)
     # threads, 6 on 2 cores, would cap how many requests can share a forward. uvicorn calls this
     # factory inside its running loop.
     executor = ThreadPoolExecutor(max_workers=config.request_threads, thread_name_prefix="clip-predict")
     asyncio.get_running_loop().set_default_executor(executor)
-    _drain_on_sigterm()
+    lifecycle = Lifecycle()
+    lifecycle.drain_on_sigterm()  # uvicorn installed its handler before calling this factory
     # MLflow's own loader: it honours SERVING_MODEL_CONFIG, as `mlflow models serve` does.
     model = scoring_server.load_model_with_mlflow_config(os.environ[_MODEL_PATH_ENV])
-    return scoring_app(model, config, executor)
+    return scoring_app(model, config, executor, lifecycle)
 
 
 def serve(model_uri: str, config: ServeConfig) -> None:
