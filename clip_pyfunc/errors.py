@@ -56,8 +56,11 @@ class ModelLoadError(ClipPyfuncError):
 class Unavailable(ClipPyfuncError):
     """A served request was not run, for a reason that is neither the caller's input nor a model failure.
 
-    Subclasses say why; a server answers each with its own status (serving edges, models.request).
+    Subclasses say why, and the HTTP status a server answers with (`http_status`: serving edges,
+    models.request).
     """
+
+    http_status = 503
 
 
 class Overloaded(Unavailable):
@@ -66,6 +69,8 @@ class Overloaded(Unavailable):
     Attributes:
         retry_after: Seconds after which the work waiting now should be done (for `Retry-After`).
     """
+
+    http_status = 429
 
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
@@ -77,7 +82,10 @@ class ForwardStalled(Unavailable):
 
 
 class RequestCancelled(Unavailable):
-    """The request's client went away or was answered already (its 504), so its rows were dropped."""
+    """The request's client went away or was answered already (its 504), so its rows were dropped (HTTP 499,
+    nginx's "client closed request": nobody reads it)."""
+
+    http_status = 499
 
 
 class ConfigError(ModelLoadError):

@@ -11,7 +11,7 @@ import contextlib
 import os
 from typing import Any
 
-from clip_pyfunc.errors import ForwardStalled, InvalidInput, Overloaded, Unavailable, preview
+from clip_pyfunc.errors import InvalidInput, Overloaded, Unavailable, preview
 
 INPUT_COLUMN = "input"
 # The columns of a table job's output (Spark's embed-table, read back by search.index): the vector
@@ -42,7 +42,7 @@ def invalid_input_as_400():
     except Unavailable as e:  # a server's guards (runtime.batching): 429, 503, or a request nobody waits for
         if isinstance(e, Overloaded) and (state := current_request.get()) is not None:
             state.retry_after = e.retry_after  # the edge sends it as Retry-After
-        code = {Overloaded: RESOURCE_EXHAUSTED, ForwardStalled: TEMPORARILY_UNAVAILABLE}.get(type(e), CANCELLED)
+        code = {429: RESOURCE_EXHAUSTED, 503: TEMPORARILY_UNAVAILABLE, 499: CANCELLED}[e.http_status]
         raise MlflowException(str(e), error_code=code) from e
     except MlflowException:
         raise

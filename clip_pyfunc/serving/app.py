@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clip_pyfunc.artifacts.checkpoint import weights_caveat
-from clip_pyfunc.errors import ForwardStalled, InvalidInput, Overloaded, Unavailable
+from clip_pyfunc.errors import ForwardStalled, InvalidInput, Overloaded, RequestCancelled, Unavailable
 from clip_pyfunc.serving.payload import RequestRefused, parse_content_type
 from clip_pyfunc.settings import AppConfig, IndexConfig, ServeConfig
 
@@ -287,7 +287,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
     async def unavailable(request: Request, e: Unavailable):
         """The engine's guards (runtime.batching): 429 with Retry-After, 503 for a stuck forward, 499 for a
         request whose client is gone."""
-        status = 429 if isinstance(e, Overloaded) else 503 if isinstance(e, ForwardStalled) else 499
+        status = e.http_status
         headers = {"Retry-After": str(e.retry_after)} if isinstance(e, Overloaded) else {}
         body = (json.loads(_openai_error(status, str(e))) if request.url.path.startswith("/v1/") else
                 {"error": {"message": str(e)}, "request_id": request.state.request_id})
@@ -391,13 +391,14 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
 _METRIC_PATHS = ("/", "/health", "/embeddings", "/classify", "/search", "/v1/embeddings", "/v1/models")
 _MODEL_PATHS = ("/embeddings", "/classify", "/search", "/v1/embeddings")  # requests that run a model
+_GUARD_STATUSES = frozenset(kind.http_status for kind in (Overloaded, ForwardStalled, RequestCancelled))
 
 
 def _refusal(e: Exception, field: str) -> "_Refused":
     """A model's refusal as the app's: MLflow's 429, 503 and 499 (the engine's guards) keep their status,
     the rest (the caller's input) is a 400."""
     status = e.get_http_status_code() if hasattr(e, "get_http_status_code") else 400
-    return _Refused(status if status in (429, 499, 503) else 400, _reason(e), field)
+    return _Refused(status if status in _GUARD_STATUSES else 400, _reason(e), field)
 
 
 def _known_fields(fields: dict[str, Any], allowed: tuple[str, ...]) -> None:

@@ -226,11 +226,9 @@ class Edge:
                 await self._refuse(send, path, e)
                 return
             if self.admission is not None and (unavailable := self.admission()) is not None:
-                retry = getattr(unavailable, "retry_after", None)
-                await _respond(send, 503 if retry is None else 429,
-                               self._body_for(path, 503 if retry is None else 429, str(unavailable)),
-                               "application/json", extra=[] if retry is None else [(b"retry-after",
-                                                                                   str(retry).encode())])
+                status, retry = unavailable.http_status, getattr(unavailable, "retry_after", None)
+                await _respond(send, status, self._body_for(path, status, str(unavailable)), "application/json",
+                               extra=[] if retry is None else [(b"retry-after", str(retry).encode())])
                 return
             scope = _with_body(scope, body, content_type)
             replay = _Replay(receive, body, state)
