@@ -98,7 +98,11 @@ def check_request(state: RequestState | None = None) -> None:
     """Raise RequestCancelled when the current request (or `state`) was abandoned; cheap, call it per row."""
     state = state if state is not None else current_request.get()
     if state is not None and state.reason is not None:
-        raise RequestCancelled(f"request dropped: {state.reason}")
+        raise _dropped(state)
+
+
+def _dropped(state: RequestState) -> RequestCancelled:
+    return RequestCancelled(f"request dropped: {state.reason}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,8 +212,7 @@ class SharedForwards:
         self._forming = False
         self._free_since = time.perf_counter()  # when the last forward ended
         self._shared = 1.0  # calls per forward lately (a moving average): above 1, requests arrive together
-        self._callers = 0  # callers inside the model (see `caller`)
-        self._inside: list[tuple[int, RequestState | None]] = []  # their rows and requests
+        self._inside: list[tuple[int, RequestState | None]] = []  # callers inside the model: rows, request
         self._running_since: float | None = None  # when the running forward started
         self._running_rows = 0
         self._row_s: float | None = None  # seconds per row of a forward, a moving average (None: none yet)
@@ -239,13 +242,11 @@ class SharedForwards:
         entry = (rows, request)
         with self._cond:
             self._admit(rows)
-            self._callers += 1
             self._inside.append(entry)
         try:
             yield
         finally:
             with self._cond:
-                self._callers -= 1
                 self._inside.remove(entry)
                 self._cond.notify_all()
 
@@ -355,8 +356,7 @@ class SharedForwards:
                 if job.done:
                     return None
                 queued = job in self._queue
-                error = (RequestCancelled(f"request dropped: {job.request.reason}")
-                         if queued and job.request is not None and job.request.cancelled else None)
+                error = _dropped(job.request) if queued and job.request is not None and job.request.cancelled else None
                 if error is None and guarded and (stalled := self._stalled_by()) is not None:
                     error = ForwardStalled(stalled)  # queued behind the stuck forward, or in it
                 if error is not None:
@@ -391,7 +391,7 @@ class SharedForwards:
                 # Counted from when the engine could take the batch, not from when the oldest call queued
                 # (it may have waited through a whole forward already).
                 left = max(head.queued, self._free_since) + self.wait_s - time.perf_counter()
-                decoding = self._callers > len(self._queue)
+                decoding = len(self._inside) > len(self._queue)
                 busy = self._shared > _BUSY
                 if rows >= self.max_rows or left <= 0 or not (decoding or busy):
                     for taken in batch:
@@ -409,7 +409,7 @@ class SharedForwards:
         for job in [job for job in self._queue if job.request is not None and job.request.cancelled]:
             self._queue.remove(job)
             self.dropped += 1
-            job.error, job.done = RequestCancelled(f"request dropped: {job.request.reason}"), True
+            job.error, job.done = _dropped(job.request), True
         self._cond.notify_all()
 
     def _run(self, batch: list[_Job]) -> None:
