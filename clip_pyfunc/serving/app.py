@@ -574,9 +574,8 @@ def run(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None) -> 
         log.warning("binding %s: the app is reachable from the network%s", config.host,
                     "" if config.api_key else " and has no API key (--api-key)")
     serve = serve or ServeConfig()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # what an earlier run left there is not this run's
-        from clip_pyfunc.serving.metrics import clear_multiprocess_dir
+    from clip_pyfunc.serving.metrics import clear_multiprocess_dir
 
-        clear_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    clear_multiprocess_dir()  # what an earlier run left there is not this run's
     uvicorn.run(create_app(loaded, config, serve), host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=serve.drain_seconds)

@@ -107,9 +107,13 @@ def forget_dead_workers(folder: str) -> list[int]:
     return sorted(gone)
 
 
-def clear_multiprocess_dir(folder: str) -> None:
-    """Remove every metrics file of an earlier run from a multiprocess folder (prometheus_client's own
-    rule: the folder is wiped between runs). Only its `*.db` files: an operator's folder may hold others."""
+def clear_multiprocess_dir() -> None:
+    """Remove every metrics file of an earlier run from the PROMETHEUS_MULTIPROC_DIR the operator set, if any
+    (prometheus_client's own rule: the folder is wiped between runs). Only its `*.db` files: an operator's
+    folder may hold others."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
     for name in os.listdir(folder):
         if _DB_FILE.match(name):
             os.remove(os.path.join(folder, name))

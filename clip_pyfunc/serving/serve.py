@@ -265,12 +265,11 @@ def serve(model_uri: str, config: ServeConfig) -> None:
     os.environ[_MODEL_PATH_ENV] = path
     os.environ[_CONFIG_ENV] = json.dumps(config.to_dict())
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(config.timeout)
-    made = None
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the operator's: what an earlier run left is not this run's
-        from clip_pyfunc.serving.metrics import clear_multiprocess_dir
+    from clip_pyfunc.serving.metrics import clear_multiprocess_dir
 
-        clear_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    elif config.workers > 1 and config.metrics:
+    made = None
+    clear_multiprocess_dir()  # the operator's folder: what an earlier run left is not this run's
+    if config.workers > 1 and config.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clip-pyfunc-metrics-")
     try:
         if config.workers > 1:
