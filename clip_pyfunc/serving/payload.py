@@ -21,13 +21,13 @@ import codecs
 import zlib
 
 from clip_pyfunc.errors import InvalidInput, combine_row_errors
+from clip_pyfunc.models.request import INPUT_COLUMN
 
 # The media types MLflow's scoring server parses (mlflow.pyfunc.scoring_server.CONTENT_TYPES).
 SCORING_MEDIA_TYPES = ("application/json", "text/csv", "application/vnd.apache.parquet")
 # Content codings the edge inflates (RFC 9110 8.4.1); identity is no coding.
 CODINGS = ("gzip", "x-gzip", "deflate", "identity")
 _PAYLOAD_FORMS = ("dataframe_split", "dataframe_records", "inputs", "instances")
-INPUT_COLUMN = "input"
 
 
 class RequestRefused(Exception):

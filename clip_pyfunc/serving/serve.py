@@ -71,7 +71,6 @@ def scoring_app(model, config: ServeConfig, executor=None, lifecycle=None):
     """
     from mlflow.pyfunc import scoring_server
 
-    from clip_pyfunc.models.combined import TEXT_COLUMN
     from clip_pyfunc.serving.edge import Edge, Scoring
     from clip_pyfunc.serving.metrics import Health, Metrics, watch
 
@@ -85,15 +84,23 @@ def scoring_app(model, config: ServeConfig, executor=None, lifecycle=None):
     if metrics is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         health.keep_fresh()
     schema = model.metadata.get_params_schema()
-    tower = getattr(python_model, "tower", "")
-    text_column = "input" if tower == "text" else TEXT_COLUMN if getattr(python_model, "text", None) is not None and \
-        not tower else None  # a text model's input, the combined model's text column
     scoring = Scoring(paths=("/invocations",), params=frozenset(p.name for p in schema.params) if schema else
-                      frozenset(), text_column=text_column)
+                      frozenset(), text_column=_text_column(python_model))
     engines = health.engines  # the model's shared engines (watch found them)
     return Edge(app, max_body_bytes=config.max_body_bytes, metrics=metrics, health=health,
                 paths=_SCORING_PATHS, scoring=scoring, max_requests=config.request_threads, lifecycle=lifecycle,
                 admission=lambda: next((r for e in engines if (r := e.refusal()) is not None), None))
+
+
+def _text_column(python_model) -> str | None:
+    """The column a model embeds as text: a text model's input, the combined model's `text`; None else."""
+    from clip_pyfunc.models.combined import TEXT_COLUMN
+    from clip_pyfunc.models.request import INPUT_COLUMN
+
+    tower = getattr(python_model, "tower", "")  # the combined model has none: it holds both towers
+    if tower == "text":
+        return INPUT_COLUMN
+    return TEXT_COLUMN if not tower and getattr(python_model, "text", None) is not None else None
 
 
 def serving_limits(config: ServeConfig):
