@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clip_pyfunc.errors import ConfigError
+from clip_pyfunc.runtime.engines import ENGINES as _ENGINE_CLASSES
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("default", "auto", "fp32", "bf16", "fp16", "int8")
-ENGINES = ("auto", "torch", "openvino")
+ENGINES = ("auto", *_ENGINE_CLASSES)
 ENV_MANAGERS = ("local", "uv", "virtualenv", "conda")
 DEFAULT_CONF_PATH = os.path.join("conf", "clip_pyfunc.yaml")
 CONF_ENV = "CLIP_PYFUNC_CONF"  # a settings file to read instead of conf/clip_pyfunc.yaml
@@ -167,6 +168,9 @@ class RegistryConfig:
             held-out calibration images (registry.quantize).
         calibration_data: int8's calibration images: a directory of image files or a Parquet table;
             None uses the built-in samples. At most 300 are read.
+        engines: Export each engine's files (OpenVINO IR) and measure every engine and precision
+            against the reference at registration. False registers for the reference engine alone
+            (torch; `default` is then fp32): quicker, for trials and the test suite's shared models.
     """
 
     text_name: str = "clip_text_embedding"
@@ -178,6 +182,11 @@ class RegistryConfig:
     azure_compatible: bool = False
     int8: bool = False
     calibration_data: str | None = None
+    engines: bool = True
+
+    def __post_init__(self):
+        _check_fields(self, dict.fromkeys(("with_combined", "azure_compatible", "int8", "engines"), _flag),
+                      prefix="registry.")
 
 
 @dataclass(frozen=True, kw_only=True)

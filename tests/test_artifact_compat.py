@@ -22,7 +22,8 @@ def _info() -> CheckpointInfo:
                      mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
     return CheckpointInfo(family="clip", embedding_dim=512, scoring="softmax", scale=100.0, bias=0.0,
                           context_length=77, pad_to=None, lowercase=True, attention_mask=True,
-                          precision_cosine={"bf16": 0.999}, openvino_fallback={"image": "why"},
+                          fidelity={"torch": {"bf16": 0.999}, "openvino": {"fp32": 1.0}},
+                          unavailable={"openvino": {"image": "why"}},
                           pad_id=49407, tokenizer="tokenizers",
                           image_spec=json.loads(json.dumps(spec.to_dict())))  # as stored: lists
 
@@ -58,6 +59,22 @@ def test_unknown_fields_are_ignored_with_one_warning_naming_them(tmp_path, caplo
     assert INFO_FILE in message
     for name in ("quantization", "family_revision", "image_spec.antialias_v2"):
         assert name in message
+
+
+def test_a_description_written_before_the_fidelity_table_reads_into_it(tmp_path, caplog):
+    """Artifacts from before issue 37 kept one field per engine; they load, with nothing lost and no warning."""
+    info = _info()
+    info.write(str(tmp_path))
+    path = tmp_path / INFO_FILE
+    record = json.loads(path.read_text())
+    for name in ("fidelity", "unavailable"):
+        del record[name]
+    record |= {"precision_cosine": {"bf16": 0.999}, "openvino_cosine": {"fp32": 1.0},
+               "openvino_fallback": {"image": "why"}}
+    path.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert CheckpointInfo.read(str(tmp_path)) == info
+    assert _warnings(caplog) == []
 
 
 def test_without_image_spec_and_with_missing_fields(tmp_path):

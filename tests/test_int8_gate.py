@@ -102,12 +102,13 @@ def test_the_hold_out_is_at_least_min_held_out_where_the_set_allows():
 def tiny_towers(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint exported to tower artifacts with OpenVINO IR, as registration does."""
     from clip_pyfunc.artifacts.checkpoint import resolve_checkpoint
-    from clip_pyfunc.artifacts.openvino import export_openvino
-    from clip_pyfunc.artifacts.towers import export_towers
+    from clip_pyfunc.artifacts.towers import export_engine_files, export_towers
+    from clip_pyfunc.registry.precision import reference_models
 
     checkpoint = resolve_checkpoint(tiny_checkpoint)
     info, towers = export_towers(checkpoint, str(tmp_path_factory.mktemp("towers")))
-    return checkpoint, export_openvino(info, towers), towers
+    references = {tower: model.engine.engine for tower, model in reference_models(towers, "cpu").items()}
+    return checkpoint, export_engine_files(info, towers, references), towers
 
 
 def test_a_uniform_calibration_set_is_named_at_registration(tiny_towers, tmp_path):
@@ -122,7 +123,8 @@ def test_a_uniform_calibration_set_is_named_at_registration(tiny_towers, tmp_pat
     assert "too uniform to judge" in note and "on 8 held-out calibration images" in note, note
     assert "48 shipped varied images" in note
     offered = note.startswith("offered")  # however the tiny random model fares, the three agree
-    assert offered == ("int8" not in got.openvino_fallback) == (got.openvino_cosine["int8"] >= INT8_OFFER_COSINE)
+    assert offered == ("int8" not in got.unavailable["openvino"]) == (
+        got.fidelity["openvino"]["int8"] >= INT8_OFFER_COSINE)
     # Registration's to report (summary, tags); not in the artifact, whose previous reader fails on a new field.
     assert CheckpointInfo.read(towers["image"]).measurement_notes == {}
     assert "measurement_notes" not in json.loads(open(os.path.join(towers["image"], INFO_FILE)).read())
@@ -131,27 +133,29 @@ def test_a_uniform_calibration_set_is_named_at_registration(tiny_towers, tmp_pat
 def test_a_pair_whose_measurement_raised_is_named_and_never_the_default(tiny_towers, monkeypatch):
     from clip_pyfunc.artifacts.towers import CheckpointInfo
     from clip_pyfunc.registry import precision
-    from clip_pyfunc.registry.publish import engines_summary, model_metadata
+    from clip_pyfunc.registry.build import describe_engines
+    from clip_pyfunc.registry.publish import model_metadata
     from clip_pyfunc.runtime import pick_runtime
+    from clip_pyfunc.runtime.engines.torch_engine import TorchEngine
     from clip_pyfunc.settings import RuntimeConfig
 
     checkpoint, info, towers = tiny_towers
-    measure = precision.embed_samples
+    load = TorchEngine.load.__func__
 
-    def embed_samples(towers, inputs, engine, precision_, device):
-        if (engine, precision_) == ("torch", "bf16"):
+    def load_without_bf16(cls, artifact_dir, tower, runtime, loaded=None):
+        if runtime.precision == "bf16":
             raise RuntimeError("no bf16 kernel for this layer")
-        return measure(towers, inputs, engine, precision_, device)
+        return load(cls, artifact_dir, tower, runtime, loaded)
 
-    monkeypatch.setattr(precision, "embed_samples", embed_samples)
-    got = precision.measure_precisions(info, towers, device="cpu")
-    assert "bf16" not in got.precision_cosine and "int8" in got.precision_cosine  # the others still measured
-    assert "fp32" in got.openvino_cosine
+    monkeypatch.setattr(TorchEngine, "load", classmethod(load_without_bf16))
+    got = precision.measure_fidelity(info, towers, precision.reference_models(towers, "cpu"))
+    assert "bf16" not in got.fidelity["torch"] and "int8" in got.fidelity["torch"]  # the others still measured
+    assert "fp32" in got.fidelity["openvino"]
     note = got.measurement_notes["torch bf16"]
     assert "never the default" in note and "RuntimeError: no bf16 kernel for this layer" in note
     assert model_metadata(checkpoint, got, "sha256:test/8")["measurement_note_torch_bf16"] == note  # version tags
-    assert engines_summary(got)["notes"] == {"torch bf16": note}  # the registration summary
+    assert describe_engines(got)["notes"] == {"torch bf16": note}  # the registration summary
     assert CheckpointInfo.read(towers["text"]).measurement_notes == {}  # not in the artifact (see above)
     # What the runtime then picks is never the pair that raised; the note above is why it moved.
-    runtime = pick_runtime(RuntimeConfig(device="cpu"), got.measured(), frozenset({"torch", "openvino"}))
+    runtime = pick_runtime(RuntimeConfig(device="cpu"), got.fidelity, frozenset({"torch", "openvino"}))
     assert (runtime.engine, runtime.precision) != ("torch", "bf16")

@@ -21,7 +21,7 @@ PACKAGE = os.path.join(ROOT, "clip_pyfunc")
 # Lowest first: a room may import itself and the rooms before it, never one after it. The edges
 # (registry, batch, search, serving, cli) and the developer rooms (dev, benchmarks) come after
 # `models`, so nothing a served model imports can reach them; the CLI runs the benchmarks.
-ROOMS = ("errors", "settings", "families", "runtime", "stages", "artifacts", "models", "dependencies", "stdio",
+ROOMS = ("errors", "families", "runtime", "settings", "stages", "artifacts", "models", "dependencies", "stdio",
          "dev", "registry", "batch", "search", "serving", "benchmarks", "cli")
 # The rooms a logged model ships (registry.requirements.MODEL_CODE) and imports.
 MODEL_ROOMS = {"errors", "settings", "runtime", "families", "stages", "artifacts", "models"}
@@ -239,3 +239,37 @@ def test_models_logged_before_the_regrouping_still_load_and_predict(tiny_checkpo
         assert got["precisions"] == ["fp32", "fp32"], got["precisions"]  # like for like: fp32 on both sides
         np.testing.assert_allclose(np.asarray(got["text"]), text.embed_rows(texts)[0], atol=1e-5)
         np.testing.assert_allclose(np.asarray(got["image"]), image_model.embed_rows([image])[0], atol=1e-5)
+
+
+def _engine_name_tests(path: str, names: set[str]) -> list[int]:
+    """Lines of a file that compare something with an engine's name (==, !=, in, not in, match)."""
+    def named(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(named(e) for e in node.elts)
+        return False
+
+    lines = []
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Compare) and any(named(n) for n in [node.left, *node.comparators]):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.match_case) and isinstance(node.pattern, ast.MatchValue) and named(
+                node.pattern.value):
+            lines.append(node.pattern.lineno)
+    return lines
+
+
+def test_only_the_engine_modules_test_an_engines_name():
+    """An engine is an adapter (runtime.engines: one module each, one mapping): the rest of the package asks the
+    engine class what it can do and never branches on which engine it is."""
+    from clip_pyfunc.runtime.engines import ENGINES
+
+    pip_names = {"clip_pyfunc.dependencies"}  # compares pip package names, and one package is called torch
+    wrong = [f"{module}:{line}" for module, path in _modules().items()
+             if not module.startswith("clip_pyfunc.runtime.engines") and module not in pip_names
+             for line in _engine_name_tests(path, set(ENGINES))]
+    assert not wrong, wrong
+    # ... and the check finds such a branch where there is one
+    assert _engine_name_tests(os.path.join(PACKAGE, "runtime", "engines", "openvino_engine.py"),
+                              {"int8"}), "the check sees comparisons"

@@ -41,24 +41,19 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
-    from clip_pyfunc.artifacts.checkpoint import resolve_checkpoint
-    from clip_pyfunc.artifacts.openvino import export_openvino
-    from clip_pyfunc.artifacts.towers import export_towers
     from clip_pyfunc.benchmarks.bench import engine_rows, matmul_gflops
     from clip_pyfunc.benchmarks.common import machine_info
     from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry.lookup import local_models
-    from clip_pyfunc.registry.precision import measure_precisions
-    from clip_pyfunc.registry.publish import engines_summary
-    from clip_pyfunc.registry.quantize import quantize_image_tower
+    from clip_pyfunc.registry.build import build_towers, describe_engines
     from clip_pyfunc.runtime import cpu_has_int8_dot, cpu_info
-    from clip_pyfunc.settings import RuntimeConfig
+    from clip_pyfunc.settings import RuntimeConfig, load_settings
 
     work = tempfile.mkdtemp(prefix="clip-engines-")
     path = save_random_checkpoint(os.path.join(work, args.random_init), args.random_init)
-    info, towers = export_towers(resolve_checkpoint(path), os.path.join(work, "towers"))
-    info = measure_precisions(export_openvino(info, towers), towers, device="cpu")
-    info = quantize_image_tower(info, towers, None)
+    built = build_towers(load_settings(None, {"model": {"source": path}, "registry": {"int8": True},
+                                              "runtime": {"device": "cpu"}}), os.path.join(work, "towers"))
+    info, towers = built.info, built.towers
 
     def load(engine, precision):
         image, text = local_models(towers, RuntimeConfig(device="cpu", engine=engine, precision=precision),
@@ -70,7 +65,7 @@ def main() -> None:
     result = {
         "benchmark": "engines", "checkpoint": f"random-init {args.random_init}", "random_weights": True,
         "machine": machine_info(), "cpu_flags_all": sorted(cpu_info()[1]), "int8_dot": cpu_has_int8_dot(),
-        "engines": engines_summary(info),
+        "engines": describe_engines(info),
         "engines_jpeg_2mp": engine_rows(load, image_ref, text_ref, args.batch_sizes, pairs, rounds=args.rounds),
         "matmul_gflops": matmul_gflops(),
     }

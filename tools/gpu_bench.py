@@ -11,7 +11,7 @@ Measured per architecture and precision:
   image encode   : clip_pyfunc.stages.encode.encode_pixels(engine, float32 numpy pixels)
                    (the package's raw forward: numpy -> GPU copy + forward), batch 1 and 32
   image gpu fwd  : get_image_features on a pixel tensor already on the GPU in the runtime's
-                   input dtype, under the runtime's forward_context (pure forward)
+                   input dtype, under the torch engine's forward_context (pure forward)
   text e2e       : ClipTextEmbedding.predict(None, DataFrame of 32 short queries)
   text encode    : encode_token_ids on pre-tokenised ids (batch 32)
 Rates: rows/s, median of ROUNDS rounds; every fn is warmed first; in each round each fn runs
@@ -237,7 +237,7 @@ def bench_arch(arch, args, values, texts, text_frame, batches, precisions, nmax,
             rt = image_m.runtime
             log(f"  {p}: loaded in {time.perf_counter() - t:.1f}s device={rt.device} precision={rt.precision} "
                 f"input_dtype={rt.input_dtype} autocast={rt.autocast_dtype} batch_size={rt.batch_size} "
-                f"threads={rt.threads} fast_decode={image_m.fast} param_dtype={next(image_m.engine.module.parameters()).dtype}")
+                f"threads={rt.threads} fast_decode={image_m.fast} param_dtype={next(image_m.engine.engine.module.parameters()).dtype}")
             models[p] = (text_m, image_m)
 
         # Pixels as the image model feeds its tower (fp32 numpy), made once by the fp32 model.
@@ -259,9 +259,10 @@ def bench_arch(arch, args, values, texts, text_frame, batches, precisions, nmax,
                 fns[f"{p} img encode b{bs}"] = (lambda m=image_m, x=pixels[bs]: encode_pixels(m.engine, x), bs, reps * 2)
                 gpu_px = torch.from_numpy(pixels[bs]).to(rt.device, rt.input_dtype)
 
-                def fwd(m=image_m, x=gpu_px, rt=rt):
-                    with rt.forward_context():
-                        out = m.engine.module.get_image_features(pixel_values=x)
+                def fwd(m=image_m, x=gpu_px):
+                    engine = m.engine.engine  # SharedForwards -> the torch engine
+                    with engine.forward_context():
+                        out = engine.module.get_image_features(pixel_values=x)
                     return out
 
                 fns[f"{p} img gpufwd b{bs}"] = (fwd, bs, reps * 2)

@@ -7,7 +7,6 @@ image processor, and `clip_pyfunc.json` (the CheckpointInfo).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -17,29 +16,12 @@ from dataclasses import dataclass
 from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.runtime import features
+from clip_pyfunc.runtime.engines.torch_engine import WEIGHTS_FILE, quiet_transformers
 
 TOWERS = ("text", "image")
-WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "clip_pyfunc.json"
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports and progress bars while we split towers on purpose."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,11 +40,12 @@ class CheckpointInfo:
         attention_mask: Pass an attention mask to the text tower.
         image_inputs: "pixels" or "naflex".
         max_num_patches: NaFlex only: the patch budget images are resized to fit.
-        precision_cosine: Per precision ("bf16", "int8", "fp16"), the lowest cosine to fp32 measured
-            on sample texts and images at registration on the torch engine; the runtime's "default" uses it.
-        openvino_cosine: The same per precision on the OpenVINO engine ("fp32", "bf16"; "int8" for the
-            int8 image IR, measured on held-out calibration images), against torch fp32.
-        openvino_fallback: Per tower that has no OpenVINO IR, why (it runs on torch).
+        fidelity: Per engine, per precision, the lowest cosine to the reference (torch fp32) measured on
+            sample texts and images at registration ({"torch": {"bf16": ...}, "openvino": {"fp32": ...}};
+            OpenVINO "int8" is the int8 image IR's, on held-out calibration images); the runtime's
+            "default" reads it (runtime.pick_runtime). The reference itself is not listed.
+        unavailable: Per engine, per tower that has no files for it, why (that tower runs on the reference
+            engine); "int8" names why no int8 IR was kept.
         measurement_notes: Per "engine precision" pair ("torch bf16", "openvino int8"), what its
             measurement at registration found beside the cosine: why it raised (it is then never
             the default), or on which images int8 was judged (registry.precision, registry.quantize).
@@ -84,9 +67,8 @@ class CheckpointInfo:
     attention_mask: bool
     image_inputs: str = "pixels"
     max_num_patches: int | None = None
-    precision_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
-    openvino_cosine: dict[str, float] = dataclasses.field(default_factory=dict)
-    openvino_fallback: dict[str, str] = dataclasses.field(default_factory=dict)
+    fidelity: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    unavailable: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     measurement_notes: dict[str, str] = dataclasses.field(default_factory=dict)
     pad_id: int | None = None
     tokenizer: str = "transformers"
@@ -98,10 +80,6 @@ class CheckpointInfo:
         values = dataclasses.asdict(self)
         values.pop("measurement_notes")
         return values
-
-    def measured(self) -> dict[str, dict[str, float]]:
-        """Per engine, per precision, the lowest cosine to torch fp32 (runtime.pick_runtime's `measured`)."""
-        return {"torch": dict(self.precision_cosine), "openvino": dict(self.openvino_cosine)}
 
     def write(self, artifact_dir: str) -> None:
         """Write `clip_pyfunc.json` into a tower artifact."""
@@ -120,9 +98,27 @@ class CheckpointInfo:
         path = os.path.join(artifact_dir, INFO_FILE)
         try:
             with open(path, encoding="utf-8") as f:
-                return from_record(cls, json.load(f), where=path, nested={"image_spec": ImageSpec})
+                return from_record(cls, _upgrade(json.load(f)), where=path, nested={"image_spec": ImageSpec})
         except (OSError, ValueError, TypeError) as e:
             raise ModelLoadError(f"cannot read the checkpoint description {path}: {e}") from e
+
+
+# Fields of records written before the fidelity table (issue 37): old field -> (table, engine).
+_LEGACY_TABLES = {"precision_cosine": ("fidelity", "torch"), "openvino_cosine": ("fidelity", "openvino"),
+                  "openvino_fallback": ("unavailable", "openvino")}
+
+
+def _upgrade(record):
+    """A stored description with per-engine fields (`precision_cosine`, `openvino_cosine`, `openvino_fallback`)
+    read into the engine x precision tables (`fidelity`, `unavailable`); newer records pass unchanged."""
+    if not isinstance(record, dict) or not any(name in record for name in _LEGACY_TABLES):
+        return record
+    record = dict(record)
+    for name, (table, engine) in _LEGACY_TABLES.items():
+        values = record.pop(name, None)
+        if values:
+            record.setdefault(table, {}).setdefault(engine, dict(values))
+    return record
 
 
 def from_record(cls, values: dict, *, where: str, nested: dict | None = None):
@@ -221,6 +217,28 @@ def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[Checkpo
     return info, dirs
 
 
+def export_engine_files(info: CheckpointInfo, towers: dict[str, str], references: dict) -> CheckpointInfo:
+    """Run each engine's exporter (runtime.engines: an engine's `exporter` module, its `export`) on the towers.
+
+    Args:
+        info: The description.
+        towers: {"text": dir, "image": dir}.
+        references: {tower: the tower loaded on the reference engine}, which exporters convert from.
+
+    Returns:
+        The description with `unavailable[engine]` = {tower: why it has no files for that engine}.
+    """
+    import importlib
+
+    from clip_pyfunc.runtime.engines import engine_classes
+
+    unavailable = dict(info.unavailable)
+    for engine in engine_classes():
+        if engine.exporter:
+            unavailable[engine.name] = importlib.import_module(engine.exporter).export(info, towers, references)
+    return dataclasses.replace(info, unavailable=unavailable)
+
+
 def _bare_tokenizer_matches(tokenizer, artifact_dir: str) -> str:
     """"tokenizers" when the saved `tokenizer.json` alone gives the transformers tokenizer's ids on the
     sample texts (so a served model needs no transformers), else "transformers"."""
@@ -270,42 +288,3 @@ def describe(model, family, tokenizer, image_processor) -> CheckpointInfo:
         pad_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
         max_num_patches=getattr(image_processor, "max_num_patches", None) if family.image_inputs == "naflex" else None,
     )
-
-
-def load_tower(artifact_dir: str, tower: str):
-    """Build the family's full model class holding only one tower, with the artifact's weights.
-
-    The other tower is never materialised: the class is built without weight initialisation
-    (untouched memory), the other tower's submodules are dropped, and the saved weights are
-    assigned strictly, so every remaining parameter comes from the artifact. Its
-    get_text_features / get_image_features are then the family's own code.
-
-    Raises:
-        ModelLoadError: The config is not a supported family, or weights are missing or extra.
-    """
-    import torch
-    import transformers
-    from safetensors.torch import load_file
-    from transformers.initialization import no_init_weights
-
-    from clip_pyfunc.families import family_for
-
-    config = transformers.AutoConfig.from_pretrained(artifact_dir)
-    family = family_for(config.model_type, where=artifact_dir)
-    with quiet_transformers(), no_init_weights():
-        model = getattr(transformers, family.model_class)(config)
-    keep = family.children(tower)
-    for name, _ in list(model.named_children()):
-        if name not in keep:
-            delattr(model, name)
-    try:
-        state = load_file(os.path.join(artifact_dir, WEIGHTS_FILE))
-    except OSError as e:
-        raise ModelLoadError(f"cannot read the {tower} weights in {artifact_dir}: {e}") from e
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelLoadError(
-            f"the {tower} artifact in {artifact_dir} does not match its {family.model_class}: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    return model.to(torch.float32).eval().requires_grad_(False)

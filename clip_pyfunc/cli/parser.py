@@ -38,6 +38,9 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
                    help="also quantize the image tower to int8 (OpenVINO + NNCF), offered where it holds cos >= 0.999")
     p.add_argument("--calibration-data", dest="registry.calibration_data", metavar="DIR_OR_TABLE",
                    help="int8 calibration images: a directory of image files or a Parquet table (default: samples)")
+    p.add_argument("--no-engines", dest="registry.engines", action="store_false", default=None,
+                   help="register for torch alone: no OpenVINO IR and no engine/precision measurement (quicker; "
+                        "`default` precision is then fp32)")
     p.add_argument("--device", dest="runtime.device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--engine", dest="runtime.engine",
                    help="auto | torch | openvino (openvino: the models are logged without torch)")

@@ -18,7 +18,7 @@ import mlflow.pyfunc
 from clip_pyfunc.errors import InvalidInput, ModelLoadError, Unavailable, combine_row_errors
 from clip_pyfunc.models.request import (EMBEDDING_COL, as_bool, check_params, input_values, invalid_input_as_400,
                                         served_row_limit)
-from clip_pyfunc.runtime import OpenVINOEngine, TorchEngine, apply_precision, pick_runtime, torch_available
+from clip_pyfunc.runtime import pick_runtime
 from clip_pyfunc.runtime.batching import SharedForwards, batch_wait_s, check_request
 from clip_pyfunc.runtime.observe import Observer
 from clip_pyfunc.settings import RuntimeConfig
@@ -50,12 +50,22 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         if not os.path.isdir(path):
             raise ModelLoadError(f"artifact {self.tower!r} is not a directory: {path}")
         self.info = CheckpointInfo.read(path)
-        self.runtime, engine, self.engine_note = self._load_engine(path)
+        engine, self.engine_note = self._load_engine(path)
         self.observer = Observer()  # a front end that exports metrics sets its own (set_observer)
-        # Concurrent predict calls (MLflow's scoring server, the app) share forward passes.
-        self.engine = SharedForwards(engine, max_rows=self.runtime.batch_size,
-                                     wait_s=batch_wait_s(self.config.batch_wait_ms, engine.name))
+        self.use_engine(engine)
         self._load_tower(path)
+
+    def use_engine(self, engine) -> None:
+        """Run this model's forwards on `engine` (a runtime.engines instance holding this tower) from now on.
+
+        load_context calls it once; registration calls it again to measure each (engine, precision)
+        on one loaded model. Concurrent predict calls (MLflow's scoring server, the app) share
+        forward passes (runtime.batching.SharedForwards).
+        """
+        self.runtime = engine.runtime
+        self.engine = SharedForwards(engine, max_rows=self.runtime.batch_size,
+                                     wait_s=batch_wait_s(self.config.batch_wait_ms, engine))
+        self.engine.observer = self.observer
 
     def set_observer(self, observer: Observer) -> None:
         """Report this model's stages, forwards, bad rows and failures to `observer` (runtime.observe)."""
@@ -63,42 +73,35 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         self.engine.observer = observer
 
     def _load_engine(self, path: str):
-        """Pick the engine and load the tower into it: (Runtime, engine, note).
+        """Pick the engine and load the tower into it: (engine, note).
 
-        An OpenVINO IR that is missing or does not compile falls back to torch where torch is
-        installed; the note says so (logged once here, shown in `runtime_summary`), else it is None.
+        An engine asked for by name that this tower's artifact or environment lacks (no OpenVINO IR
+        for a tower that did not convert), or whose files do not load, falls back to the reference
+        engine where that one runs here; the note says so (logged once here, shown in
+        `runtime_summary`), else it is None.
         """
-        from clip_pyfunc.artifacts.openvino import compile_tower, ir_path, openvino_available
-        from clip_pyfunc.artifacts.towers import WEIGHTS_FILE
+        from clip_pyfunc.runtime.engines import ENGINES, REFERENCE, engine_class
 
-        # torch needs torch here and the safetensors in the artifact (a model logged for OpenVINO alone has none)
-        engines = {"torch"} if torch_available() and os.path.exists(os.path.join(path, WEIGHTS_FILE)) else set()
-        has_ir = os.path.exists(ir_path(path)) and openvino_available()
-        note = None
-        config = self.config
-        if config.engine == "openvino" and not has_ir and engines:
-            note = (f"engine 'openvino' asked for, but the {self.tower} artifact has no OpenVINO IR"
-                    f"{'' if openvino_available() else ' (openvino is not installed)'}; running on torch")
+        reasons = {name: engine_class(name).unusable(path, self.tower) for name in ENGINES}
+        engines = frozenset(name for name, reason in reasons.items() if reason is None)
+        fallback = REFERENCE[0] if REFERENCE[0] in engines else None
+        config, note = self.config, None
+        if config.engine not in ("auto", *engines) and fallback:
+            note = f"engine {config.engine!r} asked for, but {reasons[config.engine]}; running on {fallback}"
             config = dataclasses.replace(config, engine="auto")
-        elif has_ir:
-            engines.add("openvino")
-        runtime = pick_runtime(config, self.info.measured(), frozenset(engines))
-        if runtime.engine == "openvino":
-            if runtime.precision == "int8" and not os.path.exists(ir_path(path, "int8")):
-                runtime = dataclasses.replace(runtime, precision="fp32")  # only the image tower is quantized
-            try:
-                return runtime, OpenVINOEngine(compile_tower(path, runtime.precision, runtime.threads), runtime), None
-            except ModelLoadError as e:
-                if "torch" not in engines:
-                    raise
-                note = f"{e}; running on torch"
-                runtime = pick_runtime(dataclasses.replace(config, engine="torch"), self.info.measured(),
-                                       frozenset({"torch"}))
+        runtime = pick_runtime(config, self.info.fidelity, engines)
+        try:
+            engine = engine_class(runtime.engine).load(path, self.tower, runtime)
+        except ModelLoadError as e:
+            if not fallback or runtime.engine == fallback:
+                raise
+            note = f"{e}; running on {fallback}"
+            runtime = pick_runtime(dataclasses.replace(config, engine=fallback), self.info.fidelity,
+                                   frozenset({fallback}))
+            engine = engine_class(fallback).load(path, self.tower, runtime)
         if note:
             logger.warning("%s model: %s", self.tower, note)
-        from clip_pyfunc.artifacts.towers import load_tower
-
-        return runtime, TorchEngine(apply_precision(load_tower(path, self.tower), runtime), runtime), note
+        return engine, note
 
     def runtime_summary(self) -> dict[str, Any]:
         """What runs this model, for health and metadata endpoints: engine, device, precision, threads,

@@ -58,7 +58,9 @@ class ClipImageEmbedding(ClipEmbeddingModel):
     def preprocess_row(self, img):
         """A decoded row -> (3, H, W) float32 (NaFlex: patches, mask, grid), or its InvalidInput."""
         try:
-            return preprocess_image(img, self.image_spec, fast=self.fast, torch_resize=self.runtime.engine == "torch")
+            # a torch-free engine must not import torch: its arrays take PIL's resample
+            return preprocess_image(img, self.image_spec, fast=self.fast,
+                                    torch_resize=not self.engine.engine.torch_free)
         except InvalidInput as e:
             return e
 

@@ -7,7 +7,7 @@ from clip_pyfunc.errors import ModelLoadError, one_line
 from clip_pyfunc.settings import RuntimeConfig
 
 # The metadata key (and version tag) registration writes: a digest of the checkpoint's exported
-# weights and the dimension (registry.publish.weights_space).
+# weights and the dimension (registry.build.weights_space).
 SPACE_KEY = "embedding_space"
 
 

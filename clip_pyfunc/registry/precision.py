@@ -1,11 +1,13 @@
-"""Fidelity measurement at registration: how close each engine and precision stays to torch fp32.
+"""Fidelity measurement at registration: how close each engine and precision stays to the reference.
 
-The reference is torch fp32 on the same artifact. Each other (engine, precision) pair the
-registering machine runs is measured on sample texts and images (toy shapes and photo-like
-JPEGs), and its lowest cosine is written into both towers' `clip_pyfunc.json`, where the
-runtime's "default" reads it (runtime.pick_runtime), and into the versions' tags. A pair whose
-measurement raises is named with its reason in `measurement_notes` (summary and tags), never dropped
-in silence.
+The reference is torch fp32 on the same artifact (runtime.engines.REFERENCE). Each tower is
+loaded once, on the reference; every other (engine, precision) pair the registering machine
+runs (each engine's `runs` on this device, less what it refuses here) then runs the same sample
+texts and images (toy shapes and photo-like JPEGs) through the same loaded model, its engine
+swapped (ClipEmbeddingModel.use_engine). The lowest cosine per pair goes into the description's
+`fidelity` table, where the runtime's "default" reads it (runtime.pick_runtime), and into the
+versions' tags. A pair whose measurement raises is named with its reason in `measurement_notes`
+(summary and tags), never dropped in silence.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from clip_pyfunc.artifacts.towers import CheckpointInfo
 from clip_pyfunc.registry.lookup import local_models
 from clip_pyfunc.settings import RuntimeConfig
 
-TAG_COSINE = "cosine_to_fp32_"  # + precision (torch), or + "openvino_" + precision
+TAG_COSINE = "cosine_to_fp32_"  # + precision (the reference engine), or + engine + "_" + precision
 
 
 def sample_inputs() -> tuple[list[str], list[str]]:
@@ -35,56 +37,67 @@ def lowest_cosine(reference, got) -> float:
     return round(float(np.min(np.sum(reference * got, axis=1))), 6)
 
 
-def embed_samples(towers: dict[str, str], inputs: dict[str, list], engine: str, precision: str,
-                  device: str) -> dict:
-    """Each tower's vectors for the sample inputs on one (engine, precision): {tower: float32 [n, dim]}.
+def reference_models(towers: dict[str, str], device: str = "auto") -> dict:
+    """Each tower loaded once on the reference pair: {tower: model} (models.text / models.image)."""
+    from clip_pyfunc.runtime.engines import REFERENCE
 
-    A tower the engine cannot take here (no IR: it falls back to torch) is left out.
-    """
-    models = local_models(towers, RuntimeConfig(device=device, engine=engine, precision=precision))
-    return {m.tower: m.embed_rows(inputs[m.tower])[0] for m in models if m.runtime.engine == engine}
+    engine, precision = REFERENCE
+    models = local_models(towers, RuntimeConfig(device=device, engine=engine, precision=precision), tuple(towers))
+    return {model.tower: model for model in models}
 
 
-def measure_precisions(info: CheckpointInfo, towers: dict[str, str], device: str = "auto") -> CheckpointInfo:
-    """Measure each other (engine, precision) the registering machine runs against torch fp32.
+def measure_fidelity(info: CheckpointInfo, towers: dict[str, str], models: dict) -> CheckpointInfo:
+    """Measure every other (engine, precision) the registering machine runs against the reference.
 
-    torch: "bf16" and "int8" on CPU, "fp16" and "bf16" on CUDA. OpenVINO (CPU, towers that have
-    IR): "fp32", and "bf16" where the CPU has native bf16. The lowest cosine over the towers and
-    sample inputs is written into both towers' `clip_pyfunc.json`.
+    Args:
+        info: The description; `unavailable` says which towers an engine has no files for.
+        towers: {tower: artifact dir}.
+        models: The reference models (reference_models); each is left on the reference engine.
+
+    On a CPU: torch bf16 and int8, OpenVINO fp32, and OpenVINO bf16 where the CPU has native
+    bf16; on CUDA: torch fp16 and bf16 (each engine's `runs`, less what it refuses). The lowest
+    cosine over the towers and sample inputs becomes `fidelity[engine][precision]`.
 
     A pair whose measurement raises (int8 on SigLIP 2's patch Linear, say) has no cosine, so it is
     never the default: its reason goes into `measurement_notes` ("torch int8": "not measured ...:
     ErrorType: message"), which the summary and the version tags carry, so a default that moved
-    to the next pair says why. The reference (torch fp32) and OpenVINO fp32, the IR every OpenVINO
-    model runs, are not caught: registration fails on them.
+    to the next pair says why. An engine's `required_precision` (OpenVINO fp32, the IR every
+    OpenVINO model runs) is not caught: registration fails on it.
 
     Returns:
-        The description with `precision_cosine`, `openvino_cosine` and `measurement_notes` filled in.
+        The description with `fidelity` and `measurement_notes` filled in (the caller writes it).
     """
-    import torch
+    from clip_pyfunc.runtime.engines import REFERENCE, engine_class, engine_classes
 
-    from clip_pyfunc.runtime import cpu_has_native_bf16
-
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     texts, images = sample_inputs()
     inputs = {"text": texts, "image": images}
-    pairs = [("torch", p, device) for p in (("fp16", "bf16") if cuda else ("bf16", "int8"))]
-    if any(tower not in info.openvino_fallback for tower in towers):
-        pairs += [("openvino", p, "cpu") for p in (("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",))]
-    reference = embed_samples(towers, inputs, "torch", "fp32", device)
-    measured, notes = {"torch": {}, "openvino": {}}, {}
-    for engine, precision, on in pairs:
-        try:
-            got = embed_samples(towers, inputs, engine, precision, on)
-        except Exception as e:  # noqa: BLE001 - any failure of an optional pair; named below, never silent
-            if (engine, precision) == ("openvino", "fp32"):
-                raise
-            notes[f"{engine} {precision}"] = f"not measured, so never the default: {type(e).__name__}: {e}"[:500]
-            continue
-        if got:
-            measured[engine][precision] = min(lowest_cosine(reference[t], got[t]) for t in got)
-    info = dataclasses.replace(info, precision_cosine=measured["torch"], openvino_cosine=measured["openvino"],
-                               measurement_notes=notes)
-    for path in towers.values():
-        info.write(path)
-    return info
+    reference_engines = {tower: model.engine.engine for tower, model in models.items()}
+    reference = {tower: model.embed_rows(inputs[tower])[0] for tower, model in models.items()}
+    device = "cuda" if any(str(m.runtime.device).startswith("cuda") for m in models.values()) else "cpu"
+    fidelity, notes = {}, dict(info.measurement_notes)
+    for engine in engine_classes():
+        ready = [t for t in towers if t not in info.unavailable.get(engine.name, {})
+                 and engine.unusable(towers[t], t) is None]
+        run_on = device if device in engine.devices else "cpu"
+        for precision in engine.runs.get(run_on, ()):
+            if (engine.name, precision) == REFERENCE or not ready or engine.refusal(precision, {}) is not None:
+                continue
+            try:
+                got = {}
+                for tower in ready:
+                    model = models[tower]
+                    config = dataclasses.replace(model.config, device=run_on, engine=engine.name, precision=precision)
+                    runtime = engine.make_runtime(config, precision, run_on == "cuda")
+                    loaded = reference_engines[tower] if engine is engine_class(REFERENCE[0]) else None
+                    model.use_engine(engine.load(towers[tower], tower, runtime, loaded=loaded))
+                    got[tower] = model.embed_rows(inputs[tower])[0]
+            except Exception as e:  # noqa: BLE001 - any failure of an optional pair; named below, never silent
+                if precision == engine.required_precision:
+                    raise
+                notes[f"{engine.name} {precision}"] = f"not measured, so never the default: {type(e).__name__}: {e}"[:500]
+                continue
+            finally:
+                for tower, model in models.items():
+                    model.use_engine(reference_engines[tower])
+            fidelity.setdefault(engine.name, {})[precision] = min(lowest_cosine(reference[t], got[t]) for t in got)
+    return dataclasses.replace(info, fidelity=fidelity, measurement_notes=notes)

@@ -1,9 +1,12 @@
-"""Log both towers as models-from-code pyfunc models and register them under an alias.
+"""Register the models: build the towers once, log every model, then publish them in one place.
 
-A registration creates every version first and moves the aliases it touches last, all or none
-(`move_aliases`), so `@alias` never points text and image at different embedding spaces. Each
-model and version records its space (`embedding_space`: a digest of the exported weights and the
-dimension), which readers compare with `lookup.require_same_space`.
+A registration is three steps. `registry.build.build_towers` writes the tower artifacts (each
+engine's files, the fidelity measurement, the description). Logging then creates every model
+version (`log_tower`, `_log_model`). `publish` comes last: it tags and describes each new version
+and moves the aliases it touches, all or none (`move_aliases`), so `@alias` never points text and
+image at different embedding spaces. Each model and version records its space
+(`embedding_space`: a digest of the exported weights and the dimension), which readers compare
+with `lookup.require_same_space`.
 
 The tracking and registry URI is MLflow's own: MLFLOW_TRACKING_URI when set, else
 MLflow's default (`sqlite:///mlflow.db` in the working directory).
@@ -11,51 +14,33 @@ MLflow's default (`sqlite:///mlflow.db` in the working directory).
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
-from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint, resolve_checkpoint
-from clip_pyfunc.artifacts.openvino import export_openvino
-from clip_pyfunc.artifacts.towers import TOWERS, WEIGHTS_FILE, CheckpointInfo, export_towers
+from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint
+from clip_pyfunc.artifacts.towers import CheckpointInfo
 from clip_pyfunc.errors import one_line
+from clip_pyfunc.registry.build import build_towers, describe_engines, reference_fidelity
 from clip_pyfunc.registry.lookup import SPACE_KEY, local_models
-from clip_pyfunc.registry.precision import TAG_COSINE, measure_precisions
+from clip_pyfunc.registry.precision import TAG_COSINE
 from clip_pyfunc.registry.requirements import copy_model_code, entry_file, pip_requirements
 from clip_pyfunc.registry.signatures import (INPUT_CONTRACT, classifier_signature, combined_signature, input_example,
                                              model_signature)
 from clip_pyfunc.settings import RegistryConfig, RuntimeConfig, Settings
+
 TAG_CHECKPOINT, TAG_REVISION, TAG_DIM, TAG_RANDOM = "base_checkpoint", "revision", "embedding_dim", "random_init"
 TAG_FAMILY, TAG_SCORING, TAG_SCALE, TAG_BIAS = "family", "scoring", "score_scale", "score_bias"
 TAG_TOY = "toy_checkpoint"
 TAG_LABEL_SET, TAG_LABEL_HASH = "label_set", "label_set_hash"
 TAG_SPACE = SPACE_KEY
-_CHUNK = 1 << 20
-
-
-def weights_space(towers: dict[str, str], embedding_dim: int) -> str:
-    """The embedding space of exported towers: a sha256 of both towers' fp32 weights files, and the dimension.
-
-    The export is deterministic, so two registrations of one checkpoint give one space and another
-    checkpoint another. Call it before `prepare_engines`, which may remove the weights files.
-
-    Returns:
-        "sha256:<32 hex digits>/<dim>".
-    """
-    digest = hashlib.sha256()
-    for tower in TOWERS:
-        path = os.path.join(towers[tower], WEIGHTS_FILE)
-        digest.update(f"{tower} {os.path.getsize(path)}\n".encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()[:32]}/{embedding_dim}"
 
 
 def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, space: str) -> dict[str, str]:
     """What both models and their registry versions record: source, dimension, embedding space
-    (`weights_space`), family and scoring.
+    (registry.build.weights_space), family and scoring, and what each engine and precision held.
 
     The scoring constants are what the zero-shot classifier and `evaluate` use: softmax over
     labels of scale*cos (CLIP-like; scale = exp(logit_scale), or 1/temperature for ALIGN), or
@@ -64,12 +49,14 @@ def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, space: 
     tags = {TAG_CHECKPOINT: checkpoint.source, TAG_REVISION: checkpoint.revision, TAG_DIM: str(info.embedding_dim),
             TAG_SPACE: space, TAG_FAMILY: info.family, TAG_SCORING: info.scoring, TAG_SCALE: repr(info.scale),
             TAG_BIAS: repr(info.bias)}
-    for precision, cosine in info.precision_cosine.items():
-        tags[TAG_COSINE + precision] = repr(cosine)
-    for precision, cosine in info.openvino_cosine.items():
-        tags[TAG_COSINE + "openvino_" + precision] = repr(cosine)
-    for tower, reason in info.openvino_fallback.items():
-        tags[f"openvino_fallback_{tower}"] = reason[:250]
+    from clip_pyfunc.runtime.engines import REFERENCE
+
+    for engine, cosines in info.fidelity.items():  # the reference engine's precisions go untagged by engine
+        for precision, cosine in cosines.items():
+            tags[TAG_COSINE + ("" if engine == REFERENCE[0] else f"{engine}_") + precision] = repr(cosine)
+    for engine, towers in info.unavailable.items():
+        for tower, reason in towers.items():
+            tags[f"{engine}_fallback_{tower}"] = reason[:250]
     for pair, note in info.measurement_notes.items():  # why a pair has no cosine; what int8 was judged on
         tags["measurement_note_" + pair.replace(" ", "_")] = note
     if checkpoint.random_init:
@@ -146,48 +133,19 @@ def _alias_version(client, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def _record_version(client, name: str, model_info, tags: dict[str, str], description: str) -> str:
-    """Tag and describe a newly registered version; its number."""
-    version = str(model_info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(name, version, description=description)
-    return version
-
-
 def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, towers) -> list[str]:
-    """A model's pip requirements: torch-free where it is logged with `engine: openvino` and every tower
-    it ships has OpenVINO IR; transformers then only where its tokenizer or NaFlex sizing needs it."""
+    """A model's pip requirements: torch-free where it is logged for a torch-free engine (`engine: openvino`) and
+    every tower it ships has that engine's files; transformers then only where its tokenizer or NaFlex sizing
+    needs it."""
+    from clip_pyfunc.runtime.engines import ENGINES, engine_class
+
     towers = [t for t in towers if t in ("text", "image")]
-    torch_free = runtime.engine == "openvino" and not any(t in info.openvino_fallback for t in towers)
+    engine = engine_class(runtime.engine) if runtime.engine in ENGINES else None
+    torch_free = bool(engine and engine.torch_free) and not any(
+        t in info.unavailable.get(engine.name, {}) for t in towers)
     transformers = ("text" in towers and info.tokenizer != "tokenizers") or (
         "image" in towers and info.image_inputs == "naflex")
     return pip_requirements(torch_free=torch_free, transformers=transformers)
-
-
-def prepare_engines(info: CheckpointInfo, towers: dict[str, str], settings: Settings) -> CheckpointInfo:
-    """After export_towers, what every registration does: the OpenVINO IR, each engine's and
-    precision's fidelity, int8 where `registry.int8` asks, and no torch weights for `engine: openvino`."""
-    info = measure_precisions(export_openvino(info, towers), towers)
-    if settings.registry.int8:
-        from clip_pyfunc.registry.quantize import quantize_image_tower
-
-        info = quantize_image_tower(info, towers, settings.registry.calibration_data)
-    drop_torch_weights(settings.runtime, info, towers)
-    return info
-
-
-def drop_torch_weights(runtime: RuntimeConfig, info: CheckpointInfo, towers: dict[str, str]) -> list[str]:
-    """For models logged for OpenVINO (`engine: openvino`), remove the safetensors from every tower
-    artifact that has IR, once measured: a torch-free environment cannot load them, and they would
-    double what each serving start downloads. A tower without IR keeps them (it runs on torch).
-    Returns the towers whose weights were removed."""
-    if runtime.engine != "openvino":
-        return []
-    dropped = [tower for tower in towers if tower not in info.openvino_fallback]
-    for tower in dropped:
-        os.remove(os.path.join(towers[tower], WEIGHTS_FILE))
-    return dropped
 
 
 def _log_model(entry: str, name: str, artifacts: dict, signature, example, runtime: RuntimeConfig, workdir: str,
@@ -214,6 +172,49 @@ def _log_model(entry: str, name: str, artifacts: dict, signature, example, runti
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoggedVersion:
+    """A model version logged and registered, waiting to be published.
+
+    Attributes:
+        kind: Its key in the summary's `models` ("text", "image", "combined", "classifier").
+        name: The registered model name.
+        model_info: mlflow's ModelInfo (its registered version and model URI).
+        tags: The version's tags (model_metadata and the kind's own).
+        description: The version's description.
+        extra: More fields for the summary's entry.
+    """
+
+    kind: str
+    name: str
+    model_info: Any
+    tags: dict[str, str]
+    description: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def publish(client, alias: str, logged: list[LoggedVersion]) -> dict[str, dict]:
+    """The last step of every registration: tag and describe each new version, then move `alias` onto all of
+    them, all or none (`move_aliases`).
+
+    Returns:
+        The summary's `models`: {kind: {name, version, uri (models:/name@alias), model_uri, ...extra}}.
+
+    Raises:
+        MlflowException: The registry refused a tag, a description or a move (no alias moved).
+    """
+    versions = {}
+    for item in logged:
+        version = str(item.model_info.registered_model_version)
+        for key, value in item.tags.items():
+            client.set_model_version_tag(item.name, version, key, value)
+        client.update_model_version(item.name, version, description=item.description)
+        versions[item.kind] = version
+    move_aliases(client, alias, {item.name: versions[item.kind] for item in logged})
+    return {item.kind: {"name": item.name, "version": versions[item.kind], "uri": f"models:/{item.name}@{alias}",
+                        "model_uri": item.model_info.model_uri, **item.extra} for item in logged}
+
+
 def register_classifier(settings: Settings, labels_path: str | None = None, dynamic_labels: bool = False) -> dict:
     """Register the zero-shot classifier: the image tower, the label matrix and the family's scoring.
 
@@ -236,42 +237,39 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
 
     cfg = settings.classifier
     labels = read_label_file(labels_path or cfg.labels, cfg.templates)
-    checkpoint = resolve_checkpoint(settings.model.source, settings.model.revision, settings.model.cache_dir)
     mlflow.set_experiment(settings.registry.experiment)
-    client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
-        info, towers = export_towers(checkpoint, workdir)
-        space = weights_space(towers, info.embedding_dim)
-        info = prepare_engines(info, towers, settings)
+        built = build_towers(settings, workdir)
+        checkpoint, info, towers = built.checkpoint, built.info, built.towers
         (text,) = local_models(towers, settings.runtime, ("text",))
         labels_dir = save_labels(os.path.join(workdir, "labels"), labels, label_vectors(text, labels), cfg.top_k)
+        del text
         artifacts = {"image": towers["image"], "labels": labels_dir}
         if dynamic_labels:
             artifacts["text"] = towers["text"]
-        tags = {**model_metadata(checkpoint, info, space), TAG_LABEL_SET: labels.name, TAG_LABEL_HASH: labels.digest,
-                "labels": str(len(labels.labels)), "templates": str(len(labels.templates)),
-                "dynamic_labels": str(dynamic_labels).lower()}
+        tags = {**model_metadata(checkpoint, info, built.space), TAG_LABEL_SET: labels.name,
+                TAG_LABEL_HASH: labels.digest, "labels": str(len(labels.labels)),
+                "templates": str(len(labels.templates)), "dynamic_labels": str(dynamic_labels).lower()}
         with mlflow.start_run(run_name=f"register classifier {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "label_set": labels.name, "labels": len(labels.labels),
                                "family": info.family, "dynamic_labels": dynamic_labels})
             model_info = _log_model("classifier", "clip_zero_shot_classifier", artifacts,
                                     classifier_signature(cfg.top_k), input_example("image"), settings.runtime,
                                     workdir, cfg.name, {**tags, "input": INPUT_CONTRACT}, info)
-    version = _record_version(client, cfg.name, model_info, tags, description=(
-        f"Zero-shot image classifier over {len(labels.labels)} labels ({labels.name}, {labels.digest}) with "
-        f"{info.family} {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, of base64 images or "
-        f"raw bytes. Output: labels and scores, best first ({info.scoring} scoring); params top_k"
-        f"{', candidate_labels, hypothesis_template' if dynamic_labels else ''}.{_warning(checkpoint)}"))
-    move_aliases(client, cfg.alias, {cfg.name: version})
+            models = publish(MlflowClient(), cfg.alias, [LoggedVersion(
+                kind="classifier", name=cfg.name, model_info=model_info, tags=tags, description=(
+                    f"Zero-shot image classifier over {len(labels.labels)} labels ({labels.name}, {labels.digest}) "
+                    f"with {info.family} {checkpoint.source} @ {checkpoint.revision}. Input: {INPUT_CONTRACT}, of "
+                    f"base64 images or raw bytes. Output: labels and scores, best first ({info.scoring} scoring); "
+                    f"params top_k{', candidate_labels, hypothesis_template' if dynamic_labels else ''}."
+                    f"{_warning(checkpoint)}"))])
     summary = {
         "tracking_uri": mlflow.get_tracking_uri(), "registry_uri": mlflow.get_registry_uri(),
         "run_id": run.info.run_id, "checkpoint": checkpoint.source, "revision": checkpoint.revision,
         "family": info.family, "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
         "label_set": {"name": labels.name, "digest": labels.digest, "labels": len(labels.labels),
                       "templates": len(labels.templates)},
-        "dynamic_labels": dynamic_labels, "alias": cfg.alias,
-        "models": {"classifier": {"name": cfg.name, "version": version, "uri": f"models:/{cfg.name}@{cfg.alias}",
-                                  "model_uri": model_info.model_uri}},
+        "dynamic_labels": dynamic_labels, "alias": cfg.alias, "models": models,
     }
     if checkpoint.warning:
         summary["warning"] = checkpoint.warning
@@ -279,8 +277,9 @@ def register_classifier(settings: Settings, labels_path: str | None = None, dyna
 
 
 def register_models(settings: Settings) -> dict[str, Any]:
-    """Log the text and image models (and the combined one) in one run, register them, then point the alias
-    at all of them (`move_aliases`: all or none, so a failure leaves every alias where it was).
+    """Build the towers once, log the text and image models (and the combined one) in one run, then publish them:
+    tags, descriptions, and the alias on all of them (`move_aliases`: all or none, so a failure leaves every alias
+    where it was).
 
     Args:
         settings: Checkpoint source, registry names and alias, runtime config.
@@ -296,29 +295,25 @@ def register_models(settings: Settings) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
-    checkpoint = resolve_checkpoint(settings.model.source, settings.model.revision, settings.model.cache_dir)
     reg: RegistryConfig = settings.registry
     mlflow.set_experiment(reg.experiment)
-    client = MlflowClient()
-    models = {}
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as workdir:
-        info, artifacts = export_towers(checkpoint, workdir)
-        space = weights_space(artifacts, info.embedding_dim)
-        info = prepare_engines(info, artifacts, settings)
+        built = build_towers(settings, workdir)
+        checkpoint, info, artifacts, space = built.checkpoint, built.info, built.towers, built.space
         tags = model_metadata(checkpoint, info, space)
         with mlflow.start_run(run_name=f"register {checkpoint.source}") as run:
             mlflow.log_params({"checkpoint": checkpoint.source, "revision": checkpoint.revision,
                                "embedding_dim": info.embedding_dim, "family": info.family, TAG_SPACE: space})
+            logged = []
             for tower, name in (("text", reg.text_name), ("image", reg.image_name)):
                 model_info = log_tower(tags, info, tower, artifacts[tower], settings.runtime, workdir,
                                        registered_name=name)
-                version = _record_version(client, name, model_info, tags, _description(tower, checkpoint, info))
-                models[tower] = {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}",
-                                 "model_uri": model_info.model_uri}
+                logged.append(LoggedVersion(kind=tower, name=name, model_info=model_info, tags=tags,
+                                            description=_description(tower, checkpoint, info)))
             if reg.with_combined:
-                models["combined"] = _register_combined(checkpoint, info, artifacts, settings, workdir, tags)
+                logged.append(_log_combined(checkpoint, info, artifacts, settings, workdir, tags))
             # Last, once every version exists, and inside the run so a failure marks it failed.
-            move_aliases(client, reg.alias, {m["name"]: m["version"] for m in models.values()})
+            models = publish(MlflowClient(), reg.alias, logged)
     summary = {
         "tracking_uri": mlflow.get_tracking_uri(),
         "registry_uri": mlflow.get_registry_uri(),
@@ -329,8 +324,8 @@ def register_models(settings: Settings) -> dict[str, Any]:
         "embedding_dim": info.embedding_dim,
         "embedding_space": space,
         "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
-        "precision_cosine_to_fp32": info.precision_cosine,
-        "engines": engines_summary(info),
+        "precision_cosine_to_fp32": reference_fidelity(info),
+        "engines": describe_engines(info),
         "alias": reg.alias,
         "models": models,
     }
@@ -343,14 +338,9 @@ def register_models(settings: Settings) -> dict[str, Any]:
     return summary
 
 
-def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, artifacts: dict[str, str],
-                       settings: Settings, workdir: str, tags: dict[str, str]) -> dict[str, str]:
-    """Log and register the combined image+text model (both tower artifacts) in the active run; the caller
-    moves its alias."""
-    import dataclasses
-
-    from mlflow import MlflowClient
-
+def _log_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, artifacts: dict[str, str],
+                  settings: Settings, workdir: str, tags: dict[str, str]) -> LoggedVersion:
+    """Log and register the combined image+text model (both tower artifacts) in the active run."""
     from clip_pyfunc.models.combined import CONTRACT
 
     reg = settings.registry
@@ -359,23 +349,11 @@ def _register_combined(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, art
     model_info = _log_model("combined", "clip_image_text_embedding", dict(artifacts),
                             combined_signature(runtime.normalize), input_example("combined"), runtime, workdir,
                             reg.combined_name, {**tags, "input": CONTRACT}, info)
-    name = reg.combined_name
     norm = "L2-normalised" if runtime.normalize else "not normalised (Azure ML compatible)"
-    version = _record_version(MlflowClient(), name, model_info, tags, description=(
+    return LoggedVersion(kind="combined", name=reg.combined_name, model_info=model_info, tags=tags, description=(
         f"{info.family} image and text embeddings of {checkpoint.source} @ {checkpoint.revision} in one request. "
         f"Input: {CONTRACT}. Output: image_features and text_features, float32 [{info.embedding_dim}] or null, "
-        f"{norm} by default (param normalize).{_warning(checkpoint)}"))
-    return {"name": name, "version": version, "uri": f"models:/{name}@{reg.alias}", "model_uri": model_info.model_uri,
-            "normalize": runtime.normalize}
-
-
-def engines_summary(info: CheckpointInfo) -> dict[str, Any]:
-    """The registration summary's engines: per engine, each measured precision's lowest cosine to torch
-    fp32, and the towers OpenVINO could not take, with why (they run on torch); under "notes", per
-    "engine precision", why a pair raised when measured, or what int8 was judged on."""
-    return {"torch": {"fp32": 1.0, **info.precision_cosine},
-            "openvino": {**info.openvino_cosine, "fallback": dict(info.openvino_fallback)},
-            "notes": dict(info.measurement_notes)}
+        f"{norm} by default (param normalize).{_warning(checkpoint)}"), extra={"normalize": runtime.normalize})
 
 
 def _warning(checkpoint: ResolvedCheckpoint) -> str:

@@ -21,15 +21,17 @@ import dataclasses
 import math
 import os
 
-from clip_pyfunc.artifacts.openvino import IR_INT8_FILE, compile_tower, ir_path
 from clip_pyfunc.artifacts.towers import CheckpointInfo
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.registry.lookup import local_models
 from clip_pyfunc.registry.precision import lowest_cosine
-from clip_pyfunc.runtime import INT8_OFFER_COSINE, OpenVINOEngine
+from clip_pyfunc.runtime import INT8_OFFER_COSINE
+from clip_pyfunc.runtime.engines import REFERENCE
+from clip_pyfunc.runtime.engines.openvino_engine import IR_INT8_FILE, OpenVINOEngine, ir_path
 from clip_pyfunc.stages.postprocess import finish
 from clip_pyfunc.settings import RuntimeConfig
 
+ENGINE = OpenVINOEngine.name  # the engine whose IR this quantizes
 MAX_CALIBRATION_IMAGES = 300
 HELD_OUT_SHARE = 0.2  # of the calibration images, never seen by the quantizer, measure the cosine
 MIN_HELD_OUT = 8  # held out where the set allows: fewer say little (2 at the least)
@@ -147,7 +149,7 @@ class Int8Measure:
 
     @property
     def cosine(self) -> float:
-        """The figure the runtime reads (openvino_cosine["int8"]): the lower of the two."""
+        """The figure the runtime reads (fidelity["openvino"]["int8"]): the lower of the two."""
         return min(self.held_out, self.varied)
 
     @property
@@ -186,9 +188,10 @@ def quantize_image_tower(info: CheckpointInfo, towers: dict[str, str], source: s
     """Write the image tower's int8 IR, measure it on held-out and varied images, keep it where both held.
 
     Returns:
-        The description with `openvino_cosine["int8"]` set (the lower held-out cosine to torch fp32),
+        The description with `fidelity["openvino"]["int8"]` set (the lower held-out cosine to torch fp32),
         `measurement_notes["openvino int8"]` saying what it was measured on (int8_verdict), and
-        `openvino_fallback["int8"]` saying why no int8 IR was kept, where none was.
+        `unavailable["openvino"]["int8"]` saying why no int8 IR was kept, where none was. The caller
+        writes it into the artifacts.
 
     Raises:
         ModelLoadError: The calibration data cannot be read, or has too few good images (8).
@@ -199,9 +202,10 @@ def quantize_image_tower(info: CheckpointInfo, towers: dict[str, str], source: s
     from clip_pyfunc.dev.samples import varied_images
     from clip_pyfunc.stages.decode import decode_image
 
-    if "image" in info.openvino_fallback:
-        return _refuse(info, towers, f"the image tower has no OpenVINO IR ({info.openvino_fallback['image']})")
-    (fp32,) = local_models(towers, RuntimeConfig(device="cpu", engine="openvino", precision="fp32"), ("image",))
+    missing = info.unavailable.get(ENGINE, {})
+    if "image" in missing:
+        return _refuse(info, f"the image tower has no OpenVINO IR ({missing['image']})")
+    (fp32,) = local_models(towers, RuntimeConfig(device="cpu", engine=ENGINE, precision="fp32"), ("image",))
     cells = read_calibration_images(source)
     rows = [(cell, fp32._prepare(cell)) for cell in cells]
     good = [(cell, r) for cell, r in rows if not isinstance(r, Exception)]
@@ -216,20 +220,20 @@ def quantize_image_tower(info: CheckpointInfo, towers: dict[str, str], source: s
     quantized = nncf.quantize(model, nncf.Dataset([_inputs(r, naflex) for _, r in calibrate]),
                               model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibrate))
     ov.save_model(quantized, os.path.join(towers["image"], IR_INT8_FILE), compress_to_fp16=False)
-    (reference,) = local_models(towers, RuntimeConfig(device="cpu", engine="torch", precision="fp32"), ("image",))
-    int8 = OpenVINOEngine(compile_tower(towers["image"], "int8", fp32.runtime.threads), fp32.runtime)
+    (reference,) = local_models(towers, RuntimeConfig(device="cpu", engine=REFERENCE[0], precision=REFERENCE[1]),
+                                ("image",))
+    int8 = OpenVINOEngine.load(towers["image"], "image", dataclasses.replace(fp32.runtime, precision="int8"))
     measure = Int8Measure(held_out=_cost(reference, int8, [r for _, r in held_out], naflex),
                           held_out_images=len(held_out), varied=_cost(reference, int8, varied, naflex),
                           varied_images=len(varied), diversity=diversity, calibration_images=len(good))
     offered, note = int8_verdict(measure)
-    info = dataclasses.replace(info, openvino_cosine={**info.openvino_cosine, "int8": measure.cosine},
-                               measurement_notes={**info.measurement_notes, "openvino int8": note})
+    fidelity = {**info.fidelity, ENGINE: {**info.fidelity.get(ENGINE, {}), "int8": measure.cosine}}
+    info = dataclasses.replace(info, fidelity=fidelity, measurement_notes={**info.measurement_notes,
+                                                                          f"{ENGINE} int8": note})
     if not offered:
         os.remove(ir_path(towers["image"], "int8"))
         os.remove(ir_path(towers["image"], "int8").removesuffix(".xml") + ".bin")
-        return _refuse(info, towers, f"int8 {note}")
-    for path in towers.values():
-        info.write(path)
+        return _refuse(info, f"int8 {note}")
     return info
 
 
@@ -261,8 +265,7 @@ def _cost(reference, int8, prepared: list, naflex: bool, batch: int = 16) -> flo
     return lowest
 
 
-def _refuse(info: CheckpointInfo, towers: dict[str, str], reason: str) -> CheckpointInfo:
-    info = dataclasses.replace(info, openvino_fallback={**info.openvino_fallback, "int8": reason})
-    for path in towers.values():
-        info.write(path)
-    return info
+def _refuse(info: CheckpointInfo, reason: str) -> CheckpointInfo:
+    """The description with why no int8 IR was kept."""
+    return dataclasses.replace(info, unavailable={**info.unavailable,
+                                                  ENGINE: {**info.unavailable.get(ENGINE, {}), "int8": reason}})

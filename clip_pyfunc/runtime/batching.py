@@ -174,23 +174,16 @@ class _Job:
 _BUSY = 1.5
 
 
-# batch_wait_ms when the model_config leaves it unset, by engine: what a bigger batch buys its forward.
-# Measured on ViT-B/32 (2-core AVX2 EPYC, docs/SERVING.md): torch fp32 serves 5.7 images/s at 1 row and
-# 10.7 at 6, so waiting for the requests on their way pays; OpenVINO 11.9 at 1 and 13.1 at 32, so it
-# does not. 40 ms is what merged two groups of 4 requests into one of 8 there (20 ms did not).
-DEFAULT_WAIT_MS = {"torch": 40.0, "openvino": 0.0}
-
-
-def batch_wait_s(wait_ms: float | None, engine: str) -> float:
-    """Seconds a batch may wait: the model_config's `batch_wait_ms`, or the engine's default when None."""
-    return (DEFAULT_WAIT_MS.get(engine, 0.0) if wait_ms is None else float(wait_ms)) / 1000
+def batch_wait_s(wait_ms: float | None, engine) -> float:
+    """Seconds a batch may wait: the model_config's `batch_wait_ms`, or the engine's `batch_wait_ms` when None."""
+    return (engine.batch_wait_ms if wait_ms is None else float(wait_ms)) / 1000
 
 
 class SharedForwards:
     """An engine whose concurrent callers share forward passes (see the module docstring).
 
     Args:
-        engine: The engine to run (runtime.TorchEngine or runtime.OpenVINOEngine).
+        engine: The engine to run (one of runtime.engines).
         max_rows: Most rows in one shared forward (the model_config's `batch_size`).
         wait_s: Most seconds a batch that is not full waits for callers still decoding or, while the
             engine is busy, on their way (0: none).

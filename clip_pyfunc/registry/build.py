@@ -1,0 +1,131 @@
+"""Registration's first step: build the tower artifacts once, before anything is logged.
+
+`build_towers` reads the checkpoint once (artifacts.towers.export_towers), loads each tower once
+on the reference engine, has each engine's exporter write its files from those loaded towers
+(artifacts.towers.export_engine_files), measures every (engine, precision) pair on the same
+loaded models (registry.precision.measure_fidelity), quantizes where `registry.int8` asks, and
+writes the finished description into both artifacts. Logging (registry.publish) then only
+copies files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from clip_pyfunc.artifacts.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+from clip_pyfunc.artifacts.towers import TOWERS, WEIGHTS_FILE, CheckpointInfo, export_engine_files, export_towers
+from clip_pyfunc.settings import Settings
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuiltTowers:
+    """What registration logs: the checkpoint, its finished description, the tower artifacts and their space.
+
+    Attributes:
+        checkpoint: Where the weights came from.
+        info: The description both artifacts carry (fidelity and notes filled in).
+        towers: {"text": dir, "image": dir}.
+        space: The embedding space (weights_space).
+    """
+
+    checkpoint: ResolvedCheckpoint
+    info: CheckpointInfo
+    towers: dict[str, str]
+    space: str
+
+
+def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
+    """Export, measure and describe the towers of `settings.model` in `workdir` (see the module docstring).
+
+    `registry.engines` false skips the other engines' files and the fidelity measurement: the models
+    then run on the reference engine only (the test suite registers so, outside the engine tests).
+
+    Raises:
+        ModelLoadError: The checkpoint cannot be found or read, or is not a supported family.
+    """
+    from clip_pyfunc.registry.precision import measure_fidelity, reference_models
+
+    model = settings.model
+    checkpoint = resolve_checkpoint(model.source, model.revision, model.cache_dir)
+    info, towers = export_towers(checkpoint, workdir)
+    space = weights_space(towers, info.embedding_dim)
+    if settings.registry.engines:
+        models = reference_models(towers)  # each tower loaded once, for every engine's files and measurement
+        info = export_engine_files(info, towers, {tower: m.engine.engine for tower, m in models.items()})
+        info = measure_fidelity(info, towers, models)
+        del models
+        if settings.registry.int8:
+            from clip_pyfunc.registry.quantize import quantize_image_tower
+
+            info = quantize_image_tower(info, towers, settings.registry.calibration_data)
+    for path in towers.values():
+        info.write(path)
+    drop_torch_weights(settings.runtime.engine, info, towers)
+    return BuiltTowers(checkpoint=checkpoint, info=info, towers=towers, space=space)
+
+
+def weights_space(towers: dict[str, str], embedding_dim: int) -> str:
+    """The embedding space of exported towers: a sha256 of both towers' fp32 weights files, and the dimension.
+
+    The export is deterministic, so two registrations of one checkpoint give one space and another
+    checkpoint another. Call it before `drop_torch_weights`, which may remove the weights files.
+
+    Returns:
+        "sha256:<32 hex digits>/<dim>".
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tower in TOWERS:
+        path = os.path.join(towers[tower], WEIGHTS_FILE)
+        digest.update(f"{tower} {os.path.getsize(path)}\n".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:32]}/{embedding_dim}"
+
+
+def drop_torch_weights(engine: str, info: CheckpointInfo, towers: dict[str, str]) -> list[str]:
+    """For models logged for a torch-free engine (`engine: openvino`), remove the safetensors from every tower
+    artifact that engine has files for, once measured: a torch-free environment cannot load them, and they would
+    double what each serving start downloads. A tower without them keeps its weights (it runs on torch).
+    Returns the towers whose weights were removed."""
+    from clip_pyfunc.runtime.engines import ENGINES, engine_class
+
+    if engine not in ENGINES or not engine_class(engine).torch_free:
+        return []
+    dropped = [tower for tower in towers if tower not in info.unavailable.get(engine, {})]
+    for tower in dropped:
+        os.remove(os.path.join(towers[tower], WEIGHTS_FILE))
+    return dropped
+
+
+def describe_engines(info: CheckpointInfo) -> dict:
+    """The registration summary's engines: per engine, each measured precision's lowest cosine to the reference
+    (the reference itself 1.0), and for an engine with files of its own the towers it could not take, with why
+    ("fallback": they run on torch); under "notes", per "engine precision", why a pair raised when measured, or
+    what int8 was judged on."""
+    from clip_pyfunc.runtime.engines import REFERENCE, engine_classes
+
+    out = {}
+    for engine in engine_classes():
+        row = dict(info.fidelity.get(engine.name, {}))
+        if engine.name == REFERENCE[0]:
+            row = {REFERENCE[1]: 1.0, **row}
+        if engine.exporter:
+            row["fallback"] = dict(info.unavailable.get(engine.name, {}))
+        out[engine.name] = row
+    out["notes"] = dict(info.measurement_notes)
+    return out
+
+
+def reference_fidelity(info: CheckpointInfo) -> dict[str, float]:
+    """The reference engine's other precisions and their cosines (the summary's `precision_cosine_to_fp32`)."""
+    from clip_pyfunc.runtime.engines import REFERENCE
+
+    return dict(info.fidelity.get(REFERENCE[0], {}))
+
+

@@ -1,0 +1,182 @@
+"""The OpenVINO engine: a tower's IR (exported at registration, artifacts.openvino) compiled for the CPU."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from clip_pyfunc.errors import ModelLoadError
+from clip_pyfunc.runtime.engines import Engine
+
+IR_FILE = "openvino_model.xml"  # a tower artifact's fp32 IR (artifacts.openvino writes it at registration)
+IR_INT8_FILE = "openvino_model_int8.xml"  # the image tower's int8 IR (registry.quantize)
+
+
+class OpenVINOEngine(Engine):
+    """A tower's IR compiled for the CPU (compile_tower); runs without torch.
+
+    The same three calls as every engine, from numpy arrays to float32 numpy vectors (n, dim).
+    MLflow's scoring server calls predict from several threads at once, and an infer request
+    is not safe to share. Requests are therefore pooled: at most as many as the compiled model's
+    OPTIMAL_NUMBER_OF_INFER_REQUESTS (one per stream; 1 under the LATENCY hint) run at once, and a
+    caller that finds none idle waits for one. Each request keeps its own buffers, so the pool
+    also bounds memory, however many threads call.
+
+    Precisions: fp32 (f32 inference), bf16 (only on CPUs with native bf16: OpenVINO refuses to
+    emulate it) and int8 (the image tower's NNCF IR from `register --int8`, where it held
+    INT8_OFFER_COSINE at registration; the text tower stays fp32).
+    """
+
+    name = "openvino"
+    devices = ("cpu",)
+    runs = {"cpu": ("fp32", "bf16", "int8")}
+    speed = {"cpu": {"int8": 50, "bf16": 40, "fp32": 20}}
+    required_precision = "fp32"
+    torch_free = True
+    batch_wait_ms = 0.0  # 11.9 images/s at 1 row and 13.1 at 32 on ViT-B/32 (docs/SERVING.md): waiting does not pay
+    exporter = "clip_pyfunc.artifacts.openvino"
+    absent = "this model has no OpenVINO IR or openvino is not installed"
+
+    def __init__(self, compiled, runtime):
+        """Args: compiled: an openvino.CompiledModel of the tower (compile_tower)."""
+        import queue
+
+        self.compiled, self.runtime = compiled, runtime
+        self._limit = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._idle: queue.Queue = queue.Queue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def unusable(cls, artifact_dir: str, tower: str) -> str | None:
+        """None where openvino imports and the artifact holds the tower's IR."""
+        if not os.path.exists(ir_path(artifact_dir)):
+            return f"the {tower} artifact has no OpenVINO IR" + ("" if openvino_available() else
+                                                                  " (openvino is not installed)")
+        if not openvino_available():
+            return "openvino is not installed"
+        return None
+
+    @classmethod
+    def refusal(cls, precision: str, measured: dict[str, float]) -> str | None:
+        """bf16 without native bf16, or int8 without an int8 IR that held INT8_OFFER_COSINE."""
+        from clip_pyfunc.runtime import INT8_OFFER_COSINE, cpu_has_native_bf16
+
+        if precision == "bf16" and not cpu_has_native_bf16():
+            return ("precision 'bf16' on engine 'openvino' needs a CPU with AVX512_BF16 or AMX, and this one has "
+                    "neither; choose precision 'fp32', or engine 'torch' (emulated bf16)")
+        if precision == "int8":
+            held = measured.get("int8")
+            if held is None or held < INT8_OFFER_COSINE:
+                why = ("none was made: register with --int8, or registry.int8 in the settings" if held is None
+                       else f"it held {held}")
+                return (f"precision 'int8' on OpenVINO needs an int8 IR that held cosine >= {INT8_OFFER_COSINE} at "
+                        f"registration ({why}); choose 'fp32', or engine 'torch' for dynamic int8")
+        return None
+
+    @classmethod
+    def make_runtime(cls, config, precision: str, cuda: bool):
+        """CPU, and `num_threads` (else every CPU this process may use) inference threads; torch is not imported."""
+        from clip_pyfunc.runtime import Runtime, cpu_count
+
+        return Runtime(engine=cls.name, device="cpu", precision=precision, input_dtype=None, autocast_dtype=None,
+                       batch_size=config.batch_size, threads=config.num_threads or cpu_count())
+
+    @classmethod
+    def load(cls, artifact_dir: str, tower: str, runtime, loaded=None):
+        """Compile the tower's IR; int8 runs the int8 IR where the artifact has one (the image tower), else fp32."""
+        import dataclasses
+
+        if runtime.precision == "int8" and not os.path.exists(ir_path(artifact_dir, "int8")):
+            runtime = dataclasses.replace(runtime, precision="fp32")  # only the image tower is quantized
+        return cls(compile_tower(artifact_dir, runtime.precision, runtime.threads), runtime)
+
+    def _acquire(self):
+        with self._lock:
+            create = self._idle.empty() and self._made < self._limit
+            self._made += create
+        if not create:
+            return self._idle.get()  # waits for a running request to finish
+        try:
+            return self.compiled.create_infer_request()
+        except BaseException:
+            with self._lock:
+                self._made -= 1  # the slot stays free for the next caller
+            raise
+
+    def _infer(self, inputs: dict):
+        import numpy as np
+
+        request = self._acquire()
+        try:
+            request.infer(inputs)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        finally:
+            self._idle.put(request)
+
+    def text_features(self, input_ids, attention_mask=None):
+        """Token ids int64 (n, L) and, where the family takes one, their mask (n, L) -> vectors (n, dim)."""
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return self._infer(inputs)
+
+    def image_features(self, pixels):
+        """Pixels float32 (n, 3, H, W) -> vectors (n, dim)."""
+        return self._infer({"pixel_values": pixels})
+
+    def patch_features(self, patches, mask, shapes):
+        """NaFlex: patch sequences float32 (n, P, D), their mask (n, P) and grid shapes (n, 2) -> vectors (n, dim)."""
+        return self._infer({"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes})
+
+
+def ir_path(artifact_dir: str, precision: str = "fp32") -> str:
+    """Where a tower artifact keeps its IR ("int8": the quantized image tower)."""
+    return os.path.join(artifact_dir, IR_INT8_FILE if precision == "int8" else IR_FILE)
+
+
+def openvino_available() -> bool:
+    """True where the openvino package imports."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def compile_tower(artifact_dir: str, precision: str, threads: int):
+    """Compile a tower artifact's IR for the CPU.
+
+    Args:
+        artifact_dir: The tower artifact.
+        precision: "fp32" (f32 inference, also on CPUs where OpenVINO would pick bf16 by itself),
+            "bf16" (bf16 inference precision) or "int8" (the int8 IR where the artifact has one,
+            the fp32 IR otherwise: only the image tower is quantized).
+        threads: OpenVINO's inference threads.
+
+    Returns:
+        An openvino.CompiledModel, with the LATENCY hint: one stream that gives each forward every
+        thread, as torch does; concurrent requests each run on their own infer request.
+
+    Raises:
+        ModelLoadError: The IR is missing or cannot be read or compiled.
+    """
+    import openvino as ov
+
+    path = ir_path(artifact_dir, precision)
+    if precision == "int8" and not os.path.exists(path):
+        path = ir_path(artifact_dir)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"no OpenVINO IR in {artifact_dir} ({os.path.basename(path)})")
+    # The precision hint is always explicit: left out, OpenVINO's CPU plugin reads the hardware
+    # itself and runs bf16 on AVX512_BF16/AMX CPUs, so an "fp32" tower would silently be bf16 there.
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    try:
+        return ov.Core().compile_model(path, "CPU", config)
+    except Exception as e:  # noqa: BLE001 - openvino raises RuntimeError subclasses with no common base
+        raise ModelLoadError(f"cannot compile the OpenVINO IR {path}: {first_line(e)}") from e
+
+
+def first_line(error: Exception) -> str:
+    """An exception's first non-empty line, shortened (OpenVINO's messages run to pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
