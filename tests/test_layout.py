@@ -148,6 +148,14 @@ def test_the_apps_routes_ask_the_service_and_never_reach_into_a_model():
     assert len(lines) == 1 and "watch(" in lines[0], lines
 
 
+def test_one_mechanism_checks_a_body_s_size():
+    """serving.edge.Edge counts every body (declared, chunked, inflated) against its path's limit; the app's
+    forms and OpenAI's API hand their limits to it (serving.forms.body_limits) and never count a body."""
+    for name in ("app", "forms", "openai_api", "loading", "middleware", "service"):
+        source = open(os.path.join(ROOT, "clip_pyfunc", "serving", f"{name}.py")).read()
+        assert ".stream()" not in source and "content-length" not in source.lower(), name
+
+
 def test_the_cli_builds_its_parser_without_the_benchmarks_or_heavy_libraries():
     """`clip-pyfunc --help` (and every command's parsing) imports no benchmark module and no heavy library."""
     code = ("import sys; from clip_pyfunc.cli.parser import build_parser; build_parser(); "

@@ -139,7 +139,7 @@ def test_embedding_space_of_models_logged_before_it_was_recorded_is_their_run():
 
 
 def test_the_app_refuses_a_text_and_an_image_model_of_two_checkpoints(first, second, other):
-    from clip_pyfunc.serving.app import load
+    from clip_pyfunc.serving.loading import load
 
     text_uri, image_uri = second["models"]["text"]["uri"], other["models"]["image"]["uri"]
     with pytest.raises(ModelLoadError) as refused:

@@ -193,7 +193,8 @@ def test_app_search_filters_by_type(edge_index, registered):
 
     import httpx
 
-    from clip_pyfunc.serving.app import create_app, load
+    from clip_pyfunc.serving.app import create_app
+    from clip_pyfunc.serving.loading import load
     from clip_pyfunc.settings import IndexConfig, load_settings
 
     uris = registered["models"]

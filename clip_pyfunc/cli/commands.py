@@ -164,7 +164,7 @@ def cmd_duplicates(args: argparse.Namespace) -> JsonLines:
 def cmd_app(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    from clip_pyfunc.serving import app as app
+    from clip_pyfunc.serving import app
 
     settings = settings_of(args)
     config, names = settings.app, settings.registry

@@ -96,6 +96,9 @@ class Edge:
     Args:
         app: The ASGI application behind (MLflow's scoring app, or the app's FastAPI).
         max_body_bytes: Most bytes of a request body, inflated (serve.max_body_bytes).
+        body_limits: Lower limits by path prefix, longest first: {prefix: (bytes, the settings that set it)}
+            (the app's forms and OpenAI's API take max_fields x max_upload_bytes). The one place a body's
+            size is checked; max_body_bytes still caps each.
         metrics: The process's Metrics, or None to serve without /metrics and request metrics.
         health: The models' Health, or None (health paths always pass through).
         health_paths: Paths that answer 503 while unhealthy or draining.
@@ -116,8 +119,13 @@ class Edge:
                  health_paths: tuple[str, ...] = ("/ping", "/health"), paths: tuple[str, ...] = (),
                  error_body: dict[str, Callable[[int, str], bytes]] | None = None, scoring: Scoring | None = None,
                  model_paths: tuple[str, ...] = (), max_requests: int | None = None,
-                 lifecycle: Lifecycle | None = None, admission: Callable[[], Exception | None] | None = None):
+                 lifecycle: Lifecycle | None = None, admission: Callable[[], Exception | None] | None = None,
+                 body_limits: dict[str, tuple[int, str]] | None = None):
         self.app, self.max_body_bytes = app, max_body_bytes
+        limits = {"": (max_body_bytes, "serve.max_body_bytes")}
+        for prefix, (size, setting) in (body_limits or {}).items():
+            limits[prefix] = (size, setting) if size < max_body_bytes else limits[""]
+        self.body_limits = sorted(limits.items(), key=lambda kv: -len(kv[0]))
         self.metrics, self.health, self.health_paths = metrics, health, health_paths
         self.paths = frozenset(paths) | frozenset(health_paths) | {"/metrics"}
         self.error_body = sorted((error_body or {"": mlflow_error}).items(), key=lambda kv: -len(kv[0]))
@@ -125,6 +133,10 @@ class Edge:
         self.model_paths = frozenset(model_paths) | frozenset(scoring.paths if scoring else ())
         self.max_requests, self.lifecycle, self.admission = max_requests, lifecycle, admission
         self.running = 0  # model requests in the app now
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        """(most body bytes, the settings that set them) for a path."""
+        return next(limit for prefix, limit in self.body_limits if path.startswith(prefix))
 
     def _body_for(self, path: str, status: int, message: str) -> bytes:
         return next(make(status, message) for prefix, make in self.error_body if path.startswith(prefix))
@@ -169,8 +181,9 @@ class Edge:
         for name, value in scope.get("headers", ()):  # a repeated header is one list (RFC 9110 5.3)
             headers[name] = headers[name] + b", " + value if name in headers else value
         length = _content_length(headers.get(b"content-length"))
-        if length is not None and length > self.max_body_bytes:
-            await _respond(send, 413, self._body_for(path, 413, self._too_large(length)), "application/json", close=True)
+        if length is not None and length > self._limit(path)[0]:
+            await _respond(send, 413, self._body_for(path, 413, self._too_large(path, length)), "application/json",
+                           close=True)
             return
         if path not in self.model_paths or method != "POST":
             await self._pass(scope, receive, send, path, headers, length)
@@ -193,7 +206,7 @@ class Edge:
         """A request that runs no model: inflated when coded, else limited as it streams."""
         if b"content-encoding" in headers:
             try:
-                body = await self._read_body(receive, headers, length)
+                body = await self._read_body(receive, path, headers, length)
             except RequestRefused as e:
                 await self._refuse(send, path, e)
                 return
@@ -215,7 +228,7 @@ class Edge:
             replay = _Replay(receive, None, state)
         else:
             try:
-                body = await self._read_body(receive, headers, length)
+                body = await self._read_body(receive, path, headers, length)
                 content_type = None
                 if scoring is not None:
                     raw = headers.get(b"content-type")
@@ -252,7 +265,7 @@ class Edge:
         finally:
             replay.close()
 
-    async def _read_body(self, receive, headers, length) -> bytes:
+    async def _read_body(self, receive, path, headers, length) -> bytes:
         """The whole body, inflated when coded, within the limit.
 
         Raises:
@@ -262,7 +275,7 @@ class Edge:
         inflater = None
         if b"content-encoding" in headers:
             codings = content_codings(headers[b"content-encoding"].decode("latin-1"))
-            inflater = Inflater(codings, self.max_body_bytes) if codings else None
+            inflater = Inflater(codings, self._limit(path)[0]) if codings else None
         chunks, received = [], 0
         while True:
             message = await receive()
@@ -270,8 +283,8 @@ class Edge:
                 raise RequestRefused(499, "the client disconnected before sending the whole body")
             data = message.get("body", b"")
             received += len(data)
-            if received > self.max_body_bytes:  # the coded bytes count too
-                raise RequestRefused(413, self._too_large(length))
+            if received > self._limit(path)[0]:  # the coded bytes count too
+                raise RequestRefused(413, self._too_large(path, length))
             chunks.append(inflater.feed(data) if inflater else data)
             if not message.get("more_body", False):
                 break
@@ -292,10 +305,10 @@ class Edge:
             message = await receive()
             if message["type"] == "http.request" and not refused[0]:
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > self._limit(path)[0]:
                     refused[0] = True
-                    await _respond(send, 413, self._body_for(path, 413, self._too_large(None)), "application/json",
-                                   close=True)
+                    await _respond(send, 413, self._body_for(path, 413, self._too_large(path, None)),
+                                   "application/json", close=True)
                     return {"type": "http.disconnect"}  # the app behind stops reading, as for a client gone
             return message
 
@@ -311,9 +324,10 @@ class Edge:
             # The app behind raised on the disconnect we told it of (starlette's ClientDisconnect): the
             # 413 is the answer, and there is nothing to log.
 
-    def _too_large(self, length: int | None) -> str:
+    def _too_large(self, path: str, length: int | None) -> str:
         size = f"is {length} bytes, over" if length is not None else "passed"
-        return (f"request body {size} the limit of {self.max_body_bytes} bytes (serve.max_body_bytes); "
+        limit, setting = self._limit(path)
+        return (f"request body {size} the limit of {limit} bytes ({setting}); "
                 "send fewer or smaller rows per request")
 
 

@@ -90,7 +90,7 @@ def add_routes(app, service, uris: dict[str, str | None], config) -> None:
     Usage counts the tokens the text tower reads for each text (special tokens included, after
     truncation to the context length), from the text model's own tokenizer; images count 0. The body
     may hold as many images as a multipart `/embeddings` request, now base64-encoded:
-    `max_fields` x `max_upload_bytes` x 4/3 plus 64 KiB of JSON (413 over it); each item, text or
+    `max_fields` x `max_upload_bytes` x 4/3 plus 64 KiB of JSON (the edge answers 413 over it, serving.forms.body_limits); each item, text or
     data URL, to `max_upload_bytes` x 4/3 characters (one upload's base64; 413), and a request to the
     text model's `max_rows` items (400).
 
@@ -107,7 +107,6 @@ def add_routes(app, service, uris: dict[str, str | None], config) -> None:
     names = accepted_names(uris)
     dim, max_items, urls_on = service.embedding_dim, service.max_items, service.urls_on
     item_limit = -(-config.max_upload_bytes // 3) * 4  # base64 of max_upload_bytes
-    body_limit = item_limit * config.max_fields + 64 * 1024
 
     @app.exception_handler(OpenAIError)
     async def refused(request: Request, e: OpenAIError):
@@ -124,7 +123,7 @@ def add_routes(app, service, uris: dict[str, str | None], config) -> None:
     async def embeddings(request: Request):
         """OpenAI's embeddings: `model`, `input` (a string or a list of strings: texts, data-URL images),
         `encoding_format` ("float" or "base64"), `dimensions` (the model's own or absent), `user` (ignored)."""
-        body = await _json_body(request, body_limit)
+        body = await _json_body(request)
         if unknown := sorted(set(body) - set(_FIELDS)):  # OpenAI's own API refuses them too
             raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}; this endpoint "
                                    f"reads {', '.join(_FIELDS)}", unknown[0], "unknown_parameter")
@@ -177,25 +176,14 @@ def _allowed(urls_on: bool) -> str:
     return f"each item is a text, or an image as a data URL 'data:image/<type>;base64,<data>'{urls}"
 
 
-async def _json_body(request, limit: int) -> dict[str, Any]:
-    """The request's JSON object, read at most `limit` bytes whatever the headers say.
+async def _json_body(request) -> dict[str, Any]:
+    """The request's JSON object (its size was checked by the edge: serving.forms.body_limits).
 
     Raises:
-        OpenAIError: 413 over the limit; 400 when the body is not JSON or not an object.
+        OpenAIError: 400 when the body is not JSON or not an object.
     """
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise OpenAIError(413, f"request is {length} bytes, over the limit of {limit} bytes (max_fields x "
-                               "max_upload_bytes, as base64)", None, "request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise OpenAIError(413, f"request is over {limit} bytes (max_fields x max_upload_bytes, as base64)", None,
-                              "request_too_large")
-        chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(await request.body())
     except ValueError as e:
         raise OpenAIError(400, f"body is not valid JSON ({e}); send a JSON object with model and input", None,
                           "invalid_json") from e

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 
 
 class EmbeddingService:
-    """The loaded models and index behind the app (serving.app.Loaded), as the routes may use them.
+    """The loaded models and index behind the app (serving.loading.Loaded), as the routes may use them.
 
     Args:
-        loaded: What `serving.app.load` loaded: text and image models, and the classifier and
+        loaded: What `serving.loading.load` loaded: text and image models, and the classifier and
             searcher when present.
     """
 
