@@ -24,6 +24,20 @@ from clip_pyfunc.settings import CONF_ENV, load_settings
 os.environ[CONF_ENV] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_pyfunc.yaml")
 
 
+# The inner loop is `python -m pytest -m "not slow"` (at most 3 minutes); CI runs everything. Besides the
+# tests marked slow by hand (whole jobs, killed processes, real servers), these count as slow: the real-part
+# markers (a server process, Spark, a built environment), and the fixtures that take a minute or more.
+_SLOW_MARKERS = ("serving", "spark", "env")
+_SLOW_FIXTURES = {"toy_checkpoint", "registered_families"}  # trains the toy; registers every family
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark as slow every test that needs a real part or a slow fixture (see above)."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in _SLOW_MARKERS) or _SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
@@ -59,7 +73,7 @@ def tracking_uri(tmp_path_factory) -> str:
 def registered(tiny_checkpoint, tracking_uri) -> dict:
     from clip_pyfunc.registry import register_models
 
-    return register_models(load_settings(None, {"model": {"source": tiny_checkpoint}}))
+    return register_models(load_settings(None, {"model": {"source": tiny_checkpoint}, "registry": {"engines": True}}))
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +92,8 @@ def registered_families(checkpoints, tracking_uri) -> dict[str, dict]:
 
     out = {}
     for name, path in checkpoints.items():
-        settings = load_settings(None, {"model": {"source": path},
-                                        "registry": {"text_name": f"{name}_text", "image_name": f"{name}_image"}})
+        settings = load_settings(None, {"model": {"source": path}, "registry": {
+            "text_name": f"{name}_text", "image_name": f"{name}_image", "engines": True}})
         out[name] = register_models(settings)
     return out
 

@@ -116,6 +116,7 @@ def _layout(path: str) -> list[str]:
     return sorted(set(out))
 
 
+@pytest.mark.slow
 def test_a_build_killed_during_hnsw_leaves_no_temporary_segment_after_a_rerun(tmp_path):
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
     subprocess.run([sys.executable, "-c", BUILD, clean], check=True, timeout=600, capture_output=True)

@@ -179,7 +179,7 @@ def torch_free(tiny_checkpoint, tracking_uri, tmp_path_factory) -> dict:
     return register_models(load_settings(None, {
         "model": {"source": tiny_checkpoint}, "runtime": {"engine": "openvino", "precision": "default"},
         "registry": {"text_name": "free_text", "image_name": "free_image", "combined_name": "free_both",
-                     "with_combined": True, "int8": True, "calibration_data": str(calibration)}}))
+                     "with_combined": True, "int8": True, "calibration_data": str(calibration), "engines": True}}))
 
 
 def test_openvino_model_is_logged_and_served_without_torch(torch_free, registered):

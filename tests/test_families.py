@@ -198,31 +198,23 @@ def test_unknown_model_type_lists_the_families(tmp_path):
             assert repr(family) in str(e.value)
 
 
-@pytest.mark.serving
 @pytest.mark.parametrize("name", FAMILIES)
-def test_served_equals_local(registered_families, name, tmp_path):
-    """`mlflow models serve` of both towers, plain MLflow, loading by alias: served == local."""
-    import sys
+def test_served_equals_local(registered_families, name):
+    """MLflow's own scoring app (what `mlflow models serve` runs; mlflow.pyfunc.scoring_server.init) on each
+    family's towers, loaded by alias and driven in process over HTTP semantics: served == local. The real
+    server process is tests/test_serving.py's (test_plain_mlflow_models_serve_text and the rest)."""
+    import asyncio
 
-    import requests
+    import httpx
+    from mlflow.pyfunc import scoring_server
 
-    from conftest import free_port, start_server, stop_server, wait_ready
+    async def served(app, rows):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
+            return await client.post("/invocations", json={"inputs": rows}, timeout=60)
 
-    servers = {}
-    try:
-        for tower in ("text", "image"):
-            port, log = free_port(), tmp_path / f"{tower}.log"
-            proc = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                                 registered_families[name]["models"][tower]["uri"], "--env-manager", "local",
-                                 "-p", str(port)], log)
-            servers[tower] = (f"http://127.0.0.1:{port}", proc, log)
-        for tower, rows in (("text", TEXTS), ("image", [b64(x) for x in IMAGES])):
-            url, proc, log = servers[tower]
-            wait_ready(url, proc, log)
-            r = requests.post(f"{url}/invocations", json={"inputs": rows}, timeout=60)
-            assert r.status_code == 200, r.text[:500]
-            local = mlflow.pyfunc.load_model(registered_families[name]["models"][tower]["uri"]).predict(rows)
-            assert np.abs(np.asarray(r.json()["predictions"], dtype=np.float32) - local).max() <= 1e-6
-    finally:
-        for _, proc, _ in servers.values():
-            stop_server(proc)
+    for tower, rows in (("text", TEXTS), ("image", [b64(x) for x in IMAGES])):
+        model = mlflow.pyfunc.load_model(registered_families[name]["models"][tower]["uri"])
+        r = asyncio.run(served(scoring_server.init(model), rows))
+        assert r.status_code == 200, r.text[:500]
+        local = mlflow.pyfunc.load_model(registered_families[name]["models"][tower]["uri"]).predict(rows)
+        assert np.abs(np.asarray(r.json()["predictions"], dtype=np.float32) - local).max() <= 1e-6

@@ -90,6 +90,7 @@ def mlflow_server(tmp_path):
         stop_server(proc)
 
 
+@pytest.mark.slow
 def test_register_against_real_mlflow_server(mlflow_server, tiny_checkpoint, text_model):
     with tracking(mlflow_server) as client:
         out = register_models(_settings(tiny_checkpoint))

@@ -226,21 +226,6 @@ def test_spark_notebook(registered, tiny_checkpoint, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_spark_submit_of_the_same_job(image_table, registered, tmp_path):
-    path, _ = image_table
-    job = os.path.join(os.path.dirname(__file__), "..", "clip_pyfunc", "cli", "spark_submit.py")
-    out = subprocess.run(
-        ["spark-submit", "--master", "local[2]", job, "--model-uri", registered["models"]["image"]["uri"],
-         "--input", path, "--input-col", "image_b64", "--id-col", "product_id",
-         "--output", str(tmp_path / "submitted.parquet")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout[out.stdout.index("{"):])
-    assert (report["rows"], report["embedded"], report["failed"]) == (50, 46, 4)
-
-
-@pytest.mark.slow
 def test_mlproject_embed_table_entry_point(image_table, registered, tmp_path):
     path, _ = image_table
     root = os.path.join(os.path.dirname(__file__), "..")
@@ -257,9 +242,10 @@ def test_mlproject_embed_table_entry_point(image_table, registered, tmp_path):
 
 
 @pytest.mark.slow
-def test_spark_submit_keeps_the_submitted_master(image_table, registered, tmp_path):
-    # Under spark-submit the JVM holds the submitted settings: the job must run on the submitted
-    # master (not local[*]), and the report says which.
+def test_spark_submit_runs_the_same_job_on_the_submitted_master(image_table, registered, tmp_path):
+    """spark-submit of the job's entry file gives the same report as the job in process, and under spark-submit
+    the JVM holds the submitted settings: the job runs on the submitted master (not local[*]), and the report
+    says which. (One spark-submit for both, where two tests each started their own.)"""
     import sys
 
     path, _ = image_table
@@ -272,7 +258,8 @@ def test_spark_submit_keeps_the_submitted_master(image_table, registered, tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     # spark-submit's PythonRunner merges the script's stderr into its stdout: the report comes last.
     report = json.loads(out.stdout[out.stdout.rindex("\n{") :])
-    assert report["master"] == "local[1]" and report["failed"] == 4
+    assert (report["rows"], report["embedded"], report["failed"]) == (50, 46, 4)
+    assert report["master"] == "local[1]"
     assert report["model_uri"] == registered["models"]["image"]["uri"]  # as given; the pinned version beside it
     assert report["model_version_uri"].rsplit("/", 1)[-1].isdigit()
 

@@ -259,6 +259,7 @@ def test_concurrent_queries_from_threads(tmp_path):
     assert [answers[i] for i in range(64)] == serial
 
 
+@pytest.mark.slow
 def test_an_index_run_killed_halfway_is_completed_by_a_rerun(registered, tmp_path):
     """SIGKILL `clip-pyfunc index` mid-run: the store opens, and a re-run leaves every row once."""
     from clip_pyfunc.search.index import model_space

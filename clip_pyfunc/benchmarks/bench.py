@@ -108,13 +108,14 @@ def memory(image_uri: str, text_uri: str, checkpoint: str, model_class: str) -> 
 
 def run(model: str | None = None, random_init: str | None = None, out_dir: str = "bench-out",
         batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8"), workloads=None,
-        engines=("torch", "openvino"), int8: bool = False) -> dict:
+        engines=("torch", "openvino"), int8: bool = False, rounds: int = 5) -> dict:
     """Run every measurement; write bench.json and bench.png to `out_dir`; return the results.
 
     The image and text sections run torch fp32, the reference. The engines section times every
     (engine, precision) pair of `engines` x `precisions` that loads, and "default", end to end
     on 2 MP JPEGs and on the raw forward, at each batch size, with each pair's lowest cosine to
-    torch fp32; `int8` registers with `--int8` (built-in calibration samples) first.
+    torch fp32; `int8` registers with `--int8` (built-in calibration samples) first. Each rate is the
+    median of `rounds` interleaved rounds.
     """
     import mlflow
     import numpy as np
@@ -138,7 +139,8 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
         path = save_random_checkpoint(os.path.join(tmp, random_init), random_init)
     else:
         path = resolve_checkpoint(model).path
-    summary = register_models(load_settings(None, {"model": {"source": path}, "registry": {"int8": int8}}))
+    summary = register_models(load_settings(None, {"model": {"source": path},
+                                                   "registry": {"int8": int8, "engines": True}}))
     image_uri, text_uri = summary["models"]["image"]["uri"], summary["models"]["text"]["uri"]
     model_class = family_for(summary["family"]).model_class
     result = {"benchmark": "bench", "checkpoint": model or f"random-init {random_init}",
@@ -195,7 +197,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             pixels = _pixels(ip, values)
             r = _rates({"e2e": lambda: image_model.predict(frame),
                         "raw": lambda: encode_pixels(ip.engine, pixels),
-                        "naive": lambda: naive_images(values)}, bs, rounds=5)
+                        "naive": lambda: naive_images(values)}, bs, rounds=rounds)
             e2e, raw, naive = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2),
                              "naive_per_s": round(naive, 2), "e2e_over_raw": round(e2e / raw, 3),
@@ -226,7 +228,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
 
             r = _rates({"e2e": lambda: text_model.predict(frame),
                         "raw": lambda: encode_token_ids(tp.engine, ids, tp.text_spec),
-                        "naive": naive}, bs, rounds=5)
+                        "naive": naive}, bs, rounds=rounds)
             e2e, raw, nv = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2), "naive_per_s": round(nv, 2),
                              "e2e_over_raw": round(e2e / raw, 3), "e2e_over_naive": round(e2e / nv, 3),
@@ -241,7 +243,8 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
                 mlflow.pyfunc.load_model(text_uri, model_config=config))
 
     result["engines_jpeg_2mp"] = engine_rows(load, image_model, text_model, batch_sizes,
-                                             [(e, p) for e in engines for p in precisions] + [("auto", "default")])
+                                             [(e, p) for e in engines for p in precisions] + [("auto", "default")],
+                                             rounds=rounds)
     result["matmul_gflops"] = matmul_gflops()
     if not result["machine"]["native_bf16"]:
         result["precisions_note"] = "bf16 is not native on this CPU (no AVX512_BF16/AMX): it is emulated and slow"

@@ -288,6 +288,6 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         raise ModelLoadError("pass exactly one of --model (hub id or directory) and --random-init NAME")
     result = bench.run(args.model, args.random_init, out_dir=args.out,
                        batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions),
-                       workloads=args.workloads, engines=tuple(args.engines), int8=args.int8)
+                       workloads=args.workloads, engines=tuple(args.engines), int8=args.int8, rounds=args.rounds)
     print(bench.table(result), file=sys.stderr)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 import clip_pyfunc.cli.commands as commands
+from clip_pyfunc.runtime.engines import ENGINES
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -217,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
-    p.add_argument("--engines", nargs="+", choices=["torch", "openvino"], default=["torch", "openvino"],
+    p.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
                    help="engines timed as rows beside torch fp32 (each with every --precisions)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per rate (the median is kept)")
     p.add_argument("--int8", action="store_true", help="register with --int8 first (built-in calibration samples)")
     p.add_argument("--workloads", nargs="+", choices=sorted(IMAGE_WORKLOADS), help="image workloads (default all)")
     p.set_defaults(func=commands.cmd_bench)

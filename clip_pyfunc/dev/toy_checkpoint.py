@@ -107,8 +107,8 @@ def tokenizer_for(captions):
                          model_max_length=77)
 
 
-def train_toy_checkpoint(path: str, *, seed: int = 0, steps: int = 1500, batch: int = 120,
-                         log=print) -> dict:
+def train_toy_checkpoint(path: str, *, seed: int = 0, steps: int = 1500, batch: int = 120, images: int = 9000,
+                         held_out_images: int = 300, log=print) -> dict:
     """Train the toy CLIP and save it to `path`.
 
     Args:
@@ -116,6 +116,8 @@ def train_toy_checkpoint(path: str, *, seed: int = 0, steps: int = 1500, batch: 
         seed: Seeds data, initialisation and batch order: the same seed gives the same weights.
         steps: Optimiser steps.
         batch: Image-caption pairs per step.
+        images: Generated image-caption pairs to train on (generating them is most of a short run's time).
+        held_out_images: Generated images the zero-shot accuracy is measured on.
         log: Where progress lines go.
 
     Returns:
@@ -133,8 +135,8 @@ def train_toy_checkpoint(path: str, *, seed: int = 0, steps: int = 1500, batch: 
     torch.set_num_threads(2)  # a fixed thread count keeps the float sums, so the weights, reproducible
     torch.manual_seed(seed)
     try:
-        train = dataset(9000, seed)
-        held_out = dataset(300, seed + 1)
+        train = dataset(images, seed)
+        held_out = dataset(held_out_images, seed + 1)
         tokenizer = tokenizer_for([c for _, c, _ in train] + [TEMPLATE.format(x) for x in LABELS])
         config = CLIPConfig(
             projection_dim=64,

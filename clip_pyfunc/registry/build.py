@@ -10,6 +10,7 @@ copies files.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -48,6 +49,13 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
     """
     from clip_pyfunc.registry.precision import measure_fidelity, reference_models
 
+    from clip_pyfunc.errors import ConfigError
+    from clip_pyfunc.runtime.engines import ENGINES, engine_class
+
+    engine = settings.runtime.engine
+    if not settings.registry.engines and engine in ENGINES and engine_class(engine).torch_free:
+        raise ConfigError(f"runtime.engine {engine!r} runs the files registration exports, and registry.engines is "
+                          "false (--no-engines); register with engines, or with engine 'auto' or the reference")
     model = settings.model
     checkpoint = resolve_checkpoint(model.source, model.revision, model.cache_dir)
     info, towers = export_towers(checkpoint, workdir)
@@ -61,6 +69,10 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
             from clip_pyfunc.registry.quantize import quantize_image_tower
 
             info = quantize_image_tower(info, towers, settings.registry.calibration_data)
+    else:  # said in the summary, the tags and at load (a model asked to run there falls back with a note)
+        why = "not exported: registered with registry.engines false (--no-engines)"
+        info = dataclasses.replace(info, unavailable={e: dict.fromkeys(towers, why) for e in ENGINES
+                                                      if engine_class(e).exporter})
     for path in towers.values():
         info.write(path)
     drop_torch_weights(settings.runtime.engine, info, towers)
