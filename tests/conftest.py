@@ -5,12 +5,10 @@ Nothing here touches the network: the checkpoint is built locally in seconds.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from clip_pyfunc.benchmarks.common import b64, free_port  # noqa: F401 - the tests import them from here
 from clip_pyfunc.settings import CONF_ENV, load_settings
 
 # Every settings read in the tests (and in the CLI subprocesses they start) pins fp32; see the file.
@@ -181,16 +180,6 @@ def encode(img, fmt: str = "PNG", **save_args) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **save_args)
     return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(cmd, log_path):

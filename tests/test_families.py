@@ -199,7 +199,7 @@ def test_unknown_model_type_lists_the_families(tmp_path):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_served_equals_local(registered_families, name):
+def test_served_equals_local(registered_families, name, monkeypatch):
     """MLflow's own scoring app (what `mlflow models serve` runs; mlflow.pyfunc.scoring_server.init) on each
     family's towers, loaded by alias and driven in process over HTTP semantics: served == local. The real
     server process is tests/test_serving.py's (test_plain_mlflow_models_serve_text and the rest)."""
@@ -212,6 +212,9 @@ def test_served_equals_local(registered_families, name):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
             return await client.post("/invocations", json={"inputs": rows}, timeout=60)
 
+    # init marks this process as serving (_MLFLOW_IS_IN_SERVING_ENVIRONMENT, which turns on max_rows):
+    # monkeypatch puts it back for the rest of the session
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")
     for tower, rows in (("text", TEXTS), ("image", [b64(x) for x in IMAGES])):
         model = mlflow.pyfunc.load_model(registered_families[name]["models"][tower]["uri"])
         r = asyncio.run(served(scoring_server.init(model), rows))

@@ -26,8 +26,17 @@ ROOMS = ("errors", "families", "runtime", "settings", "stages", "artifacts", "mo
 # The rooms a logged model ships (registry.requirements.MODEL_CODE) and imports.
 MODEL_ROOMS = {"errors", "settings", "runtime", "families", "stages", "artifacts", "models"}
 HEAVY = ("torch", "transformers", "mlflow", "pyspark")
-# clip_pyfunc as it was on main before the regrouping (git archive 01cb923 clip_pyfunc).
-PRE_LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "clip_pyfunc-01cb923.tar.gz")
+# clip_pyfunc as it was on main before the regrouping (git archive 01cb923 clip_pyfunc), and before the second
+# redesign (engines as adapters, the fidelity table, registration built once: git archive ee5eca8 clip_pyfunc).
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+PRE_LAYOUT = os.path.join(FIXTURES, "clip_pyfunc-01cb923.tar.gz")
+PRE_ENGINES = os.path.join(FIXTURES, "clip_pyfunc-ee5eca8.tar.gz")
+# How each old package registers: its settings module, and what pins the reference (fp32 on torch; the
+# regrouping's package had one engine).
+OLD_PACKAGES = {
+    "before the regrouping": (PRE_LAYOUT, "clip_pyfunc.config", {"precision": "fp32"}),
+    "before engines were adapters": (PRE_ENGINES, "clip_pyfunc.settings", {"precision": "fp32", "engine": "torch"}),
+}
 
 
 def _modules() -> dict[str, str]:
@@ -195,20 +204,25 @@ def _png() -> bytes:
 
 
 @pytest.mark.slow
-def test_models_logged_before_the_regrouping_still_load_and_predict(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("when", list(OLD_PACKAGES))
+def test_models_logged_by_an_earlier_package_still_load_and_predict(tiny_checkpoint, tmp_path, when):
+    """A model logged by an earlier package loads and predicts the same vectors, in a fresh process (its own
+    shipped code) and in one that imported today's package first (today's code reads the old artifact: before
+    the second redesign, its per-engine fields read into the fidelity table)."""
+    archive, settings_module, runtime = OLD_PACKAGES[when]
     # Register with the package as it was on main before the move, in its own process and registry...
     old = tmp_path / "old"
-    with tarfile.open(PRE_LAYOUT) as tar:
+    with tarfile.open(archive) as tar:
         tar.extractall(old, filter="data")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/old.db", "PYTHONPATH": str(old)}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     env.pop("CLIP_PYFUNC_CONF", None)  # the tests' settings name keys (engine) the old package never had
     # It logs fp32, as the tests' settings pin it (tests/clip_pyfunc.yaml): its own "default" is bf16 on CPUs
     # with native bf16 wherever bf16 held 0.9999 at registration, and the vectors compared below are fp32's.
-    register = ("import json, sys, clip_pyfunc; from clip_pyfunc.config import load_settings; "
+    register = (f"import json, sys, clip_pyfunc; from {settings_module} import load_settings; "
                 "from clip_pyfunc.registry import register_models; "
                 "s = register_models(load_settings(None, {'model': {'source': sys.argv[1]}, "
-                "'runtime': {'precision': 'fp32'}})); "
+                f"'runtime': {runtime!r}}})); "
                 "print(json.dumps({'file': clip_pyfunc.__file__, 'models': s['models']}))")
     out = subprocess.run([sys.executable, "-c", register, tiny_checkpoint], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=600)
