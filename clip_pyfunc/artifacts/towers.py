@@ -212,8 +212,8 @@ def export_towers(checkpoint: ResolvedCheckpoint, workdir: str) -> tuple[Checkpo
         if tower == "text":
             info = dataclasses.replace(info, tokenizer=_bare_tokenizer_matches(tokenizer, target))
         dirs[tower] = target
-    for target in dirs.values():  # both towers carry the same, final description
-        info.write(target)
+    for target in dirs.values():  # both towers carry the same description, so each loads on its own;
+        info.write(target)         # registration (registry.build) writes the measured one over it once
     return info, dirs
 
 

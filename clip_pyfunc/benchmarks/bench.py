@@ -153,7 +153,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
                  f"t = time.perf_counter(); mlflow.pyfunc.load_model({image_uri!r})\n"
                  "print('LOAD', time.perf_counter() - t)")
     loads = []
-    for _ in range(2):
+    for _ in range(min(2, rounds)):
         out = subprocess.run([sys.executable, "-c", load_code], capture_output=True, text=True, check=True,
                              env=dict(os.environ))
         loads.append(float(out.stdout.split("LOAD")[-1]))
