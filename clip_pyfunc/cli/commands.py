@@ -286,6 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
     if bool(args.model) == bool(args.random_init):
         raise ModelLoadError("pass exactly one of --model (hub id or directory) and --random-init NAME")
+    if args.rounds < 1:
+        raise InvalidInput(f"--rounds must be 1 or more, got {args.rounds}")
     result = bench.run(args.model, args.random_init, out_dir=args.out,
                        batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions),
                        workloads=args.workloads, engines=tuple(args.engines), int8=args.int8, rounds=args.rounds)
