@@ -170,7 +170,8 @@ class RegistryConfig:
             None uses the built-in samples. At most 300 are read.
         engines: Export each engine's files (OpenVINO IR) and measure every engine and precision
             against the reference at registration. False registers for the reference engine alone
-            (torch; `default` is then fp32): quicker, for trials and the test suite's shared models.
+            (torch; `default` is then fp32 on CPU, and fp16 on CUDA as for any model measured on a
+            CPU): quicker, for trials and the test suite's shared models.
     """
 
     text_name: str = "clip_text_embedding"

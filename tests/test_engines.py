@@ -107,6 +107,8 @@ def test_pick_runtime_orders_engines_by_measured_fidelity(cpu, native_bf16):
         assert pick_runtime(RuntimeConfig(device="cpu", precision="bf16"), bf16, both).engine == "torch"
         with pytest.raises(ModelLoadError, match="AVX512_BF16"):
             pick_runtime(RuntimeConfig(device="cpu", engine="openvino", precision="bf16"), held, both)
+        with pytest.raises(ModelLoadError, match="AVX512_BF16"):  # a torch-free model: nothing emulates it
+            pick_runtime(RuntimeConfig(device="cpu", precision="bf16"), bf16, frozenset({"openvino"}))
     else:  # native bf16: OpenVINO's, where its bf16 held the default's cosine
         assert pick_runtime(RuntimeConfig(device="cpu", precision="bf16"), bf16, both).engine == "openvino"
         assert pick_runtime(RuntimeConfig(device="cpu", engine="openvino", precision="bf16"), held, both).precision \

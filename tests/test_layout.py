@@ -163,6 +163,13 @@ def test_one_mechanism_checks_a_body_s_size():
     for name in ("app", "forms", "openai_api", "loading", "middleware", "service"):
         source = open(os.path.join(ROOT, "clip_pyfunc", "serving", f"{name}.py")).read()
         assert ".stream()" not in source and "content-length" not in source.lower(), name
+    # Each path gets the lower of its own limit and serve.max_body_bytes, named by the setting that set it.
+    from clip_pyfunc.serving.edge import Edge
+
+    edge = Edge(None, max_body_bytes=100, metrics=None, health=None,
+                body_limits={"": (50, "max_fields x max_upload_bytes"), "/v1/": (200, "as base64")})
+    assert edge._limit("/embeddings") == (50, "max_fields x max_upload_bytes")
+    assert edge._limit("/v1/embeddings") == (100, "serve.max_body_bytes")
 
 
 def test_the_cli_builds_its_parser_without_the_benchmarks_or_heavy_libraries():

@@ -23,7 +23,7 @@ def export_ir(artifact_dir: str, tower: str, info, module) -> str | None:
         artifact_dir: A tower artifact (artifacts.towers.export_towers).
         tower: "text" or "image".
         info: Its CheckpointInfo (text padding and image inputs decide the IR's inputs).
-        module: The tower loaded in fp32 (artifacts.towers.load_tower), on the CPU.
+        module: The tower loaded in fp32 (runtime.engines.torch_engine.load_tower), on the CPU.
 
     Returns:
         None when the IR was written, else why OpenVINO could not take this tower (one line);

@@ -108,7 +108,7 @@ def memory(image_uri: str, text_uri: str, checkpoint: str, model_class: str) -> 
 
 def run(model: str | None = None, random_init: str | None = None, out_dir: str = "bench-out",
         batch_sizes=(1, 8, 32), precisions=("fp32", "bf16", "int8"), workloads=None,
-        engines=("torch", "openvino"), int8: bool = False, rounds: int = 5) -> dict:
+        engines=None, int8: bool = False, rounds: int = 5) -> dict:
     """Run every measurement; write bench.json and bench.png to `out_dir`; return the results.
 
     The image and text sections run torch fp32, the reference. The engines section times every
@@ -132,6 +132,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     from clip_pyfunc.stages.preprocess import pad_ids, tokenize
     from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry import register_models
+    from clip_pyfunc.runtime.engines import ENGINES
 
     os.makedirs(out_dir, exist_ok=True)
     tmp = temporary_registry("clip-bench-")
@@ -243,7 +244,8 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
                 mlflow.pyfunc.load_model(text_uri, model_config=config))
 
     result["engines_jpeg_2mp"] = engine_rows(load, image_model, text_model, batch_sizes,
-                                             [(e, p) for e in engines for p in precisions] + [("auto", "default")],
+                                             [(e, p) for e in engines or ENGINES for p in precisions]
+                                             + [("auto", "default")],
                                              rounds=rounds)
     result["matmul_gflops"] = matmul_gflops()
     if not result["machine"]["native_bf16"]:

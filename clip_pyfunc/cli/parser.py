@@ -41,7 +41,7 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
                    help="int8 calibration images: a directory of image files or a Parquet table (default: samples)")
     p.add_argument("--no-engines", dest="registry.engines", action="store_false", default=None,
                    help="register for torch alone: no OpenVINO IR and no engine/precision measurement (quicker; "
-                        "`default` precision is then fp32)")
+                        "`default` precision is then fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--device", dest="runtime.device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--engine", dest="runtime.engine",
                    help="auto | torch | openvino (openvino: the models are logged without torch)")

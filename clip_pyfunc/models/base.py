@@ -62,10 +62,13 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         on one loaded model. Concurrent predict calls (MLflow's scoring server, the app) share
         forward passes (runtime.batching.SharedForwards).
         """
+        previous = getattr(self, "engine", None)
         self.runtime = engine.runtime
         self.engine = SharedForwards(engine, max_rows=self.runtime.batch_size,
                                      wait_s=batch_wait_s(self.config.batch_wait_ms, engine))
         self.engine.observer = self.observer
+        if previous is not None:  # a server's guards (serving.metrics.watch) stay set
+            self.engine.set_limits(previous.limits)
 
     def set_observer(self, observer: Observer) -> None:
         """Report this model's stages, forwards, bad rows and failures to `observer` (runtime.observe)."""
@@ -84,6 +87,9 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         reasons = {name: engine_class(name).unusable(path, self.tower) for name in ENGINES}
         engines = frozenset(name for name, reason in reasons.items() if reason is None)
+        if not engines:
+            raise ModelLoadError(f"no engine can run the {self.tower} artifact here: "
+                                 + "; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
         fallback = REFERENCE[0] if REFERENCE[0] in engines else None
         config, note = self.config, None
         if config.engine not in ("auto", *engines) and fallback:

@@ -56,6 +56,9 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
     if not settings.registry.engines and engine in ENGINES and engine_class(engine).torch_free:
         raise ConfigError(f"runtime.engine {engine!r} runs the files registration exports, and registry.engines is "
                           "false (--no-engines); register with engines, or with engine 'auto' or the reference")
+    if not settings.registry.engines and settings.registry.int8:
+        raise ConfigError("registry.int8 (--int8) quantizes the OpenVINO IR that registry.engines false "
+                          "(--no-engines) does not export; drop one of the two")
     model = settings.model
     checkpoint = resolve_checkpoint(model.source, model.revision, model.cache_dir)
     info, towers = export_towers(checkpoint, workdir)

@@ -187,6 +187,8 @@ def pick_runtime(config, measured: dict[str, dict[str, float]] | None = None,
                                  f"use device 'cpu' or 'auto', not {config.device!r}")
     allowed = [engine_class(name) for name in ENGINES
                if name in engines and config.engine in ("auto", name)]
+    if not allowed:
+        raise ModelLoadError(f"no engine can run this model here (engines available here: {here})")
     cuda = _wants_cuda(config, allowed)
     device = "cuda" if cuda else "cpu"
     precision, engine = config.precision, None

@@ -124,7 +124,7 @@ class Edge:
         self.app, self.max_body_bytes = app, max_body_bytes
         limits = {"": (max_body_bytes, "serve.max_body_bytes")}
         for prefix, (size, setting) in (body_limits or {}).items():
-            limits[prefix] = (size, setting) if size < max_body_bytes else limits[""]
+            limits[prefix] = (size, setting) if size < max_body_bytes else (max_body_bytes, "serve.max_body_bytes")
         self.body_limits = sorted(limits.items(), key=lambda kv: -len(kv[0]))
         self.metrics, self.health, self.health_paths = metrics, health, health_paths
         self.paths = frozenset(paths) | frozenset(health_paths) | {"/metrics"}

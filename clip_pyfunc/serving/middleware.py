@@ -97,7 +97,8 @@ def app_error(status: int, message: str) -> bytes:
 def openai_error(status: int, message: str) -> bytes:
     """OpenAI's error body, for /v1/ paths."""
     kind = "invalid_request_error" if status == 413 else "server_error"
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+    code = "request_too_large" if status == 413 else None
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
 def configure_logging() -> None:

@@ -69,7 +69,7 @@ class TorchEngine(Engine):
         runtime's device and precision."""
         import copy
 
-        if loaded is None or loaded.runtime.precision != "fp32":
+        if loaded is None or loaded.runtime.precision != "fp32" or str(loaded.runtime.device) != str(runtime.device):
             return cls(apply_precision(load_tower(artifact_dir, tower), runtime), runtime)
         # bf16 runs the same weights under autocast and int8 quantizes a copy; fp16 would halve them in place
         module = copy.deepcopy(loaded.module) if runtime.precision == "fp16" else loaded.module
