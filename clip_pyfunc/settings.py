@@ -376,6 +376,9 @@ class AppConfig:
         max_upload_bytes: Most bytes of one uploaded file or field.
         max_fields: Most form fields (files and texts) per request.
         api_key: When set, every API call must send it as `X-API-Key` (the page asks for it).
+        follow_seconds: Seconds between the app's looks at the registry: when a promotion moved its alias,
+            it loads the new models and collection beside the old and swaps them in (serving.follow).
+            0 looks only on POST /admin/reload.
     """
 
     host: str = "127.0.0.1"
@@ -384,9 +387,11 @@ class AppConfig:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_fields: int = 16
     api_key: str | None = None
+    follow_seconds: float = 10.0
 
     def __post_init__(self):
-        _check_fields(self, dict.fromkeys(("port", "max_upload_bytes", "max_fields"), _positive_int))
+        _check_fields(self, {**dict.fromkeys(("port", "max_upload_bytes", "max_fields"), _positive_int),
+                             "follow_seconds": _follow_seconds})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -517,6 +522,13 @@ def _positive_seconds(name: str, value: object):
 def _seconds_up_to_an_hour(name: str, value: object):
     if not _number(value) or not 0 < value <= 3600:
         raise ConfigError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+    return value
+
+
+def _follow_seconds(name: str, value: object):
+    if not _number(value) or not 0 <= value <= 3600:
+        raise ConfigError(f"{name} must be a number of seconds in [0, 3600] (0: only on POST /admin/reload), "
+                          f"got {value!r}")
     return value
 
 

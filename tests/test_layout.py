@@ -22,7 +22,7 @@ PACKAGE = os.path.join(ROOT, "clip_pyfunc")
 # (registry, batch, search, serving, cli) and the developer rooms (dev, benchmarks) come after
 # `models`, so nothing a served model imports can reach them; the CLI runs the benchmarks.
 ROOMS = ("errors", "families", "runtime", "settings", "stages", "artifacts", "models", "dependencies", "stdio",
-         "dev", "registry", "batch", "search", "serving", "benchmarks", "cli")
+         "dev", "registry", "batch", "search", "promotion", "serving", "benchmarks", "cli")
 # The rooms a logged model ships (registry.requirements.MODEL_CODE) and imports.
 MODEL_ROOMS = {"errors", "settings", "runtime", "families", "stages", "artifacts", "models"}
 HEAVY = ("torch", "transformers", "mlflow", "pyspark")

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from clip_pyfunc.artifacts.checkpoint import RANDOM_WARNING, TOY_WARNING
-from clip_pyfunc.errors import EmbedJobError, InvalidInput, ModelLoadError
+from clip_pyfunc.errors import InvalidInput, ModelLoadError
 
 
 def settings_of(args: argparse.Namespace):
@@ -120,7 +119,7 @@ def _store(settings, must_exist: bool = False):
 
 
 def cmd_index(args: argparse.Namespace) -> dict:
-    from clip_pyfunc.search.index import index_table
+    from clip_pyfunc.search.index import index_space
 
     settings = settings_of(args)
     if args.to_server:
@@ -129,12 +128,36 @@ def cmd_index(args: argparse.Namespace) -> dict:
         from clip_pyfunc.search.store import copy_to_server
 
         return copy_to_server(settings.index, args.to_server)
+    if args.gc:
+        if args.input or args.model_uri:
+            raise InvalidInput("--gc deletes the collections no alias names: give it without --input/--model-uri")
+        from clip_pyfunc.promotion import collect_garbage
+
+        return collect_garbage(settings)
     missing = [flag for flag, value in (("--input", args.input), ("--model-uri", args.model_uri)) if not value]
     if missing:
-        raise InvalidInput(f"index needs {' and '.join(missing)} (or --to-server URL to copy the embedded store)")
-    with _store(settings) as store:
-        return index_table(store, args.input, args.model_uri, id_col=args.id_col,
-                           batch_rows=settings.index.batch_rows)
+        raise InvalidInput(f"index needs {' and '.join(missing)} (or --to-server URL to copy the embedded store, "
+                           "or --gc)")
+    catalogue = None if not args.catalogue else {"input": args.catalogue, "input_format": args.catalogue_format,
+                                                 "id_col": args.id_col, "input_col": None}
+    return index_space(settings.index, args.input, args.model_uri, id_col=args.id_col, catalogue=catalogue)
+
+
+def cmd_promote(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.promotion import promote
+
+    if args.tolerance < 0:
+        raise InvalidInput(f"--tolerance must be 0 or more, got {args.tolerance}")
+    return promote(settings_of(args), source=args.alias, target=args.to, table=args.table,
+                   input_format=args.input_format, id_col=args.id_col, input_col=args.input_col,
+                   eval_data=args.eval, tolerance=args.tolerance, force=args.force,
+                   embeddings_dir=args.embeddings_dir, master=args.master, eval_out=args.eval_out)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.promotion import rollback
+
+    return rollback(settings_of(args), target=args.to)
 
 
 def cmd_search(args: argparse.Namespace) -> JsonLines:
@@ -172,10 +195,32 @@ def cmd_app(args: argparse.Namespace) -> dict:
         config.classifier or f"models:/{settings.classifier.name}@{settings.classifier.alias}")
     config = dataclasses.replace(config, api_key=config.api_key or os.environ.get("CLIP_PYFUNC_API_KEY"))
     app.configure_logging()  # what load() warns about (no index, no classifier) carries the app's format
-    loaded = app.load(f"models:/{names.text_name}@{names.alias}", f"models:/{names.image_name}@{names.alias}",
-                      classifier, classifier_required=bool(config.classifier),  # the conf default may be absent
-                      index=None if args.no_index else settings.index)
-    app.run(loaded, config, settings.serve)  # serves until stopped
+    asked = {"text": f"models:/{names.text_name}@{names.alias}", "image": f"models:/{names.image_name}@{names.alias}",
+             "classifier": classifier}
+    follows_classifier = classifier == f"models:/{settings.classifier.name}@{names.alias}"
+    index = None if args.no_index else settings.index
+
+    def load_live(now) -> "app.Loaded":
+        """The models and collection the alias names (promotion.live), pinned; shown by the names asked."""
+        pinned = {kind: now.models.get(kind, uri) for kind, uri in asked.items()}
+        if not follows_classifier:
+            pinned["classifier"] = classifier
+        loaded = app.load(pinned["text"], pinned["image"], pinned["classifier"],
+                          classifier_required=bool(config.classifier),  # the conf default may be absent
+                          index=index, collection=now.collection)
+        loaded.versions, loaded.uris = dict(loaded.uris), {**asked, "classifier": loaded.uris["classifier"] and
+                                                           asked["classifier"]}
+        return loaded
+
+    from clip_pyfunc.promotion import live
+
+    def resolve():
+        return live(settings)
+
+    now = resolve()
+    loaded = load_live(now)
+    follow = app.Follow(resolve=resolve, load=load_live, seconds=config.follow_seconds)
+    app.run(loaded, config, settings.serve, follow)  # serves until stopped
     return {}
 
 
@@ -213,38 +258,13 @@ def cmd_bench_serving(args: argparse.Namespace) -> dict:
 
 
 def cmd_embed_table(args: argparse.Namespace) -> dict:
-    import tempfile
-    from concurrent.futures import ThreadPoolExecutor
+    from clip_pyfunc.batch.spark import embed_table
 
-    from pyspark.errors import AnalysisException
-
-    from clip_pyfunc.batch.spark import prepare_model, run_job, spark_session, stop_session
-    from clip_pyfunc.batch.spark.session import is_local, planned_master
-
-    # Found out before the JVM starts: a model MLflow cannot find, an input path that is not there.
-    _require_model(args.model_uri, "--model-uri")
-    # Only a local job reads this machine's disk; a scheme (dbfs:, s3://) or a cluster's default file
-    # system is Spark's to resolve, and its AnalysisException below names what is missing.
-    looks_like_path = "/" in args.input or args.input.endswith(".parquet")  # table names have neither
-    has_scheme = re.match(r"^[A-Za-z][\w+.-]*:", args.input) is not None
-    if (args.input_format != "table" and looks_like_path and not has_scheme and is_local(planned_master(args.master))
-            and not os.path.exists(args.input)):
-        raise EmbedJobError(f"--input {args.input}: no such file or folder; give a parquet path, a folder of "
-                            "images or a table name")
+    _require_model(args.model_uri, "--model-uri")  # found out before the JVM starts
     overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}
-    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir, ThreadPoolExecutor(1) as pool:
-        # A local job's workers share this disk: copy the model there while the JVM starts.
-        model = pool.submit(prepare_model, args.model_uri, copy_dir) if is_local(planned_master(args.master)) else None
-        spark = spark_session(args.master, batch_rows=args.arrow_batch_rows)
-        try:
-            return run_job(spark, model_uri=model.result() if model else args.model_uri, source=args.input,
-                           output=args.output, id_col=args.id_col, input_col=args.input_col,
-                           input_format=args.input_format, fail_on_error=args.fail_on_error, model_config=overrides)
-        except AnalysisException as e:  # no such table or path, as Spark reads it
-            reason = " ".join(str(e).split())
-            raise EmbedJobError(f"--input {args.input} / --output {args.output}: {reason[:300]}") from e
-        finally:
-            stop_session(spark)
+    return embed_table(args.model_uri, args.input, args.output, master=args.master, id_col=args.id_col,
+                       input_col=args.input_col, input_format=args.input_format, fail_on_error=args.fail_on_error,
+                       model_config=overrides, arrow_batch_rows=args.arrow_batch_rows)
 
 
 def cmd_bench_classifier(args: argparse.Namespace) -> dict:

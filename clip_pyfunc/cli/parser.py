@@ -61,8 +61,16 @@ def _add_index_flags(p: argparse.ArgumentParser) -> None:
                    help="embedded store folder, Qdrant Edge (default ./clip-index)")
     p.add_argument("--qdrant-url", dest="index.url", metavar="QDRANT_URL",
                    help="a Qdrant server instead of the embedded store (or QDRANT_URL)")
-    p.add_argument("--collection", dest="index.collection", help="collection name (default clip)")
+    p.add_argument("--collection", dest="index.collection",
+                   help="collection name, or the alias that names the live collection (default clip)")
     p.add_argument("--hnsw-ef", dest="index.hnsw_ef", type=int, help="HNSW candidates per query (default 128)")
+
+
+def _add_names_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-name", dest="registry.text_name", help="registered name of the text model")
+    p.add_argument("--image-name", dest="registry.image_name", help="registered name of the image model")
+    p.add_argument("--combined-name", dest="registry.combined_name", help="registered name of the combined model")
+    p.add_argument("--classifier-name", dest="classifier.name", help="registered name of the classifier")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", dest="index.quantization", choices=["none", "int8"],
                    help="int8 scalar quantization of the stored vectors, rescored (fixed when created)")
     p.add_argument("--id-col", help="id column (default: the table's first column)")
+    p.add_argument("--catalogue", metavar="SOURCE",
+                   help="what --input was embedded from (embed-table's --input), recorded so `promote` can embed "
+                        "it again with another model")
+    p.add_argument("--catalogue-format", default="auto", choices=["auto", "parquet", "images", "table"],
+                   help="embed-table's --input-format for --catalogue")
+    p.add_argument("--gc", action="store_true",
+                   help="delete the collections no alias names (keeping the one a rollback needs)")
     p.set_defaults(func=commands.cmd_index)
+    p = sub.add_parser("promote", help="move a candidate's models and its collection to an alias together "
+                                       "(builds and checks the collection first)")
+    _add_index_flags(p)
+    _add_names_flags(p)
+    p.add_argument("--alias", default="candidate", help="the candidate's alias (default candidate)")
+    p.add_argument("--to", default="champion", help="the alias to move (default champion)")
+    p.add_argument("--table", help="the catalogue to embed when the candidate's collection is missing (what "
+                                   "embed-table takes); default: the one the live collection records")
+    p.add_argument("--input-format", default="auto", choices=["auto", "parquet", "images", "table"])
+    p.add_argument("--input-col", help="column to embed (image folders: content)")
+    p.add_argument("--id-col", help="key column (image folders: path)")
+    p.add_argument("--embeddings-dir", help="where embed-table writes (default <index path>-embeddings)")
+    p.add_argument("--master", help="Spark master URL (default local[*])")
+    p.add_argument("--eval", metavar="DATA", help="labelled data: refuse a candidate worse than the champion")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="how much lower the candidate's headline metric may be (default 0.01)")
+    p.add_argument("--force", action="store_true", help="promote a candidate --eval finds worse")
+    p.add_argument("--eval-out", default="evaluate-out", help="evaluate's output folder")
+    p.set_defaults(func=commands.cmd_promote)
+    p = sub.add_parser("rollback", help="undo the newest promotion: the previous models and collection")
+    _add_index_flags(p)
+    _add_names_flags(p)
+    p.add_argument("--to", default="champion", help="the alias to put back (default champion)")
+    p.set_defaults(func=commands.cmd_rollback)
     p = sub.add_parser("search", help="query a collection by words, a photo or a stored item; JSON lines out")
     _add_index_flags(p)
     p.add_argument("--text", help="words to search for")
@@ -128,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "left out when not registered)")
     p.add_argument("--no-classifier", action="store_true", help="run without /classify")
     p.add_argument("--no-index", action="store_true", help="run without /search even where an index exists")
+    p.add_argument("--follow-seconds", dest="app.follow_seconds", type=float,
+                   help="look at the registry this often and swap in a promotion's models and collection "
+                        "(default 10; 0: only on POST /admin/reload)")
     p.add_argument("--api-key", dest="app.api_key", help="require X-API-Key (or set CLIP_PYFUNC_API_KEY)")
     p.set_defaults(func=commands.cmd_app)
     p = sub.add_parser("bench-pixels", help="fast path vs each resize kind's reference processor, in levels")

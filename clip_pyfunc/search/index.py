@@ -8,7 +8,9 @@ silently gives plausible, wrong answers. Where the vectors live is `search.store
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from typing import Any, Iterator
 
 from clip_pyfunc.errors import one_line
@@ -17,6 +19,8 @@ from clip_pyfunc.registry.lookup import model_error
 from clip_pyfunc.search.store import (ID_KEY, PAYLOAD_TYPES, IndexRefused, Space, Store, build_settings,
                                       merge_field_types, payload_type)
 
+INDEXED = "indexed"  # Store.record key: the last index run that completed (input, model, rows, points, at)
+CATALOGUE = "catalogue"  # Store.record key: the catalogue the collection was embedded from (what embed-table took)
 NOT_FILTERED = ("path", "url")  # payload fields indexed for filters only when asked: unique per item, as the id is
 
 
@@ -274,6 +278,8 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
               "rows_without_id": no_id[:20], "repeated_ids": len(repeated), "rows_with_repeated_id": repeated[:20],
               "added": after - before, "updated": indexed - (after - before),
               "points": after, "filter_fields": filter_fields, "payload_fields": fields}
+    store.record(INDEXED, {"input": source, "model_uri": space.model_uri, "rows": rows, "points": after,
+                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     recorded = store.created_with()  # an embedded store's settings, fixed when it was created
     if recorded is not None and recorded != build_settings(store.config):
         report["note"] = (f"the collection keeps the settings it was created with, {recorded}; index.* asks for "
@@ -335,3 +341,56 @@ def _plain(value: object) -> object:
 def _plain_scalar(value: object) -> object:
     """A numpy scalar as its Python value; anything else as it is."""
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict)) else value
+
+
+def index_space(index, source: str, model_uri: str, *, id_col: str | None = None, catalogue: dict | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """`clip-pyfunc index`: upsert an embed-table output into the collection of its model's space.
+
+    `index.collection` names the live collection (an alias, search.aliases). Vectors of the live
+    collection's space go into it. Vectors of another space go into a collection of their own
+    (`space_collection`), which does not go live: `clip-pyfunc promote` switches the alias to it
+    together with the models. Where no collection is live under the name yet, the new one goes
+    live at once.
+
+    Args:
+        index: The store settings; `collection` is the alias.
+        source, model_uri, id_col, progress: As `index_table`.
+        catalogue: What the embeddings were made from (embed-table's input: {"input", "input_format",
+            "id_col", "input_col"}), recorded so a promotion can re-embed it with another model.
+
+    Returns:
+        `index_table`'s report, plus "alias", "live" (whether the alias names this collection now) and a
+        "note" saying how to make it live where it is not.
+
+    Raises:
+        As `index_table`; IndexRefused also when the live collection cannot be read.
+    """
+    from clip_pyfunc.search.aliases import open_aliases, space_collection
+    from clip_pyfunc.search.store import open_store
+
+    read_table(source, 1)  # a missing path is refused before the registry is asked
+    space = model_space(model_uri)
+    aliases = open_aliases(index)
+    alias = index.collection
+    live = aliases.all().get(alias) or (alias if alias in aliases.collections() else None)
+    target = space_collection(alias, space)
+    held = None if live is None else aliases.describe(live)  # read without the lock a running app holds
+    if held is None:
+        live = None
+    elif held[0].same_as(space):
+        target = live
+    with open_store(dataclasses.replace(index, collection=target), resolve=False) as store:
+        report = index_table(store, source, model_uri, id_col=id_col, batch_rows=index.batch_rows,
+                             progress=progress)
+        if catalogue is not None:
+            store.record(CATALOGUE, catalogue)
+    if live is None and target != alias:
+        aliases.switch(alias, target)
+        live = target
+    report.update(alias=alias, live=live == target)
+    if live != target:
+        report["note"] = " ".join(filter(None, [report.get("note"), f"{target} holds another embedding space than the live collection {live}, which {alias!r} "
+                          f"still names: search and the app answer from {live} until `clip-pyfunc promote` moves the "
+                          "models and the collection together"]))
+    return report

@@ -44,6 +44,7 @@ SHARD_DIR = "shard"
 _ID_NAMESPACE = uuid.UUID("6f1e2d1c-0b7a-4e55-9c3e-2f1f6f3a9d10")
 SERVER_INDEXING_THRESHOLD_KB = 20000  # Qdrant's default `optimizers.indexing_threshold`, restored by finish()
 PAYLOAD_TYPES = ("keyword", "integer", "bool")  # what `key=value` filters match
+RECORDS_KEY = "clip_pyfunc_records"  # a server collection's metadata: what `Store.record` kept
 FIELDS_KEY = "clip_pyfunc_fields"  # a server collection's metadata: payload field -> type (`payload_type`)
 # Qdrant Edge's Python binding (qdrant-edge-py 0.9) reads `MatchValue(True)` as the integer 1 (bool is an
 # int subclass), so a filter on a boolean field matches nothing. The embedded store therefore keeps each
@@ -186,6 +187,7 @@ class Store(ABC):
     collection: str
     where: str  # the folder or URL, for messages
     config: IndexConfig
+    alias: str | None = None  # the name it was opened by, where that is an alias (search.aliases)
 
     @abstractmethod
     def space(self) -> Space:
@@ -257,6 +259,14 @@ class Store(ABC):
         """The build settings (`build_settings`) the collection was created with, where the store records
         them (an embedded one); None elsewhere."""
         return None
+
+    @abstractmethod
+    def record(self, key: str, value: Any) -> None:
+        """Keep `value` (JSON) under `key` in the collection's own metadata (`recorded` reads it back)."""
+
+    @abstractmethod
+    def recorded(self, key: str) -> Any:
+        """What `record` kept under `key`, or None."""
 
     @abstractmethod
     def query(self, vector, k: int, filters: Filters | None = None, score_threshold: float | None = None) -> list[Hit]:
@@ -434,6 +444,14 @@ class EdgeStore(Store):
     def bool_filters(self) -> bool:
         self._need()
         return self._meta.get("bool_key") == BOOL_KEY
+
+    def record(self, key: str, value: Any) -> None:
+        self._need()
+        self._write_meta({**self._meta, "records": {**self._meta.get("records", {}), key: value}})
+
+    def recorded(self, key: str) -> Any:
+        self._need()
+        return self._meta.get("records", {}).get(key)
 
     def upsert(self, ids, vectors, payloads) -> None:
         from qdrant_edge import Point, UpdateOperation
@@ -653,6 +671,15 @@ class ServerStore(Store):
         fields = (self.client.get_collection(self.collection).config.metadata or {}).get(FIELDS_KEY)
         return None if fields is None else dict(fields)
 
+    def record(self, key: str, value: Any) -> None:
+        metadata = self.client.get_collection(self.collection).config.metadata or {}
+        records = {**metadata.get(RECORDS_KEY, {}), key: value}
+        self.client.update_collection(self.collection, metadata={**metadata, RECORDS_KEY: records})
+
+    def recorded(self, key: str) -> Any:
+        metadata = self.client.get_collection(self.collection).config.metadata or {}
+        return metadata.get(RECORDS_KEY, {}).get(key)
+
     def _quantized(self) -> bool:
         """Whether the collection holds quantized vectors, as the server says (not as this conf asks)."""
         if self._quantization is None:
@@ -742,17 +769,30 @@ def connect_server(url: str):
     return client
 
 
-def open_store(index, *, must_exist: bool = False) -> Store:
+def open_store(index, *, must_exist: bool = False, resolve: bool = True) -> Store:
     """The store an `IndexConfig` names: a server at `index.url` (or QDRANT_URL), else Qdrant Edge at `index.path`.
+
+    `index.collection` may be an alias (search.aliases): the store opens the collection it names now,
+    and keeps it open when the alias moves on; `store.alias` is the name asked for. `resolve=False`
+    opens the collection of that very name.
 
     Raises:
         NoIndex: `must_exist` and the embedded store has no such folder or collection.
         IndexRefused: The store is in use by another process, unreadable, or the server is unreachable.
     """
+    from clip_pyfunc.search.aliases import EdgeAliases, ServerAliases
+
     url = index.url or os.environ.get("QDRANT_URL")
     if url:
-        return ServerStore(connect_server(url), index.collection, index, where=url)
-    return EdgeStore(index.path or "clip-index", index.collection, index, must_exist=must_exist)
+        client = connect_server(url)
+        name = ServerAliases(client, url).resolve(index.collection) if resolve else index.collection
+        store = ServerStore(client, name, index, where=url)
+    else:
+        path = index.path or "clip-index"
+        name = EdgeAliases(path).resolve(index.collection) if resolve else index.collection
+        store = EdgeStore(path, name, index, must_exist=must_exist)
+    store.alias = index.collection
+    return store
 
 
 def copy_store(source: Store, target: Store, *, batch: int = 1024, progress: bool = False) -> dict[str, Any]:

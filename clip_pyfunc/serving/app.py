@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import os
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from clip_pyfunc.errors import InvalidInput, Overloaded, Unavailable
 from clip_pyfunc.serving.forms import Refused, body_limits, int_field, known_fields, one_image, read_form, refusal
@@ -26,12 +28,29 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index
 MAX_K = 1000  # results per query
 log = logging.getLogger("clip_pyfunc.serving.app")
 
-__all__ = ["Loaded", "configure_logging", "create_app", "load", "run"]
+__all__ = ["Follow", "Loaded", "configure_logging", "create_app", "load", "run"]
 
 
-def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None):
+@dataclass(frozen=True)
+class Follow:
+    """How the app follows its alias (serving.follow): what the alias names now, and how to load that.
+
+    Attributes:
+        resolve: Returns promotion.Live for the app's alias (registry reads only).
+        load: Loads a `Loaded` for a promotion.Live (its pinned models and collection).
+        seconds: Seconds between looks (app.follow_seconds); 0: only on POST /admin/reload.
+    """
+
+    resolve: Callable[[], Any]
+    load: Callable[[Any], Loaded]
+    seconds: float = 0.0
+
+
+def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None, follow: Follow | None = None):
     """The FastAPI app: the page, /health, /embeddings, /classify, /search and item thumbnails, and
-    /metrics, the body limit and health failures of serving.edge (the `serve` settings)."""
+    /metrics, the body limit and health failures of serving.edge (the `serve` settings). With `follow`,
+    it also loads what its alias names after a promotion and swaps it in (serving.follow), on a timer
+    and on POST /admin/reload."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, Response
     from mlflow.exceptions import MlflowException
@@ -43,25 +62,49 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
     from clip_pyfunc.serving.service import EmbeddingService
 
+    from clip_pyfunc.serving.follow import Current, Follower
+
     serve = serve or ServeConfig()
-    service = EmbeddingService(loaded)  # the routes ask it, never a model
     lifecycle = Lifecycle()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        """From SIGTERM on, /health answers 503 (uvicorn's own handler is installed by now)."""
+        """From SIGTERM on, /health answers 503 (uvicorn's own handler is installed by now); the follower
+        looks at the registry while the app runs."""
         lifecycle.drain_on_sigterm()
+        if follower is not None:
+            follower.start()
         yield
+        if follower is not None:
+            follower.stop()
 
     app = FastAPI(title="clip-pyfunc", docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     metrics = Metrics() if serve.metrics else None
     health = Health(serve.unhealthy_after, metrics)
-    for kind in ("text", "image", "classifier"):
-        if getattr(loaded, kind) is not None:
-            if serve.warmup:
-                warm_up(getattr(loaded, kind))  # before metrics watch it: its forwards are not requests
-            watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind, serving_limits(serve))
+
+    def prepare(loaded: Loaded) -> EmbeddingService:
+        """Warm up and watch the loaded models; the service the routes ask (never a model)."""
+        for kind in ("text", "image", "classifier"):
+            if getattr(loaded, kind) is not None:
+                if serve.warmup:
+                    warm_up(getattr(loaded, kind))  # before metrics watch it: its forwards are not requests
+                watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind, serving_limits(serve))
+        return EmbeddingService(loaded)
+
+    def retire(service: EmbeddingService) -> None:
+        """A swapped-out pair whose last request is done: its engines leave health, its store closes."""
+        for kind in ("text", "image", "classifier"):
+            model = getattr(service.loaded, kind)
+            engine = getattr(model.unwrap_python_model(), "engine", None) if model is not None else None
+            if engine in health.engines:
+                health.engines.remove(engine)
+        if service.loaded.searcher is not None:
+            service.loaded.searcher.store.close()
+
+    current = Current(prepare(loaded), on_retire=retire)
+    follower = None if follow is None else Follower(current, follow.resolve,
+                                                    lambda live: prepare(follow.load(live)), follow.seconds)
     # Inside the request context: /metrics needs the API key when there is one, and a 413 carries the request id.
     app.add_middleware(Edge, max_body_bytes=serve.max_body_bytes, body_limits=body_limits(config), metrics=metrics,
                        health=health, health_paths=("/health",), paths=_METRIC_PATHS,
@@ -93,17 +136,33 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
     @app.get("/health")
     async def health(request: Request):
-        """Status, the loaded models and what runs them (engine, precision, a fallback note), and the index
-        (null with `no_index` saying how to make one)."""
-        searcher = loaded.searcher
-        index = None if searcher is None else {
-            "collection": searcher.collection,
-            "points": await run_in_threadpool(searcher.store.count, exact=False),  # a server store asks over HTTP
-            "space": searcher.space.models}
-        return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
-                "api_key_required": bool(config.api_key),  # the page then shows its key field
-                "models": loaded.uris, "index": index, "no_index": loaded.no_index,
-                "runtime": service.runtime(), "no_classifier": loaded.no_classifier}
+        """Status, the loaded models (as asked, and the versions serving) and what runs them (engine,
+        precision, a fallback note), the index (null with `no_index` saying how to make one), and the
+        last look at the registry when the app follows its alias."""
+        with current.use() as service:
+            loaded = service.loaded
+            searcher = loaded.searcher
+            index = None if searcher is None else {
+                "collection": searcher.collection, "alias": searcher.store.alias,
+                "points": await run_in_threadpool(searcher.store.count, exact=False),  # a server asks over HTTP
+                "space": searcher.space.models}
+            return {"status": "ok", "request_id": request.state.request_id, "warning": loaded.warning,
+                    "api_key_required": bool(config.api_key),  # the page then shows its key field
+                    "models": loaded.uris, "versions": loaded.versions, "index": index, "no_index": loaded.no_index,
+                    "runtime": service.runtime(), "no_classifier": loaded.no_classifier,
+                    "follow": None if follower is None else {"seconds": follower.interval, **follower.last}}
+
+    @app.post("/admin/reload")
+    async def reload(request: Request):
+        """Look at the registry now and, when the alias names other models or another collection, load them
+        beside the ones serving and swap them in (behind the API key where there is one)."""
+        if follower is None:
+            raise Refused(404, "this app serves fixed model URIs; start it with `clip-pyfunc app` (by alias) to "
+                               "follow promotions")
+        result = await run_in_threadpool(follower.check)
+        if result["error"]:
+            raise Refused(409, f"the reload failed, the previous models keep serving: {result['error']}")
+        return {**result, "request_id": request.state.request_id}
 
     @app.post("/embeddings")
     async def embeddings(request: Request):
@@ -117,36 +176,39 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         texts = {k: v for k, v in fields.items() if isinstance(v, str)}
         images = {k: v for k, v in fields.items() if isinstance(v, bytes)}
         out = {}
-        for group, kind in ((texts, "text"), (images, "image")):
-            if group:
-                vectors, errors = await run_in_threadpool(service.embed, kind, list(group.values()))
-                names = list(group)
-                if errors:
-                    raise Refused(400, errors[0].reason, names[errors[0].row])
-                out.update({name: vectors[i].tolist() for i, name in enumerate(names)})
-        return {"embeddings": {name: out[name] for name in fields}, "request_id": request.state.request_id}
+        with current.use() as service:  # one pair for the whole request, through a swap
+            for group, kind in ((texts, "text"), (images, "image")):
+                if group:
+                    vectors, errors = await run_in_threadpool(service.embed, kind, list(group.values()))
+                    names = list(group)
+                    if errors:
+                        raise Refused(400, errors[0].reason, names[errors[0].row])
+                    out.update({name: vectors[i].tolist() for i, name in enumerate(names)})
+            served_by = service.served_by()
+        return {"embeddings": {name: out[name] for name in fields}, "served_by": served_by,
+                "request_id": request.state.request_id}
 
     @app.post("/classify")
     async def classify(request: Request):
         """One image file (field `image`) -> its top categories from the registered classifier."""
-        if loaded.classifier is None:
-            raise Refused(503, loaded.no_classifier or "no classifier loaded; start the app with --classifier URI")
         fields = await read_form(request, config)
-        image = one_image(fields)  # a missing image is named first, as the thing to send
-        known_fields(fields, ("image", "top_k"))
-        top_k = int_field(fields, "top_k", 3)
-        try:
-            labels, scores = await run_in_threadpool(service.classify, image, top_k)
-        except MlflowException as e:
-            raise refusal(e, "image") from e
+        with current.use() as service:
+            loaded = service.loaded
+            if loaded.classifier is None:
+                raise Refused(503, loaded.no_classifier or "no classifier loaded; start the app with --classifier URI")
+            image = one_image(fields)  # a missing image is named first, as the thing to send
+            known_fields(fields, ("image", "top_k"))
+            top_k = int_field(fields, "top_k", 3)
+            try:
+                labels, scores = await run_in_threadpool(service.classify, image, top_k)
+            except MlflowException as e:
+                raise refusal(e, "image") from e
         top = [{"label": label, "score": score} for label, score in zip(labels, scores)]
         return {"top_categories": top, "request_id": request.state.request_id}
 
     @app.post("/search")
     async def search(request: Request):
         """Fields `text`, an image file `image`, or `like` (an item id); `k`, repeated `filter` key=value."""
-        if loaded.searcher is None:
-            raise Refused(404, loaded.no_index or "no index")
         fields = await read_form(request, config)
         known_fields(fields, ("text", "image", "like", "k", "filter"))
         query = {name: fields[name] for name in ("text", "image", "like") if name in fields}
@@ -159,26 +221,34 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         filters = [filters] if isinstance(filters, str) else filters
         if filters is not None and not (isinstance(filters, list) and all(isinstance(f, str) for f in filters)):
             raise Refused(400, "filters are key=value strings", "filter")
-        try:
-            hits = await run_in_threadpool(service.search, **query, k=k, filters=filters)
-        except (InvalidInput, MlflowException) as e:
-            raise refusal(e, next(iter(query))) from e
+        with current.use() as service:  # the query's model and the collection: one pair, through a swap
+            loaded = service.loaded
+            if loaded.searcher is None:
+                raise Refused(404, loaded.no_index or "no index")
+            try:
+                hits = await run_in_threadpool(service.search, **query, k=k, filters=filters)
+            except (InvalidInput, MlflowException) as e:
+                raise refusal(e, next(iter(query))) from e
+            served_by = service.served_by()
         for hit in hits:
             hit["thumbnail"] = _thumbnail_url(hit)
-        return {"results": hits, "request_id": request.state.request_id}
+        return {"results": hits, "served_by": served_by, "request_id": request.state.request_id}
 
     @app.get("/items/{item_id:path}/thumbnail")
     async def thumbnail(item_id: str):
         """A small JPEG of an indexed item whose payload has a local `path` (only paths the index holds)."""
         from clip_pyfunc.search.store import ID_KEY
 
-        if loaded.searcher is None:
-            raise Refused(404, loaded.no_index or "no index", ID_KEY)
-        data = await run_in_threadpool(_thumbnail, loaded.searcher, item_id, service.image_limits)
+        with current.use() as service:
+            loaded = service.loaded
+            if loaded.searcher is None:
+                raise Refused(404, loaded.no_index or "no index", ID_KEY)
+            data = await run_in_threadpool(_thumbnail, loaded.searcher, item_id, service.image_limits)
         return Response(data, media_type="image/jpeg")
 
     from clip_pyfunc.serving.openai_api import add_routes
-    add_routes(app, service, loaded.uris, config)
+    add_routes(app, current, loaded.uris, config)
+    app.state.current, app.state.follower = current, follower  # for in-process callers (tests, notebooks)
     return app
 
 
@@ -220,7 +290,7 @@ def _thumbnail_url(hit: dict) -> str | None:
     return None
 
 
-def run(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None) -> None:
+def run(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None, follow: Follow | None = None) -> None:
     """Serve the app with uvicorn on config.host:port (a warning when that is not loopback)."""
     import ipaddress
 
@@ -238,5 +308,5 @@ def run(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None) -> 
     from clip_pyfunc.serving.metrics import clear_multiprocess_dir
 
     clear_multiprocess_dir()  # what an earlier run left there is not this run's
-    uvicorn.run(create_app(loaded, config, serve), host=config.host, port=config.port, log_level="warning",
+    uvicorn.run(create_app(loaded, config, serve, follow), host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=serve.drain_seconds)

@@ -28,10 +28,11 @@ class Loaded:
     uris: dict[str, str | None] = field(default_factory=dict)  # {"text", "image", "classifier"}
     no_index: str | None = None  # why there is no index, and how to make one
     no_classifier: str | None = None  # why there is no classifier, and how to register one
+    versions: dict[str, str | None] = field(default_factory=dict)  # the URIs loaded, pinned where followed
 
 
 def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, classifier_required: bool = True,
-         index: IndexConfig | None = None) -> Loaded:
+         index: IndexConfig | None = None, collection: str | None = None) -> Loaded:
     """Load the text and image models, the classifier and the index (each once), for `create_app`.
 
     Args:
@@ -42,6 +43,8 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
             instead of stopping the app.
         index: Where the index is; None, no store folder, or no such collection runs without
             /search. A collection is opened only when its embedding space is the models'.
+        collection: Open this very collection (what `index.collection`'s alias named when the models
+            were resolved: promotion.live), not what the alias names by the time the store opens.
 
     Raises:
         ModelLoadError: A model cannot be found or loaded, or the text and image models are of different
@@ -52,7 +55,7 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
     from clip_pyfunc.registry.lookup import load_model, model_info, require_same_space
     from clip_pyfunc.search.query import Searcher
 
-    store, no_index = _open_index(index)  # first: a locked store or an unreachable server fails at once
+    store, no_index = _open_index(index, collection)  # first: a locked store or an unreachable server fails at once
     try:
         infos = {"text": model_info(text_uri, "text model"), "image": model_info(image_uri, "image model")}
         require_same_space(infos["text"], infos["image"], text_uri, image_uri)
@@ -78,21 +81,28 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
     warning = f"{caveat[0].capitalize()}: {caveat[1]}." if caveat else None
     return Loaded(text=text, image=image, classifier=classifier, searcher=searcher, warning=warning,
                   uris={"text": text_uri, "image": image_uri, "classifier": found},
+                  versions={"text": text_uri, "image": image_uri, "classifier": found},
                   no_index=no_index, no_classifier=no_classifier)
 
 
-def _open_index(index: IndexConfig | None) -> tuple[Any, str | None]:
+def _open_index(index: IndexConfig | None, collection: str | None = None) -> tuple[Any, str | None]:
     """(the index's store, or None; why there is none).
 
     Raises:
         IndexRefused: The embedded store is in use by another process, or the server cannot be reached.
     """
+    import dataclasses
+
     from clip_pyfunc.search.store import NoIndex, open_store
 
     if index is None:
         return None, "no index: the app was started with --no-index; restart it without"
     try:
-        return open_store(index, must_exist=True), None
+        if collection is None:
+            return open_store(index, must_exist=True), None
+        store = open_store(dataclasses.replace(index, collection=collection), must_exist=True, resolve=False)
+        store.alias = index.collection
+        return store, None
     except NoIndex as e:
         return None, f"{e}, then restart the app"
 

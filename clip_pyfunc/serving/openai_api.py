@@ -84,7 +84,7 @@ def encode_vector(vector, encoding_format: str):
     return vector.tolist()
 
 
-def add_routes(app, service, uris: dict[str, str | None], config) -> None:
+def add_routes(app, current, uris: dict[str, str | None], config) -> None:
     """Register `POST /v1/embeddings`, `GET /v1/models` and the handler of their errors on the app.
 
     Usage counts the tokens the text tower reads for each text (special tokens included, after
@@ -96,7 +96,8 @@ def add_routes(app, service, uris: dict[str, str | None], config) -> None:
 
     Args:
         app: The FastAPI app (serving.app.create_app).
-        service: The app's serving.service.EmbeddingService (the routes ask it, never a model).
+        current: The app's serving.follow.Current: each request asks the EmbeddingService it holds at its start
+            (the routes ask it, never a model).
         uris: The loaded models' URIs ({"text", "image", ...}), for the names `model` accepts.
         config: The app's settings (settings.AppConfig): max_upload_bytes, max_fields.
     """
@@ -105,7 +106,6 @@ def add_routes(app, service, uris: dict[str, str | None], config) -> None:
     from starlette.concurrency import run_in_threadpool  # model calls block: keep them off the event loop
 
     names = accepted_names(uris)
-    dim, max_items, urls_on = service.embedding_dim, service.max_items, service.urls_on
     item_limit = -(-config.max_upload_bytes // 3) * 4  # base64 of max_upload_bytes
 
     @app.exception_handler(OpenAIError)
@@ -129,19 +129,21 @@ def add_routes(app, service, uris: dict[str, str | None], config) -> None:
                                    f"reads {', '.join(_FIELDS)}", unknown[0], "unknown_parameter")
         model = _model(body, names)
         encoding_format = _encoding_format(body)
-        _check_dimensions(body, dim)
-        values = _inputs(body, max_items, item_limit)
-        kinds = [input_kind(v, urls_on) for v in values]
-        vectors: list[Any] = [None] * len(values)
-        tokens = 0
-        for kind in ("image", "text"):  # images fail more often: first
-            rows = [i for i, k in enumerate(kinds) if k == kind]
-            if rows:
-                got, counted = await run_in_threadpool(_embed, service, [values[i] for i in rows], rows, kind,
-                                                        urls_on)
-                tokens += counted
-                for row, vector in zip(rows, got):
-                    vectors[row] = encode_vector(vector, encoding_format)
+        with current.use() as service:  # one pair for the whole request, through a swap
+            urls_on = service.urls_on
+            _check_dimensions(body, service.embedding_dim)
+            values = _inputs(body, service.max_items, item_limit)
+            kinds = [input_kind(v, urls_on) for v in values]
+            vectors: list[Any] = [None] * len(values)
+            tokens = 0
+            for kind in ("image", "text"):  # images fail more often: first
+                rows = [i for i, k in enumerate(kinds) if k == kind]
+                if rows:
+                    got, counted = await run_in_threadpool(_embed, service, [values[i] for i in rows], rows, kind,
+                                                            urls_on)
+                    tokens += counted
+                    for row, vector in zip(rows, got):
+                        vectors[row] = encode_vector(vector, encoding_format)
         return {"object": "list",
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -46,6 +46,13 @@ class EmbeddingService:
         """The image model's decode limits (stages.decode.ImageLimits), for images the app shows."""
         return self._towers["image"].limits
 
+    def served_by(self) -> dict[str, Any]:
+        """{"text", "image": the model versions that answer, "collection": the collection searched, or None}:
+        what a caller checks an answer's embedding space by, through a promotion."""
+        searcher = self.loaded.searcher
+        return {"text": self.loaded.versions.get("text"), "image": self.loaded.versions.get("image"),
+                "collection": None if searcher is None else searcher.collection}
+
     def runtime(self) -> dict[str, dict[str, Any]]:
         """{"text": ..., "image": ...}: what runs each tower (engine, device, precision, threads, note)."""
         return {kind: tower.runtime_summary() for kind, tower in self._towers.items()}

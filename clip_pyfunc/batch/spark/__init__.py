@@ -5,8 +5,8 @@ The public face is what notebooks and jobs call; the rooms beside it are `sessio
 """
 
 from clip_pyfunc.batch.spark.embed import embed_dataframe, prepare_model
-from clip_pyfunc.batch.spark.job import run_job
+from clip_pyfunc.batch.spark.job import embed_table, run_job
 from clip_pyfunc.batch.spark.reader import read_input
 from clip_pyfunc.batch.spark.session import spark_session, stop_session
 
-__all__ = ["embed_dataframe", "prepare_model", "read_input", "run_job", "spark_session", "stop_session"]
+__all__ = ["embed_dataframe", "embed_table", "prepare_model", "read_input", "run_job", "spark_session", "stop_session"]

@@ -94,3 +94,55 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
     print(f"clip-pyfunc embed-table: {counts.rows} rows, {counts.embedded} embedded, {counts.failed} failed, "
           f"model loaded {counts.model_loads}x, {counts.seconds}s", file=sys.stderr, flush=True)
     return report
+
+
+def embed_table(model_uri: str, source: str, output: str, *, master: str | None = None, id_col: str | None = None,
+                input_col: str | None = None, input_format: str = "auto", fail_on_error: bool = False,
+                model_config: dict | None = None, arrow_batch_rows: int = 64) -> dict:
+    """`clip-pyfunc embed-table`: start a Spark session, embed `source` into `output` (`run_job`), stop it.
+
+    A local job's model is copied to local disk while the JVM starts, once for every worker.
+
+    Args:
+        model_uri: The registered model (checked by the caller: registry.lookup.model_info).
+        source: A parquet path, a folder of images or a table name.
+        output: A parquet path or a table name.
+        master: Spark master URL (None: spark-submit's, else local[*]).
+        arrow_batch_rows: Rows per Arrow batch sent to Python.
+        id_col, input_col, input_format, fail_on_error, model_config: As `run_job`.
+
+    Returns:
+        `run_job`'s report.
+
+    Raises:
+        EmbedJobError: A local input path that does not exist, no such table or path as Spark reads it, or as
+            `run_job`.
+    """
+    import os
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyspark.errors import AnalysisException
+
+    from clip_pyfunc.batch.spark.session import planned_master, spark_session, stop_session
+
+    # Only a local job reads this machine's disk; a scheme (dbfs:, s3://) or a cluster's default file
+    # system is Spark's to resolve, and its AnalysisException below names what is missing.
+    looks_like_file = "/" in source or source.endswith(".parquet")  # table names have neither
+    has_scheme = re.match(r"^[A-Za-z][\w+.-]*:", source) is not None
+    local = is_local(planned_master(master))
+    if input_format != "table" and looks_like_file and not has_scheme and local and not os.path.exists(source):
+        raise EmbedJobError(f"--input {source}: no such file or folder; give a parquet path, a folder of "
+                            "images or a table name")
+    with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir, ThreadPoolExecutor(1) as pool:
+        model = pool.submit(prepare_model, model_uri, copy_dir) if local else None
+        spark = spark_session(master, batch_rows=arrow_batch_rows)
+        try:
+            return run_job(spark, model_uri=model.result() if model else model_uri, source=source, output=output,
+                           id_col=id_col, input_col=input_col, input_format=input_format,
+                           fail_on_error=fail_on_error, model_config=model_config)
+        except AnalysisException as e:  # no such table or path, as Spark reads it
+            reason = " ".join(str(e).split())
+            raise EmbedJobError(f"--input {source} / --output {output}: {reason[:300]}") from e
+        finally:
+            stop_session(spark)

@@ -1,0 +1,189 @@
+"""Collection aliases: the name users and the app query (`index.collection`, "clip") names the live collection.
+
+Each embedding space is indexed into a collection of its own (`space_collection`: the alias plus a
+digest of the space), so a new checkpoint's vectors are built beside the live ones and never mix
+with them. The alias is switched in one atomic step when a promotion goes live
+(`clip_pyfunc.promotion`):
+
+- on a Qdrant server, by Qdrant's collection aliases (one `update_collection_aliases` call that deletes
+  and creates the alias, which Qdrant applies atomically:
+  https://qdrant.tech/documentation/concepts/collections/#collection-aliases);
+- in the embedded store (Qdrant Edge has no aliases), by `aliases.json` in the index folder,
+  replaced by one `os.replace` (POSIX rename: readers see the old file or the new one, never half).
+
+A name with no alias is a collection's own name, so collections indexed before aliases existed
+keep working under the name they were made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+
+from clip_pyfunc.errors import one_line
+from clip_pyfunc.search.store import META_FILE, IndexRefused, Space
+
+ALIASES_FILE = "aliases.json"  # in an embedded index folder: {alias: collection}
+
+
+def space_collection(alias: str, space: Space) -> str:
+    """The collection that holds `space`'s vectors under `alias`: `<alias>-<12 hex digits of sha256(space.key)>`."""
+    return f"{alias}-{hashlib.sha256(space.key.encode()).hexdigest()[:12]}"
+
+
+class Aliases(ABC):
+    """The collection aliases of one store (an embedded index folder, or a Qdrant server)."""
+
+    where: str
+
+    @abstractmethod
+    def all(self) -> dict[str, str]:
+        """{alias: collection}."""
+
+    @abstractmethod
+    def collections(self) -> list[str]:
+        """Every collection clip-pyfunc can open here."""
+
+    @abstractmethod
+    def switch(self, alias: str, collection: str | None) -> None:
+        """Point `alias` at `collection` (None removes it), atomically.
+
+        Raises:
+            IndexRefused: No such collection, or `alias` is a collection's own name on a server.
+        """
+
+    @abstractmethod
+    def drop(self, collection: str) -> None:
+        """Delete a collection and its vectors.
+
+        Raises:
+            IndexRefused: It is in use by another process (an embedded one).
+        """
+
+    @abstractmethod
+    def describe(self, collection: str) -> tuple[Space, dict] | None:
+        """(the space a collection holds, what was recorded in it: `Store.record`), read without opening it
+        (so without the lock a running app holds on an embedded one); None where there is no such collection."""
+
+    def resolve(self, name: str) -> str:
+        """The collection `name` stands for: the one its alias names, else `name` itself."""
+        return self.all().get(name, name)
+
+
+class EdgeAliases(Aliases):
+    """Aliases of an embedded index folder, in `aliases.json` (see the module's docstring)."""
+
+    def __init__(self, path: str):
+        self.path = self.where = path
+
+    def all(self) -> dict[str, str]:
+        try:
+            with open(os.path.join(self.path, ALIASES_FILE)) as f:
+                return dict(json.load(f))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise IndexRefused(f"cannot read {os.path.join(self.path, ALIASES_FILE)}: {one_line(e)}") from e
+
+    def collections(self) -> list[str]:
+        if not os.path.isdir(self.path):
+            return []
+        return sorted(n for n in os.listdir(self.path) if os.path.isfile(os.path.join(self.path, n, META_FILE)))
+
+    def switch(self, alias: str, collection: str | None) -> None:
+        if collection is not None and collection not in self.collections():
+            raise IndexRefused(f"no collection {collection!r} in {self.path} to point the alias {alias!r} at; "
+                               f"collections here: {self.collections()}")
+        aliases = self.all()
+        if collection is None:
+            aliases.pop(alias, None)
+        else:
+            aliases[alias] = collection
+        os.makedirs(self.path, exist_ok=True)
+        tmp = os.path.join(self.path, ALIASES_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(aliases, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.path, ALIASES_FILE))
+        folder = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself reaches the disk
+        finally:
+            os.close(folder)
+
+    def describe(self, collection: str) -> tuple[Space, dict] | None:
+        where = os.path.join(self.path, collection, META_FILE)
+        try:
+            with open(where) as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise IndexRefused(f"cannot read {where}: {one_line(e)}") from e
+        return Space.from_dict(meta["space"], where), dict(meta.get("records", {}))
+
+    def drop(self, collection: str) -> None:
+        from clip_pyfunc.search.store import EdgeStore
+
+        EdgeStore(self.path, collection, must_exist=True).close()  # refused while another process holds it
+        shutil.rmtree(os.path.join(self.path, collection))
+
+
+class ServerAliases(Aliases):
+    """Aliases of a Qdrant server (its own collection aliases)."""
+
+    def __init__(self, client, where: str):
+        self.client, self.where = client, where
+
+    def all(self) -> dict[str, str]:
+        return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+
+    def collections(self) -> list[str]:
+        return sorted(c.name for c in self.client.get_collections().collections)
+
+    def switch(self, alias: str, collection: str | None) -> None:
+        from qdrant_client import models
+
+        if alias in self.collections():
+            raise IndexRefused(f"{alias!r} is a collection's own name at {self.where}, so it cannot be an alias; "
+                               f"copy it into a collection of another name, or index with another --collection")
+        operations = []
+        if alias in self.all():
+            operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        if collection is not None:
+            operations.append(models.CreateAliasOperation(create_alias=models.CreateAlias(
+                collection_name=collection, alias_name=alias)))
+        if operations:
+            self.client.update_collection_aliases(change_aliases_operations=operations)  # one atomic request
+
+    def describe(self, collection: str) -> tuple[Space, dict] | None:
+        from clip_pyfunc.search.store import META_KEY, RECORDS_KEY
+
+        if not self.client.collection_exists(collection):
+            return None
+        metadata = self.client.get_collection(collection).config.metadata or {}
+        if not metadata.get(META_KEY):
+            raise IndexRefused(f"collection {collection!r} at {self.where} was not made by clip-pyfunc")
+        return Space.from_dict(metadata[META_KEY], f"{self.where} {collection!r}"), dict(metadata.get(RECORDS_KEY, {}))
+
+    def drop(self, collection: str) -> None:
+        self.client.delete_collection(collection)
+
+
+def open_aliases(index, client=None) -> Aliases:
+    """The aliases of the store an `IndexConfig` names (a server at `index.url` / QDRANT_URL, else `index.path`).
+
+    Args:
+        index: The settings.
+        client: A connected qdrant-client to use for a server (one is connected when None).
+    """
+    from clip_pyfunc.search.store import connect_server
+
+    url = index.url or os.environ.get("QDRANT_URL")
+    if url:
+        return ServerAliases(client or connect_server(url), url)
+    return EdgeAliases(index.path or "clip-index")
