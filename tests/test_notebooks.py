@@ -78,3 +78,22 @@ def test_search_notebook(tmp_path, toy_checkpoint, monkeypatch):
     query, hit = re.match(r"\s*6\s+(\w+ \w+)/\S+\s+(\w+ \w+)/", rows[6]).groups()
     assert query == hit  # the best image hit shows the query's label
     assert "image/png" in str(nb.cells[6].outputs)
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_change_the_model_notebook(tmp_path, toy_checkpoint, monkeypatch):
+    monkeypatch.setenv("CLIP_MODEL", toy_checkpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/nb.db")
+    nb = _execute("08_change_the_model.ipynb", tmp_path)
+
+    def shown(cell: int) -> str:
+        return next(o for o in nb.cells[cell].outputs if o.get("output_type") == "execute_result")["data"]["text/plain"]
+
+    first = re.search(r"'after': '(catalogue-[0-9a-f]{12})'", shown(4)).group(1)  # the first promotion's collection
+    second = re.search(r"'after': '(catalogue-[0-9a-f]{12})'", shown(8)).group(1)
+    assert second != first and f"'before': '{first}'" in shown(8)  # the random candidate got a collection of its own
+    assert shown(12).startswith("(True, True, Live(")  # after the rollback: the first collection and models again
+    assert f"collection='{first}'" in shown(12)
+    rows = shown(13).splitlines()[1:]  # the search after the rollback, best first
+    assert first in rows[0] and "red circle/" in rows[0]  # the toy's collection, and a red circle first

@@ -138,6 +138,89 @@ NOTEBOOKS = {
         new_code_cell('import glob\n\nimport pandas as pd\n\nby_text = searcher.search(text="a red circle", k=6)\nquery_image = sorted(glob.glob(os.path.join(FOLDER, "**", "*.png"), recursive=True))[0]\nby_image = searcher.search(image=open(query_image, "rb").read(), k=6)\n# The folder\'s subfolder names are the shapes\' labels: the hits should show the query\'s.\npd.DataFrame([{"query": q, "hit": os.path.relpath(h["id"].removeprefix("file:"), os.path.abspath(FOLDER)),\n               "score": round(h["score"], 3)}\n              for q, hits in (("a red circle", by_text), (os.path.relpath(query_image, FOLDER), by_image))\n              for h in hits])'),
         new_code_cell('import matplotlib.pyplot as plt\nfrom PIL import Image\n\nfig, axes = plt.subplots(2, 6, figsize=(12, 4.6))\nfor row, (title, hits) in enumerate((("text: a red circle", by_text), (f"image: {os.path.basename(query_image)}", by_image))):\n    for ax, hit in zip(axes[row], hits):\n        ax.imshow(Image.open(hit["id"].removeprefix("file:")))\n        ax.set_title(f"{hit[\'score\']:.3f}", fontsize=9)\n        ax.axis("off")\n    axes[row][0].set_title(f"{title}\\n{hits[0][\'score\']:.3f}", fontsize=9, loc="left")\nplt.tight_layout()\nplt.show()\nstore.close()'),
     ],
+    "08_change_the_model.ipynb": [
+        new_markdown_cell("# Change the model: promote a candidate and its index together, then roll back\n\n"
+                          "A search catalogue is one embedding space: the text model, the image model and the "
+                          "collection of image vectors they made. `clip_pyfunc.promotion.promote` (what "
+                          "`clip-pyfunc promote --alias candidate --to champion` calls) checks that the candidate's "
+                          "models are one space, embeds the catalogue with its image model on Spark into a collection "
+                          "of its own, then moves the models' `champion` alias and the collection alias together; "
+                          "`rollback` moves them all back. Searches open the collection alias (`catalogue` here), so "
+                          "they follow."),
+        new_code_cell('''import os
+
+# The first model: a local directory in transformers format (./clip-toy from `clip-pyfunc toy-checkpoint`).
+MODEL = os.environ.get("CLIP_MODEL", "./clip-toy")
+# The second model: a tiny checkpoint with RANDOM weights, written below as a stand-in for a new candidate.
+RANDOM_MODEL = "clip-random"
+# The catalogue: your folder of images; the default writes one generated shape per label.
+FOLDER = os.path.abspath(os.environ.get("CLIP_IMAGES", "shapes"))
+# The registry: MLFLOW_TRACKING_URI when set, else MLflow\'s default sqlite:///mlflow.db here.
+# engines: False registers for torch alone (quicker); leave it out to export and measure every engine.
+REGISTRY = {"alias": "candidate", "text_name": "catalogue_text_embedding",
+            "image_name": "catalogue_image_embedding", "engines": False}
+INDEX = {"path": "clip-index", "collection": "catalogue"}  # "catalogue" is the alias searches open'''),
+        new_markdown_cell("## 1. The first model becomes the champion, with its collection\n\n"
+                          "Register the toy checkpoint under the alias `candidate`, then promote it. There is no "
+                          "champion yet, so the promotion embeds the folder (`table`) and indexes it into a new "
+                          "collection, which the collection alias then names."),
+        new_code_cell('''from clip_pyfunc.dev.samples import write_shape_dataset
+from clip_pyfunc.dev.toy_checkpoint import LABELS
+from clip_pyfunc.registry import register_models
+from clip_pyfunc.settings import load_settings
+
+if not os.path.isdir(FOLDER):
+    write_shape_dataset(FOLDER, n=len(LABELS))
+settings = load_settings(None, {"model": {"source": MODEL}, "registry": REGISTRY, "index": INDEX})
+registered = register_models(settings)
+{kind: model["uri"] for kind, model in registered["models"].items()}'''),
+        new_code_cell('''from clip_pyfunc.promotion import promote
+
+first = promote(settings, source="candidate", target="champion", table=FOLDER, input_format="images",
+                master="local[2]")
+FIRST_COLLECTION = first["collection"]["after"]
+{"steps": list(first["steps"]), "collection": first["collection"], "aliases": first["aliases"]}'''),
+        new_code_cell('''import pandas as pd
+
+from clip_pyfunc.search.query import Searcher
+from clip_pyfunc.search.store import open_store
+
+
+def search(words: str, k: int = 3) -> pd.DataFrame:
+    """The k best images for `words` in the collection the alias names now (one open store at a time)."""
+    with open_store(settings.index, must_exist=True) as store:
+        hits = Searcher(store).search(text=words, k=k)  # embeds with the models the collection records
+        return pd.DataFrame([{"collection": store.collection, "query": words,
+                              "hit": os.path.relpath(h["id"].removeprefix("file:"), FOLDER),
+                              "score": round(h["score"], 3)} for h in hits])
+
+
+search("a red circle")'''),
+        new_markdown_cell("## 2. A second candidate replaces it\n\n"
+                          "**This checkpoint has random weights: its answers mean nothing.** It stands in for a new "
+                          "model you want to try. Registering it moves `candidate` only; the champion is unchanged "
+                          "until the promotion. No `table` is given: the live collection records the catalogue it "
+                          "was built from, and the promotion embeds that again with the candidate's image model."),
+        new_code_cell('''from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
+
+save_random_checkpoint(RANDOM_MODEL, "tiny", seed=1)  # random weights, not a trained model
+random_settings = load_settings(None, {"model": {"source": RANDOM_MODEL}, "registry": REGISTRY, "index": INDEX})
+{kind: model["uri"] for kind, model in register_models(random_settings)["models"].items()}'''),
+        new_code_cell('''second = promote(settings, source="candidate", target="champion", master="local[2]")
+{"steps": list(second["steps"]), "collection": second["collection"], "aliases": second["aliases"]}'''),
+        new_code_cell('search("a red circle")  # the random model\'s collection now: arbitrary hits'),
+        new_markdown_cell("## 3. Roll back\n\n"
+                          "`rollback` undoes the newest promotion of `champion`: the models' alias and the "
+                          "collection alias go back to what they named before it. The first collection was kept, "
+                          "so nothing is embedded again (`clip-pyfunc index --gc` keeps it too, for this reason)."),
+        new_code_cell('''from clip_pyfunc.promotion import live, rollback
+
+undone = rollback(settings, target="champion")
+{"collection": undone["collection"], "aliases": undone["aliases"]}'''),
+        new_code_cell('''now = live(settings, "champion")  # what every reader (search, the app) sees now
+now.collection == FIRST_COLLECTION, now.models == first["aliases"]["after"], now'''),
+        new_code_cell('search("a red circle")  # the toy model\'s answers again'),
+    ],
 }
 
 

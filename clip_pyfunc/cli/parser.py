@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed-table's --input-format for --catalogue")
     p.add_argument("--gc", action="store_true",
                    help="delete the collections no alias names (keeping the one a rollback needs)")
+    _add_names_flags(p)  # --gc reads the promotion journal on the text model
     p.set_defaults(func=commands.cmd_index)
     p = sub.add_parser("promote", help="move a candidate's models and its collection to an alias together "
                                        "(builds and checks the collection first)")

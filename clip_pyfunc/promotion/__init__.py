@@ -229,8 +229,8 @@ def _carry_out(client, settings, entry: dict[str, Any]) -> None:
     write_journal(client, names["text"], entries)
 
 
-def finish_pending(settings, alias: str) -> str | None:
-    """Complete a promotion or rollback of `alias` that a kill cut off after its commit; its id, or None."""
+def finish_pending(settings, alias: str) -> dict[str, Any] | None:
+    """Complete a promotion or rollback of `alias` that a kill cut off after its commit; its entry, or None."""
     from mlflow import MlflowClient
 
     from clip_pyfunc.registry.journal import pending, read_journal
@@ -241,7 +241,7 @@ def finish_pending(settings, alias: str) -> str | None:
         return None
     _say(f"completing the {entry['kind']} {entry['id']} of @{alias} that was cut off after its commit")
     _carry_out(client, settings, entry)
-    return entry["id"]
+    return entry
 
 
 def _commit(client, settings, entry: dict[str, Any]) -> None:
@@ -292,7 +292,8 @@ def promote(settings, *, source: str, target: str, table: str | None = None, inp
     started = time.perf_counter()
     client = MlflowClient()
     summary: dict[str, Any] = {"from": source, "to": target, "steps": {}}
-    summary["completed"] = finish_pending(settings, target)
+    completed = finish_pending(settings, target)
+    summary["completed"] = completed and {"id": completed["id"], "kind": completed["kind"]}
     _fault("check")
     names = model_names(settings)
     before, candidate = live(settings, target), live(settings, source)
@@ -379,6 +380,11 @@ def rollback(settings, *, target: str) -> dict[str, Any]:
     started = time.perf_counter()
     client = MlflowClient()
     completed = finish_pending(settings, target)
+    if completed is not None and completed["kind"] == "rollback":  # a re-run of a rollback cut off: it is done now
+        now = live(settings, target)
+        return {"rolled_back": completed["of"], "completed": completed["id"], "aliases": {"after": now.models},
+                "collection": {"alias": completed["collection"]["alias"], "after": now.collection},
+                "seconds": round(time.perf_counter() - started, 3)}
     entries = read_journal(client, model_names(settings)["text"])
     undo = next((e for e in reversed(entries) if e["alias"] == target and e["kind"] == "promote"
                  and e["state"] == DONE), None)
@@ -396,7 +402,7 @@ def rollback(settings, *, target: str) -> dict[str, Any]:
     _commit(client, settings, entry)
     _carry_out(client, settings, entry)
     after = live(settings, target)
-    return {"rolled_back": undo["id"], "completed": completed, "aliases": {"before": before.models,
+    return {"rolled_back": undo["id"], "completed": completed and completed["id"], "aliases": {"before": before.models,
                                                                             "after": after.models},
             "collection": {"alias": collection["alias"], "before": before.collection, "after": after.collection},
             "seconds": round(time.perf_counter() - started, 3)}

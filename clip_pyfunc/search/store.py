@@ -836,7 +836,14 @@ def copy_to_server(index, url: str, *, progress: bool = True) -> dict[str, Any]:
         IndexRefused: The embedded store is in use, the server is unreachable, or its collection holds
             another embedding space.
     """
-    with EdgeStore(index.path, index.collection, index, must_exist=True) as source:
+    from clip_pyfunc.search.aliases import EdgeAliases, ServerAliases
+
+    name = EdgeAliases(index.path).resolve(index.collection)  # the collection the alias names, under its own name
+    with EdgeStore(index.path, name, index, must_exist=True) as source:
         server_config = dataclasses.replace(index, **source.build)  # the server collection is built as the source was
-        with ServerStore(connect_server(url), index.collection, server_config, where=url) as target:
-            return copy_store(source, target, batch=index.batch_rows, progress=progress)
+        with ServerStore(connect_server(url), name, server_config, where=url) as target:
+            report = copy_store(source, target, batch=index.batch_rows, progress=progress)
+            if name != index.collection:  # and the alias, as the embedded store has it
+                ServerAliases(target.client, url).switch(index.collection, name)
+                report["alias"] = index.collection
+            return report

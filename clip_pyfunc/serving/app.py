@@ -135,7 +135,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/health")
-    async def health(request: Request):
+    async def health_endpoint(request: Request):  # not `health`: prepare() and retire() use the Health above
         """Status, the loaded models (as asked, and the versions serving) and what runs them (engine,
         precision, a fallback note), the index (null with `no_index` saying how to make one), and the
         last look at the registry when the app follows its alias."""
