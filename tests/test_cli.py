@@ -149,8 +149,10 @@ def test_commands_on_an_index_another_process_holds(tmp_path, tracking_uri):
                                "print('open', flush=True)\ntime.sleep(600)", path], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
+        # (`index --input` asks the registry for the model's space first: another space's vectors go into a
+        # collection of their own beside the held one; tests/test_search.py checks the held one refused.)
         for args in (["search", "--text", "x"], ["duplicates"], ["app", "--port", str(free_port())],
-                     ["index", "--input", str(tmp_path), "-m", NO_MODEL], ["index", "--to-server", "http://x:1"]):
+                     ["index", "--to-server", "http://x:1"]):
             line = _fails_in_one_line([*args, "--index-path", path], str(tmp_path))
             assert f"the index {os.path.join(path, 'clip')} is in use by another process" in line, line
             assert all(hint in line for hint in ("POST /search", "stop the process", "--qdrant-url")), line

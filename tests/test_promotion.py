@@ -164,6 +164,12 @@ def test_rollback_killed_halfway_completes_and_restores_the_previous_pair(world)
     assert _is(world, live(world["settings"], "champion"), "A", world["A"])
 
 
+def _status_kib(pid: int, field: str) -> int:
+    """A field of /proc/<pid>/status in KiB (VmRSS: resident now; VmHWM: the peak resident)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
 def _expected(world):
     """Each pair's answers to QUERIES, from its own collection and models, before the app holds the stores."""
     import dataclasses
@@ -218,6 +224,7 @@ def test_the_app_follows_a_promotion_and_a_rollback_under_load_and_never_mixes_s
     try:
         wait_ready(url, proc, log, path="/health")
         assert served("A")
+        rss_start = _status_kib(proc.pid, "VmRSS")  # one pair and one collection loaded
         threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
         for t in threads:
             t.start()
@@ -235,6 +242,7 @@ def test_the_app_follows_a_promotion_and_a_rollback_under_load_and_never_mixes_s
             time.sleep(0.2)
         assert served("A"), open(log).read()[-3000:]
         time.sleep(2)
+        peak = _status_kib(proc.pid, "VmHWM")
     finally:
         stop.set()
         for t in threads:
@@ -254,7 +262,33 @@ def test_the_app_follows_a_promotion_and_a_rollback_under_load_and_never_mixes_s
     assert set(seen) == {"A", "B"} and min(seen.values()) > 8, seen
     latencies = sorted(a[2] for a in answers)
     print(f"\n{len(answers)} answers ({seen}), p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, "
-          f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.0f} ms")
+          f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.0f} ms; RSS {rss_start // 1024} MiB serving one pair, "
+          f"peak {peak // 1024} MiB through two swaps")
+    assert peak <= 2 * rss_start, (rss_start, peak)  # never more than two pairs (and collections) at once
+
+
+def test_eval_compares_both_image_models_and_refuses_a_worse_candidate(world):
+    """With --eval, both image models are evaluated first; a candidate below the champion is refused, nothing moved."""
+    data = world["root"] / "eval.jsonl"
+    words = ["red", "green", "blue", "black", "white", "yellow"]
+    data.write_text("".join(json.dumps({"image": os.path.join(world["catalogue"], f"item-{i:02d}.jpg"),
+                                        "caption": f"a {w} thing"}) + "\n" for i, w in enumerate(words)))
+    _candidate(world, "B")
+    before = _state(world)
+    out = _promote(world, "--eval", str(data), "--tolerance", "0", "--eval-out", str(world["root"] / "ev"),
+                   check=False)
+    if out.returncode == 2:  # refused: one line naming both scores, nothing moved
+        line = out.stderr.strip().splitlines()[-1]
+        scores = [float(x) for x in __import__("re").findall(r"image_to_text_recall_at_1 ([0-9.]+)", line)]
+        assert len(scores) == 2 and scores[0] < scores[1] and "nothing was moved" in line, line
+        assert _state(world) == before
+    else:  # promoted: the candidate scored at least the champion's, both in the summary
+        assert out.returncode == 0, out.stderr[-2000:]
+        ev = json.loads(out.stdout)["steps"]["evaluate"]
+        metric = ev["metric"]
+        assert ev["candidate"][metric] >= ev["champion"][metric], ev
+        _cli("rollback", *FLAGS, "--index-path", world["index"])
+        assert _state(world) == before
 
 
 def test_gc_removes_what_no_alias_or_rollback_needs(world):

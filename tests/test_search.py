@@ -25,7 +25,8 @@ from clip_pyfunc.settings import load_settings
 from clip_pyfunc.errors import InvalidInput
 from clip_pyfunc.search.index import index_table
 from clip_pyfunc.search.query import duplicate_groups
-from clip_pyfunc.search.store import EdgeStore, IndexRefused
+from clip_pyfunc.search.store import EdgeStore, IndexRefused, open_store
+from clip_pyfunc.settings import IndexConfig
 from clip_pyfunc.registry import register_classifier, register_models
 from clip_pyfunc.dev.samples import sample_image
 from clip_pyfunc.dev.toy_checkpoint import LABELS, draw
@@ -100,7 +101,7 @@ def test_index_report_and_rerun_upserts(indexed, space):
     n = len(LABELS) * PER_LABEL + 1
     assert (report["rows"], report["indexed"], report["skipped"], report["added"], report["points"]) == (n, n, 0, n, n)
     assert report["filter_fields"] == {}  # embed-table's payload is the path only, left unindexed
-    with EdgeStore(indexed["path"], "shapes") as store:
+    with open_store(IndexConfig(path=indexed["path"], collection="shapes")) as store:
         again = index_table(store, indexed["table"], space["image"], progress=False)
         assert (again["added"], again["updated"], again["points"]) == (0, n, n)
         held = store.space()
@@ -131,7 +132,7 @@ def test_changed_rows_update_errors_are_skipped_and_payload_kept(indexed, space,
 
 def test_vectors_of_another_space_are_refused(indexed, registered):
     """The tiny random CLIP's vectors (another run, another dimension) may not enter the toy collection."""
-    with EdgeStore(indexed["path"], "shapes") as store, pytest.raises(IndexRefused) as e:
+    with open_store(IndexConfig(path=indexed["path"], collection="shapes")) as store, pytest.raises(IndexRefused) as e:
         index_table(store, indexed["table"], registered["models"]["image"]["uri"], progress=False)
     assert "another embedding space" in str(e.value) and "search_image" in str(e.value)
     assert "clip_image_embedding" in str(e.value)
@@ -141,7 +142,7 @@ def test_search_by_words_finds_the_right_items_first(indexed):
     """Every toy label: the best hit shows it, and most of the top 3 do (the toy is 0.95 accurate, not perfect)."""
     from clip_pyfunc.search.query import Searcher
 
-    with EdgeStore(indexed["path"], "shapes") as store:
+    with open_store(IndexConfig(path=indexed["path"], collection="shapes")) as store:
         searcher = Searcher(store)
         right = {label: [_label_of(h["id"]) == label for h in searcher.search(text=f"a {label}", k=3)]
                  for label in LABELS}
@@ -197,7 +198,7 @@ def test_duplicates(indexed, folder):
     copies = [g for g in groups if any("copy-of-green-square-0" in i for i in g["ids"])]
     assert len(copies) == 1 and copies[0]["max_score"] > 0.999
     assert {os.path.basename(i) for i in copies[0]["ids"]} >= {"green-square-0.png", "copy-of-green-square-0.png"}
-    with EdgeStore(indexed["path"], "shapes") as store:
+    with open_store(IndexConfig(path=indexed["path"], collection="shapes")) as store:
         with pytest.raises(InvalidInput, match=r"threshold must be a cosine similarity in \[-1, 1\]"):
             duplicate_groups(store, threshold=1.5)
         with pytest.raises(InvalidInput, match="k must be a whole number"):

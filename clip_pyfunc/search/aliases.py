@@ -24,9 +24,8 @@ import shutil
 from abc import ABC, abstractmethod
 
 from clip_pyfunc.errors import one_line
-from clip_pyfunc.search.store import META_FILE, IndexRefused, Space
-
-ALIASES_FILE = "aliases.json"  # in an embedded index folder: {alias: collection}
+from clip_pyfunc.search.store import (ALIASES_FILE, META_FILE, IndexRefused, Space, read_edge_aliases,
+                                      read_server_aliases)
 
 
 def space_collection(alias: str, space: Space) -> str:
@@ -80,13 +79,7 @@ class EdgeAliases(Aliases):
         self.path = self.where = path
 
     def all(self) -> dict[str, str]:
-        try:
-            with open(os.path.join(self.path, ALIASES_FILE)) as f:
-                return dict(json.load(f))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            raise IndexRefused(f"cannot read {os.path.join(self.path, ALIASES_FILE)}: {one_line(e)}") from e
+        return read_edge_aliases(self.path)
 
     def collections(self) -> list[str]:
         if not os.path.isdir(self.path):
@@ -140,7 +133,7 @@ class ServerAliases(Aliases):
         self.client, self.where = client, where
 
     def all(self) -> dict[str, str]:
-        return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+        return read_server_aliases(self.client)
 
     def collections(self) -> list[str]:
         return sorted(c.name for c in self.client.get_collections().collections)

@@ -769,6 +769,29 @@ def connect_server(url: str):
     return client
 
 
+ALIASES_FILE = "aliases.json"  # in an embedded index folder: {alias: collection} (search.aliases)
+
+
+def read_edge_aliases(path: str) -> dict[str, str]:
+    """{alias: collection} of an embedded index folder ({} where it has none).
+
+    Raises:
+        IndexRefused: The file cannot be read.
+    """
+    try:
+        with open(os.path.join(path, ALIASES_FILE)) as f:
+            return dict(json.load(f))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise IndexRefused(f"cannot read {os.path.join(path, ALIASES_FILE)}: {one_line(e)}") from e
+
+
+def read_server_aliases(client) -> dict[str, str]:
+    """{alias: collection} of a Qdrant server."""
+    return {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+
+
 def open_store(index, *, must_exist: bool = False, resolve: bool = True) -> Store:
     """The store an `IndexConfig` names: a server at `index.url` (or QDRANT_URL), else Qdrant Edge at `index.path`.
 
@@ -780,16 +803,14 @@ def open_store(index, *, must_exist: bool = False, resolve: bool = True) -> Stor
         NoIndex: `must_exist` and the embedded store has no such folder or collection.
         IndexRefused: The store is in use by another process, unreadable, or the server is unreachable.
     """
-    from clip_pyfunc.search.aliases import EdgeAliases, ServerAliases
-
     url = index.url or os.environ.get("QDRANT_URL")
     if url:
         client = connect_server(url)
-        name = ServerAliases(client, url).resolve(index.collection) if resolve else index.collection
+        name = read_server_aliases(client).get(index.collection, index.collection) if resolve else index.collection
         store = ServerStore(client, name, index, where=url)
     else:
         path = index.path or "clip-index"
-        name = EdgeAliases(path).resolve(index.collection) if resolve else index.collection
+        name = read_edge_aliases(path).get(index.collection, index.collection) if resolve else index.collection
         store = EdgeStore(path, name, index, must_exist=must_exist)
     store.alias = index.collection
     return store
@@ -836,14 +857,19 @@ def copy_to_server(index, url: str, *, progress: bool = True) -> dict[str, Any]:
         IndexRefused: The embedded store is in use, the server is unreachable, or its collection holds
             another embedding space.
     """
-    from clip_pyfunc.search.aliases import EdgeAliases, ServerAliases
+    from qdrant_client import models
 
-    name = EdgeAliases(index.path).resolve(index.collection)  # the collection the alias names, under its own name
+    name = read_edge_aliases(index.path).get(index.collection, index.collection)  # the live one, by its own name
     with EdgeStore(index.path, name, index, must_exist=True) as source:
         server_config = dataclasses.replace(index, **source.build)  # the server collection is built as the source was
         with ServerStore(connect_server(url), name, server_config, where=url) as target:
             report = copy_store(source, target, batch=index.batch_rows, progress=progress)
-            if name != index.collection:  # and the alias, as the embedded store has it
-                ServerAliases(target.client, url).switch(index.collection, name)
+            if name != index.collection:  # and the alias, as the embedded store has it (one atomic request)
+                operations = [models.CreateAliasOperation(create_alias=models.CreateAlias(
+                    collection_name=name, alias_name=index.collection))]
+                if index.collection in read_server_aliases(target.client):
+                    operations.insert(0, models.DeleteAliasOperation(delete_alias=models.DeleteAlias(
+                        alias_name=index.collection)))
+                target.client.update_collection_aliases(change_aliases_operations=operations)
                 report["alias"] = index.collection
             return report

@@ -94,9 +94,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
 
     def retire(service: EmbeddingService) -> None:
         """A swapped-out pair whose last request is done: its engines leave health, its store closes."""
-        for kind in ("text", "image", "classifier"):
-            model = getattr(service.loaded, kind)
-            engine = getattr(model.unwrap_python_model(), "engine", None) if model is not None else None
+        for engine in service.engines():
             if engine in health.engines:
                 health.engines.remove(engine)
         if service.loaded.searcher is not None:
@@ -252,7 +250,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
     return app
 
 
-_METRIC_PATHS = ("/", "/health", "/embeddings", "/classify", "/search", "/v1/embeddings", "/v1/models")
+_METRIC_PATHS = ("/", "/health", "/admin/reload", "/embeddings", "/classify", "/search", "/v1/embeddings", "/v1/models")
 _MODEL_PATHS = ("/embeddings", "/classify", "/search", "/v1/embeddings")  # requests that run a model
 
 

@@ -53,6 +53,12 @@ class EmbeddingService:
         return {"text": self.loaded.versions.get("text"), "image": self.loaded.versions.get("image"),
                 "collection": None if searcher is None else searcher.collection}
 
+    def engines(self) -> list:
+        """The engines running the text, image and classifier models (what serving.metrics.Health watches)."""
+        models = [self.loaded.text, self.loaded.image, self.loaded.classifier]
+        return [m.unwrap_python_model().engine for m in models
+                if m is not None and hasattr(m.unwrap_python_model(), "engine")]
+
     def runtime(self) -> dict[str, dict[str, Any]]:
         """{"text": ..., "image": ...}: what runs each tower (engine, device, precision, threads, note)."""
         return {kind: tower.runtime_summary() for kind, tower in self._towers.items()}
