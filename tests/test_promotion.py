@@ -144,6 +144,18 @@ def test_a_promotion_killed_at_each_step_is_all_before_or_all_after_and_a_rerun_
     world["B"] = read
 
 
+def test_indexing_another_space_fills_its_own_collection_and_leaves_the_live_one_live(world):
+    """`index` with the first model's vectors while the second is live: they go into the first's collection,
+    which does not go live (the report says how it would), and the alias is untouched."""
+    embeddings = os.path.join(world["index"] + "-embeddings", world["A"] + ".parquet")
+    report = json.loads(_cli("index", "--input", embeddings, "--model-uri",
+                             f"models:/promo_image/{world['versions']['A']['image']}", "--index-path", world["index"],
+                             "--collection", "shop").stdout)
+    assert (report["collection"], report["live"], report["points"]) == (world["A"], False, 24), report
+    assert "clip-pyfunc promote" in report["note"] and world["B"] in report["note"], report
+    assert EdgeAliases(world["index"]).all() == {"shop": world["B"]}
+
+
 def test_rollback_killed_halfway_completes_and_restores_the_previous_pair(world):
     out = _cli("rollback", *FLAGS, "--index-path", world["index"], env={FAULT_ENV: "alias:image"}, check=False)
     assert out.returncode == -9, out.stderr[-2000:]
@@ -243,6 +255,9 @@ def test_the_app_follows_a_promotion_and_a_rollback_under_load_and_never_mixes_s
         assert served("A"), open(log).read()[-3000:]
         time.sleep(2)
         peak = _status_kib(proc.pid, "VmHWM")
+        r = requests.post(f"{url}/admin/reload", timeout=60)  # asked, not polled: nothing new to load
+        assert r.status_code == 200 and r.json()["changed"] is False, r.text
+        assert r.json()["serving"]["collection"] == world["A"], r.text
     finally:
         stop.set()
         for t in threads:

@@ -141,9 +141,13 @@ class ServerAliases(Aliases):
     def switch(self, alias: str, collection: str | None) -> None:
         from qdrant_client import models
 
-        if alias in self.collections():
+        collections = self.collections()
+        if alias in collections:
             raise IndexRefused(f"{alias!r} is a collection's own name at {self.where}, so it cannot be an alias; "
                                f"copy it into a collection of another name, or index with another --collection")
+        if collection is not None and collection not in collections:
+            raise IndexRefused(f"no collection {collection!r} at {self.where} to point the alias {alias!r} at; "
+                               f"collections there: {collections}")
         operations = []
         if alias in self.all():
             operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
