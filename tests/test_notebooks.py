@@ -93,7 +93,7 @@ def test_change_the_model_notebook(tmp_path, toy_checkpoint, monkeypatch):
     first = re.search(r"'after': '(catalogue-[0-9a-f]{12})'", shown(4)).group(1)  # the first promotion's collection
     second = re.search(r"'after': '(catalogue-[0-9a-f]{12})'", shown(8)).group(1)
     assert second != first and f"'before': '{first}'" in shown(8)  # the random candidate got a collection of its own
-    live = " ".join(shown(12).split())
-    assert live.startswith("(True, True, Live(") and f"collection='{first}'" in live  # the first collection and models again
+    live = " ".join(shown(12).split())  # after the rollback: the first collection and models again
+    assert live.startswith("(True, True, Live(") and f"collection='{first}'" in live
     rows = shown(13).splitlines()[1:]  # the search after the rollback, best first
     assert first in rows[0] and "red circle/" in rows[0]  # the toy's collection, and a red circle first

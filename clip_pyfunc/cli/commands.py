@@ -287,6 +287,15 @@ def cmd_bench_search(args: argparse.Namespace) -> dict:
                       parts=args.parts, output=args.output, quantization=args.quantization)
 
 
+def cmd_bench_promotion(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import promotion
+
+    if args.images < 1 or args.points < 1 or args.rounds < 1:
+        raise InvalidInput("--images, --points and --rounds must be 1 or more")
+    return promotion.run(tuple(args.parts), images=args.images, points=args.points, rounds=args.rounds,
+                         output=args.output, log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
 def cmd_bench_pixels(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import fast_path
 

@@ -173,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 10; 0: only on POST /admin/reload)")
     p.add_argument("--api-key", dest="app.api_key", help="require X-API-Key (or set CLIP_PYFUNC_API_KEY)")
     p.set_defaults(func=commands.cmd_app)
+    p = sub.add_parser("bench-promotion", help="a promotion measured: the app's answers through one (2,000 photos, "
+                                               "8 clients), and the switch at 100,000 points")
+    p.add_argument("--parts", nargs="+", choices=["availability", "switch"], default=["availability", "switch"])
+    p.add_argument("--images", type=int, default=2000, help="availability: photos in the catalogue")
+    p.add_argument("--points", type=int, default=100_000, help="switch: points per collection")
+    p.add_argument("--rounds", type=int, default=6, help="switch: interleaved rounds (every other is a rollback)")
+    p.add_argument("--output", help="also write the JSON here, after each part")
+    p.set_defaults(func=commands.cmd_bench_promotion)
     p = sub.add_parser("bench-pixels", help="fast path vs each resize kind's reference processor, in levels")
     p.set_defaults(func=commands.cmd_bench_pixels)
 
