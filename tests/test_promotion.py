@@ -51,14 +51,14 @@ def world(tmp_path_factory, tracking_uri):
     catalogue.mkdir()
     for i in range(24):
         (catalogue / f"item-{i:02d}.jpg").write_bytes(encode(photo(96 + i, 80, seed=i), "JPEG"))
-    versions = {}
+    versions, ckpts = {}, {}
     for name, seed in (("A", 1), ("B", 2)):
-        ckpt = save_random_checkpoint(str(root / f"ckpt-{name}"), "tiny", seed=seed)
+        ckpt = ckpts[name] = save_random_checkpoint(str(root / f"ckpt-{name}"), "tiny", seed=seed)
         summary = register_models(load_settings(None, {"model": {"source": ckpt},
                                                        "registry": {**NAMES, "alias": f"reg-{name}"}}))
         versions[name] = {kind: str(summary["models"][kind]["version"]) for kind in ("text", "image")}
     settings = load_settings(None, {"registry": NAMES, "index": {"path": str(root / "index"), "collection": "shop"}})
-    return {"root": root, "catalogue": str(catalogue), "versions": versions, "settings": settings,
+    return {"root": root, "catalogue": str(catalogue), "versions": versions, "settings": settings, "ckpts": ckpts,
             "index": str(root / "index"), "queries": [encode(photo(120, 90, seed=100 + i), "JPEG") for i in (0, 1)]}
 
 
@@ -115,6 +115,13 @@ def test_a_candidate_of_two_spaces_is_refused_and_nothing_moves(world):
     out = _promote(world, "--alias", "mixed", check=False)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "not one embedding space" in lines[0], out.stderr[-2000:]
+    assert _state(world) == before
+    # the collection alias goes with registry.alias (what the app serves): another target is refused
+    out = _promote(world, "--to", "staging", check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "goes with @champion" in lines[0], out.stderr[-2000:]
+    out = _promote(world, "--tolerance", "nan", check=False)
+    assert out.returncode == 2 and "--tolerance must be a number" in out.stderr, out.stderr[-2000:]
     assert _state(world) == before
 
 
@@ -258,6 +265,24 @@ def test_the_app_follows_a_promotion_and_a_rollback_under_load_and_never_mixes_s
         r = requests.post(f"{url}/admin/reload", timeout=60)  # asked, not polled: nothing new to load
         assert r.status_code == 200 and r.json()["changed"] is False, r.text
         assert r.json()["serving"]["collection"] == world["A"], r.text
+        # the same checkpoint registered again: new versions of the same space, the collection kept (the app
+        # reuses its open store: an embedded store opens once per process)
+        from clip_pyfunc.registry import register_models
+
+        again = register_models(load_settings(None, {"model": {"source": world["ckpts"]["A"]},
+                                                     "registry": {**NAMES, "alias": "candidate"}}))
+        pairs[(f"models:/promo_text/{again['models']['text']['version']}",
+               f"models:/promo_image/{again['models']['image']['version']}", world["A"])] = "A"  # A's answers
+        summary = json.loads(_promote(world).stdout)
+        assert summary["collection"]["after"] == world["A"] and "embed" not in summary["steps"], summary
+        deadline = time.time() + 60
+        while time.time() < deadline and requests.get(f"{url}/health", timeout=30).json()["versions"]["text"] != \
+                f"models:/promo_text/{again['models']['text']['version']}":
+            time.sleep(0.2)
+        health = requests.get(f"{url}/health", timeout=30).json()
+        assert health["versions"]["text"] == f"models:/promo_text/{again['models']['text']['version']}", health
+        assert health["follow"]["error"] is None and health["index"]["collection"] == world["A"], health
+        time.sleep(2)
     finally:
         stop.set()
         for t in threads:
@@ -307,7 +332,13 @@ def test_eval_compares_both_image_models_and_refuses_a_worse_candidate(world):
 
 
 def test_gc_removes_what_no_alias_or_rollback_needs(world):
+    from clip_pyfunc.search.store import EdgeStore, Space
+
+    for name in ("other", "shop-0123456789ab"):  # another name's collection; one of ours being built
+        with EdgeStore(world["index"], name) as store:
+            store.ensure(Space(model_uri="models:/x/1", run_id="x", models={}, embedding_dim=4))
     out = json.loads(_cli("index", "--gc", "--index-path", world["index"], *FLAGS).stdout)
-    # live: A; the newest promotion not rolled back is the one that made A live from nothing: B is no one's
+    # live: A (re-registered); the newest promotion not rolled back replaced A by A: B is no one's
     assert out["removed"] == [world["B"]] and world["A"] in out["kept"], out
-    assert EdgeAliases(world["index"]).collections() == [world["A"]]
+    assert "incomplete" in out["kept"]["shop-0123456789ab"] and "other" not in out["kept"], out
+    assert EdgeAliases(world["index"]).collections() == sorted([world["A"], "other", "shop-0123456789ab"])

@@ -146,8 +146,8 @@ def cmd_index(args: argparse.Namespace) -> dict:
 def cmd_promote(args: argparse.Namespace) -> dict:
     from clip_pyfunc.promotion import promote
 
-    if args.tolerance < 0:
-        raise InvalidInput(f"--tolerance must be 0 or more, got {args.tolerance}")
+    if not 0 <= args.tolerance < float("inf"):  # nan compares false both ways: it would turn the gate off
+        raise InvalidInput(f"--tolerance must be a number, 0 or more, got {args.tolerance}")
     return promote(settings_of(args), source=args.alias, target=args.to, table=args.table,
                    input_format=args.input_format, id_col=args.id_col, input_col=args.input_col,
                    eval_data=args.eval, tolerance=args.tolerance, force=args.force,
@@ -200,14 +200,17 @@ def cmd_app(args: argparse.Namespace) -> dict:
     follows_classifier = classifier == f"models:/{settings.classifier.name}@{names.alias}"
     index = None if args.no_index else settings.index
 
-    def load_live(now) -> "app.Loaded":
-        """The models and collection the alias names (promotion.live), pinned; shown by the names asked."""
+    def load_live(now, serving=None) -> "app.Loaded":
+        """The models and collection the alias names (promotion.live), pinned; shown by the names asked. The
+        store of `serving` (the Loaded serving now) is reused where the collection is the same."""
         pinned = {kind: now.models.get(kind, uri) for kind, uri in asked.items()}
         if not follows_classifier:
             pinned["classifier"] = classifier
+        held = None if serving is None or serving.searcher is None else serving.searcher.store
         loaded = app.load(pinned["text"], pinned["image"], pinned["classifier"],
                           classifier_required=bool(config.classifier),  # the conf default may be absent
-                          index=index, collection=now.collection)
+                          index=index, collection=now.collection,
+                          store=held if held is not None and held.collection == now.collection else None)
         loaded.versions, loaded.uris = dict(loaded.uris), {**asked, "classifier": loaded.uris["classifier"] and
                                                            asked["classifier"]}
         return loaded
@@ -219,7 +222,7 @@ def cmd_app(args: argparse.Namespace) -> dict:
 
     now = resolve()
     loaded = load_live(now)
-    follow = app.Follow(resolve=resolve, load=load_live, seconds=config.follow_seconds)
+    follow = app.Follow(resolve=resolve, load=load_live, serving=now, seconds=config.follow_seconds)
     app.run(loaded, config, settings.serve, follow)  # serves until stopped
     return {}
 

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_flags(p)
     _add_names_flags(p)
     p.add_argument("--alias", default="candidate", help="the candidate's alias (default candidate)")
-    p.add_argument("--to", default="champion", help="the alias to move (default champion)")
+    p.add_argument("--to", help="the alias to move (default registry.alias, champion: the one the app serves)")
     p.add_argument("--table", help="the catalogue to embed when the candidate's collection is missing (what "
                                    "embed-table takes); default: the one the live collection records")
     p.add_argument("--input-format", default="auto", choices=["auto", "parquet", "images", "table"])
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help="undo the newest promotion: the previous models and collection")
     _add_index_flags(p)
     _add_names_flags(p)
-    p.add_argument("--to", default="champion", help="the alias to put back (default champion)")
+    p.add_argument("--to", help="the alias to put back (default registry.alias, champion)")
     p.set_defaults(func=commands.cmd_rollback)
     p = sub.add_parser("search", help="query a collection by words, a photo or a stored item; JSON lines out")
     _add_index_flags(p)

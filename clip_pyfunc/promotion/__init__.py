@@ -99,15 +99,35 @@ def live(settings, alias: str | None = None) -> Live:
     alias = alias or settings.registry.alias
     client = MlflowClient()
     names = model_names(settings)
-    entry = pending(read_journal(client, names["text"]), alias)
-    if entry is not None:
-        versions = {name: moved[1] for name, moved in entry["models"].items() if moved[1] is not None}
-        collection = entry["collection"]["after"]
-    else:
+    for _ in range(5):
+        entries = read_journal(client, names["text"])
+        entry = pending(entries, alias)
+        if entry is not None:
+            versions = {name: moved[1] for name, moved in entry["models"].items() if moved[1] is not None}
+            collection = entry["collection"]["after"]
+            break
         versions = {name: v for name in names.values() if (v := alias_version(client, name, alias)) is not None}
         collection = _live_collection(settings.index)
+        if read_journal(client, names["text"]) == entries:  # no promotion committed while the aliases were read
+            break
+    else:
+        raise PromotionRefused(f"@{alias} kept changing while it was read (promotions running at once); try again")
     models = {kind: f"models:/{name}/{versions[name]}" for kind, name in names.items() if name in versions}
     return Live(models=models, collection=collection, versions=versions, pending=entry and entry["id"])
+
+
+def _one_collection_alias(settings, target: str) -> None:
+    """Refuse moving an alias other than the one the collection alias goes with (`registry.alias`).
+
+    Raises:
+        PromotionRefused: `target` is another alias: its models would go live beside a collection of
+            another space under one collection name.
+    """
+    if target != settings.registry.alias:
+        raise PromotionRefused(
+            f"the collection alias {settings.index.collection!r} goes with @{settings.registry.alias} (registry.alias, "
+            f"what the app serves); to promote to @{target}, give it a collection alias of its own: registry.alias: "
+            f"{target} and another index.collection in a --conf file")
 
 
 def _check_one_space(models: dict[str, str], what: str) -> str:
@@ -218,9 +238,7 @@ def _carry_out(client, settings, entry: dict[str, Any]) -> None:
         set_alias(client, name, entry["alias"], after)
     _fault("switch")
     collection = entry["collection"]
-    aliases = open_aliases(settings.index)
-    if aliases.all().get(collection["alias"]) != collection["after"]:  # None: no collection was live before
-        aliases.switch(collection["alias"], collection["after"])
+    open_aliases(settings.index).switch(collection["alias"], collection["after"])  # None: none was live before
     _fault("done")
     entries = read_journal(client, names["text"])
     for e in entries:
@@ -254,7 +272,7 @@ def _commit(client, settings, entry: dict[str, Any]) -> None:
     write_journal(client, name, [*read_journal(client, name), entry])
 
 
-def promote(settings, *, source: str, target: str, table: str | None = None, input_format: str = "auto",
+def promote(settings, *, source: str, target: str | None = None, table: str | None = None, input_format: str = "auto",
             id_col: str | None = None, input_col: str | None = None, eval_data: str | None = None,
             tolerance: float = 0.01, force: bool = False, embeddings_dir: str | None = None,
             master: str | None = None, eval_out: str = "evaluate-out") -> dict[str, Any]:
@@ -263,7 +281,8 @@ def promote(settings, *, source: str, target: str, table: str | None = None, inp
     Args:
         settings: The settings (registry and classifier names, the index).
         source: The alias of the candidate (e.g. "candidate").
-        target: The alias to move (e.g. "champion").
+        target: The alias to move; None: `registry.alias` (the one the app serves; the only one the
+            collection alias goes with).
         table: The catalogue to embed where the candidate's collection is missing or incomplete (what
             embed-table takes: a parquet path, a folder of images or a table); None: the one the live
             collection records.
@@ -286,11 +305,13 @@ def promote(settings, *, source: str, target: str, table: str | None = None, inp
     from mlflow import MlflowClient
 
     from clip_pyfunc.registry.journal import new_entry
-    from clip_pyfunc.search.aliases import space_collection
+    from clip_pyfunc.search.aliases import open_aliases, space_collection
     from clip_pyfunc.search.index import model_space
 
+    target = target or settings.registry.alias
     if source == target:
         raise PromotionRefused(f"--alias and --to are both {source!r}: name the candidate's alias and the one to move")
+    _one_collection_alias(settings, target)
     started = time.perf_counter()
     client = MlflowClient()
     summary: dict[str, Any] = {"from": source, "to": target, "steps": {}}
@@ -334,9 +355,22 @@ def promote(settings, *, source: str, target: str, table: str | None = None, inp
 
     target_held = _described(settings.index, collection)
     indexed = None if target_held is None else target_held[1].get(INDEXED)
+    wanted = ({"input": table, "input_format": input_format, "id_col": id_col, "input_col": input_col}
+              if table else (held[1].get(CATALOGUE) if held else None))
+    built_from = None if target_held is None else target_held[1].get(CATALOGUE)
+    if indexed is not None and wanted is not None and built_from is not None and built_from["input"] != wanted["input"]:
+        raise PromotionRefused(
+            f"the candidate's collection {collection} was built from {built_from['input']}, not {wanted['input']}: "
+            f"delete it (`clip-pyfunc index --gc`) to build it from {wanted['input']}, or promote with --table "
+            f"{built_from['input']}; nothing was moved")
+    if indexed is not None and built_from is None and held is not None and held[1].get(INDEXED):
+        live_points, points = held[1][INDEXED].get("points"), indexed.get("points")
+        if live_points != points:  # indexed by hand from a table it does not record: say what goes live
+            summary["note"] = " ".join(filter(None, [summary.get("note"), (
+                f"the candidate's collection {collection} (indexed by hand, no catalogue recorded) holds {points} "
+                f"points, the live {live_collection} {live_points}")]))
     if indexed is None:
-        catalogue = ({"input": table, "input_format": input_format, "id_col": id_col, "input_col": input_col}
-                     if table else (held[1].get(CATALOGUE) if held else None))
+        catalogue = wanted
         if catalogue is None:
             raise PromotionRefused(
                 f"the candidate's collection {collection} is missing or incomplete, and the live collection "
@@ -353,6 +387,7 @@ def promote(settings, *, source: str, target: str, table: str | None = None, inp
         summary["steps"]["index"] = {"collection": collection, "reused": True, **indexed}
 
     t = time.perf_counter()
+    open_aliases(settings.index).check_switch(alias, collection)  # what the switch would refuse, before the commit
     entry = new_entry("promote", target, plan, {"alias": alias, "before": live_collection, "after": collection},
                       source=source)
     _commit(client, settings, entry)
@@ -365,7 +400,7 @@ def promote(settings, *, source: str, target: str, table: str | None = None, inp
     return summary
 
 
-def rollback(settings, *, target: str) -> dict[str, Any]:
+def rollback(settings, *, target: str | None = None) -> dict[str, Any]:
     """`clip-pyfunc rollback --to TARGET`: undo the newest promotion of `target` that is not undone yet.
 
     Returns:
@@ -379,6 +414,8 @@ def rollback(settings, *, target: str) -> dict[str, Any]:
     from clip_pyfunc.registry.journal import DONE, new_entry, read_journal
     from clip_pyfunc.search.aliases import open_aliases
 
+    target = target or settings.registry.alias
+    _one_collection_alias(settings, target)
     started = time.perf_counter()
     client = MlflowClient()
     completed = finish_pending(settings, target)
@@ -397,6 +434,12 @@ def rollback(settings, *, target: str) -> dict[str, Any]:
     if collection["before"] is not None and collection["before"] not in open_aliases(settings.index).collections():
         raise PromotionRefused(f"the collection {collection['before']} that promotion {undo['id']} replaced is gone "
                                "(clip-pyfunc index --gc); promote the previous models again instead; nothing was moved")
+    open_aliases(settings.index).check_switch(collection["alias"], collection["before"])
+    gone = [f"{name} version {prior}" for name, (prior, _) in undo["models"].items()
+            if prior is not None and not _version_exists(client, name, prior)]
+    if gone:
+        raise PromotionRefused(f"the versions promotion {undo['id']} replaced are gone: {', '.join(gone)}; promote "
+                               "other models instead; nothing was moved")
     before = live(settings, target)
     entry = new_entry("rollback", target, {name: [after, prior] for name, (prior, after) in undo["models"].items()},
                       {"alias": collection["alias"], "before": collection["after"], "after": collection["before"]},
@@ -410,11 +453,23 @@ def rollback(settings, *, target: str) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def collect_garbage(settings) -> dict[str, Any]:
-    """`clip-pyfunc index --gc`: delete the collections no alias names and no rollback needs.
+def _version_exists(client, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
 
-    A collection that the newest not-rolled-back promotion of an alias replaced is kept, so that
-    `rollback` still has it; one another process holds open (an embedded store) is kept and named.
+    try:
+        client.get_model_version(name, str(version))
+        return True
+    except MlflowException:
+        return False
+
+
+def collect_garbage(settings) -> dict[str, Any]:
+    """`clip-pyfunc index --gc`: delete the collections of `index.collection`'s spaces that nothing needs.
+
+    Only the collections named `<index.collection>-<digest>` (`search.aliases.space_collection`) are
+    looked at. Kept: those an alias names, the one the newest not-rolled-back promotion of an alias
+    replaced (so `rollback` still has it), both sides of a promotion cut off after its commit, an
+    incomplete one (being built, or to be resumed), and one another process holds open (named).
 
     Returns:
         {"removed": [...], "kept": {collection: why}}.
@@ -425,23 +480,34 @@ def collect_garbage(settings) -> dict[str, Any]:
     from clip_pyfunc.search.aliases import open_aliases
     from clip_pyfunc.search.store import IndexRefused
 
+    import re
+
+    from clip_pyfunc.registry.journal import COMMITTED
+    from clip_pyfunc.search.index import INDEXED
+
     aliases = open_aliases(settings.index)
     named = aliases.all()
     kept = {c: f"alias {a!r}" for a, c in named.items()}
     seen: set[str] = set()
     for e in reversed(read_journal(MlflowClient(), model_names(settings)["text"])):
-        if e["kind"] == "promote" and e["state"] == DONE and e["alias"] not in seen:
+        if e["state"] == COMMITTED:  # cut off: both sides may be live once it is completed or undone
+            for side in ("before", "after"):
+                if e["collection"][side]:
+                    kept.setdefault(e["collection"][side], f"the {e['kind']} {e['id']} that was cut off")
+        elif e["kind"] == "promote" and e["state"] == DONE and e["alias"] not in seen:
             seen.add(e["alias"])
             if e["collection"]["before"]:
                 kept.setdefault(e["collection"]["before"], f"rollback of promotion {e['id']} to @{e['alias']}")
+    ours = re.compile(re.escape(settings.index.collection) + r"-[0-9a-f]{12}")  # search.aliases.space_collection
     removed = []
     for collection in aliases.collections():
-        if collection in kept:
-            continue
-        if collection in named or collection == settings.index.collection and settings.index.collection not in named:
-            kept[collection] = "the name the settings use (index.collection)"
-            continue
+        if collection in kept or not ours.fullmatch(collection):
+            continue  # another name's collections, and those from before aliases, are not this alias's to delete
         try:
+            described = aliases.describe(collection)
+            if described is None or described[1].get(INDEXED) is None:
+                kept[collection] = "incomplete (being built, or a build cut off that `promote` resumes)"
+                continue
             aliases.drop(collection)
             removed.append(collection)
         except IndexRefused as e:

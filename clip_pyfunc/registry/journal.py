@@ -11,7 +11,8 @@ one, then marks the plan done. That tag write is the commit point:
   completes the moves first.
 
 The journal lives in a tag of the text model's registered model (`JOURNAL_TAG`), newest entry last,
-the last `KEEP` entries kept. An entry:
+as many as fit in `MAX_CHARS`. Two promotions of one alias at once are not guarded against (the
+journal is read, changed and written back); run one at a time. An entry:
 
     {"id", "kind": "promote" | "rollback", "alias": "champion", "source": "candidate" (promote),
      "of": id (rollback), "state": "committed" | "done" | "rolled_back",
@@ -27,29 +28,60 @@ import time
 import uuid
 from typing import Any
 
+from clip_pyfunc.errors import ClipPyfuncError, one_line
+
 JOURNAL_TAG = "clip_pyfunc.promotions"
-KEEP = 20  # entries kept; a rollback reaches the newest promotion not rolled back yet
+# The tag's most characters. MLflow's SQL stores keep a registered model's tag value in a VARCHAR(5000)
+# (mlflow.store.model_registry.dbmodels.models.SqlRegisteredModelTag); sqlite does not enforce it, Postgres
+# and MySQL do. The oldest entries are dropped to fit; the newest is always kept.
+MAX_CHARS = 4500
 COMMITTED, DONE, ROLLED_BACK = "committed", "done", "rolled_back"
+_FIELDS = {"id": str, "kind": str, "alias": str, "state": str, "models": dict, "collection": dict}
+
+
+class JournalError(ClipPyfuncError):
+    """The journal cannot be read or written: the registry failed, or the tag holds what clip-pyfunc did not write."""
 
 
 def read_journal(client, name: str) -> list[dict[str, Any]]:
-    """The journal's entries, oldest first ([] when none, or no such registered model)."""
-    from mlflow.exceptions import MlflowException
+    """The journal's entries, oldest first ([] when the registered model or the tag does not exist).
+
+    Raises:
+        JournalError: The registry failed to answer, or the tag is not a journal (so it is not overwritten).
+    """
+    from mlflow.exceptions import ErrorCode, MlflowException
 
     try:
         tags = client.get_registered_model(name).tags or {}
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(ErrorCode.RESOURCE_DOES_NOT_EXIST):
+            return []
+        raise JournalError(f"cannot read the promotion journal (tag {JOURNAL_TAG!r} of {name}): {one_line(e)}") from e
+    if JOURNAL_TAG not in tags:
         return []
     try:
-        entries = json.loads(tags.get(JOURNAL_TAG, "[]"))
-    except ValueError:
-        return []
-    return entries if isinstance(entries, list) else []
+        entries = json.loads(tags[JOURNAL_TAG])
+    except ValueError as e:
+        raise JournalError(f"the tag {JOURNAL_TAG!r} of {name} is not JSON ({one_line(e)}); fix or delete it "
+                           "(it holds the promotions a rollback undoes)") from e
+    good = isinstance(entries, list) and all(
+        isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in _FIELDS.items())
+        and {"alias", "before", "after"} <= set(e["collection"])
+        and all(isinstance(v, list) and len(v) == 2 for v in e["models"].values()) for e in entries)
+    if not good:
+        raise JournalError(f"the tag {JOURNAL_TAG!r} of {name} is not a promotion journal as clip-pyfunc writes it "
+                           f"(a list of entries with {sorted(_FIELDS)}); fix or delete it")
+    return entries
 
 
 def write_journal(client, name: str, entries: list[dict[str, Any]]) -> None:
-    """Replace the journal with `entries` (the newest `KEEP`), in one tag write."""
-    client.set_registered_model_tag(name, JOURNAL_TAG, json.dumps(entries[-KEEP:], separators=(",", ":")))
+    """Replace the journal with `entries`, in one tag write; the oldest are dropped to fit `MAX_CHARS`."""
+    entries = list(entries)
+    text = json.dumps(entries, separators=(",", ":"))
+    while len(text) > MAX_CHARS and len(entries) > 1:
+        entries.pop(0)
+        text = json.dumps(entries, separators=(",", ":"))
+    client.set_registered_model_tag(name, JOURNAL_TAG, text)
 
 
 def new_entry(kind: str, alias: str, models: dict[str, list], collection: dict[str, Any], **extra) -> dict[str, Any]:

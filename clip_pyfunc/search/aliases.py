@@ -48,11 +48,30 @@ class Aliases(ABC):
 
     @abstractmethod
     def switch(self, alias: str, collection: str | None) -> None:
-        """Point `alias` at `collection` (None removes it), atomically.
+        """Point `alias` at `collection` (None removes it), atomically; nothing where it already does
+        (`needs_switch`).
+
+        Raises:
+            IndexRefused: As `check_switch`, or the store failed.
+        """
+
+    def check_switch(self, alias: str, collection: str | None) -> None:
+        """Refuse, before anything moves, a switch `switch` would refuse.
 
         Raises:
             IndexRefused: No such collection, or `alias` is a collection's own name on a server.
         """
+        collections = self.collections()
+        if collection is not None and collection not in collections:
+            raise IndexRefused(f"no collection {collection!r} at {self.where} to point the alias {alias!r} at; "
+                               f"collections there: {collections}")
+
+    def needs_switch(self, alias: str, collection: str | None) -> bool:
+        """Whether `alias` does not name `collection` yet (a collection's own name names itself)."""
+        named = self.all().get(alias)
+        if named is None and collection == alias:
+            return False  # a collection made before aliases, by the alias's name
+        return named != collection
 
     @abstractmethod
     def drop(self, collection: str) -> None:
@@ -87,26 +106,30 @@ class EdgeAliases(Aliases):
         return sorted(n for n in os.listdir(self.path) if os.path.isfile(os.path.join(self.path, n, META_FILE)))
 
     def switch(self, alias: str, collection: str | None) -> None:
-        if collection is not None and collection not in self.collections():
-            raise IndexRefused(f"no collection {collection!r} in {self.path} to point the alias {alias!r} at; "
-                               f"collections here: {self.collections()}")
-        aliases = self.all()
-        if collection is None:
-            aliases.pop(alias, None)
-        else:
-            aliases[alias] = collection
+        import fcntl
+
+        if not self.needs_switch(alias, collection):
+            return
+        self.check_switch(alias, collection)
         os.makedirs(self.path, exist_ok=True)
-        tmp = os.path.join(self.path, ALIASES_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(aliases, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.path, ALIASES_FILE))
-        folder = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # the rename itself reaches the disk
-        finally:
-            os.close(folder)
+        with open(os.path.join(self.path, ALIASES_FILE + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two switches at once: each reads what the other wrote
+            aliases = self.all()
+            if collection is None:
+                aliases.pop(alias, None)
+            else:
+                aliases[alias] = collection
+            tmp = os.path.join(self.path, ALIASES_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(aliases, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(self.path, ALIASES_FILE))
+            folder = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the rename itself reaches the disk
+            finally:
+                os.close(folder)
 
     def describe(self, collection: str) -> tuple[Space, dict] | None:
         where = os.path.join(self.path, collection, META_FILE)
@@ -138,24 +161,29 @@ class ServerAliases(Aliases):
     def collections(self) -> list[str]:
         return sorted(c.name for c in self.client.get_collections().collections)
 
+    def check_switch(self, alias: str, collection: str | None) -> None:
+        super().check_switch(alias, collection)
+        if alias in self.collections():
+            raise IndexRefused(f"{alias!r} is a collection's own name at {self.where}, so it cannot be an alias; "
+                               f"copy it into a collection of another name, or index with another --collection")
+
     def switch(self, alias: str, collection: str | None) -> None:
         from qdrant_client import models
 
-        collections = self.collections()
-        if alias in collections:
-            raise IndexRefused(f"{alias!r} is a collection's own name at {self.where}, so it cannot be an alias; "
-                               f"copy it into a collection of another name, or index with another --collection")
-        if collection is not None and collection not in collections:
-            raise IndexRefused(f"no collection {collection!r} at {self.where} to point the alias {alias!r} at; "
-                               f"collections there: {collections}")
+        if not self.needs_switch(alias, collection):
+            return
+        self.check_switch(alias, collection)
         operations = []
         if alias in self.all():
             operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
         if collection is not None:
             operations.append(models.CreateAliasOperation(create_alias=models.CreateAlias(
                 collection_name=collection, alias_name=alias)))
-        if operations:
+        try:
             self.client.update_collection_aliases(change_aliases_operations=operations)  # one atomic request
+        except Exception as e:  # qdrant-client raises its transport's and the server's own errors
+            raise IndexRefused(f"the Qdrant server at {self.where} refused to point {alias!r} at {collection!r}: "
+                               f"{one_line(e)}") from e
 
     def describe(self, collection: str) -> tuple[Space, dict] | None:
         from clip_pyfunc.search.store import META_KEY, RECORDS_KEY
@@ -168,7 +196,10 @@ class ServerAliases(Aliases):
         return Space.from_dict(metadata[META_KEY], f"{self.where} {collection!r}"), dict(metadata.get(RECORDS_KEY, {}))
 
     def drop(self, collection: str) -> None:
-        self.client.delete_collection(collection)
+        try:
+            self.client.delete_collection(collection)
+        except Exception as e:  # as in switch
+            raise IndexRefused(f"the Qdrant server at {self.where} refused to delete {collection!r}: {one_line(e)}") from e
 
 
 def open_aliases(index, client=None) -> Aliases:

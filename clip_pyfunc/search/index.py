@@ -214,6 +214,7 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     frames = read_table(source, batch_rows)  # a missing path is refused before the registry is asked
     space = model_space(model_uri)
     store.ensure(space)
+    store.record(INDEXED, None)  # until this run completes: a run killed halfway leaves the collection incomplete
     before = store.count()
     rows = indexed = skipped_error = 0
     no_id: list[int] = []

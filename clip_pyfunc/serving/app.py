@@ -37,12 +37,16 @@ class Follow:
 
     Attributes:
         resolve: Returns promotion.Live for the app's alias (registry reads only).
-        load: Loads a `Loaded` for a promotion.Live (its pinned models and collection).
+        load: Loads a `Loaded` for a promotion.Live (its pinned models and collection), given the `Loaded`
+            serving now, whose open store it reuses when the collection is the same (an embedded store
+            opens once per process).
+        serving: The promotion.Live the first `Loaded` was loaded from.
         seconds: Seconds between looks (app.follow_seconds); 0: only on POST /admin/reload.
     """
 
     resolve: Callable[[], Any]
-    load: Callable[[Any], Loaded]
+    load: Callable[[Any, Loaded], Loaded]
+    serving: Any
     seconds: float = 0.0
 
 
@@ -92,17 +96,33 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
                 watch(getattr(loaded, kind).unwrap_python_model(), metrics, health, kind, serving_limits(serve))
         return EmbeddingService(loaded)
 
+    def store_of(loaded: Loaded):
+        return None if loaded.searcher is None else loaded.searcher.store
+
     def retire(service: EmbeddingService) -> None:
-        """A swapped-out pair whose last request is done: its engines leave health, its store closes."""
+        """A swapped-out pair whose last request is done: its engines leave health, its store closes unless the
+        pair serving now shares it (a promotion that kept the collection)."""
         for engine in service.engines():
             if engine in health.engines:
                 health.engines.remove(engine)
-        if service.loaded.searcher is not None:
-            service.loaded.searcher.store.close()
+        store = store_of(service.loaded)
+        if store is not None and store is not store_of(current.service.loaded):
+            store.close()
+
+    def build(live) -> EmbeddingService:
+        """Load what the alias names beside what serves (reusing its store for the same collection), warm it up."""
+        keep = current.service.loaded
+        new = follow.load(live, keep)
+        try:
+            return prepare(new)
+        except BaseException:
+            if store_of(new) is not None and store_of(new) is not store_of(keep):
+                store_of(new).close()  # the lock of an embedded store: free for the next try
+            raise
 
     current = Current(prepare(loaded), on_retire=retire)
-    follower = None if follow is None else Follower(current, follow.resolve,
-                                                    lambda live: prepare(follow.load(live)), follow.seconds)
+    follower = None if follow is None else Follower(current, follow.resolve, build, follow.seconds,
+                                                    serving=follow.serving)
     # Inside the request context: /metrics needs the API key when there is one, and a 413 carries the request id.
     app.add_middleware(Edge, max_body_bytes=serve.max_body_bytes, body_limits=body_limits(config), metrics=metrics,
                        health=health, health_paths=("/health",), paths=_METRIC_PATHS,
@@ -157,7 +177,7 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         if follower is None:
             raise Refused(404, "this app serves fixed model URIs; start it with `clip-pyfunc app` (by alias) to "
                                "follow promotions")
-        result = await run_in_threadpool(follower.check)
+        result = await run_in_threadpool(follower.check, True)
         if result["error"]:
             raise Refused(409, f"the reload failed, the previous models keep serving: {result['error']}")
         return {**result, "request_id": request.state.request_id}

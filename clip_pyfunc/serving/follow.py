@@ -86,22 +86,30 @@ class Current:
 class Follower:
     """Reloads the app when its alias names other models or another collection (see the module docstring)."""
 
+    RETRY_SECONDS = 60.0  # a reload that failed is tried again for the same target after this long (or when asked)
+
     def __init__(self, current: Current, resolve: Callable[[], Any], build: Callable[[Any], Any],
-                 interval: float = 0.0):
+                 interval: float = 0.0, *, serving):
         """Args:
             current: What the routes answer from.
             resolve: Returns what the alias names now (promotion.Live), cheap: registry reads only.
             build: Loads a service for a Live (its models and collection); raises when they are not one space.
             interval: Seconds between looks at the registry; 0 looks only when asked (`check`).
+            serving: The Live `current`'s service was loaded from (not resolved again here: a promotion
+                between that load and now would otherwise never be loaded).
         """
         self.current, self._resolve, self._build, self.interval = current, resolve, build, interval
-        self.serving = resolve()
+        self.serving = serving
+        self._failed: tuple[Any, float] | None = None  # (the key a reload failed for, when)
         self._lock = threading.Lock()
         self.last: dict[str, Any] = {"at": None, "changed": False, "error": None}
         self._stop = threading.Event()
 
-    def check(self) -> dict[str, Any]:
+    def check(self, force: bool = False) -> dict[str, Any]:
         """Look at the registry now; load and swap in what the alias names when it changed.
+
+        A target whose reload failed is tried again after `RETRY_SECONDS`, or at once with `force`
+        (POST /admin/reload), not at every look: each try loads both models.
 
         Returns:
             {"changed": bool, "serving": the models and collection answering now, "seconds" (the load and swap),
@@ -112,8 +120,13 @@ class Follower:
             result: dict[str, Any] = {"changed": False, "error": None}
             try:
                 now = self._resolve()
-                if now.key() != self.serving.key():
+                failed = self._failed
+                if failed and failed[0] == now.key() and not force and time.time() - failed[1] < self.RETRY_SECONDS:
+                    result["error"] = self.last.get("error")  # still failing: not tried again yet
+                elif now.key() != self.serving.key():
+                    self._failed = (now.key(), time.time())
                     service = self._build(now)
+                    self._failed = None
                     self.current.swap(service)
                     log.warning("now serving %s and collection %s (was %s, %s)", now.models, now.collection,
                                 self.serving.models, self.serving.collection)

@@ -32,7 +32,7 @@ class Loaded:
 
 
 def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, classifier_required: bool = True,
-         index: IndexConfig | None = None, collection: str | None = None) -> Loaded:
+         index: IndexConfig | None = None, collection: str | None = None, store=None) -> Loaded:
     """Load the text and image models, the classifier and the index (each once), for `create_app`.
 
     Args:
@@ -45,6 +45,8 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
             /search. A collection is opened only when its embedding space is the models'.
         collection: Open this very collection (what `index.collection`'s alias named when the models
             were resolved: promotion.live), not what the alias names by the time the store opens.
+        store: An open store of that collection to use instead of opening it (the app's reload, when a
+            promotion kept the collection); the caller keeps owning it.
 
     Raises:
         ModelLoadError: A model cannot be found or loaded, or the text and image models are of different
@@ -55,20 +57,22 @@ def load(text_uri: str, image_uri: str, classifier_uri: str | None = None, *, cl
     from clip_pyfunc.registry.lookup import load_model, model_info, require_same_space
     from clip_pyfunc.search.query import Searcher
 
-    store, no_index = _open_index(index, collection)  # first: a locked store or an unreachable server fails at once
+    owned = store is None
+    store, no_index = _open_index(index, collection) if owned else (store, None)  # first: a locked store fails at once
     try:
         infos = {"text": model_info(text_uri, "text model"), "image": model_info(image_uri, "image model")}
         require_same_space(infos["text"], infos["image"], text_uri, image_uri)
         found, no_classifier = _find_classifier(classifier_uri, classifier_required)
         if store is not None and (no_index := _check_collection(store, infos)):
-            store.close()  # no collection: leave the folder free for `clip-pyfunc index`
+            if owned:
+                store.close()  # no collection: leave the folder free for `clip-pyfunc index`
             store = None
         text = load_model(text_uri, "text model")  # every URI and the index checked before any model loads
         image = load_model(image_uri, "image model")
         classifier = load_model(found, "classifier") if found else None
         searcher = None if store is None else Searcher(store, text_model=text, image_model=image)
     except BaseException:
-        if store is not None:
+        if store is not None and owned:
             store.close()
         raise
     # Said once the app will start, not before an error that stops it.
