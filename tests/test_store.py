@@ -24,7 +24,8 @@ import pytest
 
 from clip_pyfunc.errors import ModelLoadError
 from clip_pyfunc.search.query import duplicate_groups
-from clip_pyfunc.search.store import EdgeStore, IndexRefused, NoIndex, ServerStore, Space, copy_store
+from clip_pyfunc.search.store import (EdgeStore, IndexRefused, NoIndex, ServerStore, Space, copy_store, open_store,
+                                      read_edge_aliases)
 from clip_pyfunc.settings import IndexConfig, load_settings
 
 DIM = 32
@@ -282,13 +283,16 @@ def test_an_index_run_killed_halfway_is_completed_by_a_rerun(registered, tmp_pat
         if not chunk:
             break
         seen += chunk
-        done = [int(n) for n in re.findall(rb"index clip: (\d+) rows", seen)]
+        done = [int(n) for n in re.findall(rb"index clip-[0-9a-f]{12}: (\d+) rows", seen)]
         if done and done[-1] >= rows // 4:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL, seen.decode()[-2000:]  # killed mid-run, not finished
-    with EdgeStore(str(tmp_path / "idx"), "clip", must_exist=True) as store:
+    # The run writes the model's space's own collection; the first one goes live (the alias `clip`) only when done.
+    collection = re.search(rb"index (clip-[0-9a-f]{12}):", seen).group(1).decode()
+    assert read_edge_aliases(str(tmp_path / "idx")) == {}
+    with EdgeStore(str(tmp_path / "idx"), collection, must_exist=True) as store:
         survived = store.count()
     assert 0 < survived < rows
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -296,7 +300,8 @@ def test_an_index_run_killed_halfway_is_completed_by_a_rerun(registered, tmp_pat
     report = json.loads(out.stdout)
     assert (report["points"], report["added"], report["indexed"]) == (rows, rows - survived, rows)
     assert report["filter_fields"] == {"shop": "keyword"}
-    with EdgeStore(str(tmp_path / "idx"), "clip", must_exist=True) as store:
+    assert (report["collection"], report["live"]) == (collection, True)
+    with open_store(IndexConfig(path=str(tmp_path / "idx"), collection="clip"), must_exist=True) as store:
         ids = [h.id for batch in store.scroll(batch=10000) for h in batch]
         assert len(ids) == rows and len(set(ids)) == rows
         assert store.query(vectors[123] / np.linalg.norm(vectors[123]), 1)[0].id == "item-123"
