@@ -100,9 +100,14 @@ def test_a_server_alias_may_not_take_a_collection_s_own_name():
     from qdrant_client import QdrantClient
 
     client = QdrantClient(":memory:")
-    _make(lambda n: _Unclosed(client, n), "shop", SPACES["a"], 1.0)
-    with pytest.raises(IndexRefused, match="is a collection's own name"):
-        ServerAliases(client, ":memory:").switch("shop", "shop")
+    _make(lambda n: _Unclosed(client, n), "shop", SPACES["a"], 1.0)  # a collection made before aliases
+    _make(lambda n: _Unclosed(client, n), "shop-b", SPACES["b"], -1.0)
+    aliases = ServerAliases(client, ":memory:")
+    aliases.switch("shop", "shop")  # it already names itself: nothing to do
+    for check in (aliases.check_switch, aliases.switch):  # refused before a promotion commits, and at the switch
+        with pytest.raises(IndexRefused, match="is a collection's own name"):
+            check("shop", "shop-b")
+    assert aliases.all() == {}
 
 
 def test_gc_drop_refuses_an_embedded_collection_another_process_holds(tmp_path):
