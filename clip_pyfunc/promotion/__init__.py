@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from clip_pyfunc.errors import ClipPyfuncError
+from clip_pyfunc.errors import ClipPyfuncError, one_line
 
 KINDS = ("text", "image", "combined", "classifier")
 FAULT_ENV = "CLIP_PYFUNC_FAULT_AT"  # fault tests: the process SIGKILLs itself on reaching this step
@@ -208,8 +208,14 @@ def _evaluate(champion: str | None, candidate: str, data: str, tolerance: float,
     from clip_pyfunc.batch.evaluate.metrics import HEADLINE
     from clip_pyfunc.batch.evaluate.run import run
 
+    from mlflow.exceptions import MlflowException
+
     models = [m for m in (champion, candidate) if m]
-    result = run(models, data, out_dir=out_dir)
+    try:
+        result = run(models, data, out_dir=out_dir)
+    except MlflowException as e:
+        raise PromotionRefused(f"evaluate on {data} failed in the registry or tracking server: {one_line(e)}; "
+                               "nothing was moved") from e
     headline = HEADLINE[result["data"]["kind"]]
     scores = {m["model"]: float(m["metrics"][headline]) for m in result["models"]}
     summary = {"data": result["data"], "metric": headline, "tolerance": tolerance,
@@ -369,6 +375,10 @@ def promote(settings, *, source: str, target: str | None = None, table: str | No
             summary["note"] = " ".join(filter(None, [summary.get("note"), (
                 f"the candidate's collection {collection} (indexed by hand, no catalogue recorded) holds {points} "
                 f"points, the live {live_collection} {live_points}")]))
+    if indexed is None and collection == live_collection:
+        raise PromotionRefused(f"the live collection {collection} holds the candidate's space but is incomplete (an "
+                               "index run into it was cut off): re-run that `clip-pyfunc index` first; nothing was "
+                               "moved")
     if indexed is None:
         catalogue = wanted
         if catalogue is None:
@@ -411,7 +421,7 @@ def rollback(settings, *, target: str | None = None) -> dict[str, Any]:
     """
     from mlflow import MlflowClient
 
-    from clip_pyfunc.registry.journal import DONE, new_entry, read_journal
+    from clip_pyfunc.registry.journal import DONE, new_entry, read_journal, version_exists
     from clip_pyfunc.search.aliases import open_aliases
 
     target = target or settings.registry.alias
@@ -436,7 +446,7 @@ def rollback(settings, *, target: str | None = None) -> dict[str, Any]:
                                "(clip-pyfunc index --gc); promote the previous models again instead; nothing was moved")
     open_aliases(settings.index).check_switch(collection["alias"], collection["before"])
     gone = [f"{name} version {prior}" for name, (prior, _) in undo["models"].items()
-            if prior is not None and not _version_exists(client, name, prior)]
+            if prior is not None and not version_exists(client, name, prior)]
     if gone:
         raise PromotionRefused(f"the versions promotion {undo['id']} replaced are gone: {', '.join(gone)}; promote "
                                "other models instead; nothing was moved")
@@ -451,16 +461,6 @@ def rollback(settings, *, target: str | None = None) -> dict[str, Any]:
                                                                             "after": after.models},
             "collection": {"alias": collection["alias"], "before": before.collection, "after": after.collection},
             "seconds": round(time.perf_counter() - started, 3)}
-
-
-def _version_exists(client, name: str, version: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_model_version(name, str(version))
-        return True
-    except MlflowException:
-        return False
 
 
 def collect_garbage(settings) -> dict[str, Any]:

@@ -81,7 +81,13 @@ def write_journal(client, name: str, entries: list[dict[str, Any]]) -> None:
     while len(text) > MAX_CHARS and len(entries) > 1:
         entries.pop(0)
         text = json.dumps(entries, separators=(",", ":"))
-    client.set_registered_model_tag(name, JOURNAL_TAG, text)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_tag(name, JOURNAL_TAG, text)
+    except MlflowException as e:
+        raise JournalError(f"cannot write the promotion journal (tag {JOURNAL_TAG!r} of {name}): {one_line(e)}; "
+                           "re-run the command once the registry answers (a cut-off move is completed then)") from e
 
 
 def new_entry(kind: str, alias: str, models: dict[str, list], collection: dict[str, Any], **extra) -> dict[str, Any]:
@@ -99,21 +105,54 @@ def pending(entries: list[dict[str, Any]], alias: str) -> dict[str, Any] | None:
 
 
 def alias_version(client, name: str, alias: str) -> str | None:
-    """The version `name@alias` names now; None where the alias or the registered model does not exist."""
-    from mlflow.exceptions import MlflowException
+    """The version `name@alias` names now; None where the alias or the registered model does not exist.
+
+    Raises:
+        JournalError: The registry failed to answer (not read as "no alias": a rollback would delete it).
+    """
+    from mlflow.exceptions import ErrorCode, MlflowException
 
     try:
         version = client.get_registered_model(name).aliases.get(alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(ErrorCode.RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise JournalError(f"cannot read {name}@{alias}: {one_line(e)}") from e
     return None if version is None else str(version)
 
 
+def version_exists(client, name: str, version: str) -> bool:
+    """Whether version `version` of `name` exists.
+
+    Raises:
+        JournalError: The registry failed to answer.
+    """
+    from mlflow.exceptions import ErrorCode, MlflowException
+
+    try:
+        client.get_model_version(name, str(version))
+        return True
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(ErrorCode.RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise JournalError(f"cannot read {name} version {version}: {one_line(e)}") from e
+
+
 def set_alias(client, name: str, alias: str, version: str | None) -> None:
-    """Point `name@alias` at `version`; None deletes the alias. Setting it where it already is does nothing."""
+    """Point `name@alias` at `version`; None deletes the alias. Setting it where it already is does nothing.
+
+    Raises:
+        JournalError: The registry refused or failed; a re-run completes the move (the plan is committed).
+    """
+    from mlflow.exceptions import MlflowException
+
     if alias_version(client, name, alias) == (None if version is None else str(version)):
         return
-    if version is None:
-        client.delete_registered_model_alias(name, alias)
-    else:
-        client.set_registered_model_alias(name, alias, str(version))
+    try:
+        if version is None:
+            client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as e:
+        raise JournalError(f"cannot move {name}@{alias} to {version}: {one_line(e)}; re-run the command once the "
+                           "registry answers (the move is committed, and completed then)") from e

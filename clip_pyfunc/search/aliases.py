@@ -61,6 +61,8 @@ class Aliases(ABC):
         Raises:
             IndexRefused: No such collection, or `alias` is a collection's own name on a server.
         """
+        if not self.needs_switch(alias, collection):
+            return  # nothing to switch: nothing to refuse
         collections = self.collections()
         if collection is not None and collection not in collections:
             raise IndexRefused(f"no collection {collection!r} at {self.where} to point the alias {alias!r} at; "
@@ -156,12 +158,24 @@ class ServerAliases(Aliases):
         self.client, self.where = client, where
 
     def all(self) -> dict[str, str]:
-        return read_server_aliases(self.client)
+        return self._asked("read the aliases", lambda: read_server_aliases(self.client))
 
     def collections(self) -> list[str]:
-        return sorted(c.name for c in self.client.get_collections().collections)
+        return self._asked("list the collections",
+                           lambda: sorted(c.name for c in self.client.get_collections().collections))
+
+    def _asked(self, what: str, call):
+        """call(), with the server's and its transport's errors as IndexRefused."""
+        try:
+            return call()
+        except IndexRefused:
+            raise
+        except Exception as e:  # qdrant-client raises its transport's and the server's own errors
+            raise IndexRefused(f"the Qdrant server at {self.where} failed to {what}: {one_line(e)}") from e
 
     def check_switch(self, alias: str, collection: str | None) -> None:
+        if not self.needs_switch(alias, collection):
+            return
         super().check_switch(alias, collection)
         if alias in self.collections():
             raise IndexRefused(f"{alias!r} is a collection's own name at {self.where}, so it cannot be an alias; "
@@ -188,9 +202,9 @@ class ServerAliases(Aliases):
     def describe(self, collection: str) -> tuple[Space, dict] | None:
         from clip_pyfunc.search.store import META_KEY, RECORDS_KEY
 
-        if not self.client.collection_exists(collection):
+        if not self._asked("look for a collection", lambda: self.client.collection_exists(collection)):
             return None
-        metadata = self.client.get_collection(collection).config.metadata or {}
+        metadata = self._asked("read a collection", lambda: self.client.get_collection(collection).config.metadata) or {}
         if not metadata.get(META_KEY):
             raise IndexRefused(f"collection {collection!r} at {self.where} was not made by clip-pyfunc")
         return Space.from_dict(metadata[META_KEY], f"{self.where} {collection!r}"), dict(metadata.get(RECORDS_KEY, {}))

@@ -214,8 +214,8 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
     frames = read_table(source, batch_rows)  # a missing path is refused before the registry is asked
     space = model_space(model_uri)
     store.ensure(space)
-    store.record(INDEXED, None)  # until this run completes: a run killed halfway leaves the collection incomplete
     before = store.count()
+    cleared = False  # the completion record, cleared before the first write (a refused run changes nothing)
     rows = indexed = skipped_error = 0
     no_id: list[int] = []
     repeated: list[int] = []  # rows whose id an earlier row of this run had: they replace it
@@ -255,6 +255,9 @@ def index_table(store: Store, source: str, model_uri: str, *, id_col: str | None
                                    f"holds {space.embedding_dim}-d vectors of {space.model_uri}")
             columns = {c: batch.column(c).take(good).to_pylist() for c in payload_cols}
             payloads = [{c: _plain(columns[c][m]) for c in payload_cols} for m in range(len(good))]
+            if not cleared:  # until this run completes: a run killed halfway leaves the collection incomplete
+                store.record(INDEXED, None)
+                cleared = True
             store.upsert([ids[n] for n in good], _stack([vectors[n] for n in good]), payloads)
             for c in payload_cols:
                 kinds = {payload_type(p[c]) for p in payloads if p[c] is not None} - {None}

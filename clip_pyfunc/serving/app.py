@@ -106,8 +106,8 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
             if engine in health.engines:
                 health.engines.remove(engine)
         store = store_of(service.loaded)
-        if store is not None and store is not store_of(current.service.loaded):
-            store.close()
+        if store is not None and all(store is not store_of(s.loaded) for s in current.services()):
+            store.close()  # no service that serves or still finishes requests shares it
 
     def build(live) -> EmbeddingService:
         """Load what the alias names beside what serves (reusing its store for the same collection), warm it up."""
@@ -116,7 +116,10 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         try:
             return prepare(new)
         except BaseException:
-            if store_of(new) is not None and store_of(new) is not store_of(keep):
+            for engine in EmbeddingService(new).engines():  # prepare() may have watched some of them
+                if engine in health.engines:
+                    health.engines.remove(engine)
+            if store_of(new) is not None and all(store_of(new) is not store_of(s.loaded) for s in current.services()):
                 store_of(new).close()  # the lock of an embedded store: free for the next try
             raise
 

@@ -44,6 +44,11 @@ class Current:
         """The service new requests get now."""
         return self._service
 
+    def services(self) -> list:
+        """The service now and those swapped out whose requests still run."""
+        with self._lock:
+            return [self._service, *self._retired.values()]
+
     @contextlib.contextmanager
     def use(self):
         """The service now, held for the caller's request: it is not retired until the block ends."""
@@ -100,7 +105,7 @@ class Follower:
         """
         self.current, self._resolve, self._build, self.interval = current, resolve, build, interval
         self.serving = serving
-        self._failed: tuple[Any, float] | None = None  # (the key a reload failed for, when)
+        self._failed: tuple[Any, float, str] | None = None  # (the key a reload failed for, when, why)
         self._lock = threading.Lock()
         self.last: dict[str, Any] = {"at": None, "changed": False, "error": None}
         self._stop = threading.Event()
@@ -121,11 +126,17 @@ class Follower:
             try:
                 now = self._resolve()
                 failed = self._failed
-                if failed and failed[0] == now.key() and not force and time.time() - failed[1] < self.RETRY_SECONDS:
-                    result["error"] = self.last.get("error")  # still failing: not tried again yet
-                elif now.key() != self.serving.key():
-                    self._failed = (now.key(), time.time())
-                    service = self._build(now)
+                if now.key() == self.serving.key():
+                    self._failed = None  # back to what serves (a rollback): a later try of the other starts afresh
+                elif failed and failed[0] == now.key() and not force and time.time() - failed[1] < self.RETRY_SECONDS:
+                    result["error"] = failed[2]  # still failing: not tried again yet
+                else:
+                    self._failed = (now.key(), time.time(), "loading")
+                    try:
+                        service = self._build(now)
+                    except Exception as e:
+                        self._failed = (now.key(), time.time(), f"{type(e).__name__}: {e}")
+                        raise
                     self._failed = None
                     self.current.swap(service)
                     log.warning("now serving %s and collection %s (was %s, %s)", now.models, now.collection,
