@@ -8,6 +8,18 @@ import threading
 from clip_pyfunc.promotion import Live
 from clip_pyfunc.serving.follow import Current, Follower
 
+Current.RETIRE_DELAY = 0.0
+
+
+def _settled(current: Current, retired: list, n: int) -> list:
+    """`retired` once `n` services were retired (each retires in a thread of its own)."""
+    import time
+
+    deadline = time.time() + 10
+    while len(retired) < n and time.time() < deadline:
+        time.sleep(0.01)
+    return sorted(retired)
+
 
 def _live(n: int) -> Live:
     return Live(models={"text": f"models:/t/{n}", "image": f"models:/i/{n}"}, collection=f"shop-{n:012x}")
@@ -21,9 +33,9 @@ def test_a_request_finishes_on_the_service_it_began_with_and_the_old_one_retires
         with current.use() as second:
             assert (first, second) == ("A", "B") and retired == []  # A still answers the first request
             assert current.services() == ["B", "A"]
-    assert retired == ["A"] and current.services() == ["B"]
+    assert _settled(current, retired, 1) == ["A"] and current.services() == ["B"]
     current.swap("C")  # no request on B: retired at once
-    assert retired == ["A", "B"]
+    assert _settled(current, retired, 2) == ["A", "B"]
 
 
 def test_swaps_and_requests_from_many_threads_retire_each_service_once():
@@ -47,7 +59,7 @@ def test_swaps_and_requests_from_many_threads_retire_each_service_once():
         current.swap(n)
     for t in threads:
         t.join()
-    assert sorted(retired) == list(range(199)) and current.service == 199
+    assert _settled(current, retired, 199) == list(range(199)) and current.service == 199
 
 
 def test_a_failed_reload_keeps_serving_and_is_retried_after_a_while_or_when_asked():

@@ -23,8 +23,24 @@ from typing import Any, Callable
 log = logging.getLogger("clip_pyfunc.serving.app.follow")
 
 
+def release_memory() -> None:
+    """Collect what was freed and hand glibc's free pages back to the system (malloc_trim(3)). Without it the
+    pages of a swapped-out pair stay in the allocator's arenas, and the next swap's load comes on top of them."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
+        pass
+
+
 class Current:
     """The service requests are answered from, swapped in one step (thread-safe)."""
+
+    RETIRE_DELAY = 0.5  # seconds before a retired service is closed: the request that finished with it unwinds
 
     def __init__(self, service, on_retire: Callable[[Any], None] | None = None):
         """Args:
@@ -81,11 +97,20 @@ class Current:
             self._retire(old)
 
     def _retire(self, service) -> None:
-        if self._on_retire is not None:
+        """Run `on_retire` in a thread of its own, once the frames that finished with `service` are gone; then
+        collect it and hand its pages back to the system (`release_memory`)."""
+        def run(holder: list):
+            retired = holder.pop()  # the thread's args keep the (then empty) list, not the service
+            time.sleep(self.RETIRE_DELAY)
             try:
-                self._on_retire(service)
-            except Exception:  # a store that fails to close must not fail the request that finished last
+                if self._on_retire is not None:
+                    self._on_retire(retired)
+            except Exception:  # a store that fails to close must not stop the memory's release
                 log.exception("closing the previous models' index failed")
+            del retired  # the last reference, before the collection
+            release_memory()
+
+        threading.Thread(target=run, args=([service],), name="clip-retire", daemon=True).start()
 
 
 class Follower:
