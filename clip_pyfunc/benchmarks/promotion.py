@@ -4,9 +4,10 @@
 the hits mean nothing, only their space is checked) registered as the champion and the candidate,
 a catalogue of generated photo-like JPEGs, the real `clip-pyfunc promote` (embed-table on local
 Spark, index) while `clients` threads search the real `clip-pyfunc app` by words and by photo.
-Reported: failed requests, answers whose models and collection are not one pair, latency before,
-during the promotion and around the swap, the app's RSS serving one pair and its peak, and where
-the promotion's time went.
+Then a rollback, under the same load. Reported: failed requests, answers whose models and
+collection are not one pair, latency before, during the promotion, around the swap and around the
+rollback's swap, the app's RSS serving one pair and its peak through both swaps, and where the
+promotion's time went.
 
 `switch`: two embedded collections of `points` vectors each (`benchmarks.search.low_dim_vectors`,
 seeded, made once) stand for the champion's and the candidate's. Timed, in interleaved rounds in
@@ -224,11 +225,22 @@ def availability(images: int = 2000, clients: int = 8, arch: str = "vit-b-32", b
             time.sleep(0.1)
         swapped = time.time()
         time.sleep(10)
+        peak = _status_mib(app.pid, "VmHWM")
+        rss_after = _status_mib(app.pid, "VmRSS")
+        log("rollback under load")
+        rollback_start = time.time()
+        out = subprocess.run(["clip-pyfunc", "rollback", *flags], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-3000:])
+        while serving() != collections["A"] and time.time() < rollback_start + 120:
+            time.sleep(0.1)
+        rolled_back = time.time()
+        time.sleep(10)
         stop.set()
         for t in threads:
             t.join(timeout=180)
-        peak = _status_mib(app.pid, "VmHWM")
-        rss_after = _status_mib(app.pid, "VmRSS")
+        peak_after_rollback = _status_mib(app.pid, "VmHWM")
+        rss_after_rollback = _status_mib(app.pid, "VmRSS")
     finally:
         stop.set()
         app.terminate()
@@ -246,9 +258,13 @@ def availability(images: int = 2000, clients: int = 8, arch: str = "vit-b-32", b
         "latency_before": _percentiles([r[1] for r in ok if r[0] < promote_start]),
         "latency_during_promotion": _percentiles([r[1] for r in ok if promote_start <= r[0] <= swapped]),
         "latency_around_the_swap": _percentiles([r[1] for r in ok if swapped - 3 <= r[0] <= swapped + 3]),
-        "latency_after": _percentiles([r[1] for r in ok if r[0] > swapped + 3]),
-        "app_rss_mib": {"one_pair": round(rss_one_pair), "peak": round(peak), "after": round(rss_after),
-                        "peak_over_one_pair": round(peak / rss_one_pair, 2)},
+        "latency_after": _percentiles([r[1] for r in ok if swapped + 3 < r[0] < rollback_start]),
+        "latency_around_the_rollback": _percentiles([r[1] for r in ok if rolled_back - 3 <= r[0] <= rolled_back + 3]),
+        "rollback_seconds": {"command_and_app_swap": round(rolled_back - rollback_start, 1)},
+        "app_rss_mib": {"one_pair": round(rss_one_pair), "peak": round(peak), "after_the_swap": round(rss_after),
+                        "peak_over_one_pair": round(peak / rss_one_pair, 2),
+                        "peak_after_the_rollback": round(peak_after_rollback),
+                        "after_the_rollback": round(rss_after_rollback)},
         "promotion_seconds": {"total": round(promote_end - promote_start, 1),
                               "embed": second["steps"].get("embed", {}).get("seconds"),
                               "index": second["steps"]["index"].get("seconds"),

@@ -221,9 +221,10 @@ def cmd_app(args: argparse.Namespace) -> dict:
         return live(settings)
 
     now = resolve()
-    loaded = load_live(now)
     follow = app.Follow(resolve=resolve, load=load_live, serving=now, seconds=config.follow_seconds)
-    app.run(loaded, config, settings.serve, follow)  # serves until stopped
+    # Not bound to a name here: this frame lives as long as the server, and would keep the first pair alive
+    # after a promotion swapped it out.
+    app.run(load_live(now), config, settings.serve, follow)  # serves until stopped
     return {}
 
 

@@ -329,5 +329,7 @@ def run(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = None, fol
     from clip_pyfunc.serving.metrics import clear_multiprocess_dir
 
     clear_multiprocess_dir()  # what an earlier run left there is not this run's
-    uvicorn.run(create_app(loaded, config, serve, follow), host=config.host, port=config.port, log_level="warning",
+    served = create_app(loaded, config, serve, follow)
+    del loaded  # from here the app holds it, and lets it go when a promotion swaps it out
+    uvicorn.run(served, host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=serve.drain_seconds)
