@@ -37,10 +37,15 @@ def release_memory() -> None:
         pass
 
 
+def _release_later(delay: float) -> None:
+    time.sleep(delay)
+    release_memory()
+
+
 class Current:
     """The service requests are answered from, swapped in one step (thread-safe)."""
 
-    RETIRE_DELAY = 0.5  # seconds before a retired service is closed: the request that finished with it unwinds
+    RETIRE_DELAY = 0.5  # seconds before a retired service's memory is released: the request that finished with it unwinds
 
     def __init__(self, service, on_retire: Callable[[Any], None] | None = None):
         """Args:
@@ -97,26 +102,21 @@ class Current:
             self._retire(old)
 
     def _retire(self, service) -> None:
-        """Run `on_retire` in a thread of its own, once the frames that finished with `service` are gone; then
-        collect it and hand its pages back to the system (`release_memory`)."""
-        def run(holder: list):
-            retired = holder.pop()  # the thread's args keep the (then empty) list, not the service
-            time.sleep(self.RETIRE_DELAY)
-            try:
-                if self._on_retire is not None:
-                    self._on_retire(retired)
-            except Exception:  # a store that fails to close must not stop the memory's release
-                log.exception("closing the previous models' index failed")
-            del retired  # the last reference, before the collection
-            release_memory()
-
-        threading.Thread(target=run, args=([service],), name="clip-retire", daemon=True).start()
+        """Run `on_retire` now (the old store closes at once: a rollback may open its collection again right
+        away), then, in a thread of its own once the frames that finished with `service` are gone, collect
+        it and hand its pages back to the system (`release_memory`)."""
+        try:
+            if self._on_retire is not None:
+                self._on_retire(service)
+        except Exception:  # a store that fails to close must not fail the request that finished last
+            log.exception("closing the previous models' index failed")
+        threading.Thread(target=_release_later, args=(self.RETIRE_DELAY,), name="clip-retire", daemon=True).start()
 
 
 class Follower:
     """Reloads the app when its alias names other models or another collection (see the module docstring)."""
 
-    RETRY_SECONDS = 60.0  # a reload that failed is tried again for the same target after this long (or when asked)
+    RETRY_SECONDS = 15.0  # a reload that failed is tried again for the same target after this long (or when asked)
 
     def __init__(self, current: Current, resolve: Callable[[], Any], build: Callable[[Any], Any],
                  interval: float = 0.0, *, serving):
