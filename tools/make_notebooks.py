@@ -157,7 +157,9 @@ RANDOM_MODEL = "clip-random"
 FOLDER = os.path.abspath(os.environ.get("CLIP_IMAGES", "shapes"))
 # The registry: MLFLOW_TRACKING_URI when set, else MLflow\'s default sqlite:///mlflow.db here.
 # engines: False registers for torch alone (quicker); leave it out to export and measure every engine.
-REGISTRY = {"alias": "candidate", "text_name": "catalogue_text_embedding",
+# alias: the one the app serves, which a promotion moves (with the collection alias); new models come in as
+# "candidate" beside it.
+REGISTRY = {"alias": "champion", "text_name": "catalogue_text_embedding",
             "image_name": "catalogue_image_embedding", "engines": False}
 INDEX = {"path": "clip-index", "collection": "catalogue"}  # "catalogue" is the alias searches open'''),
         new_markdown_cell("## 1. The first model becomes the champion, with its collection\n\n"
@@ -171,8 +173,9 @@ from clip_pyfunc.settings import load_settings
 
 if not os.path.isdir(FOLDER):
     write_shape_dataset(FOLDER, n=len(LABELS))
-settings = load_settings(None, {"model": {"source": MODEL}, "registry": REGISTRY, "index": INDEX})
-registered = register_models(settings)
+settings = load_settings(None, {"registry": REGISTRY, "index": INDEX})  # what promote, rollback and search read
+registered = register_models(load_settings(None, {"model": {"source": MODEL},
+                                                  "registry": {**REGISTRY, "alias": "candidate"}}))
 {kind: model["uri"] for kind, model in registered["models"].items()}'''),
         new_code_cell('''from clip_pyfunc.promotion import promote
 
@@ -204,7 +207,7 @@ search("a red circle")'''),
         new_code_cell('''from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
 
 save_random_checkpoint(RANDOM_MODEL, "tiny", seed=1)  # random weights, not a trained model
-random_settings = load_settings(None, {"model": {"source": RANDOM_MODEL}, "registry": REGISTRY, "index": INDEX})
+random_settings = load_settings(None, {"model": {"source": RANDOM_MODEL}, "registry": {**REGISTRY, "alias": "candidate"}})
 {kind: model["uri"] for kind, model in register_models(random_settings)["models"].items()}'''),
         new_code_cell('''second = promote(settings, source="candidate", target="champion", master="local[2]")
 {"steps": list(second["steps"]), "collection": second["collection"], "aliases": second["aliases"]}'''),
