@@ -59,10 +59,11 @@ def test_an_alias_names_one_collection_and_switches_in_one_step(kind):
     assert names["a"] != names["b"] and names["a"].startswith("shop-") and len(names["a"]) == len("shop-") + 12
     for k, value in (("a", 1.0), ("b", -1.0)):
         _make(open_, names[k], SPACES[k], value)
-    assert aliases.all() == {} and aliases.resolve("shop") == "shop"
+    assert aliases.all() == {} and aliases.resolve("shop") == "shop" and aliases.live("shop") is None
     with pytest.raises(IndexRefused, match="no collection|Collection"):
         aliases.switch("shop", "shop-missing")
     aliases.switch("shop", names["a"])
+    assert aliases.live("shop") == names["a"] and aliases.live(names["b"]) == names["b"]
     assert aliases.resolve("shop") == names["a"] and sorted(aliases.collections()) == sorted(names.values())
     space, records = aliases.describe(names["b"])
     assert space.same_as(SPACES["b"]) and records == {"indexed": {"points": 1}}

@@ -79,11 +79,8 @@ def _say(line: str) -> None:
 def _live_collection(index) -> str | None:
     from clip_pyfunc.search.aliases import open_aliases
 
-    aliases = open_aliases(index)
-    named = aliases.all().get(index.collection)
-    if named is not None:
-        return named
-    return index.collection if index.collection in aliases.collections() else None
+    with open_aliases(index) as aliases:  # the app asks at every look: a server's connection is closed each time
+        return aliases.live(index.collection)
 
 
 def live(settings, alias: str | None = None) -> Live:
@@ -154,7 +151,10 @@ def _described(index, collection: str | None) -> tuple[Any, dict] | None:
     """(space, records) of a collection, read without its lock (search.aliases.Aliases.describe); None if missing."""
     from clip_pyfunc.search.aliases import open_aliases
 
-    return None if collection is None else open_aliases(index).describe(collection)
+    if collection is None:
+        return None
+    with open_aliases(index) as aliases:
+        return aliases.describe(collection)
 
 
 def build_collection(settings, image_uri: str, collection: str, catalogue: dict, embeddings: str,

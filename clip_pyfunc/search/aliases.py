@@ -92,6 +92,23 @@ class Aliases(ABC):
         """The collection `name` stands for: the one its alias names, else `name` itself."""
         return self.all().get(name, name)
 
+    def live(self, name: str) -> str | None:
+        """The collection `name` makes live: the one its alias names, else a collection of that very name
+        (made before aliases), else None."""
+        named = self.all().get(name)
+        if named is not None:
+            return named
+        return name if name in self.collections() else None
+
+    def close(self) -> None:
+        """Release what `open_aliases` opened (a server's connection)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 class EdgeAliases(Aliases):
     """Aliases of an embedded index folder, in `aliases.json` (see the module's docstring)."""
@@ -154,8 +171,12 @@ class EdgeAliases(Aliases):
 class ServerAliases(Aliases):
     """Aliases of a Qdrant server (its own collection aliases)."""
 
-    def __init__(self, client, where: str):
-        self.client, self.where = client, where
+    def __init__(self, client, where: str, *, owned: bool = False):
+        self.client, self.where, self._owned = client, where, owned
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()
 
     def all(self) -> dict[str, str]:
         return self._asked("read the aliases", lambda: read_server_aliases(self.client))
@@ -227,5 +248,5 @@ def open_aliases(index, client=None) -> Aliases:
 
     url = index.url or os.environ.get("QDRANT_URL")
     if url:
-        return ServerAliases(client or connect_server(url), url)
+        return ServerAliases(client or connect_server(url), url, owned=client is None)
     return EdgeAliases(index.path or "clip-index")

@@ -375,23 +375,23 @@ def index_space(index, source: str, model_uri: str, *, id_col: str | None = None
 
     read_table(source, 1)  # a missing path is refused before the registry is asked
     space = model_space(model_uri)
-    aliases = open_aliases(index)
     alias = index.collection
-    live = aliases.all().get(alias) or (alias if alias in aliases.collections() else None)
-    target = space_collection(alias, space)
-    held = None if live is None else aliases.describe(live)  # read without the lock a running app holds
-    if held is None:
-        live = None
-    elif held[0].same_as(space):
-        target = live
-    with open_store(dataclasses.replace(index, collection=target), resolve=False) as store:
-        report = index_table(store, source, model_uri, id_col=id_col, batch_rows=index.batch_rows,
-                             progress=progress)
-        if catalogue is not None:
-            store.record(CATALOGUE, catalogue)
-    if live is None and target != alias:
-        aliases.switch(alias, target)
-        live = target
+    with open_aliases(index) as aliases:
+        live = aliases.live(alias)
+        target = space_collection(alias, space)
+        held = None if live is None else aliases.describe(live)  # read without the lock a running app holds
+        if held is None:
+            live = None
+        elif held[0].same_as(space):
+            target = live
+        with open_store(dataclasses.replace(index, collection=target), resolve=False) as store:
+            report = index_table(store, source, model_uri, id_col=id_col, batch_rows=index.batch_rows,
+                                 progress=progress)
+            if catalogue is not None:
+                store.record(CATALOGUE, catalogue)
+        if live is None and target != alias:
+            aliases.switch(alias, target)
+            live = target
     report.update(alias=alias, live=live == target)
     if live != target:
         report["note"] = " ".join(filter(None, [report.get("note"), f"{target} holds another embedding space than the live collection {live}, which {alias!r} "
