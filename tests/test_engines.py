@@ -278,3 +278,35 @@ def test_ir_holds_only_its_tower(registered, tower):
         os.path.join(path, "model.safetensors"))
     # Unused constants (the other tower's scoring scalars, buffers) may be pruned: at most the same bytes.
     assert 0.8 * weights <= ir <= 1.02 * weights, (ir, weights)
+
+
+def test_a_model_answering_on_openvino_imports_no_torch(registered):
+    # Registered for both engines (torch weights too), loaded with engine "auto" (the tests' settings
+    # log engine "torch"): OpenVINO fp32 outranks torch fp32 where it held the bar. Where its towers
+    # run on OpenVINO, nothing imports torch. The CUDA check does not need it where no GPU driver's
+    # device file exists (runtime.GPU_DEVICE_FILES; with one, torch is asked, as before).
+    from clip_pyfunc.runtime import GPU_DEVICE_FILES
+
+    code = (
+        "import json, sys, mlflow\n"
+        f"m = mlflow.pyfunc.load_model({registered['models']['image']['uri']!r}, \n"
+        "                           model_config={'engine': 'auto', 'precision': 'fp32'})\n"
+        "m.predict([sys.argv[1]])\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'engine': m.unwrap_python_model().runtime.engine}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, b64(encode(photo(640, 480, 5), "JPEG"))], capture_output=True,
+                         text=True, check=True, env=dict(os.environ))
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["engine"] == "openvino"
+    assert got["torch"] is False or any(os.path.exists(path) for path in GPU_DEVICE_FILES)
+
+
+def test_openvino_pins_its_threads_only_where_they_take_every_cpu(registered):
+    # OpenVINO pins a process's threads to the first cores of its affinity. Spark's workers run
+    # one thread each: pinned, they all shared core 0 (docs/SPARK.md, issue 40).
+    from clip_pyfunc.runtime import cpu_count
+    from clip_pyfunc.runtime.engines.openvino_engine import compile_tower, cpu_pinning
+
+    path = _artifact(registered["models"]["image"]["uri"])
+    assert cpu_pinning(cpu_count()) and not cpu_pinning(cpu_count() - 1)
+    assert compile_tower(path, "fp32", 1).get_property("ENABLE_CPU_PINNING") is (cpu_count() == 1)

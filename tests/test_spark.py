@@ -16,8 +16,12 @@ import pytest
 from conftest import b64, encode, photo
 from clip_pyfunc.batch.spark import embed_dataframe, prepare_model, run_job
 from clip_pyfunc.batch.spark.classes import _java_binary, class_archive_options
-from clip_pyfunc.batch.spark.session import DAEMON_KEY, DAEMON_MODULE, is_local, local_quick_start, worker_threads
+from clip_pyfunc.batch.spark.daemon import TORCH_STACK, read_plan, write_plan
+from clip_pyfunc.batch.spark.embed import local_artifacts, worker_modules
+from clip_pyfunc.batch.spark.session import (DAEMON_KEY, DAEMON_MODULE, PLAN_ENV, is_local, local_quick_start,
+                                             worker_threads)
 from clip_pyfunc.errors import EmbedJobError
+from clip_pyfunc.settings import load_settings
 
 pytestmark = [pytest.mark.spark]
 
@@ -284,12 +288,19 @@ def test_every_family_through_the_spark_job(spark, registered_families, tower, t
         assert got["embedding"][3] is None and isinstance(got["error"][3], str)
 
 
-def test_local_job_loads_a_local_copy_of_the_model(spark, registered, tmp_path):
-    # Local workers share the driver's disk: the model is copied there once, its requirements
-    # checked once, and the copy is what the workers load.
+def test_local_job_loads_the_model_from_the_local_disk(spark, registered, tmp_path):
+    # Local workers share the driver's disk: a registry whose artifacts are a local folder is
+    # read in place (nothing is copied), its requirements checked once, and that folder is what
+    # the workers load. Other stores are downloaded into the copy directory.
+    import mlflow
+
     source = prepare_model(registered["models"]["image"]["uri"], str(tmp_path / "copy"))
-    assert source.checked and source.load_from.startswith(str(tmp_path / "copy"))
+    artifacts = mlflow.get_experiment_by_name(load_settings().registry.experiment).artifact_location
+    assert source.checked and os.path.realpath(source.load_from).startswith(os.path.realpath(artifacts))
     assert os.path.exists(os.path.join(source.load_from, "MLmodel"))
+    assert not (tmp_path / "copy").exists() or not os.listdir(tmp_path / "copy")
+    assert local_artifacts(f"file://{source.load_from}") == source.load_from
+    assert local_artifacts("s3://bucket/model") is None and local_artifacts(str(tmp_path / "nothing")) is None
     assert source.uri.rsplit("/", 1)[-1].isdigit()  # the alias was pinned to a version
     assert [f.name for f in source.fields] == ["embedding"]
     df = spark.createDataFrame(pd.DataFrame({"id": ["a", "b"], "input": [b64(encode(photo(40, 30), "JPEG"))] * 2}))
@@ -346,6 +357,50 @@ def test_daemon_preloads_and_keeps_stdout_for_the_port(tmp_path):
         assert 0 < port < 65536 and daemon.wait(timeout=60) == 1
     finally:
         daemon.kill()
+
+
+def _daemon_maps_torch(env: dict) -> bool:
+    """Start our daemon as Spark does, read its port, and tell whether torch's library is mapped in it."""
+    daemon = subprocess.Popen([sys.executable, "-m", DAEMON_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert 0 < int.from_bytes(daemon.stdout.read(4), "big") < 65536  # the port: its imports are done
+        with open(f"/proc/{daemon.pid}/maps", encoding="utf-8") as f:
+            return "libtorch" in f.read()
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+def test_daemon_imports_torch_only_where_the_plan_or_its_absence_says_so(tmp_path):
+    # A local job's driver writes what its model needs beyond BASE; the daemon forks workers
+    # only after it has read that plan, so a torch-free model's workers start without torch.
+    plan = str(tmp_path / "plan.json")
+    env = {**os.environ, PLAN_ENV: plan}
+    write_plan(plan, ())
+    assert not _daemon_maps_torch(env)
+    write_plan(plan, TORCH_STACK)
+    assert _daemon_maps_torch(env)
+    env.pop(PLAN_ENV)
+    assert _daemon_maps_torch(env)  # no plan (a session started by hand): any model may need torch
+    # A plan that never comes or cannot be read: every model's needs, said on stderr.
+    assert read_plan(str(tmp_path / "never.json"), wait_s=0.05) == TORCH_STACK
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_plan(str(tmp_path / "bad.json")) == TORCH_STACK
+    assert read_plan(plan) == TORCH_STACK and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_worker_plan_adds_torch_only_where_a_tower_runs_on_torch(registered, tmp_path):
+    # The plan comes from the model's towers as load_context would load them here.
+    source = prepare_model(registered["models"]["image"]["uri"], str(tmp_path / "copy"))
+    assert worker_modules(source, {"engine": "auto", "precision": "fp32"}) == ()
+    assert worker_modules(source, {"engine": "openvino", "precision": "fp32"}) == ()
+    assert worker_modules(source) == TORCH_STACK  # the tests' settings log engine "torch"
+    combined = prepare_model(registered["models"]["text"]["uri"], str(tmp_path / "text"))
+    assert worker_modules(combined, {"engine": "auto", "precision": "fp32"}) == ()
+    # Not readable here (a remote URI, a config no tower runs): the daemon imports what any model may need.
+    assert worker_modules(prepare_model(registered["models"]["image"]["uri"])) == TORCH_STACK
+    assert worker_modules(source, {"engine": "auto", "precision": "fp16"}) == TORCH_STACK
 
 
 def test_class_archive_is_recorded_then_checked_then_mapped(tmp_path, monkeypatch):

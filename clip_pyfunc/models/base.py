@@ -83,19 +83,10 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         engine where that one runs here; the note says so (logged once here, shown in
         `runtime_summary`), else it is None.
         """
-        from clip_pyfunc.runtime.engines import ENGINES, REFERENCE, engine_class
+        from clip_pyfunc.runtime import pick_runtime
+        from clip_pyfunc.runtime.engines import engine_class
 
-        reasons = {name: engine_class(name).unusable(path, self.tower) for name in ENGINES}
-        engines = frozenset(name for name, reason in reasons.items() if reason is None)
-        if not engines:
-            raise ModelLoadError(f"no engine can run the {self.tower} artifact here: "
-                                 + "; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
-        fallback = REFERENCE[0] if REFERENCE[0] in engines else None
-        config, note = self.config, None
-        if config.engine not in ("auto", *engines) and fallback:
-            note = f"engine {config.engine!r} asked for, but {reasons[config.engine]}; running on {fallback}"
-            config = dataclasses.replace(config, engine="auto")
-        runtime = pick_runtime(config, self.info.fidelity, engines)
+        runtime, note, config, fallback = plan_runtime(path, self.tower, self.config, self.info.fidelity)
         try:
             engine = engine_class(runtime.engine).load(path, self.tower, runtime)
         except ModelLoadError as e:
@@ -204,3 +195,30 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
     def _embed_valid(self, values, *, stop_on_error: bool):
         raise NotImplementedError
+
+
+def plan_runtime(path: str, tower: str, config: RuntimeConfig, fidelity: dict):
+    """The runtime a tower artifact will load with here, without loading it: (runtime, note, config, fallback).
+
+    The engines this artifact and environment can run (each engine's `unusable`), then
+    runtime.pick_runtime. An engine asked for by name that is missing here is replaced by the
+    reference engine where that one runs (`note` says so; None otherwise), and `config` is the
+    model_config as resolved. `fallback` is the reference engine's name where it runs here, else None.
+
+    Raises:
+        ModelLoadError: No engine runs the artifact here, or pick_runtime's reasons.
+    """
+    from clip_pyfunc.runtime import pick_runtime
+    from clip_pyfunc.runtime.engines import ENGINES, REFERENCE, engine_class
+
+    reasons = {name: engine_class(name).unusable(path, tower) for name in ENGINES}
+    engines = frozenset(name for name, reason in reasons.items() if reason is None)
+    if not engines:
+        raise ModelLoadError(f"no engine can run the {tower} artifact here: "
+                             + "; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
+    fallback = REFERENCE[0] if REFERENCE[0] in engines else None
+    note = None
+    if config.engine not in ("auto", *engines) and fallback:
+        note = f"engine {config.engine!r} asked for, but {reasons[config.engine]}; running on {fallback}"
+        config = dataclasses.replace(config, engine="auto")
+    return pick_runtime(config, fidelity, engines), note, config, fallback

@@ -47,13 +47,15 @@ class ModelSource:
 
 
 def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
-    """Pin the model and read its result columns; with `local_copy` (a directory), download it
-    there once and check its requirements once, for workers that share this machine's disk.
+    """Pin the model and read its result columns; with `local_copy` (a directory), give workers
+    that share this machine's disk the model there, and check its requirements once.
 
-    A local job's workers then load from disk instead of each copying the model out of the
-    registry, and skip the requirements check (both about a second each). Nothing here needs
-    the JVM, so the CLI runs it while Spark starts. The directory must outlive every action on
-    a DataFrame embedded with the result (run_job and the CLI remove it after the job).
+    The model is used in place where its artifacts are already in a local folder (local_artifacts),
+    and downloaded into `local_copy` otherwise. A local job's workers then load from disk instead
+    of each copying the model out of the registry, and skip the requirements check (both about a
+    second each). Nothing here needs the JVM, so the CLI runs it while Spark starts. The directory
+    must outlive every action on a DataFrame embedded with the result (run_job and the CLI
+    remove it after the job); a model used in place must not be deleted from the registry meanwhile.
     """
     uri = resolve_model_uri(model_uri)
     fields = tuple(output_fields(uri))
@@ -62,7 +64,7 @@ def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
     import mlflow
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
-    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local_copy)
+    path = local_artifacts(uri) or mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local_copy)
     requirements = os.path.join(path, "requirements.txt")
     if not os.path.exists(requirements):  # the workers run MLflow's own check instead
         return ModelSource(requested=model_uri, uri=uri, load_from=path, fields=fields)
@@ -70,6 +72,66 @@ def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
         pins = [line.strip() for line in f if line.strip() and not line.lstrip().startswith(("#", "-"))]
     warn_dependency_requirement_mismatches(pins)
     return ModelSource(requested=model_uri, uri=uri, load_from=path, fields=fields, checked=True)
+
+
+def worker_modules(source: ModelSource, model_config: dict | None = None) -> tuple[str, ...]:
+    """What the job's workers need imported beyond the daemon's BASE (daemon.TORCH_STACK or nothing),
+    from the model's local copy, as its towers will load here.
+
+    Each tower artifact's runtime is planned as load_context plans it (models.base.plan_runtime,
+    with the logged model_config and `model_config`'s overrides). Nothing is added where every
+    tower runs on a torch-free engine. A model that cannot be read here (no local copy, an
+    unknown layout, a config its towers refuse) gets TORCH_STACK: the daemon imports what any
+    model may need, and the worker reports the error.
+    """
+    from clip_pyfunc.batch.spark.daemon import TORCH_STACK
+
+    if not os.path.isdir(source.load_from):
+        return TORCH_STACK
+    try:
+        return () if _torch_free(source.load_from, model_config or {}) else TORCH_STACK
+    except Exception:  # noqa: BLE001 - only a plan: the worker loads the model and reports what is wrong
+        return TORCH_STACK
+
+
+def _torch_free(model_dir: str, overrides: dict) -> bool:
+    """True where every tower artifact of the model in `model_dir` plans a torch-free engine here."""
+    from mlflow.models import Model
+
+    from clip_pyfunc.artifacts.towers import INFO_FILE, CheckpointInfo
+    from clip_pyfunc.models.base import plan_runtime
+    from clip_pyfunc.runtime.engines import engine_class
+    from clip_pyfunc.settings import RuntimeConfig
+
+    flavor = Model.load(os.path.join(model_dir, "MLmodel")).flavors["python_function"]
+    config = RuntimeConfig.from_dict({**(flavor.get("config") or {}), **overrides})
+    towers = {name: os.path.join(model_dir, spec["path"]) for name, spec in (flavor.get("artifacts") or {}).items()}
+    towers = {name: path for name, path in towers.items() if os.path.exists(os.path.join(path, INFO_FILE))}
+    engines = [plan_runtime(path, name, config, CheckpointInfo.read(path).fidelity)[0].engine
+               for name, path in towers.items()]
+    return bool(engines) and all(engine_class(engine).torch_free for engine in engines)
+
+
+def local_artifacts(uri: str) -> str | None:
+    """The directory on this machine's disk that already holds the model at `uri` (a registry whose
+    artifact store is a local folder, or a local path), else None.
+
+    A local job's workers load it in place: copying a ViT-B/32 model's 700 MB took 2.4 s of the
+    driver's critical path and a core beside the JVM's start (docs/SPARK.md, issue 40).
+    """
+    from urllib.parse import urlparse
+
+    location = uri
+    if uri.startswith("models:/"):
+        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+        location = ModelsArtifactRepository.get_underlying_uri(uri)
+    parsed = urlparse(location)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        location = parsed.path
+    elif parsed.scheme and len(parsed.scheme) > 1:  # another store (s3:, dbfs:, http:); a drive letter is a path
+        return None
+    return location if os.path.isfile(os.path.join(location, "MLmodel")) else None
 
 
 def embed_dataframe(df, model_uri: str | ModelSource, *, input_col: str = "input", normalize: bool | None = None,

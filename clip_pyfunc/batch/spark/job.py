@@ -101,10 +101,12 @@ def embed_table(model_uri: str, source: str, output: str, *, master: str | None 
                 model_config: dict | None = None, arrow_batch_rows: int = 64) -> dict:
     """`clip-pyfunc embed-table`: start a Spark session, embed `source` into `output` (`run_job`), stop it.
 
-    A local job's model is copied to local disk while the JVM starts, once for every worker.
+    While the JVM starts, the model URI is checked and a local job's model is copied to local disk,
+    once for every worker, and the worker daemon is told whether the model needs torch
+    (_prepare_and_plan).
 
     Args:
-        model_uri: The registered model (checked by the caller: registry.lookup.model_info).
+        model_uri: The registered model.
         source: A parquet path, a folder of images or a table name.
         output: A parquet path or a table name.
         master: Spark master URL (None: spark-submit's, else local[*]).
@@ -117,6 +119,7 @@ def embed_table(model_uri: str, source: str, output: str, *, master: str | None 
     Raises:
         EmbedJobError: A local input path that does not exist, no such table or path as Spark reads it, or as
             `run_job`.
+        ModelLoadError: No model at `model_uri`.
     """
     import os
     import re
@@ -135,10 +138,11 @@ def embed_table(model_uri: str, source: str, output: str, *, master: str | None 
         raise EmbedJobError(f"--input {source}: no such file or folder; give a parquet path, a folder of "
                             "images or a table name")
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-model-") as copy_dir, ThreadPoolExecutor(1) as pool:
-        model = pool.submit(prepare_model, model_uri, copy_dir) if local else None
-        spark = spark_session(master, batch_rows=arrow_batch_rows)
+        plan = os.path.join(copy_dir, "worker-plan.json") if local else None
+        model = pool.submit(_prepare_and_plan, model_uri, copy_dir, plan, model_config)
+        spark = spark_session(master, batch_rows=arrow_batch_rows, worker_plan=plan)
         try:
-            return run_job(spark, model_uri=model.result() if model else model_uri, source=source, output=output,
+            return run_job(spark, model_uri=model.result() or model_uri, source=source, output=output,
                            id_col=id_col, input_col=input_col, input_format=input_format,
                            fail_on_error=fail_on_error, model_config=model_config)
         except AnalysisException as e:  # no such table or path, as Spark reads it
@@ -146,3 +150,30 @@ def embed_table(model_uri: str, source: str, output: str, *, master: str | None 
             raise EmbedJobError(f"--input {source} / --output {output}: {reason[:300]}") from e
         finally:
             stop_session(spark)
+
+
+def _prepare_and_plan(model_uri: str, copy_dir: str, plan: str | None, model_config: dict | None) -> ModelSource | None:
+    """embed_table's work beside the JVM's start: check the model URI, and for a local job (`plan`
+    set) copy the model into `copy_dir` and write the worker daemon's plan (daemon.write_plan).
+
+    The plan is written whatever happens, so the daemon never waits for a driver that failed.
+    Returns the ModelSource of a local job, None otherwise.
+
+    Raises:
+        ModelLoadError: No model at `model_uri` (registry.lookup.model_info).
+    """
+    from clip_pyfunc.batch.spark.daemon import TORCH_STACK, write_plan
+    from clip_pyfunc.batch.spark.embed import worker_modules
+    from clip_pyfunc.registry.lookup import model_info
+
+    modules = TORCH_STACK
+    try:
+        model_info(model_uri, "--model-uri")
+        if plan is None:
+            return None
+        source = prepare_model(model_uri, copy_dir)
+        modules = worker_modules(source, model_config)
+        return source
+    finally:
+        if plan is not None:
+            write_plan(plan, modules)

@@ -23,6 +23,8 @@ JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 
 
 DAEMON_KEY, DAEMON_MODULE = "spark.python.daemon.module", "clip_pyfunc.batch.spark.daemon"
+# The executor environment variable naming the daemon's plan file (spark_session's worker_plan).
+PLAN_ENV = "CLIP_PYFUNC_WORKER_PLAN"
 
 
 # Spark keeps one daemon per worker environment, and its SQL engine adds this variable to the
@@ -45,7 +47,7 @@ def local_quick_start(conf: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batch_rows: int = 64,
-                  conf: dict[str, str] | None = None, start_workers: bool = True):
+                  conf: dict[str, str] | None = None, start_workers: bool = True, worker_plan: str | None = None):
     """Get or create the session; `master` None keeps spark-submit's, else local[*].
 
     Arrow batches are capped at `batch_rows` rows (Spark's default is 10,000, which for
@@ -54,6 +56,11 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
     neither `conf` nor the installation's spark-defaults.conf sets that key. With
     `start_workers`, its Python worker daemon starts at once, in the background: for
     sessions that will run Python tasks; stop them with stop_session.
+
+    `worker_plan` is a path where the caller will write (daemon.write_plan) what the job's model
+    needs beyond daemon.BASE; our daemon waits for it before it forks workers. The caller must
+    write it, even after a failure, or the workers wait up to daemon.PLAN_WAIT_S. Only a new
+    session with our daemon uses it.
     """
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
@@ -65,6 +72,8 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
     if is_local(planned) and not _submitted():  # spark-submit started the JVM with its own options
         settings.update(local_quick_start(conf))
     settings.update(conf or {})
+    if worker_plan and settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None:
+        settings[f"spark.executorEnv.{PLAN_ENV}"] = worker_plan
     early = (start_workers and settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None
              and settings.get("spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled", "true") != "false")
     if early:

@@ -169,11 +169,28 @@ def compile_tower(artifact_dir: str, precision: str, threads: int):
     # The precision hint is always explicit: left out, OpenVINO's CPU plugin reads the hardware
     # itself and runs bf16 on AVX512_BF16/AMX CPUs, so an "fp32" tower would silently be bf16 there.
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
-              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+              "ENABLE_CPU_PINNING": cpu_pinning(int(threads))}
     try:
         return ov.Core().compile_model(path, "CPU", config)
     except Exception as e:  # noqa: BLE001 - openvino raises RuntimeError subclasses with no common base
         raise ModelLoadError(f"cannot compile the OpenVINO IR {path}: {first_line(e)}") from e
+
+
+def cpu_pinning(threads: int) -> bool:
+    """Whether OpenVINO may pin its `threads` inference threads to cores: only where they take
+    every CPU this process may use.
+
+    OpenVINO's CPU plugin pins a process's threads to the first cores of its affinity
+    (ENABLE_CPU_PINNING, on by default on Linux), without knowing of other processes. Spark's
+    Python workers run one thread each on a 2-core machine, so both were pinned to core 0: two
+    1-thread ViT-B/32 bf16 forwards ran 24 img/s each side by side, against 55 img/s each
+    unpinned (docs/SPARK.md, issue 40). Over every core, pinning changed nothing measurable
+    (93.5-98.7 img/s pinned, 98.7-100.9 unpinned, 2 threads), so it is kept there.
+    """
+    from clip_pyfunc.runtime import cpu_count
+
+    return threads >= cpu_count()
 
 
 def first_line(error: Exception) -> str:
