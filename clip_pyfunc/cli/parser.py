@@ -257,11 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--labels", type=int, default=20)
     p.set_defaults(func=commands.cmd_bench_classifier)
-    p = sub.add_parser("bench-spark", help="Spark job rows/s vs in-process predict (one run)")
+    p = sub.add_parser("bench-spark", help="embed-table's marginal rows/s and fixed cost vs in-process predict "
+                                            "(interleaved command pairs, one run)")
     p.add_argument("--model-uri", "-m", required=True)
-    p.add_argument("--rows", type=int, default=128)
+    p.add_argument("--rows", type=int, nargs=2, default=[128, 384], metavar=("SMALL", "LARGE"),
+                   help="rows of the small and the large table")
+    p.add_argument("--pairs", type=int, default=3, help="interleaved (small, large) command pairs")
     p.add_argument("--master", default="local[2]")
-    p.add_argument("--tasks", type=int, default=8, help="tasks for the per-task reload comparison")
+    p.add_argument("--spark-udf", action="store_true",
+                   help="also compare the same rows with stock mlflow.pyfunc.spark_udf (per-task reloads)")
+    p.add_argument("--tasks", type=int, default=8, help="tasks for the --spark-udf comparison")
     p.set_defaults(func=commands.cmd_bench_spark)
     p = sub.add_parser("bench", help="end-to-end vs raw forward vs naive baseline; writes JSON and a PNG plot")
     p.add_argument("--model", help="hub id or local directory")

@@ -156,17 +156,18 @@ def _prepare_and_plan(model_uri: str, copy_dir: str, plan: str | None, model_con
     """embed_table's work beside the JVM's start: check the model URI, and for a local job (`plan`
     set) copy the model into `copy_dir` and write the worker daemon's plan (daemon.write_plan).
 
-    The plan is written whatever happens, so the daemon never waits for a driver that failed.
-    Returns the ModelSource of a local job, None otherwise.
+    The plan is written whatever happens, so the daemon never waits for a driver that failed (an
+    empty one then: the job fails before any worker needs torch). Returns the ModelSource of a
+    local job, None otherwise.
 
     Raises:
         ModelLoadError: No model at `model_uri` (registry.lookup.model_info).
     """
-    from clip_pyfunc.batch.spark.daemon import TORCH_STACK, write_plan
+    from clip_pyfunc.batch.spark.daemon import write_plan
     from clip_pyfunc.batch.spark.embed import worker_modules
     from clip_pyfunc.registry.lookup import model_info
 
-    modules = TORCH_STACK
+    modules: tuple[str, ...] = ()
     try:
         model_info(model_uri, "--model-uri")
         if plan is None:
