@@ -264,6 +264,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> dict:
 def cmd_embed_table(args: argparse.Namespace) -> dict:
     from clip_pyfunc.batch.spark import embed_table
 
+    _require_model(args.model_uri, "--model-uri")  # found out before the JVM starts (and logs)
     overrides = {k: v for k, v in (("precision", args.precision), ("batch_size", args.batch_size)) if v is not None}
     return embed_table(args.model_uri, args.input, args.output, master=args.master, id_col=args.id_col,
                        input_col=args.input_col, input_format=args.input_format, fail_on_error=args.fail_on_error,

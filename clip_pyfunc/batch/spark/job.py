@@ -101,12 +101,11 @@ def embed_table(model_uri: str, source: str, output: str, *, master: str | None 
                 model_config: dict | None = None, arrow_batch_rows: int = 64) -> dict:
     """`clip-pyfunc embed-table`: start a Spark session, embed `source` into `output` (`run_job`), stop it.
 
-    While the JVM starts, the model URI is checked and a local job's model is copied to local disk,
-    once for every worker, and the worker daemon is told whether the model needs torch
-    (_prepare_and_plan).
+    While the JVM starts, a local job's model is found on (or copied to) the local disk, once for
+    every worker, and the worker daemon is told whether the model needs torch (_prepare_and_plan).
 
     Args:
-        model_uri: The registered model.
+        model_uri: The registered model (checked by the caller: registry.lookup.model_info).
         source: A parquet path, a folder of images or a table name.
         output: A parquet path or a table name.
         master: Spark master URL (None: spark-submit's, else local[*]).
@@ -119,7 +118,6 @@ def embed_table(model_uri: str, source: str, output: str, *, master: str | None 
     Raises:
         EmbedJobError: A local input path that does not exist, no such table or path as Spark reads it, or as
             `run_job`.
-        ModelLoadError: No model at `model_uri`.
     """
     import os
     import re
@@ -153,28 +151,22 @@ def embed_table(model_uri: str, source: str, output: str, *, master: str | None 
 
 
 def _prepare_and_plan(model_uri: str, copy_dir: str, plan: str | None, model_config: dict | None) -> ModelSource | None:
-    """embed_table's work beside the JVM's start: check the model URI, and for a local job (`plan`
-    set) copy the model into `copy_dir` and write the worker daemon's plan (daemon.write_plan).
+    """embed_table's work beside the JVM's start, for a local job (`plan` set): give the workers the
+    model on this disk (prepare_model into `copy_dir`) and write the worker daemon's plan
+    (daemon.write_plan). Returns the ModelSource, or None for a job on a cluster.
 
     The plan is written whatever happens, so the daemon never waits for a driver that failed (an
-    empty one then: the job fails before any worker needs torch). Returns the ModelSource of a
-    local job, None otherwise.
-
-    Raises:
-        ModelLoadError: No model at `model_uri` (registry.lookup.model_info).
+    empty one then: the job fails before any worker needs torch).
     """
     from clip_pyfunc.batch.spark.daemon import write_plan
     from clip_pyfunc.batch.spark.embed import worker_modules
-    from clip_pyfunc.registry.lookup import model_info
 
+    if plan is None:
+        return None
     modules: tuple[str, ...] = ()
     try:
-        model_info(model_uri, "--model-uri")
-        if plan is None:
-            return None
         source = prepare_model(model_uri, copy_dir)
         modules = worker_modules(source, model_config)
         return source
     finally:
-        if plan is not None:
-            write_plan(plan, modules)
+        write_plan(plan, modules)
