@@ -223,6 +223,17 @@ def test_openvino_model_is_logged_and_served_without_torch(torch_free, registere
     assert float(np.dot(got["text"], torch_text)) >= DEFAULT_PRECISION_COSINE
 
 
+def test_a_spark_plan_of_a_model_with_several_towers_needs_no_torch_on_openvino(torch_free, tmp_path):
+    # The combined model carries two towers (and no torch weights): the plan a local Spark job's
+    # driver writes for its worker daemon (batch.spark.embed.worker_modules) adds nothing to import.
+    from clip_pyfunc.batch.spark.daemon import TORCH_STACK
+    from clip_pyfunc.batch.spark.embed import prepare_model, worker_modules
+
+    source = prepare_model(torch_free["models"]["combined"]["uri"], str(tmp_path / "copy"))
+    assert worker_modules(source) == ()
+    assert worker_modules(source, {"engine": "torch"}) == TORCH_STACK  # no torch artifact: unreadable here
+
+
 def test_int8_is_measured_on_held_out_images_and_offered_only_where_it_held(torch_free):
     from clip_pyfunc.runtime import INT8_OFFER_COSINE
 

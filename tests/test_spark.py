@@ -17,10 +17,11 @@ from conftest import b64, encode, photo
 from clip_pyfunc.batch.spark import embed_dataframe, prepare_model, run_job
 from clip_pyfunc.batch.spark.classes import _java_binary, class_archive_options
 from clip_pyfunc.batch.spark.daemon import TORCH_STACK, read_plan, write_plan
-from clip_pyfunc.batch.spark.embed import local_artifacts, worker_modules
+from clip_pyfunc.batch.spark.embed import worker_modules
 from clip_pyfunc.batch.spark.session import (DAEMON_KEY, DAEMON_MODULE, PLAN_ENV, is_local, local_quick_start,
                                              worker_threads)
 from clip_pyfunc.errors import EmbedJobError
+from clip_pyfunc.registry.lookup import local_artifacts
 from clip_pyfunc.settings import load_settings
 
 pytestmark = [pytest.mark.spark]
@@ -300,7 +301,9 @@ def test_local_job_loads_the_model_from_the_local_disk(spark, registered, tmp_pa
     assert os.path.exists(os.path.join(source.load_from, "MLmodel"))
     assert not (tmp_path / "copy").exists() or not os.listdir(tmp_path / "copy")
     assert local_artifacts(f"file://{source.load_from}") == source.load_from
+    assert local_artifacts(os.path.relpath(source.load_from)) == source.load_from  # absolute, for the workers
     assert local_artifacts("s3://bucket/model") is None and local_artifacts(str(tmp_path / "nothing")) is None
+    assert local_artifacts("models:/no_such_model/1") is None  # the registry's error: download as before
     assert source.uri.rsplit("/", 1)[-1].isdigit()  # the alias was pinned to a version
     assert [f.name for f in source.fields] == ["embedding"]
     df = spark.createDataFrame(pd.DataFrame({"id": ["a", "b"], "input": [b64(encode(photo(40, 30), "JPEG"))] * 2}))
@@ -361,15 +364,18 @@ def test_daemon_preloads_and_keeps_stdout_for_the_port(tmp_path):
 
 def _daemon_maps_torch(env: dict) -> bool:
     """Start our daemon as Spark does, read its port, and tell whether torch's library is mapped in it."""
+    import select
+
     daemon = subprocess.Popen([sys.executable, "-m", DAEMON_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, env=env)
     try:
+        assert select.select([daemon.stdout], [], [], 120)[0], "the daemon printed no port in 120 s"
         assert 0 < int.from_bytes(daemon.stdout.read(4), "big") < 65536  # the port: its imports are done
-        with open(f"/proc/{daemon.pid}/maps", encoding="utf-8") as f:
+        with open(f"/proc/{daemon.pid}/maps", encoding="utf-8") as f:  # Linux, as CI
             return "libtorch" in f.read()
     finally:
         daemon.kill()
-        daemon.wait()
+        daemon.communicate()
 
 
 def test_daemon_imports_torch_only_where_the_plan_or_its_absence_says_so(tmp_path):
@@ -396,8 +402,8 @@ def test_worker_plan_adds_torch_only_where_a_tower_runs_on_torch(registered, tmp
     assert worker_modules(source, {"engine": "auto", "precision": "fp32"}) == ()
     assert worker_modules(source, {"engine": "openvino", "precision": "fp32"}) == ()
     assert worker_modules(source) == TORCH_STACK  # the tests' settings log engine "torch"
-    combined = prepare_model(registered["models"]["text"]["uri"], str(tmp_path / "text"))
-    assert worker_modules(combined, {"engine": "auto", "precision": "fp32"}) == ()
+    text = prepare_model(registered["models"]["text"]["uri"], str(tmp_path / "text"))
+    assert worker_modules(text, {"engine": "auto", "precision": "fp32"}) == ()
     # Not readable here (a remote URI, a config no tower runs): the daemon imports what any model may need.
     assert worker_modules(prepare_model(registered["models"]["image"]["uri"])) == TORCH_STACK
     assert worker_modules(source, {"engine": "auto", "precision": "fp16"}) == TORCH_STACK

@@ -1,8 +1,8 @@
 """Spark job throughput vs in-process predict, on the same rows and model, in one run.
 
 What a user times: the whole `clip-pyfunc embed-table` command, from its start to its exit, on a
-small and a large table, in interleaved pairs. From each pair (after Spark's own method for a
-job's cost: a fixed part plus a per-row part):
+small and a large table, in interleaved pairs. A command's time is taken as a fixed part plus a
+per-row part; from each pair:
 
 - marginal rate = (large - small rows) / (t(large) - t(small)), rows/s;
 - fixed cost = t(small) - small rows / marginal rate, seconds (JVM, session, workers' start and
@@ -113,16 +113,19 @@ def run(model_uri: str, rows: tuple[int, int] = (128, 384), pairs: int = 3, mast
             for n in (small, large):
                 seconds[n], reports[n] = _command_seconds(model_uri, tables[n], os.path.join(tmp, f"out-{i}-{n}"),
                                                           master)
-            marginal = (large - small) / (seconds[large] - seconds[small])
+            spread = seconds[large] - seconds[small]
+            # The machine's noise can make the large command no slower than the small one: no rate then.
+            marginal = (large - small) / spread if spread > 0 else None
             report_pairs.append({"seconds": {str(n): round(s, 2) for n, s in seconds.items()},
-                                 "marginal_rows_per_s": round(marginal, 2),
-                                 "fixed_seconds": round(seconds[small] - small / marginal, 2),
+                                 "marginal_rows_per_s": round(marginal, 2) if marginal else None,
+                                 "fixed_seconds": round(seconds[small] - small / marginal, 2) if marginal else None,
                                  "model_loads": {str(n): r["model_loads"] for n, r in reports.items()},
                                  "failed": sum(r["failed"] for r in reports.values())})
         after, _ = _in_process_rate(model_uri, images)
         in_process = (before + after) / 2
         for pair in report_pairs:
-            pair["marginal_over_in_process"] = round(pair["marginal_rows_per_s"] / in_process, 3)
+            rate = pair["marginal_rows_per_s"]
+            pair["marginal_over_in_process"] = round(rate / in_process, 3) if rate else None
         udf = None
         if spark_udf:
             from clip_pyfunc.batch.spark import spark_session, stop_session
@@ -143,7 +146,7 @@ def run(model_uri: str, rows: tuple[int, int] = (128, 384), pairs: int = 3, mast
         "in_process": {"rows_per_s_before": round(before, 2), "rows_per_s_after": round(after, 2),
                        "rows_per_s": round(in_process, 2), "batch": batch},
         "pairs": report_pairs,
-        "median": {key: statistics.median(p[key] for p in report_pairs)
+        "median": {key: statistics.median(values) if (values := [p[key] for p in report_pairs if p[key]]) else None
                    for key in ("marginal_rows_per_s", "marginal_over_in_process", "fixed_seconds")},
         "per_task_reload": udf,
     }

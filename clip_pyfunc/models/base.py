@@ -83,7 +83,6 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         engine where that one runs here; the note says so (logged once here, shown in
         `runtime_summary`), else it is None.
         """
-        from clip_pyfunc.runtime import pick_runtime
         from clip_pyfunc.runtime.engines import engine_class
 
         runtime, note, config, fallback = plan_runtime(path, self.tower, self.config, self.info.fidelity)
@@ -198,7 +197,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
 
 
 def plan_runtime(path: str, tower: str, config: RuntimeConfig, fidelity: dict):
-    """The runtime a tower artifact will load with here, without loading it: (runtime, note, config, fallback).
+    """The runtime a tower artifact loads with here (load_context, before loading it): (runtime, note,
+    config, fallback).
 
     The engines this artifact and environment can run (each engine's `unusable`), then
     runtime.pick_runtime. An engine asked for by name that is missing here is replaced by the
@@ -208,7 +208,27 @@ def plan_runtime(path: str, tower: str, config: RuntimeConfig, fidelity: dict):
     Raises:
         ModelLoadError: No engine runs the artifact here, or pick_runtime's reasons.
     """
-    from clip_pyfunc.runtime import pick_runtime
+    engines, note, config, fallback = _engines_here(path, tower, config)
+    return pick_runtime(config, fidelity, engines), note, config, fallback
+
+
+def plan_engine(path: str, tower: str, config: RuntimeConfig, fidelity: dict) -> str:
+    """The name of the engine a tower artifact would load on here (as plan_runtime chooses it),
+    without making its Runtime: a torch Runtime imports torch.
+
+    It cannot foresee a load that fails and falls back to the reference engine (_load_engine).
+
+    Raises:
+        ModelLoadError: As plan_runtime.
+    """
+    from clip_pyfunc.runtime import pick_engine
+
+    engines, _, config, _ = _engines_here(path, tower, config)
+    return pick_engine(config, fidelity, engines)[0].name
+
+
+def _engines_here(path: str, tower: str, config: RuntimeConfig):
+    """(engines that run this artifact here, note, config, fallback): see plan_runtime."""
     from clip_pyfunc.runtime.engines import ENGINES, REFERENCE, engine_class
 
     reasons = {name: engine_class(name).unusable(path, tower) for name in ENGINES}
@@ -221,4 +241,4 @@ def plan_runtime(path: str, tower: str, config: RuntimeConfig, fidelity: dict):
     if config.engine not in ("auto", *engines) and fallback:
         note = f"engine {config.engine!r} asked for, but {reasons[config.engine]}; running on {fallback}"
         config = dataclasses.replace(config, engine="auto")
-    return pick_runtime(config, fidelity, engines), note, config, fallback
+    return engines, note, config, fallback

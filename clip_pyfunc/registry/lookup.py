@@ -98,6 +98,41 @@ def pin_model_uri(model_uri: str) -> str:
     return model_uri
 
 
+def local_artifacts(uri: str) -> str | None:
+    """The absolute path of the folder on this machine's disk that already holds the model at `uri`
+    (a registry whose artifact store is a local folder, a file: URI or a local path), else None.
+
+    A local Spark job's workers load such a model in place: copying a ViT-B/32 model's 700 MB took
+    2.4 s beside the JVM's start (docs/SPARK.md, issue 40). Any error while asking the registry
+    where the model is means None (the caller downloads it, as before).
+    """
+    import os
+
+    try:
+        location = uri
+        if uri.startswith("models:/"):
+            from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+            location = ModelsArtifactRepository.get_underlying_uri(uri)
+        if location.startswith("file:"):
+            from mlflow.utils.file_utils import local_file_uri_to_path
+
+            location = local_file_uri_to_path(location)
+        elif _has_scheme(location):  # another store (s3:, dbfs:, runs:, mlflow-artifacts:)
+            return None
+        location = os.path.abspath(location)
+        return location if os.path.isfile(os.path.join(location, "MLmodel")) else None
+    except Exception:  # noqa: BLE001 - only a shortcut: the caller downloads the model instead
+        return None
+
+
+def _has_scheme(location: str) -> bool:
+    """True for a URI with a scheme of 2 letters or more (a Windows drive letter is a path)."""
+    from urllib.parse import urlparse
+
+    return len(urlparse(location).scheme) > 1
+
+
 def local_models(towers: dict[str, str], runtime: RuntimeConfig | None = None, which=("text", "image")):
     """The models (text, image, in `which` order) of exported tower directories, loaded here without MLflow."""
     from types import SimpleNamespace

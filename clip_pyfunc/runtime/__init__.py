@@ -117,9 +117,10 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-# Device files a GPU driver makes: NVIDIA's (Linux, containers), ROCm's (torch.cuda runs on it),
-# and WSL 2's GPU paravirtualisation. Without one of them torch.cuda.is_available() is False.
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+# Device files a GPU driver makes: NVIDIA's (Linux, containers), NVIDIA Jetson's (Tegra), ROCm's
+# (torch.cuda runs on it) and WSL 2's GPU paravirtualisation. A GPU reached otherwise is not seen
+# unless one of them exists.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvhost-ctrl-gpu", "/dev/nvmap", "/dev/kfd", "/dev/dxg")
 
 
 def cuda_available() -> bool:
@@ -158,9 +159,10 @@ def native_precisions(device: str) -> set[str]:
     return {"fp32"} | ({"bf16"} if cpu_has_native_bf16() else set()) | ({"int8"} if cpu_has_int8_dot() else set())
 
 
-def pick_runtime(config, measured: dict[str, dict[str, float]] | None = None,
-                 engines: frozenset[str] = frozenset({"torch"})):
-    """Resolve engine, device, precision and threads from the config and the hardware found now.
+def pick_engine(config, measured: dict[str, dict[str, float]] | None = None,
+                engines: frozenset[str] = frozenset({"torch"})):
+    """Resolve engine, device and precision from the config and the hardware found now, without
+    making the Runtime (a torch Runtime imports torch; pick_runtime makes it).
 
     Args:
         config: The model_config (settings.RuntimeConfig; that room sits above this one).
@@ -177,10 +179,10 @@ def pick_runtime(config, measured: dict[str, dict[str, float]] | None = None,
     `unmeasured_default` applies where that precision was never measured (fp16 on CUDA for a
     model registered on a CPU). An explicit precision with engine "auto" runs on the fastest
     engine where that pair held its bar (INT8_OFFER_COSINE for int8), on the reference engine
-    otherwise. `num_threads`, when set, becomes the engine's thread count.
+    otherwise. `num_threads`, when set, becomes the engine's thread count (in pick_runtime).
 
     Returns:
-        A Runtime.
+        (engine class, precision, on CUDA).
 
     Raises:
         ModelLoadError: CUDA asked for but absent, a precision the device cannot run, or an
@@ -222,6 +224,20 @@ def pick_runtime(config, measured: dict[str, dict[str, float]] | None = None,
     refusal = chosen.refusal(precision, measured.get(chosen.name, {}))
     if refusal:
         raise ModelLoadError(refusal)
+    return chosen, precision, cuda
+
+
+def pick_runtime(config, measured: dict[str, dict[str, float]] | None = None,
+                 engines: frozenset[str] = frozenset({"torch"})):
+    """The Runtime for the engine, device and precision pick_engine chooses (see there).
+
+    Returns:
+        A Runtime.
+
+    Raises:
+        ModelLoadError: As pick_engine.
+    """
+    chosen, precision, cuda = pick_engine(config, measured, engines)
     return chosen.make_runtime(config, precision, cuda)
 
 

@@ -198,7 +198,7 @@ def resize_and_crop(img, spec: ImageSpec, reducing_gap: float | None = None, win
         return img.resize((new_w, new_h), spec.resample, reducing_gap=reducing_gap).crop(box)
     # Very elongated images (a 6000x1 strip would resize to 224 x 1.3 M), or the fast path: resample
     # only the crop window. PIL keeps the full resize's scale and filter support, so pixels match
-    # to within 2 levels.
+    # the full resize to within 1 level on photos (2 on the elongated strips measured before).
     sx, sy = width / new_w, height / new_h
     area = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     return img.resize((crop_w, crop_h), spec.resample, box=area, reducing_gap=reducing_gap if window else None)
@@ -268,9 +268,10 @@ def resize_and_crop_fast(image, spec: ImageSpec, reducing_gap: float, torch_resi
     kernels (channels-last, SIMD): about 6x faster than PIL's and within one level of its
     pixels. A PIL image (other formats), filters torch does not antialias and 8:1 aspect ratios
     take PIL's path, where `reducing_gap` first shrinks large images by an integer box filter.
-    Without torch (`torch_resize` False) an array takes PIL's exact resize: the reduced-scale
-    decode has already done the shrinking, and a box pre-shrink on top of it measured a mean
-    error past 0.25 levels on grainy photos.
+    Without torch (`torch_resize` False) an array takes PIL's resize with no box pre-shrink: the
+    reduced-scale decode has already done the shrinking, and a box pre-shrink on top of it
+    measured a mean error past 0.25 levels on grainy photos. PIL's path resamples only the crop
+    window (resize_and_crop's `window`).
     """
     import numpy as np
 

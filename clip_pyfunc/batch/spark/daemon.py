@@ -45,9 +45,7 @@ PLAN_WAIT_S = 900.0  # the longest wait for the plan (the driver copies the mode
 
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
-    """Import `modules` with stdout pointed at stderr; returns those that failed, with why.
-
-    """
+    """Import `modules` with stdout pointed at stderr; returns those that failed, with why."""
     from clip_pyfunc.stdio import stdout_to_stderr
 
     failed = []
@@ -66,6 +64,13 @@ def write_plan(path: str, modules: tuple[str, ...]) -> None:
     """Write the plan the daemon waits for: the modules its workers need beyond BASE.
 
     Written to a temporary file and renamed, so the daemon never reads half of it.
+
+    Args:
+        path: Where session.spark_session's `worker_plan` said it would be.
+        modules: Module names (TORCH_STACK, or nothing for a model whose towers need no torch).
+
+    Raises:
+        OSError: It could not be written.
     """
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as f:
@@ -74,10 +79,25 @@ def write_plan(path: str, modules: tuple[str, ...]) -> None:
 
 
 def read_plan(path: str, wait_s: float = PLAN_WAIT_S, poll_s: float = 0.02) -> tuple[str, ...]:
-    """The modules a plan file names, once the driver has written it; TORCH_STACK where it never
-    comes within `wait_s` or cannot be read (every model's needs, as without a plan)."""
+    """The modules a plan file names, once the driver has written it.
+
+    Args:
+        path: The plan file (write_plan).
+        wait_s: The longest wait for it, in seconds.
+        poll_s: Seconds between looks.
+
+    Returns:
+        Its modules; TORCH_STACK where it never comes within `wait_s` or cannot be read (every
+        model's needs, as without a plan).
+
+    Raises:
+        SystemExit: The process that started this one (Spark's JVM) is gone: nobody will fork a worker.
+    """
     deadline = time.monotonic() + wait_s
+    parent = os.getppid()
     while not os.path.exists(path):
+        if os.getppid() != parent:
+            raise SystemExit(0)
         if time.monotonic() > deadline:
             print(f"clip-pyfunc spark daemon: no worker plan at {path} after {wait_s:.0f}s; importing torch too",
                   file=sys.stderr, flush=True)

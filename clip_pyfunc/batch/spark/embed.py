@@ -46,7 +46,7 @@ class ModelSource:
     checked: bool = False
 
 
-def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
+def prepare_model(model_uri: str, local_copy: str | None = None, before_download=None) -> ModelSource:
     """Pin the model and read its result columns; with `local_copy` (a directory), give workers
     that share this machine's disk the model there, and check its requirements once.
 
@@ -56,7 +56,10 @@ def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
     second each). Nothing here needs the JVM, so the CLI runs it while Spark starts. The directory
     must outlive every action on a DataFrame embedded with the result (run_job and the CLI
     remove it after the job); a model used in place must not be deleted from the registry meanwhile.
+    `before_download`, a function of no arguments, is called once before a download starts.
     """
+    from clip_pyfunc.registry.lookup import local_artifacts
+
     uri = resolve_model_uri(model_uri)
     fields = tuple(output_fields(uri))
     if local_copy is None:
@@ -64,7 +67,11 @@ def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
     import mlflow
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
-    path = local_artifacts(uri) or mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local_copy)
+    path = local_artifacts(uri)
+    if path is None:
+        if before_download is not None:
+            before_download()
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local_copy)
     requirements = os.path.join(path, "requirements.txt")
     if not os.path.exists(requirements):  # the workers run MLflow's own check instead
         return ModelSource(requested=model_uri, uri=uri, load_from=path, fields=fields)
@@ -75,14 +82,22 @@ def prepare_model(model_uri: str, local_copy: str | None = None) -> ModelSource:
 
 
 def worker_modules(source: ModelSource, model_config: dict | None = None) -> tuple[str, ...]:
-    """What the job's workers need imported beyond the daemon's BASE (daemon.TORCH_STACK or nothing),
-    from the model's local copy, as its towers will load here.
+    """What the job's workers need imported beyond the daemon's BASE, from the model on this disk.
 
-    Each tower artifact's runtime is planned as load_context plans it (models.base.plan_runtime,
-    with the logged model_config and `model_config`'s overrides). Nothing is added where every
-    tower runs on a torch-free engine. A model that cannot be read here (no local copy, an
-    unknown layout, a config its towers refuse) gets TORCH_STACK: the daemon imports what any
-    model may need, and the worker reports the error.
+    Each tower artifact's engine is chosen as load_context would choose it (models.base.plan_engine,
+    on the logged model_config with `model_config`'s keys over it), without importing torch. Only
+    speed depends on it: a worker imports whatever its model needs that the daemon did not. It
+    cannot foresee a tower whose engine fails to load and falls back to torch, nor a model_config
+    that MLflow's own merge would treat otherwise (MLflow drops keys the logged config lacks).
+
+    Args:
+        source: From prepare_model with a local copy directory.
+        model_config: The job's overrides of the logged model_config.
+
+    Returns:
+        () where every tower runs on a torch-free engine; daemon.TORCH_STACK otherwise, and where
+        the model cannot be read here (no local copy, an unknown layout, a config its towers refuse:
+        the worker reports the error).
     """
     from clip_pyfunc.batch.spark.daemon import TORCH_STACK
 
@@ -99,7 +114,7 @@ def _torch_free(model_dir: str, overrides: dict) -> bool:
     from mlflow.models import Model
 
     from clip_pyfunc.artifacts.towers import INFO_FILE, CheckpointInfo
-    from clip_pyfunc.models.base import plan_runtime
+    from clip_pyfunc.models.base import plan_engine
     from clip_pyfunc.runtime.engines import engine_class
     from clip_pyfunc.settings import RuntimeConfig
 
@@ -107,31 +122,8 @@ def _torch_free(model_dir: str, overrides: dict) -> bool:
     config = RuntimeConfig.from_dict({**(flavor.get("config") or {}), **overrides})
     towers = {name: os.path.join(model_dir, spec["path"]) for name, spec in (flavor.get("artifacts") or {}).items()}
     towers = {name: path for name, path in towers.items() if os.path.exists(os.path.join(path, INFO_FILE))}
-    engines = [plan_runtime(path, name, config, CheckpointInfo.read(path).fidelity)[0].engine
-               for name, path in towers.items()]
+    engines = [plan_engine(path, name, config, CheckpointInfo.read(path).fidelity) for name, path in towers.items()]
     return bool(engines) and all(engine_class(engine).torch_free for engine in engines)
-
-
-def local_artifacts(uri: str) -> str | None:
-    """The directory on this machine's disk that already holds the model at `uri` (a registry whose
-    artifact store is a local folder, or a local path), else None.
-
-    A local job's workers load it in place: copying a ViT-B/32 model's 700 MB took 2.4 s of the
-    driver's critical path and a core beside the JVM's start (docs/SPARK.md, issue 40).
-    """
-    from urllib.parse import urlparse
-
-    location = uri
-    if uri.startswith("models:/"):
-        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
-        location = ModelsArtifactRepository.get_underlying_uri(uri)
-    parsed = urlparse(location)
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        location = parsed.path
-    elif parsed.scheme and len(parsed.scheme) > 1:  # another store (s3:, dbfs:, http:); a drive letter is a path
-        return None
-    return location if os.path.isfile(os.path.join(location, "MLmodel")) else None
 
 
 def embed_dataframe(df, model_uri: str | ModelSource, *, input_col: str = "input", normalize: bool | None = None,

@@ -6,6 +6,7 @@ from session.spark_session, and reports what it did.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import tempfile
@@ -38,8 +39,9 @@ def run_job(spark, *, model_uri: str | ModelSource, source: str, output: str, id
     """Embed a table and publish the result only when the job succeeded.
 
     `model_uri` is a model URI or a ModelSource from prepare_model (the CLI prepares it while
-    Spark starts). With a URI and a local master, the model is copied to local disk once for
-    the job's workers, and the copy is removed at the end.
+    Spark starts). With a URI and a local master, the workers load the model from this disk:
+    in place where the registry keeps it in a local folder, else from a copy downloaded once
+    and removed at the end.
 
     The output is written to a staging location first, counted, then swapped in for the
     previous output (a re-run replaces it; a failed run leaves the old output untouched and
@@ -155,18 +157,28 @@ def _prepare_and_plan(model_uri: str, copy_dir: str, plan: str | None, model_con
     model on this disk (prepare_model into `copy_dir`) and write the worker daemon's plan
     (daemon.write_plan). Returns the ModelSource, or None for a job on a cluster.
 
-    The plan is written whatever happens, so the daemon never waits for a driver that failed (an
-    empty one then: the job fails before any worker needs torch).
+    A model that must be downloaded gets daemon.TORCH_STACK at once, before its download, so the
+    daemon imports torch beside it as it did before plans (the plan needs the model's files). A model
+    on this disk gets what its towers need (embed.worker_modules). A failed preparation writes an
+    empty plan (the job fails before any worker needs torch), so the daemon never waits for it.
     """
-    from clip_pyfunc.batch.spark.daemon import write_plan
+    from clip_pyfunc.batch.spark.daemon import TORCH_STACK, write_plan
     from clip_pyfunc.batch.spark.embed import worker_modules
 
     if plan is None:
         return None
-    modules: tuple[str, ...] = ()
+    written = []
+
+    def write(modules: tuple[str, ...]) -> None:
+        if not written:
+            write_plan(plan, modules)
+            written.append(modules)
+
     try:
-        source = prepare_model(model_uri, copy_dir)
-        modules = worker_modules(source, model_config)
+        source = prepare_model(model_uri, copy_dir, before_download=lambda: write(TORCH_STACK))
+        write(worker_modules(source, model_config))
         return source
-    finally:
-        write_plan(plan, modules)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the preparation's own error is the one to report
+            write(())
+        raise

@@ -2,9 +2,9 @@
 
 A local job's JVM lives for one command and mostly moves Arrow batches. It starts sooner with
 the C1 compiler only, no web UI, and the classes it loads mapped from an archive
-(classes.class_archive_options). Its Python workers fork from a daemon that has imported torch,
-transformers and MLflow (daemon), which starts while the JVM still sets up the session
-(_start_workers). None of it is applied where spark-defaults.conf or the caller's conf sets
+(classes.class_archive_options). Its Python workers fork from a daemon that has imported MLflow
+and the model's libraries (daemon: torch too, unless the job's plan says its model needs none),
+which starts while the JVM still sets up the session (_start_workers). None of it is applied where spark-defaults.conf or the caller's conf sets
 the same key, nor under spark-submit.
 """
 
