@@ -77,6 +77,21 @@ def _command_seconds(model_uri: str, table: str, output: str, master: str) -> tu
     return seconds, json.loads(done.stdout)
 
 
+def table_sizes(rows, pairs: int) -> tuple[int, int]:
+    """The (small, large) table sizes of `rows`, checked with `pairs`.
+
+    Raises:
+        InvalidInput: Not two different sizes of 1 or more, or pairs under 1.
+    """
+    from clip_pyfunc.errors import InvalidInput
+
+    small, large = sorted(rows)
+    if small < 1 or large <= small or pairs < 1:
+        raise InvalidInput(f"--rows must be two different sizes of 1 or more (got {list(rows)}), "
+                           f"--pairs 1 or more (got {pairs})")
+    return small, large
+
+
 def run(model_uri: str, rows: tuple[int, int] = (128, 384), pairs: int = 3, master: str = "local[2]",
         width: int = 640, height: int = 480, tasks: int = 8, spark_udf: bool = False) -> dict:
     """Marginal rate and fixed cost of `embed-table` beside in-process predict (see the module docstring).
@@ -91,14 +106,15 @@ def run(model_uri: str, rows: tuple[int, int] = (128, 384), pairs: int = 3, mast
 
     Returns:
         A JSON-ready report.
+
+    Raises:
+        InvalidInput: As table_sizes.
     """
     import pandas as pd
 
     from clip_pyfunc.benchmarks.bench import matmul_gflops
 
-    small, large = sorted(rows)
-    if small < 1 or large <= small or pairs < 1:
-        raise ValueError(f"rows must be two sizes, the second larger (got {rows}), and pairs >= 1 (got {pairs})")
+    small, large = table_sizes(rows, pairs)
     images = [b64(photo_jpeg(width, height, seed=i % 16)) for i in range(large)]
     ceiling_before = matmul_gflops()
     before, batch = _in_process_rate(model_uri, images)

@@ -280,11 +280,9 @@ def cmd_bench_classifier(args: argparse.Namespace) -> dict:
 def cmd_bench_spark(args: argparse.Namespace) -> dict:
     from clip_pyfunc.benchmarks import spark
 
-    small, large = sorted(args.rows)
-    if small < 1 or large <= small or args.pairs < 1:
-        raise InvalidInput(f"--rows must be two different sizes of 1 or more (got {args.rows}), --pairs 1 or more")
+    rows = spark.table_sizes(args.rows, args.pairs)  # before the registry lookup: a bad flag fails at once
     _require_model(args.model_uri, "--model-uri")
-    return spark.run(args.model_uri, rows=(small, large), pairs=args.pairs, master=args.master, tasks=args.tasks,
+    return spark.run(args.model_uri, rows=rows, pairs=args.pairs, master=args.master, tasks=args.tasks,
                      spark_udf=args.spark_udf)
 
 

@@ -85,7 +85,8 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         """
         from clip_pyfunc.runtime.engines import engine_class
 
-        runtime, note, config, fallback = plan_runtime(path, self.tower, self.config, self.info.fidelity)
+        engines, note, config, fallback = engines_here(path, self.tower, self.config)
+        runtime = pick_runtime(config, self.info.fidelity, engines)
         try:
             engine = engine_class(runtime.engine).load(path, self.tower, runtime)
         except ModelLoadError as e:
@@ -196,39 +197,33 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         raise NotImplementedError
 
 
-def plan_runtime(path: str, tower: str, config: RuntimeConfig, fidelity: dict):
-    """The runtime a tower artifact loads with here (load_context, before loading it): (runtime, note,
-    config, fallback).
-
-    The engines this artifact and environment can run (each engine's `unusable`), then
-    runtime.pick_runtime. An engine asked for by name that is missing here is replaced by the
-    reference engine where that one runs (`note` says so; None otherwise), and `config` is the
-    model_config as resolved. `fallback` is the reference engine's name where it runs here, else None.
-
-    Raises:
-        ModelLoadError: No engine runs the artifact here, or pick_runtime's reasons.
-    """
-    engines, note, config, fallback = _engines_here(path, tower, config)
-    return pick_runtime(config, fidelity, engines), note, config, fallback
-
-
 def plan_engine(path: str, tower: str, config: RuntimeConfig, fidelity: dict) -> str:
-    """The name of the engine a tower artifact would load on here (as plan_runtime chooses it),
-    without making its Runtime: a torch Runtime imports torch.
+    """The name of the engine a tower artifact would load on here, chosen as load_context chooses it
+    (engines_here, then runtime.pick_engine), without making its Runtime: a torch Runtime imports torch.
 
     It cannot foresee a load that fails and falls back to the reference engine (_load_engine).
 
     Raises:
-        ModelLoadError: As plan_runtime.
+        ModelLoadError: As engines_here and runtime.pick_engine.
     """
     from clip_pyfunc.runtime import pick_engine
 
-    engines, _, config, _ = _engines_here(path, tower, config)
+    engines, _, config, _ = engines_here(path, tower, config)
     return pick_engine(config, fidelity, engines)[0].name
 
 
-def _engines_here(path: str, tower: str, config: RuntimeConfig):
-    """(engines that run this artifact here, note, config, fallback): see plan_runtime."""
+def engines_here(path: str, tower: str, config: RuntimeConfig):
+    """The engines a tower artifact can run on here, and the config to pick among them.
+
+    Returns:
+        (engines: frozenset of names whose `unusable` found nothing missing, note, config, fallback).
+        An engine asked for by name that is missing here is replaced by the reference engine where
+        that one runs: `note` says so (None otherwise) and `config` asks for "auto". `fallback` is
+        the reference engine's name where it runs here, else None.
+
+    Raises:
+        ModelLoadError: No engine runs the artifact here.
+    """
     from clip_pyfunc.runtime.engines import ENGINES, REFERENCE, engine_class
 
     reasons = {name: engine_class(name).unusable(path, tower) for name in ENGINES}

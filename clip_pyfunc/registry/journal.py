@@ -49,14 +49,8 @@ def read_journal(client, name: str) -> list[dict[str, Any]]:
     Raises:
         JournalError: The registry failed to answer, or the tag is not a journal (so it is not overwritten).
     """
-    from mlflow.exceptions import ErrorCode, MlflowException
-
-    try:
-        tags = client.get_registered_model(name).tags or {}
-    except MlflowException as e:
-        if e.error_code == ErrorCode.Name(ErrorCode.RESOURCE_DOES_NOT_EXIST):
-            return []
-        raise JournalError(f"cannot read the promotion journal (tag {JOURNAL_TAG!r} of {name}): {one_line(e)}") from e
+    tags = _asked(f"the promotion journal (tag {JOURNAL_TAG!r} of {name})",
+                  lambda: client.get_registered_model(name).tags or {}, missing={})
     if JOURNAL_TAG not in tags:
         return []
     try:
@@ -110,14 +104,7 @@ def alias_version(client, name: str, alias: str) -> str | None:
     Raises:
         JournalError: The registry failed to answer (not read as "no alias": a rollback would delete it).
     """
-    from mlflow.exceptions import ErrorCode, MlflowException
-
-    try:
-        version = client.get_registered_model(name).aliases.get(alias)
-    except MlflowException as e:
-        if e.error_code == ErrorCode.Name(ErrorCode.RESOURCE_DOES_NOT_EXIST):
-            return None
-        raise JournalError(f"cannot read {name}@{alias}: {one_line(e)}") from e
+    version = _asked(f"{name}@{alias}", lambda: client.get_registered_model(name).aliases.get(alias), missing=None)
     return None if version is None else str(version)
 
 
@@ -127,15 +114,24 @@ def version_exists(client, name: str, version: str) -> bool:
     Raises:
         JournalError: The registry failed to answer.
     """
+    return _asked(f"{name} version {version}", lambda: client.get_model_version(name, str(version)) is not None,
+                  missing=False)
+
+
+def _asked(what: str, call, *, missing):
+    """call(); `missing` where the registry answers that the model, version or alias does not exist.
+
+    Raises:
+        JournalError: The registry failed to answer (not read as missing: a rollback would act on it).
+    """
     from mlflow.exceptions import ErrorCode, MlflowException
 
     try:
-        client.get_model_version(name, str(version))
-        return True
+        return call()
     except MlflowException as e:
         if e.error_code == ErrorCode.Name(ErrorCode.RESOURCE_DOES_NOT_EXIST):
-            return False
-        raise JournalError(f"cannot read {name} version {version}: {one_line(e)}") from e
+            return missing
+        raise JournalError(f"cannot read {what}: {one_line(e)}") from e
 
 
 def set_alias(client, name: str, alias: str, version: str | None) -> None:

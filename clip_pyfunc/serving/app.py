@@ -116,11 +116,9 @@ def create_app(loaded: Loaded, config: AppConfig, serve: ServeConfig | None = No
         try:
             return prepare(new)
         except BaseException:
-            for engine in EmbeddingService(new).engines():  # prepare() may have watched some of them
-                if engine in health.engines:
-                    health.engines.remove(engine)
-            if store_of(new) is not None and all(store_of(new) is not store_of(s.loaded) for s in current.services()):
-                store_of(new).close()  # the lock of an embedded store: free for the next try
+            # As a swapped-out pair: prepare() may have watched some of its engines, and an embedded store's
+            # lock must be free for the next try unless what serves shares the store.
+            retire(EmbeddingService(new))
             raise
 
     current = Current(prepare(loaded), on_retire=retire)

@@ -6,11 +6,12 @@ itself before it can load the model: seconds of one core, in every worker at onc
 imports them once, then runs pyspark's own daemon loop, and the workers fork with them loaded.
 
 What it imports: BASE always, then what the job's model needs beyond it. A driver that knows
-the model (embed_table) names it in a plan file (session.PLAN_ENV, write_plan): TORCH_STACK where a
-tower will run on torch, nothing more where every tower runs on a torch-free engine (OpenVINO);
+the model (embed_table) names it in a plan file (session.PLAN_ENV, write_plan): TORCH_STACK where
+a tower will run on torch, nothing more where every tower runs on a torch-free engine (OpenVINO);
 those 4-5 CPU-seconds of torch and transformers imports would delay every worker's start for a
-job that never calls them. The daemon imports BASE, then waits for the plan while the driver looks the model up.
-Without a plan (a session started by hand) it imports TORCH_STACK too, as any model may need it.
+job that never calls them. The daemon imports BASE, then waits for the plan while the driver
+looks the model up. Without a plan (a session started by hand) it imports TORCH_STACK too, as any
+model may need it.
 
 It only imports. A torch op run before the fork leaves OpenMP and MKL thread pools behind
 that hang the forked worker at its first parallel op, so no op runs and no weights load here.

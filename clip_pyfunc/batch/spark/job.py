@@ -157,28 +157,23 @@ def _prepare_and_plan(model_uri: str, copy_dir: str, plan: str | None, model_con
     model on this disk (prepare_model into `copy_dir`) and write the worker daemon's plan
     (daemon.write_plan). Returns the ModelSource, or None for a job on a cluster.
 
-    A model that must be downloaded gets daemon.TORCH_STACK at once, before its download, so the
-    daemon imports torch beside it as it did before plans (the plan needs the model's files). A model
-    on this disk gets what its towers need (embed.worker_modules). A failed preparation writes an
+    The plan is what the model's towers need (embed.worker_modules). A model that must be downloaded
+    gets daemon.TORCH_STACK at once, before its download (the plan needs the model's files), so the
+    daemon imports torch beside the download as it did before plans; the exact plan replaces it
+    once the model is here, in case the daemon has not read it yet. A failed preparation writes an
     empty plan (the job fails before any worker needs torch), so the daemon never waits for it.
+    Each plan replaces the last whole (write_plan), and the daemon reads it once.
     """
     from clip_pyfunc.batch.spark.daemon import TORCH_STACK, write_plan
     from clip_pyfunc.batch.spark.embed import worker_modules
 
     if plan is None:
         return None
-    written = []
-
-    def write(modules: tuple[str, ...]) -> None:
-        if not written:
-            write_plan(plan, modules)
-            written.append(modules)
-
     try:
-        source = prepare_model(model_uri, copy_dir, before_download=lambda: write(TORCH_STACK))
-        write(worker_modules(source, model_config))
+        source = prepare_model(model_uri, copy_dir, before_download=lambda: write_plan(plan, TORCH_STACK))
+        write_plan(plan, worker_modules(source, model_config))
         return source
     except BaseException:
         with contextlib.suppress(OSError):  # the preparation's own error is the one to report
-            write(())
+            write_plan(plan, ())
         raise

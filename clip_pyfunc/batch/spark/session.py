@@ -4,8 +4,8 @@ A local job's JVM lives for one command and mostly moves Arrow batches. It start
 the C1 compiler only, no web UI, and the classes it loads mapped from an archive
 (classes.class_archive_options). Its Python workers fork from a daemon that has imported MLflow
 and the model's libraries (daemon: torch too, unless the job's plan says its model needs none),
-which starts while the JVM still sets up the session (_start_workers). None of it is applied where spark-defaults.conf or the caller's conf sets
-the same key, nor under spark-submit.
+which starts while the JVM still sets up the session (_start_workers). None of it is applied
+where spark-defaults.conf or the caller's conf sets the same key, nor under spark-submit.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def spark_session(master: str | None = None, app_name: str = "clip-pyfunc", batc
     if is_local(planned) and not _submitted():  # spark-submit started the JVM with its own options
         settings.update(local_quick_start(conf))
     settings.update(conf or {})
-    if worker_plan and settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None:
+    our_new_daemon = settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None
+    if worker_plan and our_new_daemon:
         settings[f"spark.executorEnv.{PLAN_ENV}"] = worker_plan
-    early = (start_workers and settings.get(DAEMON_KEY) == DAEMON_MODULE and SparkContext._active_spark_context is None
+    early = (start_workers and our_new_daemon
              and settings.get("spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled", "true") != "false")
     if early:
         for k, v in SQL_WORKER_ENV.items():
