@@ -149,6 +149,10 @@ class ModelSource:
     cache_dir: str | None = None
 
 
+ENGINE_FILES = ("chosen", "all")
+IR_WEIGHTS = ("auto", "fp32", "fp16", "int8")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RegistryConfig:
     """Where and under which names the models are registered.
@@ -172,6 +176,15 @@ class RegistryConfig:
             against the reference at registration. False registers for the reference engine alone
             (torch; `default` is then fp32 on CPU, and fp16 on CUDA as for any model measured on a
             CPU): quicker, for trials and the test suite's shared models.
+        engine_files: "chosen": each tower artifact ships the files of the engine it runs on by default on
+            the registering machine alone (OpenVINO IR on CPUs where it held the fidelity gate, torch
+            weights on CUDA), one copy of its weights; "all": every engine's files, for a model that must
+            also run on the other engine (`--all-engine-files`). An engine asked for at load whose files
+            were not shipped is an error naming this option.
+        ir_weights: How the OpenVINO IR stores its weights: "auto" measures fp16 and int8 storage (NNCF
+            weight compression) against torch fp32 at registration and keeps the smallest that held the
+            fidelity gate on every precision OpenVINO runs here and cost at most 5% of the default
+            precision's throughput (registry.weights); "fp32", "fp16" or "int8" take that one, measured.
     """
 
     text_name: str = "clip_text_embedding"
@@ -184,9 +197,12 @@ class RegistryConfig:
     int8: bool = False
     calibration_data: str | None = None
     engines: bool = True
+    engine_files: str = "chosen"
+    ir_weights: str = "auto"
 
     def __post_init__(self):
-        _check_fields(self, dict.fromkeys(("with_combined", "azure_compatible", "int8", "engines"), _flag),
+        _check_fields(self, {**dict.fromkeys(("with_combined", "azure_compatible", "int8", "engines"), _flag),
+                             "engine_files": _one_of(ENGINE_FILES), "ir_weights": _one_of(IR_WEIGHTS)},
                       prefix="registry.")
 
 

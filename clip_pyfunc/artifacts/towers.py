@@ -54,6 +54,9 @@ class CheckpointInfo:
             transformers tokenizer on the sample texts at registration (then no transformers is
             needed to serve), else "transformers".
         image_spec: The image preprocessing (stages.preprocess.ImageSpec.to_dict), read once.
+        ir_weights: Per tower with an OpenVINO IR, how its weights are stored ("fp32", "fp16" or "int8"),
+            chosen by measurement at registration (registry.weights); `fidelity["openvino"]` was measured
+            on these IRs. Empty for artifacts registered before the choice (fp32).
     """
 
     family: str
@@ -73,6 +76,7 @@ class CheckpointInfo:
     pad_id: int | None = None
     tokenizer: str = "transformers"
     image_spec: dict | None = None
+    ir_weights: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The stored record, without `measurement_notes`: they are registration's to report (the summary and the

@@ -6,6 +6,7 @@ Settings come from conf/clip_pyfunc.yaml (or --conf FILE); flags override them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -313,6 +314,21 @@ def cmd_bench_env(args: argparse.Namespace) -> dict:
 
     result = model_env.run(random_init=args.random_init, requests=args.requests)
     print(model_env.table(result), file=sys.stderr)
+    return result
+
+
+def cmd_bench_footprint(args: argparse.Namespace) -> dict:
+    from clip_pyfunc.benchmarks import footprint
+
+    if args.requests < 100 or args.starts < 1:
+        raise InvalidInput(f"--requests must be 100 or more and --starts 1 or more, got {args.requests}, {args.starts}")
+    if args.baseline_pythonpath and not os.path.isdir(os.path.join(args.baseline_pythonpath, "clip_pyfunc")):
+        raise InvalidInput(f"--baseline-pythonpath {args.baseline_pythonpath!r} holds no clip_pyfunc package")
+    result = footprint.run(args.requests, args.starts, args.baseline_pythonpath, tuple(args.servers))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    print(footprint.table(result), file=sys.stderr)
     return result
 
 

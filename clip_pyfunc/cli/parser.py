@@ -39,6 +39,11 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
                    help="also quantize the image tower to int8 (OpenVINO + NNCF), offered where it holds cos >= 0.999")
     p.add_argument("--calibration-data", dest="registry.calibration_data", metavar="DIR_OR_TABLE",
                    help="int8 calibration images: a directory of image files or a Parquet table (default: samples)")
+    p.add_argument("--all-engine-files", dest="registry.engine_files", action="store_const", const="all",
+                   help="ship every engine's files (torch weights and OpenVINO IR) in each tower artifact, for a "
+                        "model that must also run on the engine not chosen here (default: the chosen one's alone)")
+    p.add_argument("--ir-weights", dest="registry.ir_weights", choices=["auto", "fp32", "fp16", "int8"],
+                   help="the OpenVINO IR's weight storage (default auto: the smallest that held the gates, measured)")
     p.add_argument("--no-engines", dest="registry.engines", action="store_false", default=None,
                    help="register for torch alone: no OpenVINO IR and no engine/precision measurement (quicker; "
                         "`default` precision is then fp32 on CPU, fp16 on CUDA)")
@@ -190,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=100, help="single-image requests before memory is read")
     p.set_defaults(func=commands.cmd_bench_env)
 
+    p = sub.add_parser("bench-footprint", help="cold start and resident memory of serve, mlflow models serve and the "
+                                                "app on a random ViT-B/32, optionally against an earlier checkout")
+    p.add_argument("--requests", type=int, default=1000, help="mixed requests per server before RSS is read")
+    p.add_argument("--starts", type=int, default=3, help="server starts per server (cold start: their median)")
+    p.add_argument("--baseline-pythonpath", metavar="DIR",
+                   help="a checkout of an earlier clip-pyfunc: its servers run too, alternating with this one's")
+    p.add_argument("--servers", nargs="+", default=["serve-image", "serve-text", "mlflow-image", "app"],
+                   choices=["serve-image", "serve-text", "mlflow-image", "app"], help="which servers to measure")
+    p.add_argument("--output", help="also write the JSON here")
+    p.set_defaults(func=commands.cmd_bench_footprint)
     p = sub.add_parser("bench-search", help="the embedded store at catalogue sizes (recall, latency, build, "
                                             "memory), beside qdrant-client's local mode; duplicates; the app")
     p.add_argument("--points", type=int, default=1_000_000, help="points of the large run (default 1,000,000)")

@@ -222,7 +222,8 @@ def engines_here(path: str, tower: str, config: RuntimeConfig):
         the reference engine's name where it runs here, else None.
 
     Raises:
-        ModelLoadError: No engine runs the artifact here.
+        ModelLoadError: No engine runs the artifact here, or the one asked for is missing and the reference
+            engine is too (the message says why: a file not shipped names the option that ships it).
     """
     from clip_pyfunc.runtime.engines import ENGINES, REFERENCE, engine_class
 
@@ -233,6 +234,9 @@ def engines_here(path: str, tower: str, config: RuntimeConfig):
                              + "; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
     fallback = REFERENCE[0] if REFERENCE[0] in engines else None
     note = None
+    if config.engine in reasons and config.engine not in engines and not fallback:
+        raise ModelLoadError(f"engine {config.engine!r} asked for, but {reasons[config.engine]}; engines available "
+                             f"here: {', '.join(sorted(engines))}; use one of them or 'auto'")
     if config.engine not in ("auto", *engines) and fallback:
         note = f"engine {config.engine!r} asked for, but {reasons[config.engine]}; running on {fallback}"
         config = dataclasses.replace(config, engine="auto")

@@ -3,9 +3,10 @@
 `build_towers` reads the checkpoint once (artifacts.towers.export_towers), loads each tower once
 on the reference engine, has each engine's exporter write its files from those loaded towers
 (artifacts.towers.export_engine_files), measures every (engine, precision) pair on the same
-loaded models (registry.precision.measure_fidelity), quantizes where `registry.int8` asks, and
-writes the finished description into both artifacts. Logging (registry.publish) then only
-copies files.
+loaded models (registry.precision.measure_fidelity), quantizes where `registry.int8` asks, chooses
+the OpenVINO IR's weight storage by measurement (registry.weights), writes the finished description
+into both artifacts and removes the files of engines a tower will not run on (ship_engine_files).
+Logging (registry.publish) then only copies files.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ class BuiltTowers:
         info: The description both artifacts carry (fidelity and notes filled in).
         towers: {"text": dir, "image": dir}.
         space: The embedding space (weights_space).
+        shipped: {tower: the engines whose files its artifact carries} (ship_engine_files).
     """
 
     checkpoint: ResolvedCheckpoint
     info: CheckpointInfo
     towers: dict[str, str]
     space: str
+    shipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
@@ -64,29 +67,32 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
     info, towers = export_towers(checkpoint, workdir)
     space = weights_space(towers, info.embedding_dim)
     if settings.registry.engines:
+        from clip_pyfunc.registry.weights import choose_ir_weights
+
         models = reference_models(towers)  # each tower loaded once, for every engine's files and measurement
         info = export_engine_files(info, towers, {tower: m.engine.engine for tower, m in models.items()})
         info = measure_fidelity(info, towers, models)
-        del models
-        if settings.registry.int8:
+        if settings.registry.int8:  # calibrated on the fp32 IR, before its storage is chosen
             from clip_pyfunc.registry.quantize import quantize_image_tower
 
             info = quantize_image_tower(info, towers, settings.registry.calibration_data)
+        info = choose_ir_weights(info, towers, models, settings.registry.ir_weights)
+        del models
     else:  # said in the summary, the tags and at load (a model asked to run there falls back with a note)
         why = "not exported: registered with registry.engines false (--no-engines)"
         info = dataclasses.replace(info, unavailable={e: dict.fromkeys(towers, why) for e in ENGINES
                                                       if engine_class(e).exporter})
     for path in towers.values():
         info.write(path)
-    drop_torch_weights(settings.runtime.engine, info, towers)
-    return BuiltTowers(checkpoint=checkpoint, info=info, towers=towers, space=space)
+    shipped = ship_engine_files(settings, info, towers)
+    return BuiltTowers(checkpoint=checkpoint, info=info, towers=towers, space=space, shipped=shipped)
 
 
 def weights_space(towers: dict[str, str], embedding_dim: int) -> str:
     """The embedding space of exported towers: a sha256 of both towers' fp32 weights files, and the dimension.
 
     The export is deterministic, so two registrations of one checkpoint give one space and another
-    checkpoint another. Call it before `drop_torch_weights`, which may remove the weights files.
+    checkpoint another. Call it before `ship_engine_files`, which may remove the weights files.
 
     Returns:
         "sha256:<32 hex digits>/<dim>".
@@ -103,19 +109,37 @@ def weights_space(towers: dict[str, str], embedding_dim: int) -> str:
     return f"sha256:{digest.hexdigest()[:32]}/{embedding_dim}"
 
 
-def drop_torch_weights(engine: str, info: CheckpointInfo, towers: dict[str, str]) -> list[str]:
-    """For models logged for a torch-free engine (`engine: openvino`), remove the safetensors from every tower
-    artifact that engine has files for, once measured: a torch-free environment cannot load them, and they would
-    double what each serving start downloads. A tower without them keeps its weights (it runs on torch).
-    Returns the towers whose weights were removed."""
-    from clip_pyfunc.runtime.engines import ENGINES, engine_class
+def ship_engine_files(settings: Settings, info: CheckpointInfo, towers: dict[str, str]) -> dict[str, list[str]]:
+    """Remove from each tower artifact, once measured, the files of the engines it will not be logged for.
 
-    if engine not in ENGINES or not engine_class(engine).torch_free:
-        return []
-    dropped = [tower for tower in towers if tower not in info.unavailable.get(engine, {})]
-    for tower in dropped:
-        os.remove(os.path.join(towers[tower], WEIGHTS_FILE))
-    return dropped
+    With `registry.engine_files` "chosen" (the default), a tower keeps the files of the engine it runs on by
+    default on this machine (models.base.plan_engine under `settings.runtime`: OpenVINO on CPUs where its IR
+    held the gate, torch on CUDA), so its artifact holds one copy of its weights. "all" keeps every engine's
+    files, except torch weights where the model is logged for a torch-free engine by name (`engine:
+    openvino`): its torch-free environment could not load them.
+
+    Returns:
+        {tower: the engines whose files it ships}.
+    """
+    from clip_pyfunc.models.base import plan_engine
+    from clip_pyfunc.runtime.engines import engine_classes
+
+    asked = settings.runtime.engine
+    torch_free = [e.name for e in engine_classes() if e.torch_free]
+    shipped = {}
+    for tower, path in towers.items():
+        keep = [e.name for e in engine_classes() if e.unusable(path, tower) is None]
+        if settings.registry.engine_files == "chosen":
+            keep = [plan_engine(path, tower, settings.runtime, info.fidelity)]
+        elif asked in torch_free and asked in keep:
+            keep = [e for e in keep if e in torch_free]
+        for engine in engine_classes():
+            if engine.name not in keep:
+                for name in engine.files:
+                    if os.path.exists(os.path.join(path, name)):
+                        os.remove(os.path.join(path, name))
+        shipped[tower] = keep
+    return shipped
 
 
 def describe_engines(info: CheckpointInfo) -> dict:
@@ -133,6 +157,7 @@ def describe_engines(info: CheckpointInfo) -> dict:
         if engine.exporter:
             row["fallback"] = dict(info.unavailable.get(engine.name, {}))
         out[engine.name] = row
+    out["ir_weights"] = dict(info.ir_weights)
     out["notes"] = dict(info.measurement_notes)
     return out
 

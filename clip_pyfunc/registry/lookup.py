@@ -103,7 +103,8 @@ def local_artifacts(uri: str) -> str | None:
     (a registry whose artifact store is a local folder, a file: URI or a local path), else None.
 
     A local Spark job's workers load such a model in place: copying a ViT-B/32 model's 700 MB took
-    2.4 s beside the JVM's start (docs/SPARK.md, issue 40). Any error while asking the registry
+    2.4 s beside the JVM's start (docs/SPARK.md, issue 40); `serve` and the app do too (the copy was
+    part of every cold start, issue 39). Any error while asking the registry
     where the model is means None (the caller downloads it, as before).
     """
     import os
@@ -161,7 +162,10 @@ def load_model(uri: str, what: str):
     """
     import mlflow
 
-    return _resolved(mlflow.pyfunc.load_model, uri, what)
+    def load(where: str):  # a model already on this disk is loaded in place, not copied first (local_artifacts)
+        return mlflow.pyfunc.load_model(local_artifacts(where) or where)
+
+    return _resolved(load, uri, what)
 
 
 def model_info(uri: str, what: str):

@@ -133,16 +133,14 @@ def _alias_version(client, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, towers) -> list[str]:
-    """A model's pip requirements: torch-free where it is logged for a torch-free engine (`engine: openvino`) and
-    every tower it ships has that engine's files; transformers then only where its tokenizer or NaFlex sizing
-    needs it."""
-    from clip_pyfunc.runtime.engines import ENGINES, engine_class
+def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, artifacts: dict) -> list[str]:
+    """A model's pip requirements: torch-free where no tower it ships carries torch weights (registry.build.
+    ship_engine_files: logged for OpenVINO by name, or where OpenVINO is the engine chosen); transformers then
+    only where its tokenizer or NaFlex sizing needs it."""
+    from clip_pyfunc.runtime.engines.torch_engine import WEIGHTS_FILE
 
-    towers = [t for t in towers if t in ("text", "image")]
-    engine = engine_class(runtime.engine) if runtime.engine in ENGINES else None
-    torch_free = bool(engine and engine.torch_free) and not any(
-        t in info.unavailable.get(engine.name, {}) for t in towers)
+    towers = [t for t in artifacts if t in ("text", "image")]
+    torch_free = bool(towers) and not any(os.path.exists(os.path.join(artifacts[t], WEIGHTS_FILE)) for t in towers)
     transformers = ("text" in towers and info.tokenizer != "tokenizers") or (
         "image" in towers and info.image_inputs == "naflex")
     return pip_requirements(torch_free=torch_free, transformers=transformers)
@@ -326,6 +324,7 @@ def register_models(settings: Settings) -> dict[str, Any]:
         "scoring": {"function": info.scoring, "scale": info.scale, "bias": info.bias},
         "precision_cosine_to_fp32": reference_fidelity(info),
         "engines": describe_engines(info),
+        "engine_files": built.shipped,
         "alias": reg.alias,
         "models": models,
     }

@@ -267,7 +267,10 @@ def serve(model_uri: str, config: ServeConfig) -> None:
     import uvicorn
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
-    path = mlflow.artifacts.download_artifacts(model_uri)  # once, not once per worker
+    from clip_pyfunc.registry.lookup import local_artifacts
+
+    # once, not once per worker; in place where the registry's store is on this disk
+    path = local_artifacts(model_uri) or mlflow.artifacts.download_artifacts(model_uri)
     os.environ.update(env)
     os.environ[_MODEL_PATH_ENV] = path
     os.environ[_CONFIG_ENV] = json.dumps(config.to_dict())

@@ -24,7 +24,7 @@ def encode_token_ids(engine, ids: Sequence[Sequence[int]], spec):
     """Run the text tower on id lists padded as the TextSpec says; return its vectors (n, dim) fp32."""
     from clip_pyfunc.stages.preprocess import pad_ids
 
-    input_ids, mask = pad_ids(ids, spec.pad_id, spec.pad_to)
+    input_ids, mask = pad_ids(ids, spec.pad_id, spec.width(max(len(row) for row in ids)))
     return engine.text_features(input_ids, mask if spec.attention_mask else None)
 
 

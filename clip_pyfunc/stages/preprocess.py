@@ -379,9 +379,14 @@ class TextSpec:
         pad_id: Id that fills padded positions.
         truncate: Truncate over-long rows (False refuses them, naming the row).
         pad_to: Pad every row to this width (families that pool the last position), or None
-            to pad each micro-batch to its longest row.
+            to pad each micro-batch to its longest row, rounded up to `length_step`.
         lowercase: Lowercase rows before tokenising.
         attention_mask: Feed the tower an attention mask.
+        length_step: Without `pad_to`, a micro-batch is padded to a multiple of this many tokens (at most
+            `max_length`), so that the engine sees a few sequence lengths, not one per longest row: OpenVINO
+            keeps compiled kernels for each input shape it meets (docs/BENCHMARKS.md, issue 39). The
+            vectors stay those of the unpadded rows: the padding is what shorter rows of the batch
+            already get (masked, or after the position the family pools); a test compares them. 1: none.
     """
 
     max_length: int
@@ -390,6 +395,14 @@ class TextSpec:
     pad_to: int | None = None
     lowercase: bool = False
     attention_mask: bool = True
+    length_step: int = 1
+
+    def width(self, longest: int) -> int:
+        """The padded width of a micro-batch whose longest row has `longest` ids."""
+        if self.pad_to:
+            return max(self.pad_to, longest)
+        step = max(1, self.length_step)
+        return max(longest, min(self.max_length, -(-longest // step) * step))
 
 
 def tokenize(tokenizer, texts: Sequence[str], spec: TextSpec) -> list[list[int] | InvalidInput]:

@@ -59,6 +59,9 @@ class Engine:
         torch_free: Runs without torch; a model logged for it ships no torch weights or requirement.
         batch_wait_ms: How long concurrent calls wait to share a forward by default (runtime.batching).
         exporter: Module in clip_pyfunc.artifacts that writes its files into tower artifacts, or None.
+        files: The file names it reads in a tower artifact: registration ships them only where the tower
+            runs on this engine by default, unless every engine's files are asked for
+            (registry.engine_files; registry.build.ship_engine_files).
     """
 
     name: str = ""
@@ -71,6 +74,7 @@ class Engine:
     batch_wait_ms: float = 0.0
     exporter: str | None = None
     absent: str = ""
+    files: tuple[str, ...] = ()
 
     @classmethod
     def unusable(cls, artifact_dir: str, tower: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 from clip_pyfunc.errors import ModelLoadError
@@ -36,6 +37,7 @@ class OpenVINOEngine(Engine):
     batch_wait_ms = 0.0  # 11.9 images/s at 1 row and 13.1 at 32 on ViT-B/32 (docs/SERVING.md): waiting does not pay
     exporter = "clip_pyfunc.artifacts.openvino"
     absent = "this model has no OpenVINO IR or openvino is not installed"
+    files = (IR_FILE, IR_FILE[:-4] + ".bin", IR_INT8_FILE, IR_INT8_FILE[:-4] + ".bin")
 
     def __init__(self, compiled, runtime):
         """Args: compiled: an openvino.CompiledModel of the tower (compile_tower)."""
@@ -46,13 +48,16 @@ class OpenVINOEngine(Engine):
         self._idle: queue.Queue = queue.Queue()
         self._made = 0
         self._lock = threading.Lock()
+        self.weights_file: str | None = None  # the IR's .bin, released after the first forward (load sets it)
 
     @classmethod
     def unusable(cls, artifact_dir: str, tower: str) -> str | None:
         """None where openvino imports and the artifact holds the tower's IR."""
         if not os.path.exists(ir_path(artifact_dir)):
-            return f"the {tower} artifact has no OpenVINO IR" + ("" if openvino_available() else
-                                                                  " (openvino is not installed)")
+            return (f"the {tower} artifact has no OpenVINO IR ({IR_FILE}): it was registered without engines, or "
+                    f"with the files of the engine it runs on by default alone; register with --all-engine-files "
+                    f"(registry.engine_files: all) to run it on OpenVINO too"
+                    + ("" if openvino_available() else " (openvino is not installed)"))
         if not openvino_available():
             return "openvino is not installed"
         return None
@@ -89,7 +94,9 @@ class OpenVINOEngine(Engine):
 
         if runtime.precision == "int8" and not os.path.exists(ir_path(artifact_dir, "int8")):
             runtime = dataclasses.replace(runtime, precision="fp32")  # only the image tower is quantized
-        return cls(compile_tower(artifact_dir, runtime.precision, runtime.threads), runtime)
+        engine = cls(compile_tower(artifact_dir, runtime.precision, runtime.threads), runtime)
+        engine.weights_file = os.path.splitext(ir_path(artifact_dir, runtime.precision))[0] + ".bin"
+        return engine
 
     def _acquire(self):
         with self._lock:
@@ -110,16 +117,39 @@ class OpenVINOEngine(Engine):
         request = self._acquire()
         try:
             request.infer(inputs)
-            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+            out = np.array(request.get_output_tensor(0).data, dtype=np.float32)
         finally:
             self._idle.put(request)
+        if self.weights_file is not None:
+            self._release_weights_file()
+        return out
+
+    def _release_weights_file(self) -> None:
+        """Once, after the first forward: the plugin has packed its own copy of every weight by then."""
+        with self._lock:
+            path, self.weights_file = self.weights_file, None
+        if path:
+            release_file_pages(path)
 
     def text_features(self, input_ids, attention_mask=None):
-        """Token ids int64 (n, L) and, where the family takes one, their mask (n, L) -> vectors (n, dim)."""
+        """Token ids int64 (n, L) and, where the family takes one, their mask (n, L) -> vectors (n, dim).
+
+        The rows are padded to bucket_rows(n) with copies of the first row, whose vectors are dropped: the
+        CPU plugin keeps state for every input shape it meets (about 0.7 MiB each on ViT-B/32's text tower,
+        not bounded by CPU_RUNTIME_CACHE_CAPACITY), and text varies in rows and length. With the length in
+        multiples of 8 (stages.preprocess.TextSpec.length_step) and rows in buckets, 1,000 forwards of
+        random shapes grew RSS 1.03x over 100, against 2.8x unpadded (docs/BENCHMARKS.md, issue 39).
+        """
+        import numpy as np
+
+        rows = len(input_ids)
+        padded = bucket_rows(rows)
         inputs = {"input_ids": input_ids}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
-        return self._infer(inputs)
+        if padded > rows:
+            inputs = {k: np.concatenate([v, np.repeat(v[:1], padded - rows, axis=0)]) for k, v in inputs.items()}
+        return self._infer(inputs)[:rows]
 
     def image_features(self, pixels):
         """Pixels float32 (n, 3, H, W) -> vectors (n, dim)."""
@@ -128,6 +158,12 @@ class OpenVINOEngine(Engine):
     def patch_features(self, patches, mask, shapes):
         """NaFlex: patch sequences float32 (n, P, D), their mask (n, P) and grid shapes (n, 2) -> vectors (n, dim)."""
         return self._infer({"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes})
+
+
+def bucket_rows(rows: int) -> int:
+    """The rows a text batch of `rows` is padded to: the next power of two up to 8, then the next multiple
+    of 8 (1, 2, 4, 8, 16, 24, 32...): seven row counts up to a batch of 32, at most 7 padded rows."""
+    return 1 << max(0, rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
 
 
 def ir_path(artifact_dir: str, precision: str = "fp32") -> str:
@@ -142,7 +178,7 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def compile_tower(artifact_dir: str, precision: str, threads: int):
+def compile_tower(artifact_dir: str, precision: str, threads: int, ir: str | None = None):
     """Compile a tower artifact's IR for the CPU.
 
     Args:
@@ -151,6 +187,7 @@ def compile_tower(artifact_dir: str, precision: str, threads: int):
             "bf16" (bf16 inference precision) or "int8" (the int8 IR where the artifact has one,
             the fp32 IR otherwise: only the image tower is quantized).
         threads: OpenVINO's inference threads.
+        ir: Another IR file to compile instead (registration measures candidate weight storages so).
 
     Returns:
         An openvino.CompiledModel, with the LATENCY hint: one stream that gives each forward every
@@ -161,7 +198,7 @@ def compile_tower(artifact_dir: str, precision: str, threads: int):
     """
     import openvino as ov
 
-    path = ir_path(artifact_dir, precision)
+    path = ir or ir_path(artifact_dir, precision)
     if precision == "int8" and not os.path.exists(path):
         path = ir_path(artifact_dir)
     if not os.path.exists(path):
@@ -175,6 +212,44 @@ def compile_tower(artifact_dir: str, precision: str, threads: int):
         return ov.Core().compile_model(path, "CPU", config)
     except Exception as e:  # noqa: BLE001 - openvino raises RuntimeError subclasses with no common base
         raise ModelLoadError(f"cannot compile the OpenVINO IR {path}: {first_line(e)}") from e
+
+
+MADV_PAGEOUT = 21  # Linux >= 5.4, include/uapi/asm-generic/mman-common.h (Python's mmap module lacks it)
+
+
+def release_file_pages(path: str) -> int:
+    """Reclaim the resident pages of every read-only mapping of `path` in this process (Linux `madvise`
+    MADV_PAGEOUT); the mappings stay valid, and a page read again comes back from the file.
+
+    OpenVINO maps an IR's `.bin` into the process (ENABLE_MMAP) and its CPU plugin keeps the mapping
+    for the compiled model's life, while it packs its own copy of each weight (bf16, or a blocked
+    layout) on the first forward. The mapped file stayed resident beside that copy: ViT-B/32's image
+    IR (334 MiB) compiled bf16 held 640 MiB after a batch of 1 and one of 32, 306 MiB once its pages
+    were released, and 343 MiB after forwards at five more batch sizes (docs/BENCHMARKS.md, issue 39).
+    Only shared, read-only mappings are touched: their pages are clean, so reclaiming them loses
+    nothing. Elsewhere (not Linux, or a kernel without MADV_PAGEOUT) nothing happens.
+
+    Returns:
+        Bytes of the mappings advised (0 where none was found or madvise refused).
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    real = os.path.realpath(path)
+    spans = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == real and fields[1].startswith("r-"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    spans.append((start, end - start))
+    except OSError:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return sum(size for start, size in spans if libc.madvise(start, size, MADV_PAGEOUT) == 0)
 
 
 def cpu_pinning(threads: int) -> bool:

@@ -30,8 +30,9 @@ class TorchEngine(Engine):
     # A bigger batch pays here: on ViT-B/32 (2-core AVX2 EPYC, docs/SERVING.md) torch fp32 served 5.7
     # images/s at 1 row and 10.7 at 6. 40 ms merged two groups of 4 requests into one of 8 (20 ms did not).
     batch_wait_ms = 40.0
-    absent = ("torch is not installed here or the model was logged for a torch-free engine alone (no torch "
-              "weights)")
+    absent = ("torch is not installed here or the model was logged without torch weights (for a torch-free engine, "
+              "or with the chosen engine's files alone)")
+    files = (WEIGHTS_FILE,)
 
     def __init__(self, module, runtime):
         """Args: module: the tower, already on the runtime's device and precision (apply_precision)."""
@@ -45,7 +46,9 @@ class TorchEngine(Engine):
         if not torch_available():
             return "torch is not installed"
         if not os.path.exists(os.path.join(artifact_dir, WEIGHTS_FILE)):
-            return f"the {tower} artifact has no torch weights"
+            return (f"the {tower} artifact has no torch weights ({WEIGHTS_FILE}): it was registered with the files of "
+                    f"the engine it runs on by default alone; register with --all-engine-files "
+                    f"(registry.engine_files: all) to run it on torch too")
         return None
 
     @classmethod

@@ -1,0 +1,256 @@
+"""Footprint where a model is deployed: cold start and resident memory of each way of serving it, in one run.
+
+One random-weight checkpoint (real ViT-B/32 shapes, meaningless vectors) is registered with the default
+settings in a temporary registry. For each server, started as its command is (process start to the
+first answered request; the model's files already on this disk):
+
+- `clip-pyfunc serve` of the image model, and of the text model;
+- plain `mlflow models serve --env-manager local` of the image model;
+- `clip-pyfunc app --no-index` with the text and image models;
+
+it measures the cold start (median of `starts`), the peak RSS of the server's process tree during start
+and over the whole run (sampled every 20 ms), RSS after 100 and after `requests` mixed requests
+(images of five sizes, one to four a request; texts of 1 to 60 words, 1 to 32 a request, so that
+their shapes differ nearly every time), and the throughput of batch-32 requests after them.
+
+With `baseline_pythonpath` (a checkout of an earlier clip-pyfunc, e.g. `git worktree add /tmp/base
+<commit>`), the same checkpoint is registered a second time by that package and every server is run
+on it too, the two sides alternating server by server, so that the ratios are taken in one run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from clip_pyfunc.benchmarks.common import free_port, machine_info, photo_jpeg
+
+MIB = 2**20
+WORDS = ("red blue black white green leather cotton denim summer winter sale men women kids sport running "
+         "shoe boot dress shirt jacket bag watch hat scarf lamp chair table vintage new classic slim fit").split()
+SIZES = ((640, 480), (320, 240), (1200, 900), (480, 640), (224, 224))
+SERVERS = ("serve-image", "serve-text", "mlflow-image", "app")
+
+
+def _images() -> list[bytes]:
+    return [photo_jpeg(w, h, seed=i) for i, (w, h) in enumerate(SIZES * 4)]
+
+
+def _texts(rng: random.Random, rows: int) -> list[str]:
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))) for _ in range(rows)]
+
+
+def _tree_rss(pid: int) -> float:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / MIB
+    except psutil.Error:
+        return 0.0
+
+
+class _Server:
+    """A server process, its RSS sampled every 20 ms, and how to send it one request of each kind."""
+
+    def __init__(self, kind: str, env: dict, workdir: str):
+        self.kind, self.port = kind, free_port()
+        port = str(self.port)
+        cmd = {"serve-image": ["clip-pyfunc", "serve", "-m", "models:/clip_image_embedding@champion", "-p", port],
+               "serve-text": ["clip-pyfunc", "serve", "-m", "models:/clip_text_embedding@champion", "-p", port],
+               "mlflow-image": [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                "models:/clip_image_embedding@champion", "-p", port, "--env-manager", "local"],
+               "app": ["clip-pyfunc", "app", "--no-index", "--no-classifier", "--port", port,
+                       "--follow-seconds", "0"]}[kind]
+        self.log = open(os.path.join(workdir, f"{kind}.log"), "w")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env, cwd=workdir)
+        self.peak, self._stop = 0.0, threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss(self.proc.pid))
+            time.sleep(0.02)
+
+    def rss(self) -> float:
+        return _tree_rss(self.proc.pid)
+
+    def post(self, session, images: list[bytes], texts: list[str]):
+        """One request: the images (base64 cells, or form files for the app) or else the texts."""
+        if self.kind == "app":
+            files = ({f"i{j}": (f"p{j}.jpg", data, "image/jpeg") for j, data in enumerate(images)} if images else
+                     {f"t{j}": (None, text) for j, text in enumerate(texts)})
+            return session.post(f"http://127.0.0.1:{self.port}/embeddings", files=files, timeout=120)
+        cells = [base64.b64encode(data).decode() for data in images] if images else texts
+        return session.post(f"http://127.0.0.1:{self.port}/invocations", data=json.dumps({"inputs": {"input": cells}}),
+                            headers={"Content-Type": "application/json"}, timeout=120)
+
+    def wait_first_answer(self, session, images, texts, seconds: float = 300.0) -> float:
+        """Seconds from process start to the first 200."""
+        import requests
+
+        deadline = self.started + seconds
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited before answering; see {self.log.name}")
+            try:
+                if self.post(session, images, texts).status_code == 200:
+                    return time.perf_counter() - self.started
+            except requests.RequestException:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError(f"{self.kind} did not answer within {seconds:.0f} s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _request(kind: str, index: int, images: list[bytes], rng: random.Random) -> tuple[list[bytes], list[str]]:
+    """The index-th mixed request: images for the image servers, texts for the text one, both in turn for the app."""
+    image_turn = kind in ("serve-image", "mlflow-image") or (kind == "app" and index % 2 == 0)
+    if image_turn:
+        return [images[(index + j) % len(images)] for j in range(1 + index % 4)], []
+    return [], _texts(rng, rng.randint(1, 32))
+
+
+def measure_server(kind: str, env: dict, workdir: str, requests_n: int, starts: int) -> dict:
+    """Cold starts, then one server's RSS through `requests_n` mixed requests and its batch-32 throughput."""
+    import requests
+
+    images, colds, peaks_at_start = _images(), [], []
+    for start in range(starts):
+        server = _Server(kind, env, workdir)
+        try:
+            with requests.Session() as session:
+                first_images, first_texts = _request(kind, 0, images, random.Random(0))
+                colds.append(server.wait_first_answer(session, first_images, first_texts))
+                peaks_at_start.append(server.peak)
+                if start < starts - 1:
+                    continue
+                rng = random.Random(1)
+                out = {"rss_at_start_mib": round(server.rss())}
+                for index in range(requests_n):
+                    answer = server.post(session, *_request(kind, index, images, rng))
+                    if answer.status_code != 200:
+                        raise RuntimeError(f"{kind} answered {answer.status_code}: {answer.text[:300]}")
+                    if index + 1 == min(100, requests_n):
+                        out["rss_after_100_mib"] = round(server.rss())
+                out[f"rss_after_{requests_n}_mib"] = round(server.rss())
+                out["rss_peak_mib"] = round(server.peak)
+                out.update(_throughput(server, session, kind, images))
+        finally:
+            server.stop()
+    out.update({"cold_start_s": round(statistics.median(colds), 2), "cold_starts_s": [round(c, 2) for c in colds],
+                "rss_peak_during_start_mib": round(max(peaks_at_start))})
+    return out
+
+
+def _throughput(server: _Server, session, kind: str, images: list[bytes], batches: int = 8) -> dict:
+    """Rows per second of `batches` sequential requests of 32 rows (images, or product-title texts)."""
+    rng = random.Random(2)
+    image_side = kind != "serve-text"
+    texts = [_texts(rng, 32) for _ in range(batches)]
+    rows = [[images[(b + j) % len(images)] for j in range(32)] if image_side else [] for b in range(batches)]
+    server.post(session, rows[0], texts[0])  # the batch-32 shapes once before timing
+    started = time.perf_counter()
+    for b in range(batches):
+        server.post(session, rows[b], texts[b])
+    key = "images_per_s" if image_side else "texts_per_s"
+    return {key: round(32 * batches / (time.perf_counter() - started), 1)}
+
+
+def _register(workdir: str, checkpoint: str, env: dict) -> dict:
+    """`clip-pyfunc register` of the checkpoint with the default settings, by the package `env` runs."""
+    answer = subprocess.run(["clip-pyfunc", "register", "--model", checkpoint], cwd=workdir, env=env,
+                            capture_output=True, text=True, check=False)
+    if answer.returncode != 0:
+        raise RuntimeError(f"registration failed: {answer.stderr[-1500:]}")
+    return json.loads(answer.stdout)
+
+
+def _artifact_mib(workdir: str) -> float:
+    """MiB of every registered model's files under a side's store."""
+    total = 0
+    for folder, _, files in os.walk(os.path.join(workdir, "mlruns")):
+        total += sum(os.path.getsize(os.path.join(folder, name)) for name in files)
+    return round(total / MIB)
+
+
+def run(requests_n: int = 1000, starts: int = 3, baseline_pythonpath: str | None = None,
+        servers: tuple[str, ...] = SERVERS, log=lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
+    """Measure every server of `servers` (see the module docstring); with a baseline, both sides alternating.
+
+    Returns:
+        {"machine", "sides": {side: {"registration": ..., "artifacts_mib": ..., server: {...}}}, "ratios"}.
+    """
+    from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
+
+    root = tempfile.mkdtemp(prefix="clip-footprint-")
+    checkpoint = save_random_checkpoint(os.path.join(root, "vit-b-32"), arch="vit-b-32")
+    sides = {"now": None}
+    if baseline_pythonpath:
+        sides["baseline"] = os.path.abspath(baseline_pythonpath)
+    envs, out = {}, {"machine": machine_info(), "requests": requests_n, "starts": starts, "sides": {}}
+    for side, pythonpath in sides.items():
+        workdir = os.path.join(root, side)
+        os.makedirs(workdir)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CLIP_PYFUNC_CONF")}
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+        env["PYTHONUNBUFFERED"] = "1"
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        log(f"registering ({side})")
+        summary = _register(workdir, checkpoint, env)
+        envs[side] = (env, workdir)
+        out["sides"][side] = {"registration": {k: summary.get(k) for k in ("engines", "engine_files")},
+                              "artifacts_mib": _artifact_mib(workdir)}
+    order = list(sides)
+    for position, kind in enumerate(servers):
+        for side in order if position % 2 == 0 else order[::-1]:
+            env, workdir = envs[side]
+            log(f"{kind} ({side})")
+            out["sides"][side][kind] = measure_server(kind, env, workdir, requests_n, starts)
+    if baseline_pythonpath:
+        out["ratios"] = _ratios(out["sides"]["now"], out["sides"]["baseline"], servers)
+    out["note"] = "random ViT-B/32 weights: the vectors are meaningless; only the work is real"
+    return out
+
+
+def _ratios(now: dict, before: dict, servers) -> dict:
+    """now / baseline for each server's cold start, RSS after the requests, peak, and throughput."""
+    ratios = {"artifacts": round(now["artifacts_mib"] / before["artifacts_mib"], 3)}
+    for kind in servers:
+        row = {}
+        for key in now[kind]:
+            if key.endswith(("_s", "_mib", "_per_s")) and isinstance(now[kind][key], (int, float)) and before[kind].get(key):
+                row[key] = round(now[kind][key] / before[kind][key], 3)
+        ratios[kind] = row
+    return ratios
+
+
+def table(result: dict) -> str:
+    """The figures as a plain-text table (stderr)."""
+    lines = []
+    for side, values in result["sides"].items():
+        lines.append(f"{side}: artifacts {values['artifacts_mib']} MiB")
+        for kind in SERVERS:
+            if kind in values:
+                row = values[kind]
+                lines.append(f"  {kind:13s} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "cold_starts_s"))
+    return "\n".join(lines)
