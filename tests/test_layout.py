@@ -31,11 +31,16 @@ HEAVY = ("torch", "transformers", "mlflow", "pyspark")
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 PRE_LAYOUT = os.path.join(FIXTURES, "clip_pyfunc-01cb923.tar.gz")
 PRE_ENGINES = os.path.join(FIXTURES, "clip_pyfunc-ee5eca8.tar.gz")
+# ...and before each tower shipped its default engine's files alone, in the IR weight storage measured best
+# (issue 39: git archive 323fca6 clip_pyfunc): its artifacts hold torch weights and an fp32 IR.
+PRE_FOOTPRINT = os.path.join(FIXTURES, "clip_pyfunc-323fca6.tar.gz")
 # How each old package registers: its settings module, and what pins the reference (fp32 on torch; the
 # regrouping's package had one engine).
 OLD_PACKAGES = {
     "before the regrouping": (PRE_LAYOUT, "clip_pyfunc.config", {"precision": "fp32"}),
     "before engines were adapters": (PRE_ENGINES, "clip_pyfunc.settings", {"precision": "fp32", "engine": "torch"}),
+    "before one engine's files per tower": (PRE_FOOTPRINT, "clip_pyfunc.settings",
+                                            {"precision": "fp32", "engine": "torch"}),
 }
 
 

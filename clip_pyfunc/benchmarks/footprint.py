@@ -68,8 +68,7 @@ class _Server:
                "serve-text": ["clip-pyfunc", "serve", "-m", "models:/clip_text_embedding@champion", "-p", port],
                "mlflow-image": [sys.executable, "-m", "mlflow", "models", "serve", "-m",
                                 "models:/clip_image_embedding@champion", "-p", port, "--env-manager", "local"],
-               "app": ["clip-pyfunc", "app", "--no-index", "--no-classifier", "--port", port,
-                       "--follow-seconds", "0"]}[kind]
+               "app": ["clip-pyfunc", "app", "--no-index", "--no-classifier", "--port", port]}[kind]
         self.log = open(os.path.join(workdir, f"{kind}.log"), "w")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env, cwd=workdir)
@@ -192,8 +191,10 @@ def _artifact_mib(workdir: str) -> float:
 
 
 def run(requests_n: int = 1000, starts: int = 3, baseline_pythonpath: str | None = None,
-        servers: tuple[str, ...] = SERVERS, log=lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
+        servers: tuple[str, ...] = SERVERS, output: str | None = None,
+        log=lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
     """Measure every server of `servers` (see the module docstring); with a baseline, both sides alternating.
+    With `output`, the JSON so far is written there after each server.
 
     Returns:
         {"machine", "sides": {side: {"registration": ..., "artifacts_mib": ..., server: {...}}}, "ratios"}.
@@ -226,6 +227,9 @@ def run(requests_n: int = 1000, starts: int = 3, baseline_pythonpath: str | None
             env, workdir = envs[side]
             log(f"{kind} ({side})")
             out["sides"][side][kind] = measure_server(kind, env, workdir, requests_n, starts)
+            if output:
+                with open(output, "w", encoding="utf-8") as f:
+                    json.dump(out, f, indent=2)
     if baseline_pythonpath:
         out["ratios"] = _ratios(out["sides"]["now"], out["sides"]["baseline"], servers)
     out["note"] = "random ViT-B/32 weights: the vectors are meaningless; only the work is real"
