@@ -11,7 +11,7 @@ first answered request; the model's files already on this disk):
 it measures the cold start (median of `starts`), the peak RSS of the server's process tree during start
 and over the whole run (sampled every 20 ms), RSS after 100 and after `requests` mixed requests
 (images of five sizes, one to four a request; texts of 1 to 60 words, 1 to 32 a request, so that
-their shapes differ nearly every time), and the throughput of batch-32 requests after them.
+their shapes differ nearly every time), and the throughput of batch-32 requests after them (16 rows for the app, whose forms take 16 fields).
 
 With `baseline_pythonpath` (a checkout of an earlier clip-pyfunc, e.g. `git worktree add /tmp/base
 <commit>`), the same checkpoint is registered a second time by that package and every server is run
@@ -124,7 +124,12 @@ def _request(kind: str, index: int, images: list[bytes], rng: random.Random) -> 
     image_turn = kind in ("serve-image", "mlflow-image") or (kind == "app" and index % 2 == 0)
     if image_turn:
         return [images[(index + j) % len(images)] for j in range(1 + index % 4)], []
-    return [], _texts(rng, rng.randint(1, 32))
+    return [], _texts(rng, rng.randint(1, _rows(kind)))
+
+
+def _rows(kind: str) -> int:
+    """Rows a request may carry: the app's form takes 16 fields at most (app.max_fields)."""
+    return 16 if kind == "app" else 32
 
 
 def measure_server(kind: str, env: dict, workdir: str, requests_n: int, starts: int) -> dict:
@@ -160,17 +165,21 @@ def measure_server(kind: str, env: dict, workdir: str, requests_n: int, starts: 
 
 
 def _throughput(server: _Server, session, kind: str, images: list[bytes], batches: int = 8) -> dict:
-    """Rows per second of `batches` sequential requests of 32 rows (images, or product-title texts)."""
-    rng = random.Random(2)
-    image_side = kind != "serve-text"
-    texts = [_texts(rng, 32) for _ in range(batches)]
-    rows = [[images[(b + j) % len(images)] for j in range(32)] if image_side else [] for b in range(batches)]
-    server.post(session, rows[0], texts[0])  # the batch-32 shapes once before timing
-    started = time.perf_counter()
-    for b in range(batches):
-        server.post(session, rows[b], texts[b])
-    key = "images_per_s" if image_side else "texts_per_s"
-    return {key: round(32 * batches / (time.perf_counter() - started), 1)}
+    """Rows per second of `batches` sequential requests of 32 rows (16 for the app): images, texts, or both."""
+    rng, size = random.Random(2), _rows(kind)
+    out = {}
+    for side in ("image", "text") if kind == "app" else ("text",) if kind == "serve-text" else ("image",):
+        texts = [_texts(rng, size) for _ in range(batches)]
+        rows = [[images[(b + j) % len(images)] for j in range(size)] if side == "image" else [] for b in range(batches)]
+        server.post(session, rows[0], texts[0])  # the batch's shapes once before timing
+        started = time.perf_counter()
+        for b in range(batches):
+            answer = server.post(session, rows[b], texts[b])
+            if answer.status_code != 200:
+                raise RuntimeError(f"{kind} answered {answer.status_code}: {answer.text[:300]}")
+        out[f"{side}s_per_s"] = round(size * batches / (time.perf_counter() - started), 1)
+    out["rows_per_request"] = size
+    return out
 
 
 def _register(workdir: str, checkpoint: str, env: dict) -> dict:
@@ -191,10 +200,12 @@ def _artifact_mib(workdir: str) -> float:
 
 
 def run(requests_n: int = 1000, starts: int = 3, baseline_pythonpath: str | None = None,
-        servers: tuple[str, ...] = SERVERS, output: str | None = None,
+        servers: tuple[str, ...] = SERVERS, output: str | None = None, shapes: bool = True,
         log=lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
     """Measure every server of `servers` (see the module docstring); with a baseline, both sides alternating.
-    With `output`, the JSON so far is written there after each server.
+    With `output`, the JSON so far is written there after each server. With `shapes`, the registered text
+    tower's OpenVINO RSS growth over `requests_n` forwards of random shapes is measured under each padding
+    policy (text_shape_growth), in processes of their own.
 
     Returns:
         {"machine", "sides": {side: {"registration": ..., "artifacts_mib": ..., server: {...}}}, "ratios"}.
@@ -230,10 +241,27 @@ def run(requests_n: int = 1000, starts: int = 3, baseline_pythonpath: str | None
             if output:
                 with open(output, "w", encoding="utf-8") as f:
                     json.dump(out, f, indent=2)
+    if shapes:
+        from clip_pyfunc.registry.lookup import local_artifacts
+
+        env, _ = envs["now"]
+        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+        folder = os.path.join(local_artifacts("models:/clip_text_embedding@champion"), "artifacts", "text_tower")
+        precision = _default_precision_here(out["sides"]["now"]["registration"]["engines"])
+        log(f"text shapes ({precision})")
+        out["text_shapes"] = {"precision": precision, "forwards": requests_n,
+                              "policies": text_shape_growth(folder, requests_n, precision)}
     if baseline_pythonpath:
         out["ratios"] = _ratios(out["sides"]["now"], out["sides"]["baseline"], servers)
     out["note"] = "random ViT-B/32 weights: the vectors are meaningless; only the work is real"
     return out
+
+
+def _default_precision_here(engines: dict) -> str:
+    """The precision OpenVINO's default takes on this machine for the registered model (as registry.weights)."""
+    from clip_pyfunc.registry.weights import _default_precision, _precisions
+
+    return _default_precision(engines.get("openvino", {}), _precisions())
 
 
 def _ratios(now: dict, before: dict, servers) -> dict:
@@ -258,3 +286,49 @@ def table(result: dict) -> str:
                 row = values[kind]
                 lines.append(f"  {kind:13s} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "cold_starts_s"))
     return "\n".join(lines)
+
+
+SHAPE_POLICIES = ("unpadded", "length_step", "length_step_and_rows")
+
+
+def text_shapes_child(artifact_dir: str, policy: str, forwards: int, precision: str) -> dict:
+    """In this process: `forwards` OpenVINO text forwards of random shapes (1 to 32 rows of 3 to 77 tokens) under
+    one padding policy; RSS after 100 and after all of them, and the distinct shapes the engine met."""
+    import numpy as np
+    import psutil
+
+    from clip_pyfunc.runtime.engines.openvino_engine import OpenVINOEngine, bucket_rows
+    from clip_pyfunc.settings import RuntimeConfig
+
+    runtime = OpenVINOEngine.make_runtime(RuntimeConfig(engine="openvino", precision=precision), precision, False)
+    engine = OpenVINOEngine.load(artifact_dir, "text", runtime)
+    rng, shapes, out = random.Random(0), set(), {}
+    started = time.perf_counter()
+    for index in range(forwards):
+        rows, length = rng.randint(1, 32), rng.randint(3, 77)
+        if policy != "unpadded":
+            length = min(77, -(-length // 8) * 8)
+        if policy == "length_step_and_rows":
+            rows = bucket_rows(rows)
+        shapes.add((rows, length))
+        ids = np.ones((rows, length), dtype=np.int64)
+        engine._infer({"input_ids": ids, "attention_mask": ids})  # the shape as given: no padding of its own
+        if index + 1 in (100, forwards):
+            out[f"rss_after_{index + 1}_mib"] = round(psutil.Process().memory_info().rss / MIB)
+    out.update({"policy": policy, "distinct_shapes": len(shapes), "seconds": round(time.perf_counter() - started, 1),
+                "growth": round(out[f"rss_after_{forwards}_mib"] / out["rss_after_100_mib"], 3)})
+    return out
+
+
+def text_shape_growth(artifact_dir: str, forwards: int = 1000, precision: str = "fp32") -> list[dict]:
+    """text_shapes_child for each policy, each in a fresh process (its RSS is its own)."""
+    results = []
+    for policy in SHAPE_POLICIES:
+        code = ("import json, sys; from clip_pyfunc.benchmarks.footprint import text_shapes_child; "
+                "print(json.dumps(text_shapes_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])))")
+        answer = subprocess.run([sys.executable, "-c", code, artifact_dir, policy, str(forwards), precision],
+                                capture_output=True, text=True, check=False)
+        if answer.returncode != 0:
+            raise RuntimeError(f"text shapes ({policy}) failed: {answer.stderr[-1500:]}")
+        results.append(json.loads(answer.stdout.strip().splitlines()[-1]))
+    return results

@@ -324,7 +324,8 @@ def cmd_bench_footprint(args: argparse.Namespace) -> dict:
         raise InvalidInput(f"--requests must be 100 or more and --starts 1 or more, got {args.requests}, {args.starts}")
     if args.baseline_pythonpath and not os.path.isdir(os.path.join(args.baseline_pythonpath, "clip_pyfunc")):
         raise InvalidInput(f"--baseline-pythonpath {args.baseline_pythonpath!r} holds no clip_pyfunc package")
-    result = footprint.run(args.requests, args.starts, args.baseline_pythonpath, tuple(args.servers), args.output)
+    result = footprint.run(args.requests, args.starts, args.baseline_pythonpath, tuple(args.servers), args.output,
+                           shapes=not args.no_shapes)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkout of an earlier clip-pyfunc: its servers run too, alternating with this one's")
     p.add_argument("--servers", nargs="+", default=["serve-image", "serve-text", "mlflow-image", "app"],
                    choices=["serve-image", "serve-text", "mlflow-image", "app"], help="which servers to measure")
+    p.add_argument("--no-shapes", action="store_true",
+                   help="skip the text tower's memory growth over random input shapes under each padding policy")
     p.add_argument("--output", help="also write the JSON here")
     p.set_defaults(func=commands.cmd_bench_footprint)
     p = sub.add_parser("bench-search", help="the embedded store at catalogue sizes (recall, latency, build, "
