@@ -24,6 +24,7 @@ import base64
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -210,14 +211,25 @@ def run(requests_n: int = 1000, starts: int = 3, baseline_pythonpath: str | None
     Returns:
         {"machine", "sides": {side: {"registration": ..., "artifacts_mib": ..., server: {...}}}, "ratios"}.
     """
+    root = tempfile.mkdtemp(prefix="clip-footprint-")
+    try:
+        return _run(root, requests_n, starts, baseline_pythonpath, servers, output, shapes, log)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(root: str, requests_n: int, starts: int, baseline_pythonpath: str | None, servers, output, shapes,
+         log) -> dict:
     from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
 
-    root = tempfile.mkdtemp(prefix="clip-footprint-")
     checkpoint = save_random_checkpoint(os.path.join(root, "vit-b-32"), arch="vit-b-32")
     sides = {"now": None}
     if baseline_pythonpath:
         sides["baseline"] = os.path.abspath(baseline_pythonpath)
-    envs, out = {}, {"machine": machine_info(), "requests": requests_n, "starts": starts, "sides": {}}
+    from clip_pyfunc.benchmarks.bench import matmul_gflops
+
+    envs, out = {}, {"machine": machine_info(), "requests": requests_n, "starts": starts, "sides": {},
+                     "matmul_ceiling_before": matmul_gflops()}
     for side, pythonpath in sides.items():
         workdir = os.path.join(root, side)
         os.makedirs(workdir)
@@ -253,6 +265,7 @@ def run(requests_n: int = 1000, starts: int = 3, baseline_pythonpath: str | None
                               "policies": text_shape_growth(folder, requests_n, precision)}
     if baseline_pythonpath:
         out["ratios"] = _ratios(out["sides"]["now"], out["sides"]["baseline"], servers)
+    out["matmul_ceiling_after"] = matmul_gflops()
     out["note"] = "random ViT-B/32 weights: the vectors are meaningless; only the work is real"
     return out
 
