@@ -61,8 +61,9 @@ MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetens
 # image preprocessing read at registration. transformers (with SigLIP's sentencepiece and protobuf)
 # comes back only where the tokenizer or NaFlex sizing needs it (TRANSFORMERS_REQUIREMENTS).
 # mlflow-skinny: MLflow's pyfunc and scoring server without the tracking server's pyarrow, scipy and
-# scikit-learn (about 260 MiB of the serving environment).
-TORCH_FREE_REQUIREMENTS = ("mlflow-skinny", "openvino", "tokenizers", "pillow", "pybase64", "simplejpeg", "numpy", "pandas")
+# scikit-learn (about 260 MiB of the serving environment). safetensors: the classifier's label vectors.
+TORCH_FREE_REQUIREMENTS = ("mlflow-skinny", "openvino", "tokenizers", "safetensors", "pillow", "pybase64", "simplejpeg",
+                           "numpy", "pandas")
 TRANSFORMERS_REQUIREMENTS = ("transformers", "huggingface-hub", "sentencepiece", "protobuf")
 # The rest of `pip install clip-pyfunc`: settings (pyyaml); evaluate's progress bar and plot (tqdm,
 # matplotlib); index, search, duplicates and the app (qdrant-edge-py: Qdrant's engine embedded, the

@@ -144,7 +144,7 @@ def test_a_default_registration_ships_one_engine_s_files_measured_and_no_torch(r
             "openvino_model.bin", "openvino_model.xml"]
         with open(os.path.join(mlflow.artifacts.download_artifacts(uri), "requirements.txt")) as f:
             names = {line.split("==")[0].strip() for line in f if line.strip()}
-        assert "torch" not in names and "openvino" in names, names
+        assert "torch" not in names and {"openvino", "safetensors"} <= names, names  # safetensors: label vectors
     # the kept storage held the gate: the fidelity table is measured on the shipped IRs
     assert summary["engines"]["openvino"]["fp32"] >= 0.9999
     text = mlflow.pyfunc.load_model(summary["models"]["text"]["uri"])
@@ -153,3 +153,18 @@ def test_a_default_registration_ships_one_engine_s_files_measured_and_no_torch(r
     assert np.min(np.sum(text.predict(TEXTS) * reference, axis=1)) >= 0.999
     with pytest.raises(Exception, match="--all-engine-files"):
         mlflow.pyfunc.load_model(summary["models"]["image"]["uri"], model_config={"engine": "torch"})
+
+
+def test_a_runtime_this_machine_cannot_resolve_keeps_every_engine_s_files(tiny_checkpoint, tracking_uri):
+    """Registering on a CPU for a CUDA server: nothing is chosen here, so nothing is dropped, and the summary says why."""
+    from clip_pyfunc.registry import register_models
+    from clip_pyfunc.runtime import cuda_available
+
+    assert not cuda_available()  # the case under test: a CPU machine registering for `device: cuda`
+    summary = register_models(load_settings(None, {
+        "model": {"source": tiny_checkpoint},
+        "registry": {"text_name": "for_cuda_text", "image_name": "for_cuda_image", "engine_files": "chosen"},
+        "runtime": {"device": "cuda", "engine": "auto"}}))
+    assert summary["engine_files"] == {"text": ["torch"], "image": ["torch"]}
+    assert "every engine's files kept" in summary["engines"]["notes"]["engine files"]
+    assert "cuda" in summary["engines"]["notes"]["engine files"].lower()

@@ -129,7 +129,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     from clip_pyfunc.runtime import features
     from clip_pyfunc.stages.encode import encode_pixels, encode_token_ids
     from clip_pyfunc.stages.postprocess import finish
-    from clip_pyfunc.stages.preprocess import pad_ids, tokenize
+    from clip_pyfunc.stages.preprocess import tokenize
     from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry import register_models
     from clip_pyfunc.runtime.engines import ENGINES
@@ -141,7 +141,8 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
     else:
         path = resolve_checkpoint(model).path
     summary = register_models(load_settings(None, {"model": {"source": path},
-                                                   "registry": {"int8": int8, "engines": True}}))
+                                                   "registry": {"int8": int8, "engines": True,
+                                                                "engine_files": "all"}}))  # torch is measured too
     image_uri, text_uri = summary["models"]["image"]["uri"], summary["models"]["text"]["uri"]
     model_class = family_for(summary["family"]).model_class
     result = {"benchmark": "bench", "checkpoint": model or f"random-init {random_init}",
@@ -233,7 +234,7 @@ def run(model: str | None = None, random_init: str | None = None, out_dir: str =
             e2e, raw, nv = r["e2e"], r["raw"], r["naive"]
             rows[str(bs)] = {"e2e_per_s": round(e2e, 2), "raw_forward_per_s": round(raw, 2), "naive_per_s": round(nv, 2),
                              "e2e_over_raw": round(e2e / raw, 3), "e2e_over_naive": round(e2e / nv, 3),
-                             "tokens_padded_to": int(pad_ids(ids, 0, tp.text_spec.pad_to)[0].shape[1])}
+                             "tokens_padded_to": tp.text_spec.width(max(len(row) for row in ids))}
         texts[name] = {"by_batch": rows}
     result["texts"] = texts
 

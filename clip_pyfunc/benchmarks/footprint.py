@@ -254,11 +254,13 @@ def _run(root: str, requests_n: int, starts: int, baseline_pythonpath: str | Non
                 with open(output, "w", encoding="utf-8") as f:
                     json.dump(out, f, indent=2)
     if shapes:
-        from clip_pyfunc.registry.lookup import local_artifacts
+        _, workdir = envs["now"]
+        import glob
 
-        env, _ = envs["now"]
-        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-        folder = os.path.join(local_artifacts("models:/clip_text_embedding@champion"), "artifacts", "text_tower")
+        folders = glob.glob(os.path.join(workdir, "mlruns", "**", "artifacts", "text_tower"), recursive=True)
+        if len(folders) != 1:
+            raise RuntimeError(f"expected one registered text tower under {workdir}, found {len(folders)}")
+        folder = folders[0]
         precision = _default_precision_here(out["sides"]["now"]["registration"]["engines"])
         log(f"text shapes ({precision})")
         out["text_shapes"] = {"precision": precision, "forwards": requests_n,

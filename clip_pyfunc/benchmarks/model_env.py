@@ -223,7 +223,9 @@ def run(random_init: str = "vit-b-32", requests: int = 100, cold_starts: int = 3
     for label, engine in LAYOUTS:
         summary = register_models(load_settings(None, {
             "model": {"source": ckpt}, "runtime": {"engine": engine},
-            "registry": {"text_name": f"env_{label}_text", "image_name": f"env_{label}_image"}}))
+            "registry": {"text_name": f"env_{label}_text", "image_name": f"env_{label}_image",
+                         # the torch layout ships the torch weights (and so requires torch), as before issue 39
+                         "engine_files": "all" if label == "torch" else "chosen"}}))
         uri = summary["models"]["image"]["uri"]
         with open(os.path.join(mlflow.artifacts.download_artifacts(uri), "requirements.txt")) as f:
             reqs = [line.strip() for line in f if line.strip()]

@@ -369,7 +369,8 @@ def batching(random_init: str = "vit-b-32", seconds: float = 12.0, clients: tupl
 
     tmp = temporary_registry("clip-pyfunc-batching-")
     ckpt = save_random_checkpoint(os.path.join(tmp, "checkpoint"), random_init)
-    summary = register_models(load_settings(None, {"model": {"source": ckpt}}))
+    # every engine's files: the torch fp32 layout loads the same registration on torch
+    summary = register_models(load_settings(None, {"model": {"source": ckpt}, "registry": {"engine_files": "all"}}))
     uri = summary["models"]["image"]["uri"]
     image = b64(photo_jpeg(640, 480, seed=1))
     body = json.dumps({"dataframe_records": [{"input": image}]})

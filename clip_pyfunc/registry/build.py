@@ -76,15 +76,18 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
             from clip_pyfunc.registry.quantize import quantize_image_tower
 
             info = quantize_image_tower(info, towers, settings.registry.calibration_data)
-        info = choose_ir_weights(info, towers, models, settings.registry.ir_weights)
+        plan, info = shipped_engines(settings, info, towers)
+        ir_towers = {t: path for t, path in towers.items() if any(engine_class(e).exporter for e in plan[t])}
+        info = choose_ir_weights(info, ir_towers, models, settings.registry.ir_weights)
         del models
     else:  # said in the summary, the tags and at load (a model asked to run there falls back with a note)
         why = "not exported: registered with registry.engines false (--no-engines)"
         info = dataclasses.replace(info, unavailable={e: dict.fromkeys(towers, why) for e in ENGINES
                                                       if engine_class(e).exporter})
+        plan, info = shipped_engines(settings, info, towers)
     for path in towers.values():
         info.write(path)
-    shipped = ship_engine_files(settings, info, towers)
+    shipped = ship_engine_files(info, towers, plan)  # as planned before the storage choice, whatever it measured
     return BuiltTowers(checkpoint=checkpoint, info=info, towers=towers, space=space, shipped=shipped)
 
 
@@ -109,37 +112,56 @@ def weights_space(towers: dict[str, str], embedding_dim: int) -> str:
     return f"sha256:{digest.hexdigest()[:32]}/{embedding_dim}"
 
 
-def ship_engine_files(settings: Settings, info: CheckpointInfo, towers: dict[str, str]) -> dict[str, list[str]]:
-    """Remove from each tower artifact, once measured, the files of the engines it will not be logged for.
+def shipped_engines(settings: Settings, info: CheckpointInfo, towers: dict[str, str]):
+    """Which engines' files each tower artifact will ship.
 
     With `registry.engine_files` "chosen" (the default), a tower keeps the files of the engine it runs on by
     default on this machine (models.base.plan_engine under `settings.runtime`: OpenVINO on CPUs where its IR
-    held the gate, torch on CUDA), so its artifact holds one copy of its weights. "all" keeps every engine's
-    files, except torch weights where the model is logged for a torch-free engine by name (`engine:
-    openvino`): its torch-free environment could not load them.
+    held the gate, torch on CUDA), so its artifact holds one copy of its weights. Where this machine cannot
+    resolve the runtime settings (`device: cuda` registered on a CPU, say), nothing is chosen: every
+    engine's files stay, and `measurement_notes["engine files"]` says why. "all" keeps every engine's files,
+    except torch weights where the model is logged for a torch-free engine by name (`engine: openvino`):
+    its torch-free environment could not load them.
 
     Returns:
-        {tower: the engines whose files it ships}.
+        ({tower: the engines whose files it ships}, the description with that note where there is one).
     """
+    from clip_pyfunc.errors import ModelLoadError
     from clip_pyfunc.models.base import plan_engine
     from clip_pyfunc.runtime.engines import engine_classes
 
     asked = settings.runtime.engine
     torch_free = [e.name for e in engine_classes() if e.torch_free]
-    shipped = {}
+    plan = {}
     for tower, path in towers.items():
         keep = [e.name for e in engine_classes() if e.unusable(path, tower) is None]
         if settings.registry.engine_files == "chosen":
-            keep = [plan_engine(path, tower, settings.runtime, info.fidelity)]
+            try:
+                keep = [plan_engine(path, tower, settings.runtime, info.fidelity)]
+            except ModelLoadError as e:
+                note = f"every engine's files kept: the runtime settings do not resolve here ({e})"[:500]
+                info = dataclasses.replace(info, measurement_notes={**info.measurement_notes, "engine files": note})
         elif asked in torch_free and asked in keep:
             keep = [e for e in keep if e in torch_free]
+        plan[tower] = keep
+    return plan, info
+
+
+def ship_engine_files(info: CheckpointInfo, towers: dict[str, str], plan: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Remove from each tower artifact, once measured, the files of the engines `plan` (shipped_engines) leaves out.
+
+    Returns:
+        `plan`: {tower: the engines whose files it ships}.
+    """
+    from clip_pyfunc.runtime.engines import engine_classes
+
+    for tower, path in towers.items():
         for engine in engine_classes():
-            if engine.name not in keep:
+            if engine.name not in plan[tower]:
                 for name in engine.files:
                     if os.path.exists(os.path.join(path, name)):
                         os.remove(os.path.join(path, name))
-        shipped[tower] = keep
-    return shipped
+    return plan
 
 
 def describe_engines(info: CheckpointInfo) -> dict:

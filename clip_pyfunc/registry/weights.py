@@ -140,9 +140,9 @@ def measure_storage(model, artifact_dir: str, storage: str, reference, rows: lis
         at: The precision to time at.
     """
     original = model.engine.engine
-    path = write_candidate(artifact_dir, storage)
     cosine, speed = {}, 1.0
     try:
+        path = write_candidate(artifact_dir, storage)
         for precision in _precisions():
             runtime = OpenVINOEngine.make_runtime(model.config, precision, False)
             engine = OpenVINOEngine(compile_tower(artifact_dir, precision, runtime.threads, ir=path), runtime)
@@ -173,7 +173,8 @@ def choose_ir_weights(info: CheckpointInfo, towers: dict[str, str], models: dict
 
     Returns:
         The description with `ir_weights` {tower: storage}, OpenVINO's fidelity measured on the kept IRs
-        (the lowest over towers), and what each candidate measured in `measurement_notes[NOTE]`.
+        (the lowest over towers), and what each candidate measured in `measurement_notes[NOTE]`. A candidate
+        whose writing or measurement raised is named there and not kept (its files are removed).
     """
     with_ir = [t for t in towers if t not in info.unavailable.get(ENGINE, {}) and os.path.exists(ir_path(towers[t]))]
     if not with_ir or asked == "fp32":
@@ -189,7 +190,11 @@ def choose_ir_weights(info: CheckpointInfo, towers: dict[str, str], models: dict
         kept[tower], cosines[tower] = "fp32", {p: held_fp32[p] for p in _precisions() if p in held_fp32}
         verdicts = []
         for storage in (asked,) if asked != "auto" else STORAGE[:-1]:
-            measure = measure_storage(model, towers[tower], storage, reference, inputs[tower], at)
+            try:
+                measure = measure_storage(model, towers[tower], storage, reference, inputs[tower], at)
+            except Exception as e:  # noqa: BLE001 - a storage the compressor or plugin refuses: named, fp32 stays
+                verdicts.append(f"{storage}: not measured, so not kept: {type(e).__name__}: {e}"[:300])
+                continue
             why = None if asked != "auto" else measure.held(held_fp32)
             verdicts.append(measure.describe() + (f" (not kept: {why})" if why else ""))
             if why is None and kept[tower] == "fp32":

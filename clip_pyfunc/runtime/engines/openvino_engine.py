@@ -136,7 +136,7 @@ class OpenVINOEngine(Engine):
 
         The rows are padded to bucket_rows(n) with copies of the first row, whose vectors are dropped: the
         CPU plugin keeps state for every input shape it meets (about 0.7 MiB each on ViT-B/32's text tower,
-        not bounded by CPU_RUNTIME_CACHE_CAPACITY), and text varies in rows and length. With the length in
+        which CPU_RUNTIME_CACHE_CAPACITY bounds only in part), and text varies in rows and length. With the length in
         multiples of 8 (stages.preprocess.TextSpec.length_step) and rows in buckets, 1,000 forwards of
         random shapes (68 distinct) grew RSS 1.05x over 100 forwards, against 2.95x unpadded (815 shapes)
         and 1.43x with the length step alone (docs/BENCHMARKS.md, issue 39).

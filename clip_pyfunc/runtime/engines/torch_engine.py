@@ -43,12 +43,12 @@ class TorchEngine(Engine):
         """None where torch imports and the artifact keeps its safetensors (a torch-free model has none)."""
         from clip_pyfunc.runtime import torch_available
 
-        if not torch_available():
-            return "torch is not installed"
         if not os.path.exists(os.path.join(artifact_dir, WEIGHTS_FILE)):
             return (f"the {tower} artifact has no torch weights ({WEIGHTS_FILE}): it was registered with the files of "
                     f"the engine it runs on by default alone; register with --all-engine-files "
                     f"(registry.engine_files: all) to run it on torch too")
+        if not torch_available():
+            return "torch is not installed"
         return None
 
     @classmethod
