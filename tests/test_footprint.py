@@ -147,6 +147,9 @@ def test_a_default_registration_ships_one_engine_s_files_measured_and_no_torch(r
         assert "torch" not in names and {"openvino", "safetensors"} <= names, names  # safetensors: label vectors
     # the kept storage held the gate: the fidelity table is measured on the shipped IRs
     assert summary["engines"]["openvino"]["fp32"] >= 0.9999
+    version = mlflow.MlflowClient().get_model_version("default_image", summary["models"]["image"]["version"])
+    assert version.tags["openvino_ir_weights_image"] == weights["image"]
+    assert "fp16: cosine" in version.tags["measurement_note_openvino_weights"]
     text = mlflow.pyfunc.load_model(summary["models"]["text"]["uri"])
     assert text.unwrap_python_model().runtime.engine == "openvino"
     reference = load_on_engine(registered["models"]["text"]["uri"], "torch").predict(TEXTS)

@@ -31,6 +31,9 @@ from clip_pyfunc.benchmarks.common import b64, free_port, machine_info, photo_jp
 
 MIB = 2**20
 LAYOUTS = (("torch", "auto"), ("torch_free", "openvino"))
+# The torch layout ships every engine's files, so its requirements hold torch as a default registration's did
+# before issue 39 (one engine's files by default, torch-free on CPU); the torch-free one ships OpenVINO's alone.
+ENGINE_FILES = {"torch": "all", "torch_free": "chosen"}
 
 
 def _dir_bytes(path: str) -> int:
@@ -224,8 +227,7 @@ def run(random_init: str = "vit-b-32", requests: int = 100, cold_starts: int = 3
         summary = register_models(load_settings(None, {
             "model": {"source": ckpt}, "runtime": {"engine": engine},
             "registry": {"text_name": f"env_{label}_text", "image_name": f"env_{label}_image",
-                         # the torch layout ships the torch weights (and so requires torch), as before issue 39
-                         "engine_files": "all" if label == "torch" else "chosen"}}))
+                         "engine_files": ENGINE_FILES[label]}}))
         uri = summary["models"]["image"]["uri"]
         with open(os.path.join(mlflow.artifacts.download_artifacts(uri), "requirements.txt")) as f:
             reqs = [line.strip() for line in f if line.strip()]

@@ -59,6 +59,8 @@ def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, space: 
             tags[f"{engine}_fallback_{tower}"] = reason[:250]
     for pair, note in info.measurement_notes.items():  # why a pair has no cosine; what int8 was judged on
         tags["measurement_note_" + pair.replace(" ", "_")] = note
+    for tower, storage in info.ir_weights.items():  # the shipped IR's weight storage (registry.weights)
+        tags[f"openvino_ir_weights_{tower}"] = storage
     if checkpoint.random_init:
         tags[TAG_RANDOM] = checkpoint.random_init
     if checkpoint.toy:
