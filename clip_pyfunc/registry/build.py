@@ -87,8 +87,8 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
         plan, info = shipped_engines(settings, info, towers)
     for path in towers.values():
         info.write(path)
-    shipped = ship_engine_files(info, towers, plan)  # as planned before the storage choice, whatever it measured
-    return BuiltTowers(checkpoint=checkpoint, info=info, towers=towers, space=space, shipped=shipped)
+    ship_engine_files(towers, plan)  # as planned before the storage choice, whatever it measured
+    return BuiltTowers(checkpoint=checkpoint, info=info, towers=towers, space=space, shipped=plan)
 
 
 def weights_space(towers: dict[str, str], embedding_dim: int) -> str:
@@ -147,12 +147,8 @@ def shipped_engines(settings: Settings, info: CheckpointInfo, towers: dict[str, 
     return plan, info
 
 
-def ship_engine_files(info: CheckpointInfo, towers: dict[str, str], plan: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Remove from each tower artifact, once measured, the files of the engines `plan` (shipped_engines) leaves out.
-
-    Returns:
-        `plan`: {tower: the engines whose files it ships}.
-    """
+def ship_engine_files(towers: dict[str, str], plan: dict[str, list[str]]) -> None:
+    """Remove from each tower artifact, once measured, the files of the engines `plan` (shipped_engines) leaves out."""
     from clip_pyfunc.runtime.engines import engine_classes
 
     for tower, path in towers.items():
@@ -161,7 +157,6 @@ def ship_engine_files(info: CheckpointInfo, towers: dict[str, str], plan: dict[s
                 for name in engine.files:
                     if os.path.exists(os.path.join(path, name)):
                         os.remove(os.path.join(path, name))
-    return plan
 
 
 def describe_engines(info: CheckpointInfo) -> dict:

@@ -135,7 +135,7 @@ def _alias_version(client, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def requirements_for(runtime: RuntimeConfig, info: CheckpointInfo, artifacts: dict) -> list[str]:
+def requirements_for(info: CheckpointInfo, artifacts: dict) -> list[str]:
     """A model's pip requirements: torch-free where no tower it ships carries torch weights (registry.build.
     ship_engine_files: logged for OpenVINO by name, or where OpenVINO is the engine chosen); transformers then
     only where its tokenizer or NaFlex sizing needs it."""
@@ -165,7 +165,7 @@ def _log_model(entry: str, name: str, artifacts: dict, signature, example, runti
         code_paths=[package],
         signature=signature,
         input_example=example,
-        pip_requirements=requirements_for(runtime, info, artifacts),
+        pip_requirements=requirements_for(info, artifacts),
         model_config=runtime.to_dict(),
         registered_model_name=registered_name,
         metadata=metadata,

@@ -116,19 +116,34 @@ def _rate(engine, calls: list) -> float:
     return len(calls) / (time.perf_counter() - started)
 
 
-def _precisions() -> list[str]:
+def ir_precisions() -> list[str]:
     """The precisions OpenVINO compiles an IR at on this machine (int8 is a separate IR)."""
     return [p for p in OpenVINOEngine.runs["cpu"] if p != "int8" and OpenVINOEngine.refusal(p, {}) is None]
 
 
-def _default_precision(fidelity: dict[str, float], precisions: list[str]) -> str:
+def default_precision(fidelity: dict[str, float], precisions: list[str]) -> str:
     """The precision OpenVINO's default takes here: bf16 where it runs natively and held the gate, else fp32."""
     if "bf16" in precisions and fidelity.get("bf16", 0.0) >= DEFAULT_PRECISION_COSINE:
         return "bf16"
     return "fp32"
 
 
-def measure_storage(model, artifact_dir: str, storage: str, reference, rows: list, at: str) -> StorageMeasure:
+def fp32_forwards(model, artifact_dir: str, rows: list, at: str) -> tuple[OpenVINOEngine, list]:
+    """The tower's fp32 IR compiled at precision `at`, and the forwards (batches of up to 32 rows) the model
+    makes of `rows`, recorded on it: what every candidate storage of this tower is timed against."""
+    runtime = OpenVINOEngine.make_runtime(model.config, at, False)
+    baseline = OpenVINOEngine.load(artifact_dir, model.tower, runtime)
+    recorder, original = _Recorder(baseline), model.engine.engine
+    model.use_engine(recorder)
+    try:
+        model.embed_rows((rows * (1 + 32 // max(1, len(rows))))[:32])
+    finally:
+        model.use_engine(original)
+    return baseline, recorder.calls
+
+
+def measure_storage(model, artifact_dir: str, storage: str, reference, rows: list, at: str, baseline,
+                    calls: list) -> StorageMeasure:
     """Write and measure one candidate storage of one tower.
 
     Args:
@@ -138,22 +153,18 @@ def measure_storage(model, artifact_dir: str, storage: str, reference, rows: lis
         reference: Its reference vectors on `rows`.
         rows: The sample inputs.
         at: The precision to time at.
+        baseline, calls: The fp32 IR at `at` and the forwards to time (fp32_forwards).
     """
     original = model.engine.engine
     cosine, speed = {}, 1.0
     try:
         path = write_candidate(artifact_dir, storage)
-        for precision in _precisions():
+        for precision in ir_precisions():
             runtime = OpenVINOEngine.make_runtime(model.config, precision, False)
             engine = OpenVINOEngine(compile_tower(artifact_dir, precision, runtime.threads, ir=path), runtime)
             model.use_engine(engine)
             cosine[precision] = lowest_cosine(reference, model.embed_rows(rows)[0])
             if precision == at:
-                baseline = OpenVINOEngine.load(artifact_dir, model.tower, runtime)
-                recorder = _Recorder(baseline)
-                model.use_engine(recorder)
-                model.embed_rows((rows * (1 + 32 // max(1, len(rows))))[:32])
-                calls = recorder.calls
                 _rate(engine, calls), _rate(baseline, calls)  # warm both at these shapes
                 ratios = [_rate(engine, calls) / _rate(baseline, calls) for _ in range(ROUNDS)]
                 speed = round(statistics.median(ratios), 3)
@@ -182,16 +193,17 @@ def choose_ir_weights(info: CheckpointInfo, towers: dict[str, str], models: dict
     texts, images = sample_inputs()
     inputs = {"text": texts, "image": images}
     held_fp32 = dict(info.fidelity.get(ENGINE, {}))
-    at = _default_precision(held_fp32, _precisions())
+    at = default_precision(held_fp32, ir_precisions())
     kept, cosines, lines = {}, {}, []
     for tower in with_ir:
         model = models[tower]
         reference = model.embed_rows(inputs[tower])[0]
-        kept[tower], cosines[tower] = "fp32", {p: held_fp32[p] for p in _precisions() if p in held_fp32}
+        kept[tower], cosines[tower] = "fp32", {p: held_fp32[p] for p in ir_precisions() if p in held_fp32}
         verdicts = []
+        baseline, calls = fp32_forwards(model, towers[tower], inputs[tower], at)  # once for every candidate
         for storage in (asked,) if asked != "auto" else STORAGE[:-1]:
             try:
-                measure = measure_storage(model, towers[tower], storage, reference, inputs[tower], at)
+                measure = measure_storage(model, towers[tower], storage, reference, inputs[tower], at, baseline, calls)
             except Exception as e:  # noqa: BLE001 - a storage the compressor or plugin refuses: named, fp32 stays
                 verdicts.append(f"{storage}: not measured, so not kept: {type(e).__name__}: {e}"[:300])
                 continue
@@ -208,7 +220,7 @@ def choose_ir_weights(info: CheckpointInfo, towers: dict[str, str], models: dict
                 _remove_ir(path)
         lines.append(f"{tower}: kept {kept[tower]}; " + "; ".join(verdicts))
     fidelity = dict(held_fp32)
-    for precision in _precisions():
+    for precision in ir_precisions():
         got = [cosines[t][precision] for t in with_ir if precision in cosines[t]]
         if got:
             fidelity[precision] = min(got)
