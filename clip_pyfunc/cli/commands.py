@@ -338,10 +338,19 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
     if bool(args.model) == bool(args.random_init):
         raise ModelLoadError("pass exactly one of --model (hub id or directory) and --random-init NAME")
-    if args.rounds < 1:
+    rounds = args.rounds if args.rounds is not None else (3 if args.peers else 5)
+    if rounds < 1:
         raise InvalidInput(f"--rounds must be 1 or more, got {args.rounds}")
+    if args.recall_images < 0 or (args.recall_images and not args.peers):
+        raise InvalidInput(f"--recall-images takes a count of 0 or more, with --peers; got {args.recall_images}")
+    if args.peers:
+        from clip_pyfunc.benchmarks import peers
+
+        result = peers.run(args.random_init, args.model, args.out, rounds=rounds, recall_images=args.recall_images)
+        print(peers.table(result), file=sys.stderr)
+        return result
     result = bench.run(args.model, args.random_init, out_dir=args.out,
                        batch_sizes=tuple(args.batch_sizes), precisions=tuple(args.precisions),
-                       workloads=args.workloads, engines=tuple(args.engines), int8=args.int8, rounds=args.rounds)
+                       workloads=args.workloads, engines=tuple(args.engines), int8=args.int8, rounds=rounds)
     print(bench.table(result), file=sys.stderr)
     return result

@@ -293,9 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
     p.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
                    help="engines timed as rows beside torch fp32 (each with every --precisions)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per rate (the median is kept)")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds per rate (the median is kept; default 5, "
+                                               "3 with --peers)")
     p.add_argument("--int8", action="store_true", help="register with --int8 first (built-in calibration samples)")
     p.add_argument("--workloads", nargs="+", choices=sorted(IMAGE_WORKLOADS), help="image workloads (default all)")
+    p.add_argument("--peers", action="store_true",
+                   help="instead: the default against torch fp32, OpenVINO fp32, fastembed, sentence-transformers and "
+                        "transformers by hand on the same weights, each in its own process (writes peers.json)")
+    p.add_argument("--recall-images", type=int, default=0,
+                   help="with --peers: recall@10 of bf16 queries against an fp32 index of this many varied images")
     p.set_defaults(func=commands.cmd_bench)
     p = sub.add_parser("evaluate", help="compare checkpoints on your own data (one MLflow run each)")
     p.add_argument("--conf", help="YAML settings file (default: conf/clip_pyfunc.yaml when present)")
