@@ -151,6 +151,7 @@ class ModelSource:
 
 ENGINE_FILES = ("chosen", "all")
 IR_WEIGHTS = ("auto", "fp32", "fp16", "int8")
+ENGINE_ORDER = ("measured", "fixed")  # registry.engine_order
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +186,10 @@ class RegistryConfig:
             weight compression) against torch fp32 at registration and keeps the smallest that held the
             fidelity gate on every precision OpenVINO runs here and cost at most 5% of the default
             precision's throughput (registry.weights); "fp32", "fp16" or "int8" take that one, measured.
+        engine_order: "measured": time each tower on every engine and precision that held the fidelity gate
+            at registration (registry.speed); on the registering machine's hardware, `default` takes the
+            fastest, and `engine_files: chosen` ships its engine's files. "fixed": the engines' fixed
+            ranks (OpenVINO, then torch; bf16 before fp32), nothing timed (`--fixed-engine-order`).
     """
 
     text_name: str = "clip_text_embedding"
@@ -199,10 +204,12 @@ class RegistryConfig:
     engines: bool = True
     engine_files: str = "chosen"
     ir_weights: str = "auto"
+    engine_order: str = "measured"
 
     def __post_init__(self):
         _check_fields(self, {**dict.fromkeys(("with_combined", "azure_compatible", "int8", "engines"), _flag),
-                             "engine_files": _one_of(ENGINE_FILES), "ir_weights": _one_of(IR_WEIGHTS)},
+                             "engine_files": _one_of(ENGINE_FILES), "ir_weights": _one_of(IR_WEIGHTS),
+                             "engine_order": _one_of(ENGINE_ORDER)},
                       prefix="registry.")
 
 

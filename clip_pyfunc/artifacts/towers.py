@@ -57,6 +57,10 @@ class CheckpointInfo:
         ir_weights: Per tower with an OpenVINO IR, how its weights are stored ("fp32", "fp16" or "int8"),
             chosen by measurement at registration (registry.weights); `fidelity["openvino"]` was measured
             on these IRs. Empty for artifacts registered before the choice (fp32).
+        speed: The rows/s each pair "default" may take ran at on each tower at registration, and where
+            ({"hardware": runtime.hardware_id(), "rows_per_s": {tower: {engine: {precision: rows/s}}}},
+            registry.speed); on that hardware "default" takes the fastest that held the gate. Empty where
+            nothing was timed (one candidate, CUDA, or registered before issue 39).
     """
 
     family: str
@@ -77,6 +81,16 @@ class CheckpointInfo:
     tokenizer: str = "transformers"
     image_spec: dict | None = None
     ir_weights: dict[str, str] = dataclasses.field(default_factory=dict)
+    speed: dict = dataclasses.field(default_factory=dict)
+
+    def speeds_here(self, tower: str) -> dict[str, dict[str, float]] | None:
+        """{engine: {precision: rows/s}} measured for `tower` at registration where this is the machine it was
+        measured on (runtime.hardware_id), else None."""
+        from clip_pyfunc.runtime import hardware_id
+
+        if not self.speed or self.speed.get("hardware") != hardware_id():
+            return None
+        return self.speed.get("rows_per_s", {}).get(tower)
 
     def to_dict(self) -> dict:
         """The stored record, without `measurement_notes`: they are registration's to report (the summary and the

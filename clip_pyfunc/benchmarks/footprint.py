@@ -274,9 +274,9 @@ def _run(root: str, requests_n: int, starts: int, baseline_pythonpath: str | Non
 
 def _default_precision_here(engines: dict) -> str:
     """The precision OpenVINO's default takes on this machine for the registered model (as registry.weights)."""
-    from clip_pyfunc.registry.weights import default_precision, ir_precisions
+    from clip_pyfunc.registry.weights import default_precision
 
-    return default_precision(engines.get("openvino", {}), ir_precisions())
+    return default_precision(engines.get("openvino", {}))
 
 
 def _ratios(now: dict, before: dict, servers) -> dict:

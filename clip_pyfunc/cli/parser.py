@@ -44,6 +44,9 @@ def _add_settings_flags(p: argparse.ArgumentParser, names: bool = True) -> None:
                         "model that must also run on the engine not chosen here (default: the chosen one's alone)")
     p.add_argument("--ir-weights", dest="registry.ir_weights", choices=["auto", "fp32", "fp16", "int8"],
                    help="the OpenVINO IR's weight storage (default auto: the smallest that held the gates, measured)")
+    p.add_argument("--fixed-engine-order", dest="registry.engine_order", action="store_const", const="fixed",
+                   help="rank engines and precisions by their fixed order instead of timing each on this machine "
+                        "(default: measured; the fastest pair that held the fidelity gate is the default here)")
     p.add_argument("--no-engines", dest="registry.engines", action="store_false", default=None,
                    help="register for torch alone: no OpenVINO IR and no engine/precision measurement (quicker; "
                         "`default` precision is then fp32 on CPU, fp16 on CUDA)")

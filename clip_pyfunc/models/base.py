@@ -86,7 +86,7 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         from clip_pyfunc.runtime.engines import engine_class
 
         engines, note, config, fallback = engines_here(path, self.tower, self.config)
-        runtime = pick_runtime(config, self.info.fidelity, engines)
+        runtime = pick_runtime(config, self.info.fidelity, engines, self.info.speeds_here(self.tower))
         try:
             engine = engine_class(runtime.engine).load(path, self.tower, runtime)
         except ModelLoadError as e:
@@ -197,9 +197,10 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         raise NotImplementedError
 
 
-def plan_engine(path: str, tower: str, config: RuntimeConfig, fidelity: dict) -> str:
+def plan_engine(path: str, tower: str, config: RuntimeConfig, info) -> str:
     """The name of the engine a tower artifact would load on here, chosen as load_context chooses it
-    (engines_here, then runtime.pick_engine), without making its Runtime: a torch Runtime imports torch.
+    (engines_here, then runtime.pick_engine on `info`'s fidelity and this machine's measured speeds), without
+    making its Runtime: a torch Runtime imports torch.
 
     It cannot foresee a load that fails and falls back to the reference engine (_load_engine).
 
@@ -209,7 +210,7 @@ def plan_engine(path: str, tower: str, config: RuntimeConfig, fidelity: dict) ->
     from clip_pyfunc.runtime import pick_engine
 
     engines, _, config, _ = engines_here(path, tower, config)
-    return pick_engine(config, fidelity, engines)[0].name
+    return pick_engine(config, info.fidelity, engines, info.speeds_here(tower))[0].name
 
 
 def engines_here(path: str, tower: str, config: RuntimeConfig):

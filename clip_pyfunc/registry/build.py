@@ -51,6 +51,7 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
         ModelLoadError: The checkpoint cannot be found or read, or is not a supported family.
     """
     from clip_pyfunc.registry.precision import measure_fidelity, reference_models
+    from clip_pyfunc.registry.speed import measure_speed
 
     from clip_pyfunc.errors import ConfigError
     from clip_pyfunc.runtime.engines import ENGINES, engine_class
@@ -76,6 +77,8 @@ def build_towers(settings: Settings, workdir: str) -> BuiltTowers:
             from clip_pyfunc.registry.quantize import quantize_image_tower
 
             info = quantize_image_tower(info, towers, settings.registry.calibration_data)
+        if settings.registry.engine_order == "measured":  # which pair that held runs each tower fastest here
+            info = measure_speed(info, towers, models)
         plan, info = shipped_engines(settings, info, towers)
         ir_towers = {t: path for t, path in towers.items() if any(engine_class(e).exporter for e in plan[t])}
         info = choose_ir_weights(info, ir_towers, models, settings.registry.ir_weights)
@@ -137,7 +140,7 @@ def shipped_engines(settings: Settings, info: CheckpointInfo, towers: dict[str, 
         keep = [e.name for e in engine_classes() if e.unusable(path, tower) is None]
         if settings.registry.engine_files == "chosen":
             try:
-                keep = [plan_engine(path, tower, settings.runtime, info.fidelity)]
+                keep = [plan_engine(path, tower, settings.runtime, info)]
             except ModelLoadError as e:
                 note = f"every engine's files kept: the runtime settings do not resolve here ({e})"[:500]
                 info = dataclasses.replace(info, measurement_notes={**info.measurement_notes, "engine files": note})
@@ -175,6 +178,7 @@ def describe_engines(info: CheckpointInfo) -> dict:
             row["fallback"] = dict(info.unavailable.get(engine.name, {}))
         out[engine.name] = row
     out["ir_weights"] = dict(info.ir_weights)
+    out["speed"] = dict(info.speed)
     out["notes"] = dict(info.measurement_notes)
     return out
 

@@ -61,6 +61,12 @@ def model_metadata(checkpoint: ResolvedCheckpoint, info: CheckpointInfo, space: 
         tags["measurement_note_" + pair.replace(" ", "_")] = note
     for tower, storage in info.ir_weights.items():  # the shipped IR's weight storage (registry.weights)
         tags[f"openvino_ir_weights_{tower}"] = storage
+    for tower, engines in info.speed.get("rows_per_s", {}).items():  # what "default" ranks by here (registry.speed)
+        for engine, rates in engines.items():
+            for precision, value in rates.items():
+                tags[f"rows_per_s_{tower}_{engine}_{precision}"] = repr(value)
+    if info.speed:
+        tags["rows_per_s_measured_on"] = info.speed["hardware"][:250]
     if checkpoint.random_init:
         tags[TAG_RANDOM] = checkpoint.random_init
     if checkpoint.toy:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import time
 
 from clip_pyfunc.artifacts.towers import CheckpointInfo
 from clip_pyfunc.registry.precision import lowest_cosine, sample_inputs
+from clip_pyfunc.registry.speed import rate, record_forwards
 from clip_pyfunc.runtime import DEFAULT_PRECISION_COSINE
 from clip_pyfunc.runtime.engines.openvino_engine import OpenVINOEngine, compile_tower, ir_path
 
@@ -90,56 +90,28 @@ def _remove_ir(xml: str) -> None:
             os.remove(path)
 
 
-class _Recorder:
-    """Passes an engine's calls through and keeps their arrays, to replay the same forwards on another engine."""
-
-    def __init__(self, inner):
-        self.inner, self.runtime, self.calls = inner, inner.runtime, []
-        self.torch_free = getattr(inner, "torch_free", True)
-
-    def __getattr__(self, name):
-        method = getattr(self.inner, name)
-        if not name.endswith("_features"):
-            return method
-
-        def record(*args):
-            self.calls.append((name, args))
-            return method(*args)
-        return record
-
-
-def _rate(engine, calls: list) -> float:
-    """Forwards per second of `engine` replaying `calls`."""
-    started = time.perf_counter()
-    for name, args in calls:
-        getattr(engine, name)(*args)
-    return len(calls) / (time.perf_counter() - started)
-
-
 def ir_precisions() -> list[str]:
     """The precisions OpenVINO compiles an IR at on this machine (int8 is a separate IR)."""
     return [p for p in OpenVINOEngine.runs["cpu"] if p != "int8" and OpenVINOEngine.refusal(p, {}) is None]
 
 
-def default_precision(fidelity: dict[str, float], precisions: list[str]) -> str:
-    """The precision OpenVINO's default takes here: bf16 where it runs natively and held the gate, else fp32."""
-    if "bf16" in precisions and fidelity.get("bf16", 0.0) >= DEFAULT_PRECISION_COSINE:
-        return "bf16"
-    return "fp32"
+def default_precision(fidelity: dict[str, float], speeds: dict[str, dict[str, float]] | None = None) -> str:
+    """The precision OpenVINO's default takes on this machine (runtime.pick_engine, with engine "openvino") for a
+    tower whose fp32 IR held `fidelity` ({precision: cosine}) and ran at `speeds` here (CheckpointInfo.speeds_here),
+    leaving out the separate int8 IR that storage candidates do not replace."""
+    from clip_pyfunc.runtime import pick_engine
+    from clip_pyfunc.settings import RuntimeConfig
+
+    held = {p: c for p, c in fidelity.items() if p != "int8" and isinstance(c, float)}
+    return pick_engine(RuntimeConfig(engine=ENGINE), {ENGINE: held}, frozenset({ENGINE}), speeds)[1]
 
 
 def fp32_forwards(model, artifact_dir: str, rows: list, at: str) -> tuple[OpenVINOEngine, list]:
-    """The tower's fp32 IR compiled at precision `at`, and the forwards (batches of up to 32 rows) the model
+    """The tower's fp32 IR compiled at precision `at`, and the forwards (one batch of up to 32 rows) the model
     makes of `rows`, recorded on it: what every candidate storage of this tower is timed against."""
     runtime = OpenVINOEngine.make_runtime(model.config, at, False)
     baseline = OpenVINOEngine.load(artifact_dir, model.tower, runtime)
-    recorder, original = _Recorder(baseline), model.engine.engine
-    model.use_engine(recorder)
-    try:
-        model.embed_rows((rows * (1 + 32 // max(1, len(rows))))[:32])
-    finally:
-        model.use_engine(original)
-    return baseline, recorder.calls
+    return baseline, record_forwards(model, rows, baseline)
 
 
 def measure_storage(model, artifact_dir: str, storage: str, reference, rows: list, at: str, baseline,
@@ -165,8 +137,8 @@ def measure_storage(model, artifact_dir: str, storage: str, reference, rows: lis
             model.use_engine(engine)
             cosine[precision] = lowest_cosine(reference, model.embed_rows(rows)[0])
             if precision == at:
-                _rate(engine, calls), _rate(baseline, calls)  # warm both at these shapes
-                ratios = [_rate(engine, calls) / _rate(baseline, calls) for _ in range(ROUNDS)]
+                rate(engine, calls), rate(baseline, calls)  # warm both at these shapes
+                ratios = [rate(engine, calls) / rate(baseline, calls) for _ in range(ROUNDS)]
                 speed = round(statistics.median(ratios), 3)
     finally:
         model.use_engine(original)
@@ -193,11 +165,11 @@ def choose_ir_weights(info: CheckpointInfo, towers: dict[str, str], models: dict
     texts, images = sample_inputs()
     inputs = {"text": texts, "image": images}
     held_fp32 = dict(info.fidelity.get(ENGINE, {}))
-    at = default_precision(held_fp32, ir_precisions())
     kept, cosines, lines = {}, {}, []
     for tower in with_ir:
         model = models[tower]
         reference = model.embed_rows(inputs[tower])[0]
+        at = default_precision(held_fp32, info.speeds_here(tower))
         kept[tower], cosines[tower] = "fp32", {p: held_fp32[p] for p in ir_precisions() if p in held_fp32}
         verdicts = []
         baseline, calls = fp32_forwards(model, towers[tower], inputs[tower], at)  # once for every candidate

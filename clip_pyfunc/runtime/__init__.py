@@ -109,6 +109,14 @@ def cpu_has_native_bf16() -> bool:
     return cpu_capabilities().native_bf16
 
 
+def hardware_id() -> str:
+    """This machine as registration's speed measurements name it (registry.speed): the CPU's model name, the CPUs
+    this process may use and its native bf16 and int8 dot products; two machines with the same id are taken to
+    rank the engines alike."""
+    caps = cpu_capabilities()
+    return f"{cpu_info()[0]} | {cpu_count()} CPUs | native bf16 {caps.native_bf16} | int8 dot {caps.int8_dot}"
+
+
 @functools.lru_cache(maxsize=1)
 def torch_available() -> bool:
     """True where torch imports (a model logged for a torch-free engine is served without it)."""
@@ -160,7 +168,7 @@ def native_precisions(device: str) -> set[str]:
 
 
 def pick_engine(config, measured: dict[str, dict[str, float]] | None = None,
-                engines: frozenset[str] = frozenset({"torch"})):
+                engines: frozenset[str] = frozenset({"torch"}), speeds: dict[str, dict[str, float]] | None = None):
     """Resolve engine, device and precision from the config and the hardware found now, without
     making the Runtime (a torch Runtime imports torch; pick_runtime makes it).
 
@@ -170,12 +178,15 @@ def pick_engine(config, measured: dict[str, dict[str, float]] | None = None,
             measured on sample inputs at registration ({"torch": {"bf16": ...}, "openvino": {"fp32": ...}},
             CheckpointInfo.fidelity); the reference itself is never listed.
         engines: The engines this artifact and environment can run (names in runtime.engines.ENGINES).
+        speeds: {engine: {precision: rows/s}} this tower ran at on this machine at registration
+            (CheckpointInfo.speeds_here), or None.
 
-    "default" is the fastest pair (each engine's `speed` on this device) that this hardware runs
-    natively (`native_precisions`), that `config.engine` allows, and that held a cosine of at
-    least DEFAULT_PRECISION_COSINE; the reference pair needs no measurement. On CPUs this gives
-    OpenVINO int8 where it held that much (VNNI or AMX CPUs), then bf16 on CPUs with AVX512_BF16
-    or AMX (OpenVINO, then torch), then OpenVINO fp32, then torch fp32. An engine's
+    "default" is the fastest pair that this hardware runs natively (`native_precisions`), that
+    `config.engine` allows, and that held a cosine of at least DEFAULT_PRECISION_COSINE; the
+    reference pair needs no measurement. Fastest means by `speeds` on a CPU where they were measured
+    (a pair without a rate comes after every pair with one), else by each engine's fixed `speed`
+    ranks: on CPUs, OpenVINO int8 where it held that much (VNNI or AMX CPUs), then bf16 on CPUs
+    with AVX512_BF16 or AMX (OpenVINO, then torch), then OpenVINO fp32, then torch fp32. An engine's
     `unmeasured_default` applies where that precision was never measured (fp16 on CUDA for a
     model registered on a CPU). An explicit precision with engine "auto" runs on the fastest
     engine where that pair held its bar (INT8_OFFER_COSINE for int8), on the reference engine
@@ -208,7 +219,7 @@ def pick_engine(config, measured: dict[str, dict[str, float]] | None = None,
     device = "cuda" if cuda else "cpu"
     precision, engine = config.precision, None
     if precision == "default":
-        engine, precision = _default_pair(device, measured, allowed)
+        engine, precision = _default_pair(device, measured, allowed, speeds if device == "cpu" else None)
     elif precision == "auto":
         precision = "bf16" if "bf16" in native_precisions(device) else ("fp16" if cuda else "fp32")
     if precision not in DEVICE_PRECISIONS[device]:
@@ -228,7 +239,7 @@ def pick_engine(config, measured: dict[str, dict[str, float]] | None = None,
 
 
 def pick_runtime(config, measured: dict[str, dict[str, float]] | None = None,
-                 engines: frozenset[str] = frozenset({"torch"})):
+                 engines: frozenset[str] = frozenset({"torch"}), speeds: dict[str, dict[str, float]] | None = None):
     """The Runtime for the engine, device and precision pick_engine chooses (see there).
 
     Returns:
@@ -237,7 +248,7 @@ def pick_runtime(config, measured: dict[str, dict[str, float]] | None = None,
     Raises:
         ModelLoadError: As pick_engine.
     """
-    chosen, precision, cuda = pick_engine(config, measured, engines)
+    chosen, precision, cuda = pick_engine(config, measured, engines, speeds)
     return chosen.make_runtime(config, precision, cuda)
 
 
@@ -252,8 +263,9 @@ def _wants_cuda(config, allowed: list) -> bool:
     return config.device.startswith("cuda")
 
 
-def _default_pair(device: str, measured: dict[str, dict[str, float]], allowed: list) -> tuple[str, str]:
-    """The "default" (engine, precision): see pick_runtime."""
+def _default_pair(device: str, measured: dict[str, dict[str, float]], allowed: list,
+                  speeds: dict[str, dict[str, float]] | None = None) -> tuple[str, str]:
+    """The "default" (engine, precision): see pick_engine."""
     from clip_pyfunc.runtime.engines import REFERENCE
 
     for engine in allowed:
@@ -264,6 +276,8 @@ def _default_pair(device: str, measured: dict[str, dict[str, float]], allowed: l
     ranked = sorted(((rank, engine, precision) for engine in allowed
                      for precision, rank in engine.speed.get(device, {}).items() if precision in native),
                     key=lambda item: -item[0])
+    if speeds:  # measured here at registration: by rate, the fixed ranks only among pairs without one
+        ranked.sort(key=lambda item: -speeds.get(item[1].name, {}).get(item[2], -1.0))
     for _, engine, precision in ranked:
         if (engine.name, precision) == REFERENCE:
             return REFERENCE

@@ -122,7 +122,7 @@ def _torch_free(model_dir: str, overrides: dict) -> bool:
     config = RuntimeConfig.from_dict({**(flavor.get("config") or {}), **overrides})
     towers = {name: os.path.join(model_dir, spec["path"]) for name, spec in (flavor.get("artifacts") or {}).items()}
     towers = {name: path for name, path in towers.items() if os.path.exists(os.path.join(path, INFO_FILE))}
-    engines = [plan_engine(path, name, config, CheckpointInfo.read(path).fidelity) for name, path in towers.items()]
+    engines = [plan_engine(path, name, config, CheckpointInfo.read(path)) for name, path in towers.items()]
     return bool(engines) and all(engine_class(engine).torch_free for engine in engines)
 
 
