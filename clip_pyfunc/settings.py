@@ -178,8 +178,8 @@ class RegistryConfig:
             (torch; `default` is then fp32 on CPU, and fp16 on CUDA as for any model measured on a
             CPU): quicker, for trials and the test suite's shared models.
         engine_files: "chosen": each tower artifact ships the files of the engine it runs on by default on
-            the registering machine alone (OpenVINO IR on CPUs where it held the fidelity gate, torch
-            weights on CUDA), one copy of its weights; "all": every engine's files, for a model that must
+            the registering machine alone (the engine of the fastest pair that held the fidelity gate, see
+            `engine_order`; torch weights on CUDA), one copy of its weights; "all": every engine's files, for a model that must
             also run on the other engine (`--all-engine-files`). An engine asked for at load whose files
             were not shipped is an error naming this option.
         ir_weights: How the OpenVINO IR stores its weights: "auto" measures fp16 and int8 storage (NNCF

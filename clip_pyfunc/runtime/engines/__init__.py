@@ -50,7 +50,9 @@ class Engine:
         runs: {device kind: precisions it runs there when asked for by name}.
         speed: {device kind: {precision: rank}}: the pairs "default" may take, ranked by how fast each
             ran on ViT-B/32 shapes against the other engines' pairs (docs/BENCHMARKS.md, "Engines");
-            higher is faster. "default" takes the fastest pair that held its bar.
+            higher is faster. "default" takes the fastest pair that held its bar: by the rates measured
+            at registration where the model loads on the machine that measured them (registry.speed),
+            by these ranks elsewhere.
         absent: Why an engine asked for by name may be missing, for the error that names it.
         required_precision: A precision whose measurement must succeed (registration fails otherwise),
             or None.
