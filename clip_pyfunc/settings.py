@@ -29,12 +29,12 @@ class RuntimeConfig:
     Attributes:
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
         engine: What runs the towers: "auto" (the fastest engine that held cosine >= 0.9999 to torch fp32
-            at the chosen precision when measured at registration; OpenVINO on CPU where it did, torch
-            otherwise), "torch" (the reference, and the only engine on CUDA) or "openvino" (the OpenVINO
+            at the chosen precision when measured at registration: by the rates timed at registration on
+            the same machine, else OpenVINO on CPU where it held, torch otherwise; runtime.pick_engine), "torch" (the reference, and the only engine on CUDA) or "openvino" (the OpenVINO
             IR exported at registration, CPU; see clip_pyfunc.artifacts.openvino).
         precision: "default" (the fastest native precision that held cosine >= 0.9999 to fp32 when
-            measured at registration: bf16 on CPUs with AVX512_BF16/AMX, else fp32; fp16 or bf16
-            on CUDA), "auto" (fastest native, unmeasured), "fp32",
+            measured at registration: as timed there on the same machine, else bf16 on CPUs with
+            AVX512_BF16/AMX, else fp32; fp16 or bf16 on CUDA), "auto" (fastest native, unmeasured), "fp32",
             "bf16", "fp16" (CUDA only) or "int8" (torch: dynamic quantisation of linear layers; OpenVINO:
             the image tower's static int8 IR from `register --int8`, offered where it held cosine >= 0.999).
         batch_size: Rows per forward pass (micro-batch).

@@ -119,7 +119,8 @@ def test_the_weight_storage_verdict_is_the_gate_of_every_pair():
 
 @pytest.fixture(scope="module")
 def registered_default(tiny_checkpoint, tracking_uri):
-    """The tiny checkpoint registered with the package's own defaults (engine auto, the chosen engine's files,
+    """The tiny checkpoint registered with the package's defaults but the engines' fixed order (tests/clip_pyfunc.yaml;
+    test_speed.py has the measured one): engine auto, the chosen engine's files,
     the IR's weight storage chosen by measurement)."""
     from clip_pyfunc.registry import register_models
 

@@ -59,8 +59,10 @@ class CheckpointInfo:
             on these IRs. Empty for artifacts registered before the choice (fp32).
         speed: The rows/s each pair "default" may take ran at on each tower at registration, and where
             ({"hardware": runtime.hardware_id(), "rows_per_s": {tower: {engine: {precision: rows/s}}}},
-            registry.speed); on that hardware "default" takes the fastest that held the gate. Empty where
-            nothing was timed (one candidate, CUDA, or registered before issue 39).
+            registry.speed); on that hardware "default" takes the fastest that held the gate where it ran
+            runtime.MEASURED_MARGIN times the fixed order's choice or faster. Empty where nothing was timed:
+            one candidate, CUDA, an unknown CPU, `registry.engine_order: fixed` or `engines: false`, or
+            registered before issue 39.
     """
 
     family: str
@@ -88,7 +90,8 @@ class CheckpointInfo:
         measured on (runtime.hardware_id), else None."""
         from clip_pyfunc.runtime import hardware_id
 
-        if not self.speed or self.speed.get("hardware") != hardware_id():
+        here = hardware_id()
+        if not self.speed or here is None or self.speed.get("hardware") != here:
             return None
         return self.speed.get("rows_per_s", {}).get(tower)
 

@@ -261,7 +261,7 @@ def _run(root: str, requests_n: int, starts: int, baseline_pythonpath: str | Non
         if len(folders) != 1:
             raise RuntimeError(f"expected one registered text tower under {workdir}, found {len(folders)}")
         folder = folders[0]
-        precision = _default_precision_here(out["sides"]["now"]["registration"]["engines"])
+        precision = _default_precision_here(folder)
         log(f"text shapes ({precision})")
         out["text_shapes"] = {"precision": precision, "forwards": requests_n,
                               "policies": text_shape_growth(folder, requests_n, precision)}
@@ -272,11 +272,13 @@ def _run(root: str, requests_n: int, starts: int, baseline_pythonpath: str | Non
     return out
 
 
-def _default_precision_here(engines: dict) -> str:
-    """The precision OpenVINO's default takes on this machine for the registered model (as registry.weights)."""
+def _default_precision_here(text_tower: str) -> str:
+    """The precision OpenVINO's default takes on this machine for a registered text tower (as registry.weights)."""
+    from clip_pyfunc.artifacts.towers import CheckpointInfo
     from clip_pyfunc.registry.weights import default_precision
 
-    return default_precision(engines.get("openvino", {}))
+    info = CheckpointInfo.read(text_tower)
+    return default_precision(info.fidelity.get("openvino", {}), info.speeds_here("text"))
 
 
 def _ratios(now: dict, before: dict, servers) -> dict:

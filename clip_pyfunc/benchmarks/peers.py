@@ -198,17 +198,21 @@ def worker(name: str, setup_path: str) -> None:
         return
     for line in sys.stdin:
         ask = json.loads(line)
-        if "run" in ask:
-            calls[ask["run"]](inputs[ask["run"]])
-            started = time.perf_counter()
-            calls[ask["run"]](inputs[ask["run"]])
-            answer.write(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
-        elif "save" in ask:
-            for w in WORKLOADS:
-                np.save(os.path.join(ask["save"], f"{w}.npy"), np.asarray(calls[w](inputs[w]), dtype=np.float32))
-            answer.write(json.dumps({"saved": True}) + "\n")
-        else:
-            answer.write(json.dumps(_rss_mib()) + "\n")
+        try:
+            if "run" in ask:
+                calls[ask["run"]](inputs[ask["run"]])
+                started = time.perf_counter()
+                calls[ask["run"]](inputs[ask["run"]])
+                reply = {"seconds": time.perf_counter() - started}
+            elif "save" in ask:
+                for w in WORKLOADS:
+                    np.save(os.path.join(ask["save"], f"{w}.npy"), np.asarray(calls[w](inputs[w]), dtype=np.float32))
+                reply = {"saved": True}
+            else:
+                reply = _rss_mib()
+        except Exception as e:  # noqa: BLE001 - this system's row says why; the others go on
+            reply = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+        answer.write(json.dumps(reply) + "\n")
 
 
 class _Worker:
@@ -225,14 +229,23 @@ class _Worker:
         return json.loads(line)
 
     def ask(self, **message) -> dict:
-        self.proc.stdin.write(json.dumps(message) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it exited
+            return {"error": f"exited with status {self.proc.wait()} (its stderr says why)"}
         return self._read()
 
     def close(self):
-        if self.proc.stdin:
+        try:
             self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -262,14 +275,16 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
     try:
         path = (save_random_checkpoint(os.path.join(tmp, "checkpoint"), random_init) if random_init
                 else resolve_checkpoint(model).path)
-        summary = register_models(load_settings(None, {  # the package's defaults, whatever the conf says; all files:
+        summary = register_models(load_settings(None, {  # the package's engine defaults over the conf; all files:
             "model": {"source": path},                     # torch and OpenVINO fp32 are timed too
             "registry": {"engines": True, "engine_files": "all", "engine_order": "measured", "ir_weights": "auto"},
             "runtime": {"engine": "auto", "precision": "default"}}))
         setup = {"checkpoint": path, "threads": cpu_count(), "image_uri": summary["models"]["image"]["uri"],
                  "text_uri": summary["models"]["text"]["uri"]}
         skipped = {}
-        if "fastembed" in systems:
+        if "fastembed" in systems and summary["family"] != "clip":
+            skipped["fastembed"] = f"its CLIP ViT-B/32 model classes take the clip family, not {summary['family']}"
+        elif "fastembed" in systems:
             try:
                 setup["onnx"] = export_onnx(path, os.path.join(tmp, "onnx"))
             except Exception as e:  # noqa: BLE001 - no exporter here (onnx not installed): a row, not the run
@@ -297,16 +312,27 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
                 continue
             workers[name] = w
             result["systems"][name] = {"runs_as": w.hello["ready"], "rss_mib_after_load": w.hello["rss_after_load"]}
+        def failed(name: str, reply: dict) -> bool:
+            """Whether a system's reply is an error: its row then says so and it leaves the run."""
+            if "error" not in reply:
+                return False
+            result["systems"][name] = {"error": reply["error"]}
+            workers.pop(name).close()
+            return True
+
         try:
             seconds = {(n, wl): [] for n in workers for wl in WORKLOADS}
             for _ in range(rounds):
                 for wl in WORKLOADS:
-                    for name, w in workers.items():
-                        seconds[name, wl].append(w.ask(run=wl)["seconds"])
+                    for name, w in list(workers.items()):
+                        reply = w.ask(run=wl)
+                        if not failed(name, reply):
+                            seconds[name, wl].append(reply["seconds"])
             vectors = {}
-            for name, w in workers.items():
+            for name, w in list(workers.items()):
                 folder = tempfile.mkdtemp(dir=tmp)
-                w.ask(save=folder)
+                if failed(name, w.ask(save=folder)):
+                    continue
                 vectors[name] = {wl: np.load(os.path.join(folder, f"{wl}.npy")) for wl in WORKLOADS}
                 result["systems"][name]["rss_mib"] = w.ask(rss=1)
         finally:
@@ -368,8 +394,8 @@ def bf16_recall(image_uri: str, text_uri: str, n_images: int, n_queries: int = 5
     """recall@10 of bf16 queries against an fp32 index of `n_images` varied images (dev.samples.varied_image).
 
     The index is torch fp32's vectors of images 0..n-1; the queries are `n_queries` further images and as many
-    product-like captions. Truth: the top 10 of fp32 queries. Measured: bf16 queries (`precision: bf16`, on the
-    engine the default would run it on) against the fp32 index, and against a bf16 index of the same images (a catalogue indexed with the
+    product-like captions. Truth: the top 10 of fp32 queries. Measured: bf16 queries (`precision: bf16` with engine
+    auto: the fastest engine by the fixed ranks where bf16 held) against the fp32 index, and against a bf16 index of the same images (a catalogue indexed with the
     default), with the score margins that explain them (score_margins): random weights crowd every vector
     together, so their gaps at the cut are far smaller than a trained model's. Where bf16 is not native here,
     nothing is measured (said so).

@@ -341,8 +341,9 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     rounds = args.rounds if args.rounds is not None else (3 if args.peers else 5)
     if rounds < 1:
         raise InvalidInput(f"--rounds must be 1 or more, got {args.rounds}")
-    if args.recall_images < 0 or (args.recall_images and not args.peers):
-        raise InvalidInput(f"--recall-images takes a count of 0 or more, with --peers; got {args.recall_images}")
+    if args.recall_images and (args.recall_images < 11 or not args.peers):
+        raise InvalidInput(f"--recall-images takes a count of 11 or more (recall@10 needs an 11th image), with "
+                           f"--peers; got {args.recall_images}")
     if args.peers:
         from clip_pyfunc.benchmarks import peers
 

@@ -7,11 +7,16 @@ makes of the sample inputs repeated to one batch of BATCH rows are recorded once
 and replayed on every pair, in ROUNDS interleaved rounds after one warm-up each; the median rows/s is
 kept. The rates and the machine they were measured on (runtime.hardware_id) go into
 `CheckpointInfo.speed`; where a model loads on that machine, "default" takes the fastest pair that held
-the gate by these rates (runtime.pick_engine, `speeds`), and registration ships that engine's files
+the gate where it ran runtime.MEASURED_MARGIN times the fixed order's choice or faster
+(runtime.pick_engine, `speeds`), and registration ships that engine's files
 (registry.build.shipped_engines). Elsewhere the engines' fixed ranks (Engine.speed) decide.
 
-OpenVINO is timed on its fp32 IR; the storage chosen afterwards (registry.weights) runs at 0.95 or more
-of that IR's rate. Measured on ViT-B/32 (docs/BENCHMARKS.md, issue 39).
+What is timed is the engine's forward alone, with every CPU this process may use as threads (a model loaded
+with `num_threads` runs fewer); the stages around it (decode, resize) are the same for every pair but the
+resize's library. OpenVINO is timed on its fp32 IR; the storage chosen afterwards
+(registry.weights) runs at 0.95 or more of that IR's rate. Every candidate of a tower is compiled at once
+while it is timed (interleaved rounds need them side by side): registration's peak memory holds each
+pair's copy of that tower's weights. Measured on ViT-B/32 (docs/BENCHMARKS.md, issue 39).
 """
 
 from __future__ import annotations
@@ -102,8 +107,8 @@ def measure_speed(info: CheckpointInfo, towers: dict[str, str], models: dict) ->
     from clip_pyfunc.runtime.engines import REFERENCE, engine_class
     from clip_pyfunc.registry.precision import sample_inputs
 
-    if any(str(m.runtime.device).startswith("cuda") for m in models.values()):
-        return info
+    if hardware_id() is None or any(str(m.runtime.device).startswith("cuda") for m in models.values()):
+        return info  # rates that could never be matched to a machine, or CUDA's pairs: the fixed ranks
     texts, images = sample_inputs()
     inputs = {"text": texts, "image": images}
     rates, lines = {}, []
@@ -122,6 +127,10 @@ def measure_speed(info: CheckpointInfo, towers: dict[str, str], models: dict) ->
                 config = dataclasses.replace(model.config, device="cpu", engine=engine.name, precision=precision)
                 loaded = reference if engine is engine_class(REFERENCE[0]) else None
                 runner = engine.load(towers[tower], tower, engine.make_runtime(config, precision, False), loaded=loaded)
+                if runner.runtime.precision != precision:  # OpenVINO's int8 on a tower without an int8 IR
+                    failed.append(f"{engine.name} {precision} not timed: it runs as {runner.runtime.precision} "
+                                  f"on the {tower} tower")
+                    continue
                 rate(runner, calls)  # warm-up: first-shape compilation, page faults
                 engines[engine.name, precision] = runner
             except Exception as e:  # noqa: BLE001 - a pair that cannot run here is named, never the fastest
@@ -130,7 +139,13 @@ def measure_speed(info: CheckpointInfo, towers: dict[str, str], models: dict) ->
         times = {pair: [] for pair in engines}
         for _ in range(ROUNDS):
             for pair, runner in engines.items():
-                times[pair].append(rate(runner, calls))
+                if pair in times:
+                    try:
+                        times[pair].append(rate(runner, calls))
+                    except Exception as e:  # noqa: BLE001 - named below, and without a rate never the default
+                        failed.append(f"{pair[0]} {pair[1]} not timed: {type(e).__name__}: {e}"[:200])
+                        del times[pair]
+        del engines
         got = {pair: round(statistics.median(r), 2) for pair, r in times.items()}
         for (engine_name, precision), value in got.items():
             rates.setdefault(tower, {}).setdefault(engine_name, {})[precision] = value

@@ -20,6 +20,10 @@ from clip_pyfunc.errors import ModelLoadError
 DEFAULT_PRECISION_COSINE = 0.9999
 # The cosine an int8 IR must hold on held-out calibration data to be offered as `precision: int8`.
 INT8_OFFER_COSINE = 0.999
+# How much faster than the fixed order's choice a pair must have run, timed on this machine at registration
+# (registry.speed), to be the default instead: the machine drifts about 10% between minutes (interleaved rounds
+# take most of it out), and the fixed order's choice is the torch-free one where OpenVINO leads it.
+MEASURED_MARGIN = 1.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,12 +113,19 @@ def cpu_has_native_bf16() -> bool:
     return cpu_capabilities().native_bf16
 
 
-def hardware_id() -> str:
-    """This machine as registration's speed measurements name it (registry.speed): the CPU's model name, the CPUs
-    this process may use and its native bf16 and int8 dot products; two machines with the same id are taken to
-    rank the engines alike."""
+def hardware_id() -> str | None:
+    """This machine as registration's speed measurements name it (registry.speed): the architecture, the CPU's
+    model name, the CPUs this process may use and its native bf16 and int8 dot products; two machines with the
+    same id are taken to rank the engines alike. None where the CPU's model name is unknown (no /proc/cpuinfo
+    "model name", as on ARM and macOS): such a machine's rates apply nowhere."""
+    import platform
+
+    model = cpu_info()[0]
+    if model == "unknown":
+        return None
     caps = cpu_capabilities()
-    return f"{cpu_info()[0]} | {cpu_count()} CPUs | native bf16 {caps.native_bf16} | int8 dot {caps.int8_dot}"
+    return (f"{platform.machine()} {model} | {cpu_count()} CPUs | native bf16 {caps.native_bf16} | "
+            f"int8 dot {caps.int8_dot}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -183,9 +194,10 @@ def pick_engine(config, measured: dict[str, dict[str, float]] | None = None,
 
     "default" is the fastest pair that this hardware runs natively (`native_precisions`), that
     `config.engine` allows, and that held a cosine of at least DEFAULT_PRECISION_COSINE; the
-    reference pair needs no measurement. Fastest means by `speeds` on a CPU where they were measured
-    (a pair without a rate comes after every pair with one), else by each engine's fixed `speed`
-    ranks: on CPUs, OpenVINO int8 where it held that much (VNNI or AMX CPUs), then bf16 on CPUs
+    reference pair needs no measurement. Fastest means by each engine's fixed `speed` ranks, unless
+    `speeds` (measured on this CPU) has a pair that ran MEASURED_MARGIN times the fixed choice's rate
+    or faster (or the fixed choice has no rate: its timing failed): then the fastest measured. The
+    fixed ranks, on CPUs: OpenVINO int8 where it held that much (VNNI or AMX CPUs), then bf16 on CPUs
     with AVX512_BF16 or AMX (OpenVINO, then torch), then OpenVINO fp32, then torch fp32. An engine's
     `unmeasured_default` applies where that precision was never measured (fp16 on CUDA for a
     model registered on a CPU). An explicit precision with engine "auto" runs on the fastest
@@ -276,16 +288,22 @@ def _default_pair(device: str, measured: dict[str, dict[str, float]], allowed: l
     ranked = sorted(((rank, engine, precision) for engine in allowed
                      for precision, rank in engine.speed.get(device, {}).items() if precision in native),
                     key=lambda item: -item[0])
-    if speeds:  # measured here at registration: by rate, the fixed ranks only among pairs without one
-        ranked.sort(key=lambda item: -speeds.get(item[1].name, {}).get(item[2], -1.0))
+    eligible = []  # the pairs that may be the default, in the fixed order
     for _, engine, precision in ranked:
-        if (engine.name, precision) == REFERENCE:
-            return REFERENCE
         held = measured.get(engine.name, {})
-        if held.get(precision, 0.0) >= DEFAULT_PRECISION_COSINE and engine.refusal(precision, held) is None:
-            return engine.name, precision
-    names = [engine.name for engine in allowed]
-    return REFERENCE if REFERENCE[0] in names else (names[0], "fp32")
+        if (engine.name, precision) == REFERENCE or (
+                held.get(precision, 0.0) >= DEFAULT_PRECISION_COSINE and engine.refusal(precision, held) is None):
+            eligible.append((engine.name, precision))
+    if not eligible:
+        names = [engine.name for engine in allowed]
+        return REFERENCE if REFERENCE[0] in names else (names[0], "fp32")
+    fixed, rates = eligible[0], speeds or {}
+    timed = [pair for pair in eligible if rates.get(pair[0], {}).get(pair[1])]
+    if not timed:
+        return fixed
+    fastest = max(timed, key=lambda pair: rates[pair[0]][pair[1]])  # a tie keeps the fixed order
+    base = rates.get(fixed[0], {}).get(fixed[1])
+    return fastest if not base or rates[fastest[0]][fastest[1]] >= MEASURED_MARGIN * base else fixed
 
 
 def _engine_for(precision: str, device: str, measured: dict, allowed: list):
