@@ -320,6 +320,9 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
             workers.pop(name).close()
             return True
 
+        from clip_pyfunc.benchmarks.bench import matmul_gflops
+
+        result["matmul_ceiling_before"] = matmul_gflops()  # the hardware's own ceiling, around the rounds
         try:
             seconds = {(n, wl): [] for n in workers for wl in WORKLOADS}
             for _ in range(rounds):
@@ -338,6 +341,7 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
         finally:
             for w in workers.values():
                 w.close()
+        result["matmul_ceiling_after"] = matmul_gflops()
         for name in workers:
             row = result["systems"][name]
             for wl in WORKLOADS:
@@ -456,6 +460,10 @@ def table(result: dict) -> str:
         rates = " ".join(f"{row[w + '_per_s']:>12} ({row.get('over_default', {}).get(w, ''):>5})" for w in WORKLOADS)
         lines.append(f"{name:<22} {row['runs_as']:<14} {rates} {row.get('min_cosine_to_torch_fp32', ''):>9} "
                      f"{row['rss_mib']['rss']:>8} {row['rss_mib']['peak']:>7}")
+    for when in ("before", "after"):
+        mm = result.get(f"matmul_ceiling_{when}")
+        if mm:
+            lines.append(f"matmul ceiling {when}: fp32 {mm['float32']} GFLOP/s, bf16 {mm['bfloat16']} GFLOP/s")
     if "recall" in result:
         lines.append(f"recall@10: {json.dumps(result['recall'])}")
     return "\n".join(lines)
