@@ -100,8 +100,9 @@ def measure_speed(info: CheckpointInfo, towers: dict[str, str], models: dict) ->
     Returns:
         The description with `speed` = {"hardware": runtime.hardware_id(), "rows_per_s": {tower: {engine:
         {precision: rows/s}}}} for the towers with two or more candidates, and what each tower measured in
-        `measurement_notes[NOTE]`. A pair whose load or forward raises is named there and has no rate (it is then
-        taken only after every measured one). Nothing is measured on CUDA (its pairs keep their fixed ranks).
+        `measurement_notes[NOTE]`. A pair whose load or forward raises is named there and has no rate (a pair
+        without one is never taken over a pair with one). Nothing is measured on CUDA or on an unknown CPU
+        (runtime.hardware_id None): the fixed ranks apply there.
     """
     from clip_pyfunc.runtime import hardware_id
     from clip_pyfunc.runtime.engines import REFERENCE, engine_class
