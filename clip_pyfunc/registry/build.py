@@ -5,8 +5,8 @@ on the reference engine, has each engine's exporter write its files from those l
 (artifacts.towers.export_engine_files), measures every (engine, precision) pair on the same
 loaded models (registry.precision.measure_fidelity), quantizes where `registry.int8` asks, times
 the pairs that held (registry.speed), chooses the OpenVINO IR's weight storage by measurement
-(registry.weights), writes the finished description into both artifacts and removes the files of engines a tower will not run on (ship_engine_files).
-Logging (registry.publish) then only copies files.
+(registry.weights), writes the finished description into both artifacts and removes the files of
+engines a tower will not run on (ship_engine_files). Logging (registry.publish) then only copies files.
 """
 
 from __future__ import annotations
@@ -121,9 +121,8 @@ def shipped_engines(settings: Settings, info: CheckpointInfo, towers: dict[str, 
     With `registry.engine_files` "chosen" (the default), a tower keeps the files of the engine it runs on by
     default on this machine (models.base.plan_engine under `settings.runtime`: the engine of the fastest pair
     that held the gate, by the rates measured here where registry.speed timed them, torch on CUDA), so its
-    artifact holds one copy of its weights. Where this machine cannot
-    resolve the runtime settings (`device: cuda` registered on a CPU, say), nothing is chosen: every
-    engine's files stay, and `measurement_notes["engine files"]` says why. "all" keeps every engine's files,
+    artifact holds one copy of its weights. Where this machine cannot resolve the runtime settings
+    (`device: cuda` registered on a CPU, say), nothing is chosen: every engine's files stay, and `measurement_notes["engine files"]` says why. "all" keeps every engine's files,
     except torch weights where the model is logged for a torch-free engine by name (`engine: openvino`):
     its torch-free environment could not load them.
 
