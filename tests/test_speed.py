@@ -41,7 +41,8 @@ def test_default_takes_the_fastest_measured_pair_that_held(cpu, native_bf16):
     # the fixed choice without a rate (its timing raised): the fastest pair that has one
     assert _pair(pick_runtime(default, HELD, BOTH, {"torch": {"fp32": 1.0}})) == ("torch", "fp32")
     # rates never override what was asked for by name, nor an engine the artifact lacks
-    assert _pair(pick_runtime(RuntimeConfig(device="cpu", engine="openvino"), HELD, BOTH, torch_fastest))[0] == "openvino"
+    asked = RuntimeConfig(device="cpu", engine="openvino")
+    assert _pair(pick_runtime(asked, HELD, BOTH, torch_fastest))[0] == "openvino"
     assert _pair(pick_runtime(RuntimeConfig(device="cpu", precision="fp32"), HELD, BOTH, torch_fastest)) == (
         "openvino", "fp32")  # an explicit precision keeps the fixed ranks among the engines that run it
     assert _pair(pick_runtime(default, HELD, frozenset({"openvino"}), torch_fastest))[0] == "openvino"

@@ -96,7 +96,8 @@ def export_onnx(checkpoint: str, folder: str) -> dict[str, str]:
 
     size = model.config.vision_config.image_size
     ids = torch.ones(2, 7, dtype=torch.long)
-    specs = {"image": (Tower("get_image_features"), (torch.zeros(2, 3, size, size),), ["pixel_values"], {"pixel_values": {0: "n"}}),
+    specs = {"image": (Tower("get_image_features"), (torch.zeros(2, 3, size, size),), ["pixel_values"],
+                       {"pixel_values": {0: "n"}}),
              "text": (Tower("get_text_features"), (ids, ids), ["input_ids", "attention_mask"],
                       {"input_ids": {0: "n", 1: "length"}, "attention_mask": {0: "n", 1: "length"}})}
     out = {}
@@ -295,7 +296,8 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
             pickle.dump(setup, f)
         result = {"benchmark": "bench --peers", "checkpoint": model or f"random-init {random_init}",
                   "machine": machine_info(), "batch": BATCH, "rounds": rounds, "threads": setup["threads"],
-                  "workloads": {"images_640x480": "photo-like JPEGs 640x480", "images_2mp": "photo-like JPEGs 1632x1224",
+                  "workloads": {"images_640x480": "photo-like JPEGs 640x480",
+                                "images_2mp": "photo-like JPEGs 1632x1224",
                                 "product_titles": "e-commerce product titles, 40-80 characters"},
                   "default_engines": summary["engines"], "systems": {}}
         if random_init:
@@ -398,11 +400,11 @@ def bf16_recall(image_uri: str, text_uri: str, n_images: int, n_queries: int = 5
     """recall@10 of bf16 queries against an fp32 index of `n_images` varied images (dev.samples.varied_image).
 
     The index is torch fp32's vectors of images 0..n-1; the queries are `n_queries` further images and as many
-    product-like captions. Truth: the top 10 of fp32 queries. Measured: bf16 queries (`precision: bf16` with engine
-    auto: the fastest engine by the fixed ranks where bf16 held) against the fp32 index, and against a bf16 index of the same images (a catalogue indexed with the
-    default), with the score margins that explain them (score_margins): random weights crowd every vector
-    together, so their gaps at the cut are far smaller than a trained model's. Where bf16 is not native here,
-    nothing is measured (said so).
+    product-like captions. Truth: the top 10 of fp32 queries. Measured: bf16 queries (`precision: bf16` with
+    engine auto: the fastest engine by the fixed ranks where bf16 held) against the fp32 index, and against a
+    bf16 index of the same images (a catalogue indexed in bf16), with the score margins that explain them
+    (score_margins): random weights crowd every vector together, so their gaps at the cut are small. Where bf16
+    is not native here, nothing is measured (said so).
     """
     import mlflow
     import numpy as np

@@ -122,8 +122,8 @@ def shipped_engines(settings: Settings, info: CheckpointInfo, towers: dict[str, 
     default on this machine (models.base.plan_engine under `settings.runtime`: the engine of the fastest pair
     that held the gate, by the rates measured here where registry.speed timed them, torch on CUDA), so its
     artifact holds one copy of its weights. Where this machine cannot resolve the runtime settings
-    (`device: cuda` registered on a CPU, say), nothing is chosen: every engine's files stay, and `measurement_notes["engine files"]` says why. "all" keeps every engine's files,
-    except torch weights where the model is logged for a torch-free engine by name (`engine: openvino`):
+    (`device: cuda` registered on a CPU, say), nothing is chosen: every engine's files stay, and
+    `measurement_notes["engine files"]` says why. "all" keeps every engine's files, except torch weights where the model is logged for a torch-free engine by name (`engine: openvino`):
     its torch-free environment could not load them.
 
     Returns:
