@@ -172,6 +172,11 @@ def _system(name: str, setup: dict):
     return images, texts
 
 
+def _why(e: Exception) -> str:
+    """A failure as one line of a row: its type and the first line of its message."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
 def _rss_mib() -> dict:
     status = dict(line.split(":", 1) for line in open("/proc/self/status", encoding="ascii") if ":" in line)
     return {key: round(int(status[field].split()[0]) / 1024, 1) for key, field in (("rss", "VmRSS"), ("peak", "VmHWM"))}
@@ -195,7 +200,7 @@ def worker(name: str, setup_path: str) -> None:
         calls = {w: (texts if w == "product_titles" else images) for w in WORKLOADS}
         answer.write(json.dumps({"ready": setup.get("runs_as", name), "rss_after_load": _rss_mib()["rss"]}) + "\n")
     except Exception as e:  # noqa: BLE001 - a peer missing or failing here is a row, not the end of the run
-        answer.write(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}) + "\n")
+        answer.write(json.dumps({"error": _why(e)}) + "\n")
         return
     for line in sys.stdin:
         ask = json.loads(line)
@@ -212,7 +217,7 @@ def worker(name: str, setup_path: str) -> None:
             else:
                 reply = _rss_mib()
         except Exception as e:  # noqa: BLE001 - this system's row says why; the others go on
-            reply = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            reply = {"error": _why(e)}
         answer.write(json.dumps(reply) + "\n")
 
 
@@ -268,7 +273,9 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
     from clip_pyfunc.benchmarks.common import machine_info, temporary_registry
     from clip_pyfunc.dev.random_checkpoint import save_random_checkpoint
     from clip_pyfunc.registry import register_models
+    from clip_pyfunc.registry.precision import lowest_cosine
     from clip_pyfunc.runtime import cpu_count
+    from clip_pyfunc.stages.postprocess import finish
     from clip_pyfunc.settings import load_settings
 
     os.makedirs(out_dir, exist_ok=True)
@@ -289,8 +296,7 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
             try:
                 setup["onnx"] = export_onnx(path, os.path.join(tmp, "onnx"))
             except Exception as e:  # noqa: BLE001 - no exporter here (onnx not installed): a row, not the run
-                why = f"{type(e).__name__}: {e}".splitlines()[0]
-                skipped["fastembed"] = f"the ONNX export it loads failed: {why}"[:300]
+                skipped["fastembed"] = f"the ONNX export it loads failed: {_why(e)}"
         setup_path = os.path.join(tmp, "setup.pkl")
         with open(setup_path, "wb") as f:
             pickle.dump(setup, f)
@@ -349,8 +355,9 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
             for wl in WORKLOADS:
                 row[f"{wl}_per_s"] = round(BATCH / statistics.median(seconds[name, wl]), 2)
             if "torch fp32" in vectors:
-                row["min_cosine_to_torch_fp32"] = min(_lowest_cosine(vectors[name][wl], vectors["torch fp32"][wl])
-                                                      for wl in WORKLOADS)
+                row["min_cosine_to_torch_fp32"] = min(  # the peers' vectors are not all normalised
+                    lowest_cosine(finish(vectors["torch fp32"][wl], True), finish(vectors[name][wl], True))
+                    for wl in WORKLOADS)
         if "default" in workers:
             for name in workers:
                 result["systems"][name]["over_default"] = {
@@ -363,14 +370,6 @@ def run(random_init: str | None, model: str | None, out_dir: str, rounds: int = 
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _lowest_cosine(a, b) -> float:
-    import numpy as np
-
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return round(float(np.min(np.sum(a * b, axis=1))), 6)
 
 
 # --- what bf16 changes in rankings -------------------------------------------------------------------------
@@ -410,6 +409,7 @@ def bf16_recall(image_uri: str, text_uri: str, n_images: int, n_queries: int = 5
     import numpy as np
 
     from clip_pyfunc.dev.samples import varied_image
+    from clip_pyfunc.registry.precision import lowest_cosine
     from clip_pyfunc.runtime import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
@@ -422,8 +422,8 @@ def bf16_recall(image_uri: str, text_uri: str, n_images: int, n_queries: int = 5
         models[key] = (image, text)
     runs = models["bf16"][0].runtime
 
-    def embed(model, rows):
-        return np.concatenate([model.embed_rows(rows[i:i + BATCH])[0] for i in range(0, len(rows), BATCH)])
+    def embed(model, rows):  # L2-normalised, in the model's own micro-batches
+        return model.embed_rows(rows)[0]
 
     index, queries = {}, {}
     titles = [f"{t}, photo {i}" for i, t in enumerate(product_titles(n_queries))]
@@ -439,8 +439,8 @@ def bf16_recall(image_uri: str, text_uri: str, n_images: int, n_queries: int = 5
     for key, (_, text) in models.items():
         queries["text", key] = embed(text, titles)
     out = {"index_images": n_images, "queries": n_queries, "k": 10, "bf16_runs_as": f"{runs.engine} {runs.precision}",
-           "min_cosine_bf16_to_fp32": {"images": _lowest_cosine(index["bf16"], index["fp32"]),
-                                       "texts": _lowest_cosine(queries["text", "bf16"], queries["text", "fp32"])}}
+           "min_cosine_bf16_to_fp32": {"images": lowest_cosine(index["fp32"], index["bf16"]),
+                                       "texts": lowest_cosine(queries["text", "fp32"], queries["text", "bf16"])}}
     for kind in ("image", "text"):
         truth = queries[kind, "fp32"] @ index["fp32"].T
         got = {"bf16_queries_fp32_index": queries[kind, "bf16"] @ index["fp32"].T,

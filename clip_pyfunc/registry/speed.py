@@ -1,11 +1,11 @@
 """Throughput at registration: which engine and precision runs each tower fastest on the registering machine.
 
 After fidelity (registry.precision), registration times every (engine, precision) pair that "default"
-may take on this CPU (`candidates`: each engine's ranked pairs that run natively here, are not refused
-and held DEFAULT_PRECISION_COSINE, and the reference pair) on each tower: the forwards the tower's model
-makes of the sample inputs repeated to one batch of BATCH rows are recorded once on the reference engine
-and replayed on every pair, in ROUNDS interleaved rounds after one warm-up each; the median rows/s is
-kept. The rates and the machine they were measured on (runtime.hardware_id) go into
+may take on this CPU (`candidates`, runtime.default_candidates: each engine's ranked pairs that run
+natively here, are not refused and held DEFAULT_PRECISION_COSINE, and the reference pair) on each tower:
+the forwards the tower's model makes of the sample inputs repeated to one batch of BATCH rows are
+recorded once on the reference engine and replayed on every pair, in ROUNDS interleaved rounds after
+one warm-up each; the median rows/s is kept. The rates and the machine they were measured on (runtime.hardware_id) go into
 `CheckpointInfo.speed`; where a model loads on that machine, "default" takes the fastest pair that held
 the gate where it ran runtime.MEASURED_MARGIN times the fixed order's choice or faster
 (runtime.pick_engine, `speeds`), and registration ships that engine's files
@@ -72,21 +72,14 @@ def rate(engine, calls: list) -> float:
 
 
 def candidates(info: CheckpointInfo, towers: dict[str, str], tower: str) -> list[tuple]:
-    """The (engine class, precision) pairs "default" may take for `tower` on this CPU: ranked by an engine
-    (Engine.speed), native here, not refused, usable for the tower, and the reference or held the gate."""
-    from clip_pyfunc.runtime import DEFAULT_PRECISION_COSINE, native_precisions
-    from clip_pyfunc.runtime.engines import REFERENCE, engine_classes
+    """The (engine class, precision) pairs "default" may take for `tower` on this CPU (runtime.default_candidates
+    over the engines whose files this tower has here)."""
+    from clip_pyfunc.runtime import default_candidates
+    from clip_pyfunc.runtime.engines import engine_classes
 
-    native, out = native_precisions("cpu"), []
-    for engine in engine_classes():
-        if tower in info.unavailable.get(engine.name, {}) or engine.unusable(towers[tower], tower) is not None:
-            continue
-        held = info.fidelity.get(engine.name, {})
-        for precision in engine.speed.get("cpu", {}):
-            if precision in native and engine.refusal(precision, held) is None and (
-                    (engine.name, precision) == REFERENCE or held.get(precision, 0.0) >= DEFAULT_PRECISION_COSINE):
-                out.append((engine, precision))
-    return out
+    usable = [engine for engine in engine_classes() if tower not in info.unavailable.get(engine.name, {})
+              and engine.unusable(towers[tower], tower) is None]
+    return default_candidates("cpu", info.fidelity, usable)
 
 
 def measure_speed(info: CheckpointInfo, towers: dict[str, str], models: dict) -> CheckpointInfo:

@@ -275,6 +275,26 @@ def _wants_cuda(config, allowed: list) -> bool:
     return config.device.startswith("cuda")
 
 
+def default_candidates(device: str, measured: dict[str, dict[str, float]], allowed: list) -> list[tuple]:
+    """The (engine class, precision) pairs "default" may take on a device kind, in the engines' fixed order
+    (Engine.speed, fastest first): a precision ranked by one of the `allowed` engine classes, native here
+    (`native_precisions`), and the reference pair or one that held DEFAULT_PRECISION_COSINE in `measured` and
+    that the engine does not refuse. registry.speed times these; _default_pair picks among them."""
+    from clip_pyfunc.runtime.engines import REFERENCE
+
+    native = native_precisions(device)
+    ranked = sorted(((rank, engine, precision) for engine in allowed
+                     for precision, rank in engine.speed.get(device, {}).items() if precision in native),
+                    key=lambda item: -item[0])
+    out = []
+    for _, engine, precision in ranked:
+        held = measured.get(engine.name, {})
+        if (engine.name, precision) == REFERENCE or (
+                held.get(precision, 0.0) >= DEFAULT_PRECISION_COSINE and engine.refusal(precision, held) is None):
+            out.append((engine, precision))
+    return out
+
+
 def _default_pair(device: str, measured: dict[str, dict[str, float]], allowed: list,
                   speeds: dict[str, dict[str, float]] | None = None) -> tuple[str, str]:
     """The "default" (engine, precision): see pick_engine."""
@@ -284,16 +304,7 @@ def _default_pair(device: str, measured: dict[str, dict[str, float]], allowed: l
         unmeasured = engine.unmeasured_default.get(device)
         if unmeasured and measured.get(engine.name, {}).get(unmeasured) is None:
             return engine.name, unmeasured
-    native = native_precisions(device)
-    ranked = sorted(((rank, engine, precision) for engine in allowed
-                     for precision, rank in engine.speed.get(device, {}).items() if precision in native),
-                    key=lambda item: -item[0])
-    eligible = []  # the pairs that may be the default, in the fixed order
-    for _, engine, precision in ranked:
-        held = measured.get(engine.name, {})
-        if (engine.name, precision) == REFERENCE or (
-                held.get(precision, 0.0) >= DEFAULT_PRECISION_COSINE and engine.refusal(precision, held) is None):
-            eligible.append((engine.name, precision))
+    eligible = [(engine.name, precision) for engine, precision in default_candidates(device, measured, allowed)]
     if not eligible:
         names = [engine.name for engine in allowed]
         return REFERENCE if REFERENCE[0] in names else (names[0], "fp32")
