@@ -548,38 +548,30 @@ def test_metrics_describe_this_runs_live_workers_only(registered, tmp_path):
 # ---------------------------------------------------------------- 10. the first request after start
 
 
-def test_the_first_request_after_start_is_as_fast_as_the_next(registered, tmp_path):
-    """Warm-up requests run before the server answers, so the first image request does no first-use work: its
-    decode stage (about 5 ms on first use against 0.15 ms after), as the server itself times it, is checked
-    against a server started without warm-up and against the next requests, and its forward against the next
-    requests'. The server's
-    own stage seconds, not the client's wall clock: on a model this small, loopback and a CPU coming back from
-    idle weigh more than the forward (the end-to-end figure, ViT-B/32, is the benchmark's: docs/SERVING.md)."""
+def test_warm_up_runs_before_the_server_answers_and_is_not_counted(registered, tmp_path):
+    """Each worker runs its warm-up requests before uvicorn reports startup complete, so the first request finds
+    no first-use work; `serve.warmup: false` runs none. The warm-up's forwards are not requests: neither the rows
+    counter nor the stage histograms see them. What the warm-up saves is a speed, measured by the serving
+    benchmark in interleaved starts (docs/SERVING.md, "The first request after start"), not asserted here: one
+    request's stage seconds on a shared 2-core machine drift more than the first-use cost (a warm server's first
+    decode once took 25 ms against a cold server's 9 ms)."""
     body = {"dataframe_records": [{"input": IMAGES[0]}]}
     cold = Server(registered["models"]["image"]["uri"], tmp_path, serve={"warmup": False})
     try:
         assert cold.post(body).status_code == 200
-        cold_decode = cold.sample("clip_pyfunc_stage_seconds_sum", stage="decode")
-        cold_forward = cold.sample("clip_pyfunc_stage_seconds_sum", stage="forward")
+        assert "startup complete" in cold.log.read_text() and "warm-up" not in cold.log.read_text()
     finally:
         cold.stop()
     server = Server(registered["models"]["image"]["uri"], tmp_path)
     try:
-        assert server.post(body).status_code == 200
-        first_decode = server.sample("clip_pyfunc_stage_seconds_sum", stage="decode")
-        first_forward = server.sample("clip_pyfunc_stage_seconds_sum", stage="forward")
-        for _ in range(20):
-            server.post(body)
-        decode = (server.sample("clip_pyfunc_stage_seconds_sum", stage="decode") - first_decode) / 20
-        forward = (server.sample("clip_pyfunc_stage_seconds_sum", stage="forward") - first_forward) / 20
-        assert first_decode < 0.5 * cold_decode and first_decode <= 5 * decode + 0.001, (first_decode, cold_decode,
-                                                                                           decode)
-        # The tiny model's forward has little first-use cost (7.4 ms cold, 6.6 warm, 3.6 after, in one check):
-        # bounded by the next requests' only
-        assert first_forward <= 5 * forward + 0.001, (first_forward, cold_forward, forward)
+        for _ in range(21):
+            assert server.post(body).status_code == 200
         log = server.log.read_text()
         assert "warm-up forwards done" in log and log.index("warm-up forwards done") < log.index("startup complete")
+        assert "warm-up failed" not in log
         assert server.sample("clip_pyfunc_rows_total", outcome="embedded") == 21  # warm-up is not a request
+        for stage in ("decode", "forward"):
+            assert server.sample("clip_pyfunc_stage_seconds_count", stage=stage) == 21, stage
     finally:
         server.stop()
 
