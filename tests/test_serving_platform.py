@@ -576,6 +576,25 @@ def test_warm_up_runs_before_the_server_answers_and_is_not_counted(registered, t
         server.stop()
 
 
+def test_the_serving_process_holds_no_registry_client(registered, tracking_uri, tmp_path):
+    """`serve` finds the model in a forked child: MLflow's SQLAlchemy stores for a database registry (about
+    1.1 s and 55 MiB, docs/BENCHMARKS.md) are never loaded in the process that serves, and the child is gone."""
+    import sqlalchemy
+
+    assert tracking_uri.startswith("sqlite:")  # the registry whose client is SQLAlchemy's
+    package = os.path.dirname(sqlalchemy.__file__)
+    server = Server(registered["models"]["image"]["uri"], tmp_path)
+    try:
+        assert server.post({"inputs": IMAGES[:1]}).status_code == 200
+        with open(f"/proc/{server.proc.pid}/maps", encoding="utf-8") as f:  # Linux, as CI
+            assert not [line for line in f if package in line]
+        children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)], capture_output=True,
+                                  text=True).stdout
+        assert children.strip() == "", children  # one worker: uvicorn runs it in this process, with no child
+    finally:
+        server.stop()
+
+
 def test_faults_are_read_from_the_environment_and_checked(monkeypatch):
     from clip_pyfunc.errors import ModelLoadError
     from clip_pyfunc.runtime.batching import Faults

@@ -15,7 +15,8 @@ their shapes differ nearly every time), and the throughput of batch-32 requests 
 
 With `baseline_pythonpath` (a checkout of an earlier clip-pyfunc, e.g. `git worktree add /tmp/base
 <commit>`), the same checkpoint is registered a second time by that package and every server is run
-on it too, the two sides alternating server by server, so that the ratios are taken in one run.
+on it too, the two sides alternating start by start (cold starts) and server by server (the requests), so
+that the ratios are taken in one run.
 """
 
 from __future__ import annotations
@@ -133,35 +134,71 @@ def _rows(kind: str) -> int:
     return 16 if kind == "app" else 32
 
 
-def measure_server(kind: str, env: dict, workdir: str, requests_n: int, starts: int) -> dict:
-    """Cold starts, then one server's RSS through `requests_n` mixed requests and its batch-32 throughput."""
+def cold_start(kind: str, env: dict, workdir: str) -> tuple[float, float]:
+    """One start of a server: (seconds from process start to the first answered request, peak RSS in MiB of
+    its process tree meanwhile)."""
     import requests
 
-    images, colds, peaks_at_start = _images(), [], []
-    for start in range(starts):
-        server = _Server(kind, env, workdir)
-        try:
-            with requests.Session() as session:
-                first_images, first_texts = _request(kind, 0, images, random.Random(0))
-                colds.append(server.wait_first_answer(session, first_images, first_texts))
-                peaks_at_start.append(server.peak)
-                if start < starts - 1:
-                    continue
-                rng = random.Random(1)
-                out = {"rss_at_start_mib": round(server.rss())}
-                for index in range(requests_n):
-                    answer = server.post(session, *_request(kind, index, images, rng))
-                    if answer.status_code != 200:
-                        raise RuntimeError(f"{kind} answered {answer.status_code}: {answer.text[:300]}")
-                    if index + 1 == min(100, requests_n):
-                        out["rss_after_100_mib"] = round(server.rss())
-                out[f"rss_after_{requests_n}_mib"] = round(server.rss())
-                out["rss_peak_mib"] = round(server.peak)
-                out.update(_throughput(server, session, kind, images))
-        finally:
-            server.stop()
-    out.update({"cold_start_s": round(statistics.median(colds), 2), "cold_starts_s": [round(c, 2) for c in colds],
-                "rss_peak_during_start_mib": round(max(peaks_at_start))})
+    server = _Server(kind, env, workdir)
+    try:
+        with requests.Session() as session:
+            first_images, first_texts = _request(kind, 0, _images(), random.Random(0))
+            return server.wait_first_answer(session, first_images, first_texts), server.peak
+    finally:
+        server.stop()
+
+
+def measure_server(kind: str, env: dict, workdir: str, requests_n: int) -> dict:
+    """One start of a server, then its RSS through `requests_n` mixed requests and its batch-32 throughput; the
+    start's cold start is one sample beside `cold_start`'s (`cold_start_s`, `rss_peak_during_start_mib`)."""
+    import requests
+
+    images = _images()
+    server = _Server(kind, env, workdir)
+    try:
+        with requests.Session() as session:
+            first_images, first_texts = _request(kind, 0, images, random.Random(0))
+            out = {"cold_start_s": server.wait_first_answer(session, first_images, first_texts),
+                   "rss_peak_during_start_mib": server.peak}
+            rng = random.Random(1)
+            out["rss_at_start_mib"] = round(server.rss())
+            for index in range(requests_n):
+                answer = server.post(session, *_request(kind, index, images, rng))
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{kind} answered {answer.status_code}: {answer.text[:300]}")
+                if index + 1 == min(100, requests_n):
+                    out["rss_after_100_mib"] = round(server.rss())
+            out[f"rss_after_{requests_n}_mib"] = round(server.rss())
+            out["rss_peak_mib"] = round(server.peak)
+            out.update(_throughput(server, session, kind, images))
+    finally:
+        server.stop()
+    return out
+
+
+def measure_servers(kind: str, envs: dict, requests_n: int, starts: int, order: list[str], log) -> dict:
+    """Each side's server of one kind: `starts` cold starts (their median), the sides alternating start by start,
+    so that the machine's drift between minutes falls on both; then, side by side, the RSS and throughput run
+    (`measure_server`, whose start is the last cold start)."""
+    colds: dict[str, list[float]] = {side: [] for side in order}
+    peaks: dict[str, list[float]] = {side: [] for side in order}
+    for start in range(starts - 1):
+        for side in order if start % 2 == 0 else order[::-1]:
+            log(f"{kind} ({side}), start {start + 1}")
+            seconds, peak = cold_start(kind, *envs[side])
+            colds[side].append(seconds)
+            peaks[side].append(peak)
+    out = {}
+    for side in order if starts % 2 == 1 else order[::-1]:
+        env, workdir = envs[side]
+        log(f"{kind} ({side}), start {starts}, {requests_n} requests")
+        row = measure_server(kind, env, workdir, requests_n)
+        colds[side].append(row.pop("cold_start_s"))
+        peaks[side].append(row.pop("rss_peak_during_start_mib"))
+        row.update({"cold_start_s": round(statistics.median(colds[side]), 2),
+                    "cold_starts_s": [round(c, 2) for c in colds[side]],
+                    "rss_peak_during_start_mib": round(max(peaks[side]))})
+        out[side] = row
     return out
 
 
@@ -246,13 +283,12 @@ def _run(root: str, requests_n: int, starts: int, baseline_pythonpath: str | Non
                               "artifacts_mib": _artifact_mib(workdir)}
     order = list(sides)
     for position, kind in enumerate(servers):
-        for side in order if position % 2 == 0 else order[::-1]:
-            env, workdir = envs[side]
-            log(f"{kind} ({side})")
-            out["sides"][side][kind] = measure_server(kind, env, workdir, requests_n, starts)
-            if output:
-                with open(output, "w", encoding="utf-8") as f:
-                    json.dump(out, f, indent=2)
+        for side, row in measure_servers(kind, envs, requests_n, starts, order if position % 2 == 0 else order[::-1],
+                                         log).items():
+            out["sides"][side][kind] = row
+        if output:
+            with open(output, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=2)
     if shapes:
         _, workdir = envs["now"]
         import glob

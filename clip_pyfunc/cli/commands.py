@@ -232,9 +232,9 @@ def cmd_app(args: argparse.Namespace) -> dict:
 def cmd_serve(args: argparse.Namespace) -> dict:
     from clip_pyfunc.serving.serve import serve
 
-    settings = settings_of(args)
-    _require_model(args.model_uri, "--model-uri")  # before this process becomes the server
-    serve(args.model_uri, settings.serve)  # does not return
+    # serve finds the model (in a child process: the registry's client stays out of the server) before anything
+    # listens; no model there is one line, as from _require_model
+    serve(args.model_uri, settings_of(args).serve, "--model-uri")  # does not return
     return {}
 
 

@@ -127,6 +127,24 @@ def local_artifacts(uri: str) -> str | None:
         return None
 
 
+def model_folder(uri: str, what: str) -> str:
+    """The folder on this disk that holds the model at `uri`: in place where its store is local
+    (`local_artifacts`), else downloaded by MLflow (`mlflow.artifacts.download_artifacts`, to a new temporary
+    folder).
+
+    Args:
+        uri: A model URI (`models:/name@alias`, `models:/name/version`, `runs:/...`, a path).
+        what: The flag or field that gave it, for the message.
+
+    Raises:
+        ModelLoadError: MLflow finds no model at `uri` (the message names the registry it asked).
+    """
+    import mlflow
+
+    model_info(uri, what)
+    return local_artifacts(uri) or _resolved(mlflow.artifacts.download_artifacts, uri, what)
+
+
 def _has_scheme(location: str) -> bool:
     """True for a URI with a scheme of 2 letters or more (a Windows drive letter is a path)."""
     from urllib.parse import urlparse

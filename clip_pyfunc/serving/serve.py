@@ -253,24 +253,112 @@ def create_app():
     return scoring_app(model, config, executor, lifecycle)
 
 
-def serve(model_uri: str, config: ServeConfig) -> None:
-    """Serve `model_uri` until stopped: MLflow's scoring app behind the edge (local), else `mlflow models serve`."""
+class Locating:
+    """The model's folder (`registry.lookup.model_folder`), found by a forked child of this process.
+
+    The registry lookup imports MLflow's SQLAlchemy stores and ORM models when the registry is a
+    database: about 1.1 s, and 55 MiB of the serving process's memory for the whole life of the server,
+    measured on a 2-core Xeon (docs/BENCHMARKS.md, issue 39). Forked once MLflow is imported (the
+    server needs it anyway), the child starts with it and only adds the lookup; that memory ends with
+    the child, and this process imports the rest of what it serves with meanwhile. Where `os.fork` is
+    missing, the lookup runs here.
+
+    Args:
+        model_uri: The model URI to find.
+        what: The flag that gave it, for the message.
+    """
+
+    def __init__(self, model_uri: str, what: str):
+        self.model_uri, self.what = model_uri, what
+        self.pid, self.pipe, self.found = None, None, None
+        if not hasattr(os, "fork"):
+            self.found = self._answer()
+            return
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: answer, and never return into the server's code
+            try:
+                os.close(read)
+                with os.fdopen(write, "w", encoding="utf-8") as out:
+                    out.write(json.dumps(self._answer()))
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.pipe = read
+
+    def _answer(self) -> dict:
+        from clip_pyfunc.errors import ClipPyfuncError, one_line
+        from clip_pyfunc.registry.lookup import model_folder
+
+        try:
+            return {"path": model_folder(self.model_uri, self.what)}
+        except ClipPyfuncError as e:
+            return {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - a platform fault: the server cannot start, said in one line
+            log.debug("finding the model failed", exc_info=True)
+            return {"error": f"finding {self.what} {self.model_uri} failed: {type(e).__name__}: {one_line(e)}"}
+
+    def path(self) -> str:
+        """The folder (absolute path).
+
+        Raises:
+            ModelLoadError: No model at the URI, or the lookup failed; one line, as the CLI prints it.
+        """
+        from clip_pyfunc.errors import ModelLoadError
+
+        answer = self.found
+        if answer is None:
+            with os.fdopen(self.pipe, encoding="utf-8") as pipe:
+                text = pipe.read()
+            _, status = os.waitpid(self.pid, 0)
+            try:
+                answer = json.loads(text)
+            except ValueError:
+                raise ModelLoadError(f"finding {self.what} {self.model_uri} failed: the lookup process ended "
+                                     f"({_ended(status)}) without an answer") from None
+        if "error" in answer:
+            raise ModelLoadError(answer["error"])
+        return answer["path"]
+
+
+def _ended(status: int) -> str:
+    """How a child ended, from os.waitpid's status: "exit status N" or "signal NAME"."""
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def serve(model_uri: str, config: ServeConfig, what: str = "--model-uri") -> None:
+    """Serve `model_uri` until stopped: MLflow's scoring app behind the edge (local), else `mlflow models serve`.
+
+    Args:
+        model_uri: The model to serve.
+        config: Serve settings.
+        what: The flag that gave `model_uri`, for the one-line error when MLflow finds no model there.
+
+    Raises:
+        ModelLoadError: No model at `model_uri`, before anything listens.
+    """
     env = serve_env(config)
     if config.env_manager != "local":
+        from clip_pyfunc.registry.lookup import model_info
+
+        model_info(model_uri, what)  # before this process becomes the server
         log.warning("env_manager %s: serving with plain `mlflow models serve` in the model's own environment, "
                     "without /metrics, the body limit or health failures", config.env_manager)
         cmd = serve_command(model_uri, config)
         os.execve(cmd[0], cmd, env)
+    from mlflow.pyfunc import scoring_server  # noqa: F401 - the server's; the lookup's child starts with it
+
+    locating = Locating(model_uri, what)  # once, not once per worker; in place where the store is on this disk
     import tempfile
 
-    import mlflow
     import uvicorn
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
-    from clip_pyfunc.registry.lookup import local_artifacts
+    from clip_pyfunc.serving import edge, metrics  # noqa: F401 - what each worker wraps the model in, meanwhile
 
-    # once, not once per worker; in place where the registry's store is on this disk
-    path = local_artifacts(model_uri) or mlflow.artifacts.download_artifacts(model_uri)
+    path = locating.path()
     os.environ.update(env)
     os.environ[_MODEL_PATH_ENV] = path
     os.environ[_CONFIG_ENV] = json.dumps(config.to_dict())
