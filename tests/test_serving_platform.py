@@ -486,7 +486,10 @@ def test_overload_is_429_with_retry_after_and_answered_requests_stay_fast(regist
         p99 = answered[int(0.99 * (len(answered) - 1))]
         assert p99 <= 2.5, p99  # 0.5 s of queue, the forward running, and its own: not minutes
         rate = 2 * len(answered) / seconds
-        assert rate >= 0.9 * batch_rate, (rate, batch_rate)
+        # Throughput does not collapse under overload. Both rates are capped by the 0.2 s forwards (20 rows/s),
+        # measured over 1 s unloaded and 6 s loaded (18.8-19.2 loaded in 5 runs; the unloaded up to 17.9):
+        # 0.8 leaves room for a slow stretch of a shared machine, not for a queue that thrashes
+        assert rate >= 0.8 * batch_rate, (rate, batch_rate)
         assert server.post(body2).status_code == 200
     finally:
         server.stop()
