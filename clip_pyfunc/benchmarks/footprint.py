@@ -139,10 +139,10 @@ def cold_start(kind: str, env: dict, workdir: str) -> tuple[float, float]:
     its process tree meanwhile)."""
     import requests
 
+    first_images, first_texts = _request(kind, 0, _images(), random.Random(0))  # before the clock starts
     server = _Server(kind, env, workdir)
     try:
         with requests.Session() as session:
-            first_images, first_texts = _request(kind, 0, _images(), random.Random(0))
             return server.wait_first_answer(session, first_images, first_texts), server.peak
     finally:
         server.stop()
@@ -154,10 +154,10 @@ def measure_server(kind: str, env: dict, workdir: str, requests_n: int) -> dict:
     import requests
 
     images = _images()
+    first_images, first_texts = _request(kind, 0, images, random.Random(0))  # before the clock starts
     server = _Server(kind, env, workdir)
     try:
         with requests.Session() as session:
-            first_images, first_texts = _request(kind, 0, images, random.Random(0))
             out = {"cold_start_s": server.wait_first_answer(session, first_images, first_texts),
                    "rss_peak_during_start_mib": server.peak}
             rng = random.Random(1)

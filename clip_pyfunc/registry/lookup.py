@@ -141,8 +141,9 @@ def model_folder(uri: str, what: str) -> str:
     """
     import mlflow
 
-    model_info(uri, what)
-    return local_artifacts(uri) or _resolved(mlflow.artifacts.download_artifacts, uri, what)
+    pinned = _resolved(pin_model_uri, uri, what)  # one version for the three steps: an alias may move meanwhile
+    _resolved(lambda _: mlflow.models.get_model_info(pinned), uri, what)
+    return local_artifacts(pinned) or _resolved(lambda _: mlflow.artifacts.download_artifacts(pinned), uri, what)
 
 
 def _has_scheme(location: str) -> bool:

@@ -260,8 +260,9 @@ class Locating:
     database: about 1.1 s, and 55 MiB of the serving process's memory for the whole life of the server,
     measured on a 2-core Xeon (docs/BENCHMARKS.md, issue 39). Forked once MLflow is imported (the
     server needs it anyway), the child starts with it and only adds the lookup; that memory ends with
-    the child, and this process imports the rest of what it serves with meanwhile. Where `os.fork` is
-    missing, the lookup runs here.
+    the child, and this process imports the rest of what it serves with meanwhile. The child ends
+    with this process (a SIGTERM while it looks). Off Linux, or where the fork fails, the lookup runs
+    here.
 
     Args:
         model_uri: The model URI to find.
@@ -269,16 +270,30 @@ class Locating:
     """
 
     def __init__(self, model_uri: str, what: str):
+        import warnings
+
         self.model_uri, self.what = model_uri, what
         self.pid, self.pipe, self.found = None, None, None
-        if not hasattr(os, "fork"):
+        if sys.platform != "linux":  # macOS: a forked child may not use the system's frameworks (proxies, TLS)
             self.found = self._answer()
             return
+        parent = os.getpid()
         read, write = os.pipe()
-        self.pid = os.fork()
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of fork() with threads: here numpy's BLAS pool and pyarrow's jemalloc
+                # thread, which both prepare for fork; the child uses neither.
+                warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+                self.pid = os.fork()
+        except OSError:  # e.g. a container's process limit: the lookup runs here
+            os.close(read)
+            os.close(write)
+            self.found = self._answer()
+            return
         if self.pid == 0:  # the child: answer, and never return into the server's code
             try:
                 os.close(read)
+                _die_with(parent)
                 with os.fdopen(write, "w", encoding="utf-8") as out:
                     out.write(json.dumps(self._answer()))
             finally:
@@ -319,6 +334,16 @@ class Locating:
         if "error" in answer:
             raise ModelLoadError(answer["error"])
         return answer["path"]
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this (child) process when its parent ends (Linux prctl PR_SET_PDEATHSIG), so that
+    a lookup or download outlives no server that was stopped while waiting for it."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG (linux/prctl.h)
+    if os.getppid() != parent:  # it ended before the call above
+        os._exit(0)
 
 
 def _ended(status: int) -> str:
