@@ -22,6 +22,7 @@ that the ratios are taken in one run.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -134,45 +135,44 @@ def _rows(kind: str) -> int:
     return 16 if kind == "app" else 32
 
 
-def cold_start(kind: str, env: dict, workdir: str) -> tuple[float, float]:
+@contextlib.contextmanager
+def _started(kind: str, env: dict, workdir: str, images: list[bytes]):
+    """Start a server and time its first answer: yields (server, session, seconds from process start to the first
+    answered request); the first request is built before the clock starts. Stops the server after."""
+    import requests
+
+    first_images, first_texts = _request(kind, 0, images, random.Random(0))
+    server = _Server(kind, env, workdir)
+    try:
+        with requests.Session() as session:
+            yield server, session, server.wait_first_answer(session, first_images, first_texts)
+    finally:
+        server.stop()
+
+
+def cold_start(kind: str, env: dict, workdir: str, images: list[bytes]) -> tuple[float, float]:
     """One start of a server: (seconds from process start to the first answered request, peak RSS in MiB of
     its process tree meanwhile)."""
-    import requests
-
-    first_images, first_texts = _request(kind, 0, _images(), random.Random(0))  # before the clock starts
-    server = _Server(kind, env, workdir)
-    try:
-        with requests.Session() as session:
-            return server.wait_first_answer(session, first_images, first_texts), server.peak
-    finally:
-        server.stop()
+    with _started(kind, env, workdir, images) as (server, _, seconds):
+        return seconds, server.peak
 
 
-def measure_server(kind: str, env: dict, workdir: str, requests_n: int) -> dict:
+def measure_server(kind: str, env: dict, workdir: str, requests_n: int, images: list[bytes]) -> dict:
     """One start of a server, then its RSS through `requests_n` mixed requests and its batch-32 throughput; the
     start's cold start is one sample beside `cold_start`'s (`cold_start_s`, `rss_peak_during_start_mib`)."""
-    import requests
-
-    images = _images()
-    first_images, first_texts = _request(kind, 0, images, random.Random(0))  # before the clock starts
-    server = _Server(kind, env, workdir)
-    try:
-        with requests.Session() as session:
-            out = {"cold_start_s": server.wait_first_answer(session, first_images, first_texts),
-                   "rss_peak_during_start_mib": server.peak}
-            rng = random.Random(1)
-            out["rss_at_start_mib"] = round(server.rss())
-            for index in range(requests_n):
-                answer = server.post(session, *_request(kind, index, images, rng))
-                if answer.status_code != 200:
-                    raise RuntimeError(f"{kind} answered {answer.status_code}: {answer.text[:300]}")
-                if index + 1 == min(100, requests_n):
-                    out["rss_after_100_mib"] = round(server.rss())
-            out[f"rss_after_{requests_n}_mib"] = round(server.rss())
-            out["rss_peak_mib"] = round(server.peak)
-            out.update(_throughput(server, session, kind, images))
-    finally:
-        server.stop()
+    with _started(kind, env, workdir, images) as (server, session, seconds):
+        out = {"cold_start_s": seconds, "rss_peak_during_start_mib": server.peak,
+               "rss_at_start_mib": round(server.rss())}
+        rng = random.Random(1)
+        for index in range(requests_n):
+            answer = server.post(session, *_request(kind, index, images, rng))
+            if answer.status_code != 200:
+                raise RuntimeError(f"{kind} answered {answer.status_code}: {answer.text[:300]}")
+            if index + 1 == min(100, requests_n):
+                out["rss_after_100_mib"] = round(server.rss())
+        out[f"rss_after_{requests_n}_mib"] = round(server.rss())
+        out["rss_peak_mib"] = round(server.peak)
+        out.update(_throughput(server, session, kind, images))
     return out
 
 
@@ -180,19 +180,20 @@ def measure_servers(kind: str, envs: dict, requests_n: int, starts: int, order: 
     """Each side's server of one kind: `starts` cold starts (their median), the sides alternating start by start,
     so that the machine's drift between minutes falls on both; then, side by side, the RSS and throughput run
     (`measure_server`, whose start is the last cold start)."""
+    images = _images()  # once: building them takes about 0.9 s of CPU
     colds: dict[str, list[float]] = {side: [] for side in order}
     peaks: dict[str, list[float]] = {side: [] for side in order}
     for start in range(starts - 1):
         for side in order if start % 2 == 0 else order[::-1]:
             log(f"{kind} ({side}), start {start + 1}")
-            seconds, peak = cold_start(kind, *envs[side])
+            seconds, peak = cold_start(kind, *envs[side], images)
             colds[side].append(seconds)
             peaks[side].append(peak)
     out = {}
     for side in order if starts % 2 == 1 else order[::-1]:
         env, workdir = envs[side]
         log(f"{kind} ({side}), start {starts}, {requests_n} requests")
-        row = measure_server(kind, env, workdir, requests_n)
+        row = measure_server(kind, env, workdir, requests_n, images)
         colds[side].append(row.pop("cold_start_s"))
         peaks[side].append(row.pop("rss_peak_during_start_mib"))
         row.update({"cold_start_s": round(statistics.median(colds[side]), 2),

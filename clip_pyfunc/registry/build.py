@@ -123,8 +123,9 @@ def shipped_engines(settings: Settings, info: CheckpointInfo, towers: dict[str, 
     that held the gate, by the rates measured here where registry.speed timed them, torch on CUDA), so its
     artifact holds one copy of its weights. Where this machine cannot resolve the runtime settings
     (`device: cuda` registered on a CPU, say), nothing is chosen: every engine's files stay, and
-    `measurement_notes["engine files"]` says why. "all" keeps every engine's files, except torch weights where the model is logged for a torch-free engine by name (`engine: openvino`):
-    its torch-free environment could not load them.
+    `measurement_notes["engine files"]` says why. "all" keeps every engine's files, except torch weights
+    where the model is logged for a torch-free engine by name (`engine: openvino`): its torch-free
+    environment could not load them.
 
     Returns:
         ({tower: the engines whose files it ships}, the description with that note where there is one).
